@@ -244,7 +244,9 @@ def _check_range(option: str, value: object, lo: float, hi: float, kind: type) -
     what = "an integer" if kind is int else "a number"
     accepted = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, accepted) or not math.isfinite(value):
-        raise ConfigError(f"must be {what} from {_num(lo)} to {_num(hi)}", option=option)
+        raise ConfigError(
+            f"must be {what} from {_num(lo)} to {_num(hi)}, not {value!r}", option=option
+        )
     if not lo <= value <= hi:
         raise ConfigError(
             f"{_num(value)} is out of range: must be {_num(lo)} to {_num(hi)}", option=option
