@@ -1,0 +1,629 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * ebpf-offloader datapath: forwards established flows that the agent has
+ * decided on, and hands everything else to the kernel unchanged.
+ *
+ * The packet walk, top to bottom:
+ *   1. parse L2 (Ethernet, DSA tag, up to two VLAN tags, PPPoE session),
+ *      L3 (IPv4 without options or fragments, IPv6 without extension
+ *      headers) and L4 (TCP, UDP) into a flow key; anything else: pass;
+ *   2. fail-safe: agent heartbeat stale or offload disabled: pass;
+ *   3. flow map miss: note the tuple in the small LRU pending map, tell the
+ *      agent through the ring buffer, pass;
+ *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted);
+ *   5. rewrite L3/L4 (NAT with precomputed checksum deltas, TTL), rewrite
+ *      the L2 header for the output device, count, redirect.
+ *
+ * Only uapi headers: no kernel-type relocations, so the object loads on
+ * kernels without BTF (stock OpenWrt images).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "offload.h"
+#include "offload_maps.h"
+
+#ifndef ETH_P_8021AD
+#define ETH_P_8021AD 0x88A8
+#endif
+#define PPP_IP 0x0021
+#define PPP_IPV6 0x0057
+#define PPPOE_HLEN 8 /* ver/type, code, session, length, PPP protocol */
+#define MTK_HLEN 4
+#define QCA_HLEN 2
+#define IP_MF_OFFSET 0x3fff /* MF flag and fragment offset */
+/* Longest L2 header we write: MACs, mtk tag, two VLAN tags, ethertype, PPPoE. */
+#define L2_MAX (12 + MTK_HLEN + 8 + 2 + PPPOE_HLEN)
+/* The verifier forgets the range of offsets kept on the stack; these masks
+ * restate it (L3 starts by byte 34, L4 by byte 74) and change nothing. */
+#define L3_OFF(p) ((p)->l3_off & 0x3f)
+#define L4_OFF(p) ((p)->l4_off & 0x7f)
+
+/* What parsing found; offsets are from the start of the frame. */
+struct ofl_pkt {
+	struct ofl_key key;
+	__u32 l3_off;
+	__u32 l4_off;
+	__u32 l3_len; /* IPv4 total length, or 40 + IPv6 payload length */
+	__u32 l3l4_hlen; /* IP plus TCP/UDP header length, for the GSO MTU check */
+	__u8 ttl;
+	__u8 tcp_flags;
+	__u8 n_tags; /* VLAN tags in the frame's data */
+	__u8 hw_tag; /* TC: an outer tag the kernel moved to skb metadata */
+	__u8 pppoe;
+	__u8 dsa_len;
+};
+
+static __always_inline void ofl_count(__u32 stat)
+{
+	__u64 *c = bpf_map_lookup_elem(&ofl_stats, &stat);
+
+	if (c)
+		*c += 1;
+}
+
+/*
+ * Step 1. `hw_vid` is the VLAN id of a tag already stripped into skb
+ * metadata (TC only, -1 if none); it is the outermost tag.
+ * Returns 0 when the frame is one we can offload, -1 otherwise.
+ */
+static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len, __u8 dsa_proto,
+				     int hw_vid, struct ofl_pkt *p)
+{
+	__u32 off = 12; /* past the MACs */
+	__be16 proto;
+	int i;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	p->key.dsa_port = OFL_DSA_PORT_NONE;
+	if (hw_vid >= 0) {
+		p->key.vlan_outer = hw_vid & 0xfff;
+		p->hw_tag = 1;
+	}
+
+	if (dsa_proto == OFL_DSA_MTK) {
+		__u8 *tag = data + off;
+
+		if ((void *)(tag + MTK_HLEN) > data_end)
+			return -1;
+		p->key.dsa_port = tag[1] & 0x7; /* MTK_HDR_RECV_SOURCE_PORT_MASK */
+		p->dsa_len = MTK_HLEN;
+		off += MTK_HLEN;
+	} else if (dsa_proto == OFL_DSA_QCA) {
+		__u8 *tag = data + off;
+		__u16 hdr;
+
+		if ((void *)(tag + QCA_HLEN) > data_end)
+			return -1;
+		hdr = (tag[0] << 8) | tag[1];
+		/* version 2, type 0 (a normal frame, not a management reply) */
+		if ((hdr >> 14) != 2 || ((hdr >> 6) & 0x1f) != 0)
+			return -1;
+		p->key.dsa_port = hdr & 0x7;
+		p->dsa_len = QCA_HLEN;
+		off += QCA_HLEN;
+	}
+
+	if (data + off + 2 > data_end)
+		return -1;
+	proto = *(__be16 *)(data + off);
+	off += 2;
+
+#pragma unroll
+	for (i = 0; i < 2; i++) {
+		__be16 *vh = data + off;
+
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		if ((void *)(vh + 2) > data_end)
+			return -1;
+		if (p->hw_tag && i == 1)
+			return -1; /* a third tag */
+		if (p->hw_tag || i == 1) {
+			p->key.vlan_inner = bpf_ntohs(vh[0]) & 0xfff;
+		} else {
+			p->key.vlan_outer = bpf_ntohs(vh[0]) & 0xfff;
+		}
+		proto = vh[1];
+		p->n_tags++;
+		off += 4;
+	}
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return -1;
+
+	if (proto == bpf_htons(ETH_P_PPP_SES)) {
+		__u8 *ph = data + off;
+		__u16 ppp;
+
+		if ((void *)(ph + PPPOE_HLEN) > data_end)
+			return -1;
+		if (ph[0] != 0x11 || ph[1] != 0) /* version 1, type 1, session data */
+			return -1;
+		p->key.pppoe_sid = (ph[2] << 8) | ph[3];
+		ppp = (ph[6] << 8) | ph[7];
+		if (ppp == PPP_IP)
+			proto = bpf_htons(ETH_P_IP);
+		else if (ppp == PPP_IPV6)
+			proto = bpf_htons(ETH_P_IPV6);
+		else
+			return -1;
+		p->pppoe = 1;
+		off += PPPOE_HLEN;
+	}
+
+	p->l3_off = off;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = data + off;
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		if (iph->version != 4 || iph->ihl != 5) /* options: kernel */
+			return -1;
+		if (iph->frag_off & bpf_htons(IP_MF_OFFSET))
+			return -1;
+		p->l3_len = bpf_ntohs(iph->tot_len);
+		if (p->l3_len < sizeof(*iph))
+			return -1;
+		p->key.family = OFL_AF_INET;
+		p->key.proto = iph->protocol;
+		p->key.saddr[0] = iph->saddr;
+		p->key.daddr[0] = iph->daddr;
+		p->ttl = iph->ttl;
+		off += sizeof(*iph);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + off;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (ip6->version != 6)
+			return -1;
+		p->l3_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		p->key.family = OFL_AF_INET6;
+		p->key.proto = ip6->nexthdr; /* extension headers: not TCP/UDP, kernel */
+		__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
+		p->ttl = ip6->hop_limit;
+		off += sizeof(*ip6);
+	} else {
+		return -1;
+	}
+
+	/* The whole L3 packet must be in the frame (truncated: kernel). */
+	if (p->l3_off + p->l3_len > frame_len)
+		return -1;
+
+	p->l4_off = off;
+	if (p->key.proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + off;
+
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		if (th->doff < 5)
+			return -1;
+		p->key.sport = th->source;
+		p->key.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->l3l4_hlen = off - p->l3_off + th->doff * 4;
+	} else if (p->key.proto == IPPROTO_UDP) {
+		struct udphdr *uh = data + off;
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		p->key.sport = uh->source;
+		p->key.dport = uh->dest;
+		p->l3l4_hlen = off - p->l3_off + sizeof(*uh);
+	} else {
+		return -1;
+	}
+	if (p->l3l4_hlen > p->l3_len)
+		return -1;
+	return 0;
+}
+
+static __always_inline void ofl_notify(const struct ofl_key *key, __u64 now)
+{
+	struct ofl_event *ev = bpf_ringbuf_reserve(&ofl_events, sizeof(*ev), 0);
+
+	if (!ev) {
+		ofl_count(OFL_STAT_EVENT_DROP);
+		return;
+	}
+	__builtin_memcpy(&ev->key, key, sizeof(*key));
+	ev->pad = 0;
+	ev->ts_ns = now;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/*
+ * Step 3. The pending map is a small LRU apart from the flow map: a flood of
+ * new tuples churns it and the ring buffer, never the offloaded flows.
+ */
+static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 now,
+					     const struct ofl_config *cfg, __u32 len)
+{
+	struct ofl_pending *pd = bpf_map_lookup_elem(&ofl_pending, key);
+	struct ofl_pending fresh = {};
+
+	if (pd) {
+		__sync_fetch_and_add(&pd->packets, 1);
+		__sync_fetch_and_add(&pd->bytes, len);
+		ofl_count(OFL_STAT_PENDING);
+		if (now - pd->last_notify_ns > cfg->renotify_ns) {
+			pd->last_notify_ns = now;
+			ofl_notify(key, now);
+		}
+		return;
+	}
+	fresh.first_seen_ns = now;
+	fresh.last_notify_ns = now;
+	fresh.packets = 1;
+	fresh.bytes = len;
+	if (bpf_map_update_elem(&ofl_pending, key, &fresh, BPF_NOEXIST) == 0) {
+		ofl_count(OFL_STAT_NEW);
+		ofl_notify(key, now);
+	}
+}
+
+/*
+ * Steps 2 to 4. Returns the flow to forward, or NULL to pass the packet.
+ * `seg_len` is the L3 length of one segment (GSO packets in TC).
+ */
+static __always_inline struct ofl_flow *ofl_decide(struct ofl_pkt *p, __u32 seg_len)
+{
+	__u32 zero = 0;
+	struct ofl_config *cfg = bpf_map_lookup_elem(&ofl_config, &zero);
+	struct ofl_flow *flow;
+	__u64 now;
+
+	if (!cfg || !(cfg->flags & OFL_CFG_ENABLED))
+		return NULL;
+	now = bpf_ktime_get_ns();
+	if (now - cfg->heartbeat_ns > cfg->heartbeat_timeout_ns) {
+		ofl_count(OFL_STAT_PASS_STALE);
+		return NULL;
+	}
+
+	flow = bpf_map_lookup_elem(&ofl_flows, &p->key);
+	if (!flow) {
+		ofl_note_pending(&p->key, now, cfg, p->l3_len);
+		return NULL;
+	}
+	if (flow->state != OFL_STATE_OFFLOAD) {
+		ofl_count(OFL_STAT_PASS_VERDICT);
+		return NULL;
+	}
+	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN) >> 16) {
+		__u32 seen = 0;
+
+		if (p->tcp_flags & (TCP_FLAG_FIN >> 16))
+			seen |= OFL_SEEN_FIN;
+		if (p->tcp_flags & (TCP_FLAG_RST >> 16))
+			seen |= OFL_SEEN_RST;
+		if (p->tcp_flags & (TCP_FLAG_SYN >> 16))
+			seen |= OFL_SEEN_SYN;
+		__sync_fetch_and_or(&flow->seen, seen);
+		ofl_count(OFL_STAT_PASS_TCP_FLAGS);
+		return NULL;
+	}
+	if (p->ttl <= 1) {
+		ofl_count(OFL_STAT_PASS_TTL);
+		return NULL;
+	}
+	if (seg_len > flow->v.mtu) {
+		ofl_count(OFL_STAT_PASS_MTU);
+		return NULL;
+	}
+	flow->last_seen_ns = now;
+	return flow;
+}
+
+/* Add a precomputed one's complement delta to a checksum field (RFC 1624
+ * eqn. 3: HC' = ~(~HC + ~m + m')). Both are raw network-order memory. */
+static __always_inline __u16 csum_apply(__u16 check, __u16 delta)
+{
+	__u32 s = (__u16)~check + (__u32)delta;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+static __always_inline __u16 csum_add16(__u16 a, __u16 b)
+{
+	__u32 s = (__u32)a + b;
+
+	return (__u16)((s & 0xffff) + (s >> 16));
+}
+
+/* IPv4 addresses, TTL and header checksum; IPv6 addresses and hop limit.
+ * The TTL decrement is the kernel's ip_decrease_ttl(). */
+static __always_inline int ofl_rewrite_l3(void *data, void *data_end, const struct ofl_pkt *p,
+					  const struct ofl_verdict *v)
+{
+	if (p->key.family == OFL_AF_INET) {
+		struct iphdr *iph = data + L3_OFF(p);
+		__u32 check;
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		if (v->flags & OFL_V_SNAT)
+			iph->saddr = v->nat_saddr[0];
+		if (v->flags & OFL_V_DNAT)
+			iph->daddr = v->nat_daddr[0];
+		check = csum_apply(iph->check, v->csum_l3);
+		check += bpf_htons(0x0100);
+		iph->check = (__u16)(check + (check >= 0xffff));
+		iph->ttl--;
+	} else {
+		struct ipv6hdr *ip6 = data + L3_OFF(p);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (v->flags & OFL_V_SNAT)
+			__builtin_memcpy(&ip6->saddr, v->nat_saddr, 16);
+		if (v->flags & OFL_V_DNAT)
+			__builtin_memcpy(&ip6->daddr, v->nat_daddr, 16);
+		ip6->hop_limit--;
+	}
+	return 0;
+}
+
+/* Ports, and (XDP, where every checksum is complete) the L4 checksum. */
+static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const struct ofl_pkt *p,
+					  const struct ofl_verdict *v, int fix_csum)
+{
+	__be16 *ports = data + L4_OFF(p);
+	__u16 *check;
+	__u16 delta;
+
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	if (v->flags & OFL_V_SPORT)
+		ports[0] = v->nat_sport;
+	if (v->flags & OFL_V_DPORT)
+		ports[1] = v->nat_dport;
+	if (!fix_csum)
+		return 0;
+
+	delta = csum_add16(v->csum_l4_addr, v->csum_l4_port);
+	if (p->key.proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + L4_OFF(p);
+
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		th->check = csum_apply(th->check, delta);
+	} else {
+		struct udphdr *uh = data + L4_OFF(p);
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		check = &uh->check;
+		if (*check == 0) /* UDP over IPv4 without a checksum stays so */
+			return 0;
+		*check = csum_apply(*check, delta);
+		if (*check == 0)
+			*check = 0xffff; /* CSUM_MANGLED_0 */
+	}
+	return 0;
+}
+
+static __always_inline __u32 ofl_l2_len(const struct ofl_verdict *v)
+{
+	__u32 len = 14;
+
+	if (v->dsa_proto == OFL_DSA_MTK)
+		len += MTK_HLEN;
+	else if (v->dsa_proto == OFL_DSA_QCA)
+		len += QCA_HLEN;
+	if (v->vlan_proto[0])
+		len += 4;
+	if (v->vlan_proto[1])
+		len += 4;
+	if (v->pppoe_sid)
+		len += PPPOE_HLEN;
+	return len;
+}
+
+/* Write the egress L2 header into the first ofl_l2_len(v) bytes. */
+static __always_inline int ofl_write_l2(void *data, void *data_end, const struct ofl_pkt *p,
+					const struct ofl_verdict *v)
+{
+	__u8 *h = data;
+	__u32 off = 12;
+	__be16 l3_proto = p->key.family == OFL_AF_INET ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
+
+	if ((void *)(h + L2_MAX) > data_end) /* an L3 header always follows */
+		return -1;
+	__builtin_memcpy(h, v->dmac, 6);
+	__builtin_memcpy(h + 6, v->smac, 6);
+	if (v->dsa_proto == OFL_DSA_MTK) {
+		/* tag_mtk.c xmit: TPID kind of a following tag, port bitmap */
+		h[12] = 0;
+		if (v->vlan_proto[0] == bpf_htons(ETH_P_8021Q))
+			h[12] = 1;
+		else if (v->vlan_proto[0] == bpf_htons(ETH_P_8021AD))
+			h[12] = 2;
+		h[13] = (1 << (v->dsa_port & 0x7)) & 0x3f;
+		h[14] = 0;
+		h[15] = 0;
+		off += MTK_HLEN;
+	} else if (v->dsa_proto == OFL_DSA_QCA) {
+		/* tag_qca.c xmit: version 2, from CPU, port bitmap */
+		h[12] = 0x80;
+		h[13] = 0x80 | ((1 << (v->dsa_port & 0x7)) & 0x7f);
+		off += QCA_HLEN;
+	}
+	if (v->vlan_proto[0]) {
+		__builtin_memcpy(h + off, &v->vlan_proto[0], 2);
+		__builtin_memcpy(h + off + 2, &v->vlan_tci[0], 2);
+		off += 4;
+		if (v->vlan_proto[1]) {
+			__builtin_memcpy(h + off, &v->vlan_proto[1], 2);
+			__builtin_memcpy(h + off + 2, &v->vlan_tci[1], 2);
+			off += 4;
+		}
+	}
+	if (v->pppoe_sid) {
+		__u16 plen = p->l3_len + 2; /* PPP protocol plus L3 */
+
+		h[off] = 0x88;
+		h[off + 1] = 0x64;
+		h[off + 2] = 0x11;
+		h[off + 3] = 0;
+		h[off + 4] = v->pppoe_sid >> 8;
+		h[off + 5] = v->pppoe_sid & 0xff;
+		h[off + 6] = plen >> 8;
+		h[off + 7] = plen & 0xff;
+		h[off + 8] = 0;
+		h[off + 9] = p->key.family == OFL_AF_INET ? PPP_IP : PPP_IPV6;
+	} else {
+		__builtin_memcpy(h + off, &l3_proto, 2);
+	}
+	return 0;
+}
+
+static __always_inline void ofl_account(struct ofl_flow *flow, __u32 packets, __u32 bytes)
+{
+	__sync_fetch_and_add(&flow->packets, packets);
+	__sync_fetch_and_add(&flow->bytes, bytes);
+}
+
+static __always_inline __u8 ofl_dsa_of(__u32 ifindex)
+{
+	__u32 zero = 0;
+	struct ofl_config *cfg = bpf_map_lookup_elem(&ofl_config, &zero);
+	struct ofl_iface *ifc;
+
+	if (!cfg || !(cfg->flags & OFL_CFG_DSA))
+		return OFL_DSA_NONE;
+	ifc = bpf_map_lookup_elem(&ofl_ifaces, &ifindex);
+	return ifc ? ifc->dsa_proto : OFL_DSA_NONE;
+}
+
+SEC("xdp")
+int ofl_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ofl_flow *flow;
+	struct ofl_pkt p;
+	int shift;
+
+	ofl_count(OFL_STAT_RX);
+	if (ofl_parse(data, data_end, data_end - data, ofl_dsa_of(ctx->ingress_ifindex), -1, &p)) {
+		ofl_count(OFL_STAT_PASS_L2);
+		return XDP_PASS;
+	}
+	p.key.ifindex = ctx->ingress_ifindex;
+	flow = ofl_decide(&p, p.l3_len);
+	if (!flow)
+		return XDP_PASS;
+	if (!bpf_map_lookup_elem(&ofl_tx_ports, &flow->v.oif)) {
+		ofl_count(OFL_STAT_REDIRECT_FAIL);
+		return XDP_PASS;
+	}
+
+	if (ofl_rewrite_l3(data, data_end, &p, &flow->v) ||
+	    ofl_rewrite_l4(data, data_end, &p, &flow->v, 1))
+		return XDP_ABORTED; /* unreachable: parse checked these bounds */
+
+	shift = (int)p.l3_off - (int)ofl_l2_len(&flow->v);
+	if (shift && bpf_xdp_adjust_head(ctx, shift))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (ofl_write_l2(data, data_end, &p, &flow->v))
+		return XDP_ABORTED;
+
+	ofl_account(flow, 1, p.l3_len);
+	ofl_count(OFL_STAT_REDIRECT);
+	return bpf_redirect_map(&ofl_tx_ports, flow->v.oif, 0);
+}
+
+/*
+ * TC: the skb may be GSO (forwarded whole, MTU checked per segment) and may
+ * carry CHECKSUM_PARTIAL, so L4 checksums go through bpf_l4_csum_replace(),
+ * which knows the skb's checksum state. L2 changes go through the VLAN and
+ * adjust_room helpers, which only work on an skb whose protocol is IP or
+ * IPv6 once the tags are popped: PPPoE or DSA on ingress is left to XDP.
+ */
+SEC("tc")
+int ofl_tc(struct __sk_buff *skb)
+{
+	void *data, *data_end;
+	struct ofl_flow *flow;
+	struct ofl_verdict v;
+	struct ofl_pkt p;
+	__u32 seg_len, pull, l2_extra, csum_off, l4_flags;
+	int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
+	int i;
+
+	ofl_count(OFL_STAT_RX);
+	pull = skb->len < 128 ? skb->len : 128;
+	if ((long)skb->data_end - (long)skb->data < pull)
+		bpf_skb_pull_data(skb, pull);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (ofl_parse(data, data_end, skb->len, ofl_dsa_of(skb->ifindex), hw_vid, &p)) {
+		ofl_count(OFL_STAT_PASS_L2);
+		return TC_ACT_OK;
+	}
+	p.key.ifindex = skb->ifindex;
+
+	seg_len = p.l3_len;
+	if (skb->gso_size)
+		seg_len = p.l3l4_hlen + skb->gso_size;
+	flow = ofl_decide(&p, seg_len);
+	if (!flow)
+		return TC_ACT_OK;
+	v = flow->v; /* helpers below invalidate nothing of this copy */
+	if (p.pppoe || p.dsa_len ||
+	    (skb->gso_size && (v.pppoe_sid || v.dsa_proto || v.vlan_proto[0]))) {
+		ofl_count(OFL_STAT_PASS_UNSUPPORTED);
+		return TC_ACT_OK;
+	}
+
+	/* L3 and ports by direct access; the IPv4 header checksum is always
+	 * complete, so it is updated here too. */
+	if (ofl_rewrite_l3(data, data_end, &p, &v) || ofl_rewrite_l4(data, data_end, &p, &v, 0))
+		return TC_ACT_SHOT;
+
+	csum_off = p.l4_off + (p.key.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+							  : offsetof(struct udphdr, check));
+	l4_flags = p.key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (v.csum_l4_addr &&
+	    bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_addr, l4_flags | BPF_F_PSEUDO_HDR))
+		return TC_ACT_SHOT;
+	if (v.csum_l4_port && bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_port, l4_flags))
+		return TC_ACT_SHOT;
+
+	/* Down to Ethernet + L3, then grow to the egress header. */
+	for (i = 0; i < 2; i++) {
+		if (i >= p.n_tags + p.hw_tag)
+			break;
+		if (bpf_skb_vlan_pop(skb))
+			return TC_ACT_SHOT;
+	}
+	l2_extra = ofl_l2_len(&v) - 14;
+	if (l2_extra &&
+	    bpf_skb_adjust_room(skb, l2_extra, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (ofl_write_l2(data, data_end, &p, &v))
+		return TC_ACT_SHOT;
+
+	ofl_account(flow, skb->gso_segs ? skb->gso_segs : 1, p.l3_len);
+	ofl_count(OFL_STAT_REDIRECT);
+	return bpf_redirect(v.oif, 0);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,167 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The one contract between the datapath (offload.bpf.c) and the agent
+ * (offloader/, which reads this file through cffi). Types only: the maps
+ * are defined in offload.bpf.c.
+ *
+ * Byte order: fields typed __be16/__be32 are network order; everything else
+ * is host order. No bitfields, no bool, padding written out, sizes pinned by
+ * _Static_assert so a change here cannot drift silently.
+ */
+#ifndef OFFLOAD_H
+#define OFFLOAD_H
+
+#ifndef OFL_CFFI
+#include <linux/types.h>
+#endif
+
+/* Families as in the kernel (AF_INET, AF_INET6). */
+#define OFL_AF_INET 2
+#define OFL_AF_INET6 10
+
+/* No DSA tag / no DSA port. */
+#define OFL_DSA_NONE 0
+#define OFL_DSA_MTK 1 /* 4-byte tag after the source MAC (tag_mtk.c) */
+#define OFL_DSA_QCA 2 /* 2-byte tag after the source MAC (tag_qca.c) */
+#define OFL_DSA_PORT_NONE 0xff
+
+/*
+ * Flow key: one direction of one connection as the datapath sees it on the
+ * lowest device. Addresses of IPv4 flows sit in saddr[0]/daddr[0], the rest
+ * is zero. VLAN ids are host order, 0 means no tag (outer first).
+ */
+struct ofl_key {
+	__u32 ifindex; /* ingress device */
+	__u16 vlan_outer; /* VID of the outer tag (802.1Q or 802.1ad) */
+	__u16 vlan_inner; /* VID of the inner tag of a double-tagged frame */
+	__u16 pppoe_sid; /* PPPoE session id, 0 = none */
+	__u8 dsa_port; /* source switch port, OFL_DSA_PORT_NONE = none */
+	__u8 family; /* OFL_AF_INET or OFL_AF_INET6 */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[3];
+	__be16 sport;
+	__be16 dport;
+	__be32 saddr[4];
+	__be32 daddr[4];
+};
+_Static_assert(sizeof(struct ofl_key) == 52, "ofl_key layout");
+
+/* Verdict flags. */
+#define OFL_V_SNAT (1U << 0) /* rewrite the source address to nat_saddr */
+#define OFL_V_DNAT (1U << 1) /* rewrite the destination address to nat_daddr */
+#define OFL_V_SPORT (1U << 2) /* rewrite the source port to nat_sport */
+#define OFL_V_DPORT (1U << 3) /* rewrite the destination port to nat_dport */
+
+/*
+ * What to do with a flow's packets. The agent computes the checksum deltas
+ * (RFC 1624: the 16-bit one's complement sum of ~old + new over the changed
+ * words), stored in network byte order so that the datapath can add them to
+ * the checksum field as raw memory, the way the kernel's csum helpers do.
+ *   csum_l3:   IPv4 header checksum, address changes (the TTL is extra)
+ *   csum_l4_addr: TCP/UDP checksum, address changes (the pseudo-header part)
+ *   csum_l4_port: TCP/UDP checksum, port changes (payload part)
+ * Egress L2 header, written in this order:
+ *   dmac smac [dsa tag] [vlan_proto[0] vlan_tci[0]] [vlan_proto[1] vlan_tci[1]]
+ *   [PPPoE session header + PPP protocol] L3
+ */
+struct ofl_verdict {
+	__u32 oif; /* output device (the lowest one) */
+	__u16 mtu; /* largest L3 packet the path takes (encapsulation excluded) */
+	__u8 flags; /* OFL_V_* */
+	__u8 dsa_proto; /* OFL_DSA_* of the output device */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__be16 vlan_proto[2]; /* 0 = no tag; outer first */
+	__be16 vlan_tci[2];
+	__u16 pppoe_sid; /* 0 = no PPPoE */
+	__u8 dsa_port; /* output switch port */
+	__u8 pad;
+	__be16 nat_sport;
+	__be16 nat_dport;
+	__be32 nat_saddr[4];
+	__be32 nat_daddr[4];
+	__be16 csum_l3;
+	__be16 csum_l4_addr;
+	__be16 csum_l4_port;
+	__u16 pad2;
+	__u32 pad3;
+};
+_Static_assert(sizeof(struct ofl_verdict) == 80, "ofl_verdict layout");
+
+/* Flow states (ofl_flow.state). */
+#define OFL_STATE_OFFLOAD 1 /* rewrite and redirect */
+#define OFL_STATE_PASS 2 /* decided: hand every packet to the kernel */
+
+/* What the datapath saw on an offloaded flow (ofl_flow.seen), for the agent. */
+#define OFL_SEEN_FIN (1U << 0)
+#define OFL_SEEN_RST (1U << 1)
+#define OFL_SEEN_SYN (1U << 2)
+
+/* Value of the flow map: the agent writes verdict and state, the datapath
+ * adds to the counters and stamps last_seen (bpf_ktime_get_ns()). */
+struct ofl_flow {
+	struct ofl_verdict v;
+	__u64 packets;
+	__u64 bytes; /* L3 bytes */
+	__u64 last_seen_ns;
+	__u32 state;
+	__u32 seen;
+};
+_Static_assert(sizeof(struct ofl_flow) == 112, "ofl_flow layout");
+
+/* Value of the pending map: a tuple seen but not decided yet. */
+struct ofl_pending {
+	__u64 first_seen_ns;
+	__u64 last_notify_ns;
+	__u64 packets;
+	__u64 bytes;
+};
+_Static_assert(sizeof(struct ofl_pending) == 32, "ofl_pending layout");
+
+/* Ring buffer record: a new tuple for the agent to decide. */
+struct ofl_event {
+	struct ofl_key key;
+	__u32 pad;
+	__u64 ts_ns;
+};
+_Static_assert(sizeof(struct ofl_event) == 64, "ofl_event layout");
+
+/* Per-device settings, keyed by ifindex (ofl_ifaces). */
+struct ofl_iface {
+	__u8 dsa_proto; /* frames on this device carry OFL_DSA_* tags */
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct ofl_iface) == 4, "ofl_iface layout");
+
+/* Global settings, index 0 of ofl_config. */
+#define OFL_CFG_ENABLED (1U << 0) /* offload at all; off: pass everything */
+#define OFL_CFG_DSA (1U << 1) /* some device carries DSA tags: consult ofl_ifaces */
+struct ofl_config {
+	__u64 heartbeat_ns; /* last agent heartbeat, CLOCK_MONOTONIC */
+	__u64 heartbeat_timeout_ns; /* stale after this: pass everything */
+	__u64 renotify_ns; /* re-announce a pending tuple after this */
+	__u32 flags; /* OFL_CFG_* */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct ofl_config) == 32, "ofl_config layout");
+
+/* Per-CPU counters (ofl_stats), one __u64 each. */
+enum ofl_stat {
+	OFL_STAT_RX = 0, /* every packet the program ran on */
+	OFL_STAT_PASS_L2, /* not an L2/L3 we parse */
+	OFL_STAT_PASS_L3, /* IPv4 options/fragments, IPv6 ext headers, not TCP/UDP */
+	OFL_STAT_PASS_STALE, /* agent heartbeat stale: fail-safe */
+	OFL_STAT_NEW, /* new tuple put in the pending map */
+	OFL_STAT_PENDING, /* packet of a pending tuple */
+	OFL_STAT_EVENT_DROP, /* ring buffer full */
+	OFL_STAT_PASS_VERDICT, /* flow decided as pass */
+	OFL_STAT_PASS_TTL,
+	OFL_STAT_PASS_MTU,
+	OFL_STAT_PASS_TCP_FLAGS, /* FIN, RST or SYN */
+	OFL_STAT_PASS_UNSUPPORTED, /* encapsulation the hook cannot rewrite */
+	OFL_STAT_REDIRECT,
+	OFL_STAT_REDIRECT_FAIL,
+	OFL_STAT_MAX,
+};
+
+#endif /* OFFLOAD_H */

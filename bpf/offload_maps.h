@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Maps of the datapath, kept apart from the types in offload.h. Every map is
+ * pinned by name when the agent asks libbpf to (bpf_map__set_pin_path), so a
+ * restarted agent finds the flows its predecessor offloaded. The agent sizes
+ * ofl_flows and ofl_pending before load.
+ */
+#ifndef OFFLOAD_MAPS_H
+#define OFFLOAD_MAPS_H
+
+/* Decided flows. Only the agent inserts or deletes here, so a flood of new
+ * tuples can never evict an offloaded flow. Preallocated: no allocation on
+ * the datapath. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ofl_key);
+	__type(value, struct ofl_flow);
+} ofl_flows SEC(".maps");
+
+/* Tuples seen but not decided yet; the datapath inserts, LRU evicts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct ofl_key);
+	__type(value, struct ofl_pending);
+} ofl_pending SEC(".maps");
+
+/* New tuples for the agent: ofl_event records. 256 KiB holds about 3,000
+ * events between two agent wake-ups; when full, events are counted as
+ * dropped and the agent's sweep of ofl_pending catches those tuples. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} ofl_events SEC(".maps");
+
+/* Output devices for bpf_redirect_map() from XDP, keyed by ifindex. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} ofl_tx_ports SEC(".maps");
+
+/* Per-device settings (DSA tag protocol), keyed by ifindex. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct ofl_iface);
+} ofl_ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ofl_config);
+} ofl_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, OFL_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} ofl_stats SEC(".maps");
+
+#endif /* OFFLOAD_MAPS_H */

@@ -1,0 +1,549 @@
+"""Namespace topologies for the second-kernel lane (802.1Q, QinQ, PPPoE).
+
+These run inside the 6.1 guest (this machine's 6.18 has no VLAN and no PPP), as root.
+Each builder is a context manager that creates its own network namespaces, yields a
+`Topology` describing names and addresses, and removes every namespace, link and
+process it created on exit, also when the body raises.
+
+Shape (all builders):
+
+    LAN host ---- router ----[WAN encapsulation]---- WAN/ISP host
+    <p>-lan        <p>-rtr                            <p>-wan / <p>-isp
+
+    LAN:  lan0 (LAN host) <-> rl0 (router)   198.18.1.0/24, 2001:db8:1::/64
+    WAN:  rw0 (router) <-> w0 (WAN host), a veth carrying
+          - vlan:  rw0.<vid> / w0.<vid>                          198.18.2.0/24, 2001:db8:2::/64
+          - qinq:  rw0.<svid> (802.1ad) . <cvid> (802.1Q) alike  198.18.3.0/24, 2001:db8:3::/64
+          - pppoe: PPPoE session on rw0 (or rw0.<vid>); pppd in the router names the
+                   PPP device `pppoe-wan`; pppoe-server in the ISP namespace.
+                   ISP 198.18.200.1, router 198.18.200.10 (IPv4 only)
+
+The router forwards with plain kernel forwarding (sysctls set inside its namespace
+only). With nat=True it masquerades on its WAN device (nftables, in its namespace);
+without NAT the far host gets a route back to the LAN prefix.
+
+Addresses: only 198.18.0.0/15 and 2001:db8::/32. Every wait is bounded in count and
+time. Later, the agent (`ebpf-offloader run -i ...` in `topo.router_ns`) is plugged into
+these same topologies; `Topology.router_wan_lowest` is the device it should attach to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NETCHECK = HERE / "netcheck.py"
+
+LAN_NET4 = "198.18.1"
+LAN_NET6 = "2001:db8:1"
+PPPOE_ISP_ADDR = "198.18.200.1"
+PPPOE_CPE_ADDR = "198.18.200.10"
+PPP_IFNAME = "pppoe-wan"
+
+
+class TopologyError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def sh(
+    args: Sequence[str],
+    ns: str | None = None,
+    *,
+    check: bool = True,
+    timeout: float = 30.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (in namespace `ns` through `ip netns exec`), bounded by `timeout`."""
+    cmd = list(args)
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    try:
+        cp = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, input=input, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise TopologyError(f"timed out after {timeout}s: {' '.join(cmd)}") from e
+    if check and cp.returncode != 0:
+        raise TopologyError(
+            f"failed ({cp.returncode}): {' '.join(cmd)}\nstdout: {cp.stdout}\nstderr: {cp.stderr}"
+        )
+    return cp
+
+
+def ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`ip [-n ns] args...` (no mount-namespace games, faster than ip netns exec)."""
+    base = ["ip"] + (["-n", ns] if ns else [])
+    return sh([*base, *args], check=check)
+
+
+def ip_json(ns: str | None, *args: str) -> list[dict]:
+    out = ip(ns, "-j", *args).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def modprobe(*mods: str) -> None:
+    for m in mods:
+        sh(["modprobe", m])
+
+
+def sysctl(ns: str, key: str, value: str) -> None:
+    sh(["sysctl", "-qw", f"{key}={value}"], ns)
+
+
+def wait_for(what: str, pred, timeout: float = 30.0, interval: float = 0.2):
+    """Poll `pred()` until it returns something truthy; bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    last = None
+    for _ in range(int(timeout / interval) + 2):
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise TopologyError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def _ns_inode(ns: str) -> int | None:
+    try:
+        return os.stat(f"/run/netns/{ns}").st_ino
+    except OSError:
+        return None
+
+
+def netns_pids(ns: str) -> list[int]:
+    """PIDs of processes whose network namespace is `ns`."""
+    ino = _ns_inode(ns)
+    if ino is None:
+        return []
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/net").st_ino == ino:
+                pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_netns_processes(ns: str, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, every process living in namespace `ns` (by pid)."""
+    pids = netns_pids(ns)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
+            if not pids:
+                return
+            time.sleep(0.1)
+
+
+class Namespaces:
+    """Creates namespaces and removes them (and the processes inside) on close."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def add(self, name: str) -> str:
+        ip(None, "netns", "add", name)
+        self.names.append(name)
+        ip(name, "link", "set", "lo", "up")
+        return name
+
+    def close(self) -> list[str]:
+        errors = []
+        for ns in reversed(self.names):
+            try:
+                kill_netns_processes(ns)
+                ip(None, "netns", "del", ns)  # veths die with their namespace
+            except Exception as e:  # keep removing the rest
+                errors.append(f"{ns}: {e}")
+        self.names.clear()
+        return errors
+
+
+def veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+    """A veth pair between two namespaces (created in ns_a, peer moved to ns_b)."""
+    ip(ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b)
+    ip(ns_a, "link", "set", name_a, "up")
+    ip(ns_b, "link", "set", name_b, "up")
+
+
+def addr(ns: str, dev: str, cidr: str) -> None:
+    extra = ["nodad"] if ":" in cidr else []
+    ip(ns, "addr", "add", cidr, "dev", dev, *extra)
+
+
+def link_mac(ns: str, dev: str) -> str:
+    return ip_json(ns, "link", "show", "dev", dev)[0]["address"]
+
+
+def link_stats(ns: str, dev: str) -> dict:
+    """{'rx_bytes', 'rx_packets', 'tx_bytes', 'tx_packets'} of a device."""
+    s = ip_json(ns, "-s", "link", "show", "dev", dev)[0]["stats64"]
+    return {
+        "rx_bytes": s["rx"]["bytes"],
+        "rx_packets": s["rx"]["packets"],
+        "tx_bytes": s["tx"]["bytes"],
+        "tx_packets": s["tx"]["packets"],
+    }
+
+
+def vlan(ns: str, lower: str, vid: int, proto: str = "802.1Q", name: str | None = None) -> str:
+    name = name or f"{lower}.{vid}"
+    ip(ns, "link", "add", "link", lower, "name", name, "type", "vlan", "protocol", proto,
+       "id", str(vid))
+    ip(ns, "link", "set", name, "up")
+    return name
+
+
+def enable_forwarding(ns: str) -> None:
+    sysctl(ns, "net.ipv4.ip_forward", "1")
+    sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+
+
+def masquerade(ns: str, oifname: str) -> None:
+    rules = f"""
+table inet kl_nat {{
+    chain post {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{oifname}" masquerade
+    }}
+}}
+"""
+    sh(["nft", "-f", "-"], ns, input=rules)
+
+
+# --------------------------------------------------------------------------- topology
+
+
+@dataclasses.dataclass
+class Topology:
+    kind: str  # "vlan", "qinq", "pppoe"
+    lan_ns: str
+    router_ns: str
+    wan_ns: str  # the WAN host; for PPPoE the ISP (access concentrator)
+    lan_addr: str  # LAN host, IPv4
+    wan_addr: str  # far host, IPv4 (the TCP server address)
+    router_lan_if: str
+    router_wan_if: str  # logical WAN device: VLAN device or PPP device
+    router_wan_lowest: str  # the Ethernet device under it (where an offload attaches)
+    wan_if: str  # the far host's device carrying wan_addr
+    lan_addr6: str | None = None
+    wan_addr6: str | None = None
+    nat: bool = False
+    tags: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # outer first
+    pppoe: dict = dataclasses.field(default_factory=dict)  # PPPoE extras
+    workdir: str = ""
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.lan_ns, self.router_ns, self.wan_ns]
+
+
+def _prefix() -> str:
+    # short: interface names are per namespace, but namespace names show up in logs
+    return "kl" + secrets.token_hex(2)
+
+
+def _lan_side(nss: Namespaces, p: str) -> tuple[str, str]:
+    lan = nss.add(f"{p}-lan")
+    rtr = nss.add(f"{p}-rtr")
+    veth(lan, "lan0", rtr, "rl0")
+    addr(lan, "lan0", f"{LAN_NET4}.2/24")
+    addr(lan, "lan0", f"{LAN_NET6}::2/64")
+    addr(rtr, "rl0", f"{LAN_NET4}.1/24")
+    addr(rtr, "rl0", f"{LAN_NET6}::1/64")
+    ip(lan, "route", "add", "default", "via", f"{LAN_NET4}.1")
+    ip(lan, "-6", "route", "add", "default", "via", f"{LAN_NET6}::1")
+    enable_forwarding(rtr)
+    return lan, rtr
+
+
+def _checked_close(nss: Namespaces) -> None:
+    errors = nss.close()
+    if errors:
+        # do not mask the body's exception; report leftovers on stderr
+        print("topology cleanup left-overs: " + "; ".join(errors), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False) -> Iterator[Topology]:
+    """LAN - router - WAN host, the WAN link carrying `tags` (outer first), e.g.
+    [("802.1Q", 7)] or [("802.1ad", 100), ("802.1Q", 7)]."""
+    if not tags:
+        raise ValueError("tags must name at least one tag")
+    modprobe("8021q")
+    net = 2 if len(tags) == 1 else 3
+    kind = "vlan" if len(tags) == 1 else "qinq"
+    p = _prefix()
+    nss = Namespaces()
+    try:
+        lan, rtr = _lan_side(nss, p)
+        wan = nss.add(f"{p}-wan")
+        veth(rtr, "rw0", wan, "w0")
+        r_dev, w_dev = "rw0", "w0"
+        for proto, vid in tags:
+            # name the stacked devices short: rw0.100.7 fits IFNAMSIZ
+            r_dev = vlan(rtr, r_dev, vid, proto)
+            w_dev = vlan(wan, w_dev, vid, proto)
+        addr(rtr, r_dev, f"198.18.{net}.1/24")
+        addr(rtr, r_dev, f"2001:db8:{net}::1/64")
+        addr(wan, w_dev, f"198.18.{net}.2/24")
+        addr(wan, w_dev, f"2001:db8:{net}::2/64")
+        if nat:
+            masquerade(rtr, r_dev)
+        else:
+            ip(wan, "route", "add", f"{LAN_NET4}.0/24", "via", f"198.18.{net}.1")
+            ip(wan, "-6", "route", "add", f"{LAN_NET6}::/64", "via", f"2001:db8:{net}::1")
+        ip(rtr, "route", "add", "default", "via", f"198.18.{net}.2")
+        ip(rtr, "-6", "route", "add", "default", "via", f"2001:db8:{net}::2")
+        yield Topology(
+            kind=kind, lan_ns=lan, router_ns=rtr, wan_ns=wan,
+            lan_addr=f"{LAN_NET4}.2", wan_addr=f"198.18.{net}.2",
+            lan_addr6=f"{LAN_NET6}::2", wan_addr6=f"2001:db8:{net}::2",
+            router_lan_if="rl0", router_wan_if=r_dev, router_wan_lowest="rw0", wan_if=w_dev,
+            nat=nat, tags=list(tags),
+        )
+    finally:
+        _checked_close(nss)
+
+
+def vlan_topology(vid: int = 7, nat: bool = False):
+    """Router WAN on an 802.1Q sub-interface `rw0.<vid>`; WAN host on the same VLAN."""
+    return tagged_topology([("802.1Q", vid)], nat=nat)
+
+
+def qinq_topology(svid: int = 100, cvid: int = 7, nat: bool = False):
+    """Router WAN on `rw0.<svid>.<cvid>`: 802.1ad outer tag, 802.1Q inner tag."""
+    return tagged_topology([("802.1ad", svid), ("802.1Q", cvid)], nat=nat)
+
+
+# --------------------------------------------------------------------------- PPPoE
+
+
+@dataclasses.dataclass(frozen=True)
+class PppoeSession:
+    session_id: int  # host order (1 for the first session of pppoe-server)
+    peer_mac: str
+    device: str
+    raw_id: str  # as printed in /proc/net/pppoe
+
+
+def parse_proc_pppoe(text: str) -> list[PppoeSession]:
+    """Parse /proc/net/pppoe. `Id` is the session id in network byte order printed as
+    %08X by a little-endian kernel: session 1 reads `00000100`."""
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 3:
+            continue
+        raw = int(f[0], 16)
+        sid = socket.ntohs(raw & 0xFFFF)
+        out.append(PppoeSession(sid, f[1].lower(), f[2], f[0]))
+    return out
+
+
+def read_proc_pppoe(ns: str) -> list[PppoeSession]:
+    """Sessions listed by /proc/net/pppoe in namespace `ns` (the file is per netns)."""
+    return parse_proc_pppoe(sh(["cat", "/proc/net/pppoe"], ns).stdout)
+
+
+@contextlib.contextmanager
+def pppoe_topology(vid: int | None = None, nat: bool = True,
+                   up_timeout: float = 60.0) -> Iterator[Topology]:
+    """LAN - router ==PPPoE== ISP. pppoe-server (kernel mode) in the ISP namespace,
+    pppd with the kernel PPPoE plugin in the router (PPP device `pppoe-wan`, default
+    route through it). With `vid`, PPPoE runs over an 802.1Q VLAN `rw0.<vid>`."""
+    modprobe("pppoe", "ppp_generic")
+    if vid is not None:
+        modprobe("8021q")
+    p = _prefix()
+    nss = Namespaces()
+    work = tempfile.mkdtemp(prefix=f"{p}-ppp-")
+    try:
+        lan, rtr = _lan_side(nss, p)
+        isp = nss.add(f"{p}-isp")
+        veth(rtr, "rw0", isp, "w0")
+        r_eth, i_eth = "rw0", "w0"
+        if vid is not None:
+            r_eth = vlan(rtr, "rw0", vid)
+            i_eth = vlan(isp, "w0", vid)
+        opts = Path(work, "pppoe-server-options")
+        opts.write_text("noauth\nlcp-echo-interval 10\nlcp-echo-failure 3\nnodefaultroute\n"
+                        f"logfile {work}/server-pppd.log\n")
+        pidfile = Path(work, "pppoe-server.pid")
+        # pppoe-server forks into the background; it and its pppd children live in
+        # the ISP namespace and are killed by pid when the namespace is removed.
+        sh(["pppoe-server", "-I", i_eth, "-L", PPPOE_ISP_ADDR, "-R", PPPOE_CPE_ADDR,
+            "-N", "4", "-O", str(opts), "-k", "-X", str(pidfile)], isp)
+        client_log = Path(work, "pppd.log")
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", rtr, "pppd", "plugin", "pppoe.so", f"nic-{r_eth}",
+             "noauth", "nodetach", "ifname", PPP_IFNAME, "persist", "maxfail", "1",
+             "noipdefault", "defaultroute", "lcp-echo-interval", "10",
+             "lcp-echo-failure", "3", "logfile", str(client_log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            def session_up():
+                if client.poll() is not None:
+                    raise TopologyError(
+                        f"pppd exited with {client.returncode}: "
+                        f"{client_log.read_text() if client_log.exists() else ''}")
+                a = ip_json(rtr, "-4", "addr", "show") or []
+                for link in a:
+                    if link.get("ifname") == PPP_IFNAME:
+                        for ai in link.get("addr_info", []):
+                            if ai.get("local") == PPPOE_CPE_ADDR:
+                                return True
+                return False
+
+            wait_for("the PPPoE session (pppoe-wan with " + PPPOE_CPE_ADDR + ")",
+                     session_up, timeout=up_timeout, interval=0.25)
+            isp_ppp = wait_for(
+                "the ISP's ppp device",
+                lambda: [l["ifname"] for l in ip_json(isp, "link", "show")
+                         if l.get("link_type") == "ppp" and "UP" in l.get("flags", [])],
+                timeout=15.0)[0]
+            if nat:
+                masquerade(rtr, PPP_IFNAME)
+            else:
+                ip(isp, "route", "add", f"{LAN_NET4}.0/24", "dev", isp_ppp)
+            yield Topology(
+                kind="pppoe", lan_ns=lan, router_ns=rtr, wan_ns=isp,
+                lan_addr=f"{LAN_NET4}.2", wan_addr=PPPOE_ISP_ADDR,
+                router_lan_if="rl0", router_wan_if=PPP_IFNAME, router_wan_lowest="rw0",
+                wan_if=isp_ppp, nat=nat,
+                tags=[("802.1Q", vid)] if vid is not None else [],
+                pppoe={
+                    "router_eth": r_eth, "isp_eth": i_eth,
+                    "router_mac": link_mac(rtr, r_eth), "isp_mac": link_mac(isp, i_eth),
+                    "client_log": str(client_log), "server_pidfile": str(pidfile),
+                    "local_addr": PPPOE_CPE_ADDR, "peer_addr": PPPOE_ISP_ADDR,
+                },
+                workdir=work,
+            )
+        finally:
+            if client.poll() is None:
+                client.terminate()
+                try:
+                    client.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    client.kill()
+                    client.wait(timeout=5)
+    finally:
+        _checked_close(nss)
+        with contextlib.suppress(OSError):
+            for f in Path(work).iterdir():
+                f.unlink()
+            os.rmdir(work)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def payload_sha(nbytes: int, seed: int) -> str:
+    """sha256 of the deterministic payload netcheck.py sends for (nbytes, seed)."""
+    import random
+
+    return hashlib.sha256(random.Random(seed).randbytes(nbytes)).hexdigest()
+
+
+def tcp_exchange(
+    topo: Topology,
+    family: int = 4,
+    up_bytes: int = 2_000_000,
+    down_bytes: int = 4_000_000,
+    port: int = 5201,
+    timeout: float = 60.0,
+) -> dict:
+    """One TCP connection from the LAN host to the far host: the client sends
+    `up_bytes`, the server reads them all, then sends `down_bytes` back. Returns both
+    sides' reports (bytes and sha256 each way) plus the expected hashes."""
+    server_addr = topo.wan_addr if family == 4 else topo.wan_addr6
+    if server_addr is None:
+        raise ValueError(f"topology {topo.kind} has no IPv{family} address")
+    py = sys.executable
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", topo.wan_ns, py, str(NETCHECK), "serve", server_addr,
+         str(port), "--down", str(down_bytes), "--seed", "2", "--timeout", str(timeout)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        # the server prints LISTENING once bound; bounded read of that line
+        line = _readline_bounded(srv, timeout=20.0)
+        if line.strip() != "LISTENING":
+            srv.kill()
+            out, err = srv.communicate(timeout=5)
+            raise TopologyError(f"netcheck server did not start: {line!r} {out} {err}")
+        cli = sh([py, str(NETCHECK), "send", server_addr, str(port), "--up", str(up_bytes),
+                  "--seed", "1", "--timeout", str(timeout)], topo.lan_ns,
+                 timeout=timeout + 10, check=False)
+        try:
+            s_out, s_err = srv.communicate(timeout=timeout + 10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            s_out, s_err = srv.communicate(timeout=5)
+        if cli.returncode != 0 or srv.returncode != 0:
+            raise TopologyError(
+                f"TCP exchange failed: client rc={cli.returncode} {cli.stdout} {cli.stderr}; "
+                f"server rc={srv.returncode} {s_out} {s_err}")
+        return {
+            "client": json.loads(cli.stdout.strip().splitlines()[-1]),
+            "server": json.loads(s_out.strip().splitlines()[-1]),
+            "expect_up": payload_sha(up_bytes, 1),
+            "expect_down": payload_sha(down_bytes, 2),
+            "up_bytes": up_bytes,
+            "down_bytes": down_bytes,
+        }
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(timeout=5)
+
+
+def _readline_bounded(proc: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return ""
+        return proc.stdout.readline()
+    finally:
+        sel.close()
+
+
+def assert_exchange_intact(res: dict) -> None:
+    c, s = res["client"], res["server"]
+    assert s["up_bytes"] == res["up_bytes"], f"server got {s['up_bytes']} of {res['up_bytes']}"
+    assert s["up_sha256"] == res["expect_up"], "LAN->WAN payload corrupted"
+    assert c["down_bytes"] == res["down_bytes"], (
+        f"client got {c['down_bytes']} of {res['down_bytes']}")
+    assert c["down_sha256"] == res["expect_down"], "WAN->LAN payload corrupted"
