@@ -336,11 +336,14 @@ static __always_inline __u16 csum_apply(__u16 check, __u16 delta)
 	return (__u16)~s;
 }
 
+/* One's complement sum of two deltas; 0xffff (negative zero) becomes 0 so
+ * that a no-op delta leaves the checksum bit for bit as it was. */
 static __always_inline __u16 csum_add16(__u16 a, __u16 b)
 {
 	__u32 s = (__u32)a + b;
 
-	return (__u16)((s & 0xffff) + (s >> 16));
+	s = (s & 0xffff) + (s >> 16);
+	return s == 0xffff ? 0 : (__u16)s;
 }
 
 /* IPv4 addresses, TTL and header checksum; IPv6 addresses and hop limit.

@@ -1,0 +1,376 @@
+"""The datapath as the agent sees it: the loaded object, its maps, and the
+typed flow keys and verdicts that go in and out of them.
+
+Layouts come from bpf/offload.h through :mod:`offloader.layout`; this module
+only fills fields by name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import csum
+from .bpfobj import BpfObject, Map, Program, is_bpffs
+from .errors import ObjectLoadError, OffloadError
+from .layout import Layout, layout
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+DSA_PROTOS = {"none": 0, "mtk": 1, "qca": 2}
+MAP_NAMES = ("ofl_flows", "ofl_pending", "ofl_events", "ofl_tx_ports", "ofl_ifaces", "ofl_config",
+             "ofl_stats")
+OBJECT_SEARCH = (
+    "/lib/bpf/ebpf-offloader.o",
+    "/usr/lib/ebpf-offloader/offload.bpf.o",
+    str(Path(__file__).resolve().parent.parent / "build" / "offload.bpf.o"),
+)
+
+
+def find_object(explicit: str = "") -> str:
+    """The BPF object to load: ``explicit``, $EBPF_OFFLOADER_OBJECT, or the
+    first default location that exists."""
+    for candidate in (explicit, os.environ.get("EBPF_OFFLOADER_OBJECT", ""), *OBJECT_SEARCH):
+        if candidate and Path(candidate).is_file():
+            return candidate
+        if candidate and candidate == explicit:
+            raise OffloadError(f"BPF object {explicit} does not exist")
+    raise OffloadError("BPF object not found: build it (cmake -S . -B build && cmake --build build)"
+                       f" or pass --object; looked in {', '.join(OBJECT_SEARCH)}")
+
+
+def _ip_words(addr: IPAddress) -> bytes:
+    """Address as it sits in a key: 16 bytes, IPv4 in the first four."""
+    return addr.packed.ljust(16, b"\0")
+
+
+def _ip_from(raw: bytes, family: int) -> IPAddress:
+    if family == socket.AF_INET:
+        return ipaddress.IPv4Address(raw[:4])
+    return ipaddress.IPv6Address(raw[:16])
+
+
+def _be16(value: int) -> int:
+    """A host value for a __be16 field whose memory must read ``value`` big-endian."""
+    return socket.htons(value & 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """One direction of one connection, as the datapath keys it."""
+
+    ifindex: int
+    family: int  # socket.AF_INET / AF_INET6
+    proto: int  # socket.IPPROTO_TCP / IPPROTO_UDP
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+    vlan_outer: int = 0
+    vlan_inner: int = 0
+    pppoe_sid: int = 0
+    dsa_port: int = 0xFF
+
+    def pack(self) -> bytes:
+        lay = layout()
+        k = lay.new("struct ofl_key")
+        k.ifindex = self.ifindex
+        k.vlan_outer = self.vlan_outer
+        k.vlan_inner = self.vlan_inner
+        k.pppoe_sid = self.pppoe_sid
+        k.dsa_port = self.dsa_port
+        k.family = self.family
+        k.proto = self.proto
+        k.sport = socket.htons(self.sport)
+        k.dport = socket.htons(self.dport)
+        lay.ffi.memmove(k.saddr, _ip_words(self.src), 16)
+        lay.ffi.memmove(k.daddr, _ip_words(self.dst), 16)
+        return lay.to_bytes(k)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> FlowKey:
+        lay = layout()
+        k = lay.from_bytes("struct ofl_key", raw)
+        return cls(
+            ifindex=k.ifindex, family=k.family, proto=k.proto,
+            src=_ip_from(bytes(lay.ffi.buffer(k.saddr)), k.family),
+            dst=_ip_from(bytes(lay.ffi.buffer(k.daddr)), k.family),
+            sport=socket.ntohs(k.sport), dport=socket.ntohs(k.dport),
+            vlan_outer=k.vlan_outer, vlan_inner=k.vlan_inner, pppoe_sid=k.pppoe_sid,
+            dsa_port=k.dsa_port,
+        )
+
+    def replace(self, **changes: Any) -> FlowKey:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return FlowKey(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class L2Header:
+    """The L2 header a verdict writes on the way out (outermost tag first)."""
+
+    dmac: bytes
+    smac: bytes
+    vlans: tuple[tuple[int, int], ...] = ()  # (TPID, TCI) pairs
+    pppoe_sid: int = 0
+    dsa_proto: int = 0  # DSA_PROTOS value
+    dsa_port: int = 0
+
+    def overhead(self) -> int:
+        """Bytes of encapsulation beyond plain Ethernet that count against the MTU
+        of the device under it (VLAN tags and PPPoE; a DSA tag does not)."""
+        return 4 * len(self.vlans) + (8 if self.pppoe_sid else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Where and how to forward one direction of a flow."""
+
+    oif: int
+    l2: L2Header
+    mtu: int
+    key: FlowKey  # the tuple before NAT (for the checksum deltas)
+    nat_src: IPAddress | None = None
+    nat_dst: IPAddress | None = None
+    nat_sport: int | None = None
+    nat_dport: int | None = None
+
+    def pack(self, state: int | None = None) -> bytes:
+        """The ofl_flow value: verdict, zero counters, ``state``."""
+        lay = layout()
+        f = lay.new("struct ofl_flow")
+        v = f.v
+        v.oif = self.oif
+        v.mtu = self.mtu
+        lay.ffi.memmove(v.dmac, self.l2.dmac, 6)
+        lay.ffi.memmove(v.smac, self.l2.smac, 6)
+        if len(self.l2.vlans) > 2:
+            raise OffloadError("at most two VLAN tags")
+        for i, (tpid, tci) in enumerate(self.l2.vlans):
+            v.vlan_proto[i] = _be16(tpid)
+            v.vlan_tci[i] = _be16(tci)
+        v.pppoe_sid = self.l2.pppoe_sid
+        v.dsa_proto = self.l2.dsa_proto
+        v.dsa_port = self.l2.dsa_port
+        flags = 0
+        k = self.key
+        new_src = self.nat_src or k.src
+        new_dst = self.nat_dst or k.dst
+        new_sport = k.sport if self.nat_sport is None else self.nat_sport
+        new_dport = k.dport if self.nat_dport is None else self.nat_dport
+        if new_src != k.src:
+            flags |= lay.const("OFL_V_SNAT")
+            lay.ffi.memmove(v.nat_saddr, _ip_words(new_src), 16)
+        if new_dst != k.dst:
+            flags |= lay.const("OFL_V_DNAT")
+            lay.ffi.memmove(v.nat_daddr, _ip_words(new_dst), 16)
+        if new_sport != k.sport:
+            flags |= lay.const("OFL_V_SPORT")
+            v.nat_sport = socket.htons(new_sport)
+        if new_dport != k.dport:
+            flags |= lay.const("OFL_V_DPORT")
+            v.nat_dport = socket.htons(new_dport)
+        v.flags = flags
+        addr_delta = csum.delta(k.src.packed + k.dst.packed, new_src.packed + new_dst.packed)
+        port_delta = csum.delta(
+            k.sport.to_bytes(2, "big") + k.dport.to_bytes(2, "big"),
+            new_sport.to_bytes(2, "big") + new_dport.to_bytes(2, "big"),
+        )
+        v.csum_l3 = _be16(addr_delta if k.family == socket.AF_INET else 0)
+        v.csum_l4_addr = _be16(addr_delta)
+        v.csum_l4_port = _be16(port_delta)
+        f.state = lay.const("OFL_STATE_OFFLOAD") if state is None else state
+        return lay.to_bytes(f)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEntry:
+    """A row of the flow map as read back."""
+
+    key: FlowKey
+    state: int
+    packets: int
+    bytes: int
+    last_seen_ns: int
+    seen: int
+    oif: int
+    raw: bytes = field(repr=False)
+
+
+def pass_value() -> bytes:
+    """An ofl_flow value that says: hand this tuple to the kernel."""
+    lay = layout()
+    f = lay.new("struct ofl_flow")
+    f.state = lay.const("OFL_STATE_PASS")
+    return lay.to_bytes(f)
+
+
+def netns_pin_dir(base: Path = Path("/sys/fs/bpf")) -> Path | None:
+    """Where this network namespace's agent pins its maps, or None.
+
+    In the root network namespace (OpenWrt's case) it is
+    /sys/fs/bpf/ebpf-offloader; in another one, a directory named after the
+    namespace's inode, so two agents never share maps. None when /sys/fs/bpf
+    is not a BPF filesystem (``ip netns exec`` remounts /sys)."""
+    if not is_bpffs(base):
+        return None
+    own = os.stat("/proc/self/ns/net").st_ino
+    try:
+        root = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        root = -1
+    top = base / "ebpf-offloader"
+    return top if own == root else top / f"netns-{own}"
+
+
+class Datapath:
+    """The loaded object: programs, maps and typed access to them."""
+
+    def __init__(self, object_path: str, *, max_flows: int = 65536, pending_flows: int = 8192,
+                 pin_dir: Path | None = None):
+        self.layout: Layout = layout()
+        self.pin_dir = pin_dir
+        try:
+            self.obj = self._open(object_path, max_flows, pending_flows, pin_dir)
+        except ObjectLoadError:
+            if pin_dir is None or not pin_dir.exists():
+                raise
+            # Maps pinned by an older, incompatible build or size: start afresh.
+            log.warning("pinned maps in %s do not fit this object; replacing them", pin_dir)
+            shutil.rmtree(pin_dir, ignore_errors=True)
+            self.obj = self._open(object_path, max_flows, pending_flows, pin_dir)
+        self.xdp: Program = self.obj.program("ofl_xdp")
+        self.tc: Program = self.obj.program("ofl_tc")
+        self.flows: Map = self.obj.map("ofl_flows")
+        self.pending: Map = self.obj.map("ofl_pending")
+        self.events: Map = self.obj.map("ofl_events")
+        self.tx_ports: Map = self.obj.map("ofl_tx_ports")
+        self.ifaces: Map = self.obj.map("ofl_ifaces")
+        self.config: Map = self.obj.map("ofl_config")
+        self.stats_map: Map = self.obj.map("ofl_stats")
+        self._cfg_flags = 0
+        self._heartbeat_timeout_ns = 3_000_000_000
+        self._renotify_ns = 200_000_000
+
+    @staticmethod
+    def _open(path: str, max_flows: int, pending_flows: int, pin_dir: Path | None) -> BpfObject:
+        obj = BpfObject(path)
+        try:
+            obj.set_max_entries("ofl_flows", max_flows)
+            obj.set_max_entries("ofl_pending", pending_flows)
+            if pin_dir is not None:
+                pin_dir.mkdir(parents=True, exist_ok=True)
+                for name in MAP_NAMES:
+                    if name != "ofl_events":  # a ring buffer's content is not worth keeping
+                        obj.set_pin_path(name, str(pin_dir / name))
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
+    def close(self) -> None:
+        self.obj.close()
+
+    # -- settings -----------------------------------------------------------
+    def configure(self, *, enabled: bool = True, heartbeat_timeout: float = 3.0,
+                  renotify: float = 0.2, dsa: bool | None = None) -> None:
+        flags = self.layout.const("OFL_CFG_ENABLED") if enabled else 0
+        if dsa is None:
+            dsa = bool(self._cfg_flags & self.layout.const("OFL_CFG_DSA"))
+        if dsa:
+            flags |= self.layout.const("OFL_CFG_DSA")
+        self._cfg_flags = flags
+        self._heartbeat_timeout_ns = int(heartbeat_timeout * 1e9)
+        self._renotify_ns = int(renotify * 1e9)
+        self.heartbeat()
+
+    def heartbeat(self, now_ns: int | None = None) -> None:
+        """Tell the datapath the agent is alive (CLOCK_MONOTONIC, like bpf_ktime_get_ns)."""
+        lay = self.layout
+        cfg = lay.new("struct ofl_config")
+        cfg.heartbeat_ns = time.monotonic_ns() if now_ns is None else now_ns
+        cfg.heartbeat_timeout_ns = self._heartbeat_timeout_ns
+        cfg.renotify_ns = self._renotify_ns
+        cfg.flags = self._cfg_flags
+        self.config.update(b"\0" * 4, lay.to_bytes(cfg))
+
+    def add_tx_port(self, ifindex: int) -> None:
+        self.tx_ports.update(ifindex.to_bytes(4, "little"), ifindex.to_bytes(4, "little"))
+
+    def set_iface(self, ifindex: int, dsa_proto: int) -> None:
+        lay = self.layout
+        ifc = lay.new("struct ofl_iface")
+        ifc.dsa_proto = dsa_proto
+        self.ifaces.update(ifindex.to_bytes(4, "little"), lay.to_bytes(ifc))
+        if dsa_proto:
+            self._cfg_flags |= lay.const("OFL_CFG_DSA")
+            self.heartbeat()
+
+    # -- flows ----------------------------------------------------------------
+    def offload(self, key: FlowKey, verdict: Verdict) -> None:
+        self.add_tx_port(verdict.oif)
+        self.flows.update(key.pack(), verdict.pack())
+        self.pending.delete(key.pack())
+
+    def mark_pass(self, key: FlowKey) -> None:
+        self.flows.update(key.pack(), pass_value())
+        self.pending.delete(key.pack())
+
+    def remove(self, keys: list[FlowKey]) -> int:
+        return self.flows.delete_batch([k.pack() for k in keys])
+
+    def flow_entries(self) -> Iterator[FlowEntry]:
+        lay = self.layout
+        for raw_key, raw_val in self.flows.items():
+            f = lay.from_bytes("struct ofl_flow", raw_val)
+            yield FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns,
+                            f.seen, f.v.oif, raw_val)
+
+    def pending_entries(self) -> Iterator[tuple[FlowKey, int, int, int]]:
+        """(key, first_seen_ns, packets, bytes) of every pending tuple."""
+        lay = self.layout
+        for raw_key, raw_val in self.pending.items():
+            p = lay.from_bytes("struct ofl_pending", raw_val)
+            yield FlowKey.unpack(raw_key), p.first_seen_ns, p.packets, p.bytes
+
+    def stats(self) -> dict[str, int]:
+        """Datapath counters summed over CPUs, by name (rx, new, redirect, ...)."""
+        lay = self.layout
+        ncpu = os.cpu_count() or 1
+        possible = _possible_cpus() or ncpu
+        out: dict[str, int] = {}
+        names = sorted(((v, k) for k, v in lay.consts.items() if k.startswith("OFL_STAT_")
+                        and k != "OFL_STAT_MAX"))
+        for idx, name in names:
+            raw = self.stats_map.lookup(idx.to_bytes(4, "little"), value_size=8 * possible)
+            total = 0
+            if raw:
+                total = sum(int.from_bytes(raw[i * 8 : i * 8 + 8], "little") for i in range(possible))
+            out[name.removeprefix("OFL_STAT_").lower()] = total
+        return out
+
+
+def _possible_cpus() -> int:
+    """Count of possible CPUs (what per-CPU map values are sized by)."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return 0
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count

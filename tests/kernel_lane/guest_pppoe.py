@@ -1,0 +1,104 @@
+"""Runs INSIDE the 6.1 kernel lane (PPP/PPPoE are absent on the host kernel).
+
+A real PPPoE session: pppoe-server (kernel mode) in an ISP namespace, pppd with the
+kernel PPPoE plugin in the router namespace. Proves that TCP crosses
+LAN -> router -> PPPoE -> ISP intact both ways (NATed, as a home router does, and
+routed), also with PPPoE over an 802.1Q VLAN, and that /proc/net/pppoe in the router
+namespace lists the session id, the peer (ISP) MAC and the Ethernet device: that file
+is the agent's source for the ppp-device -> (session, peer MAC, device) mapping.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import pytest
+
+from .topology import (
+    PPP_IFNAME,
+    assert_exchange_intact,
+    ip_json,
+    link_stats,
+    parse_proc_pppoe,
+    pppoe_topology,
+    read_proc_pppoe,
+    require_guest,
+    tcp_exchange,
+)
+
+require_guest()
+
+
+def test_running_on_second_kernel():
+    assert platform.release().startswith("6.1."), platform.release()
+
+
+def test_parse_proc_pppoe_byte_order():
+    # as printed by a little-endian 6.1 kernel for session 1 and session 0x1234
+    text = ("Id       Address              Device\n"
+            "00000100 aa:bb:cc:00:00:01    rw0\n"
+            "00003412 AA:BB:CC:00:00:02    rw0.7\n")
+    s = parse_proc_pppoe(text)
+    assert [(x.session_id, x.peer_mac, x.device) for x in s] == [
+        (1, "aa:bb:cc:00:00:01", "rw0"), (0x1234, "aa:bb:cc:00:00:02", "rw0.7")]
+
+
+def _session_from_log(path: str) -> int | None:
+    p = Path(path)
+    if not p.exists():
+        return None
+    m = re.search(r"PPP session is (\d+)", p.read_text(errors="replace"))
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("vid", [None, 7], ids=["untagged", "vlan7"])
+@pytest.mark.parametrize("nat", [True, False], ids=["nat", "routed"])
+def test_pppoe_session_tcp_intact(vid, nat):
+    with pppoe_topology(vid=vid, nat=nat) as topo:
+        px = topo.pppoe
+        # the PPP device in the router
+        link = ip_json(topo.router_ns, "-d", "link", "show", "dev", PPP_IFNAME)[0]
+        assert link["link_type"] == "ppp", link
+        assert link["mtu"] <= 1492, link["mtu"]  # 1500 - 8 bytes PPPoE/PPP header
+
+        # /proc/net/pppoe in the router namespace: session id, peer MAC, device
+        sessions = read_proc_pppoe(topo.router_ns)
+        assert len(sessions) == 1, sessions
+        s = sessions[0]
+        assert s.peer_mac == px["isp_mac"].lower(), (s, px)
+        assert s.device == px["router_eth"], (s, px)
+        assert 1 <= s.session_id <= 0xFFFE, s
+        # the ISP side lists the same session towards the router's MAC
+        isp = read_proc_pppoe(topo.wan_ns)
+        assert [(x.session_id, x.peer_mac, x.device) for x in isp] == [
+            (s.session_id, px["router_mac"].lower(), px["isp_eth"])], isp
+        logged = _session_from_log(px["client_log"])
+        if logged is not None:
+            assert logged == s.session_id, (logged, s)
+
+        before = link_stats(topo.router_ns, PPP_IFNAME)
+        res = tcp_exchange(topo, family=4, port=5301)
+        assert_exchange_intact(res)
+        after = link_stats(topo.router_ns, PPP_IFNAME)
+        assert after["tx_bytes"] - before["tx_bytes"] >= res["up_bytes"], (before, after)
+        assert after["rx_bytes"] - before["rx_bytes"] >= res["down_bytes"], (before, after)
+        # the Ethernet device under it carried the session frames
+        eth = link_stats(topo.router_ns, px["router_eth"])
+        assert eth["rx_bytes"] >= res["down_bytes"], eth
+
+
+def test_pppoe_processes_and_namespaces_removed():
+    names = [n["name"] for n in ip_json(None, "netns", "list")]
+    assert not [n for n in names if n.startswith("kl")], names
+    procs = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                comm = (d / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in ("pppd", "pppoe-server"):
+                procs.append((d.name, comm))
+    assert not procs, procs

@@ -1,0 +1,94 @@
+"""Network namespaces for tests: create, run commands in, always remove.
+
+Every test namespace is named with the ``ofltest-`` prefix plus a random
+part, so parallel runs never collide and a leftover is easy to spot. Only
+198.18.0.0/15 and 2001:db8::/32 are ever configured inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import subprocess
+from collections.abc import Iterator, Sequence
+
+PREFIX = "ofltest-"
+
+
+def sh(cmd: str | Sequence[str], *, check: bool = True, timeout: float = 60,
+       input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command on the host, capture output, fail with its stderr."""
+    args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+class Netns:
+    """One network namespace; ``run`` executes inside it."""
+
+    def __init__(self, role: str):
+        self.name = f"{PREFIX}{role}-{secrets.token_hex(3)}"
+        sh(["ip", "netns", "add", self.name])
+        self.run("ip link set lo up")
+
+    def argv(self, cmd: str | Sequence[str]) -> list[str]:
+        args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, cmd: str | Sequence[str], *, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return sh(self.argv(cmd), check=check, timeout=timeout, input=input)
+
+    def popen(self, cmd: str | Sequence[str], **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(cmd), text=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+    def sysctl(self, name: str, value: str | int) -> None:
+        self.run(["sysctl", "-qw", f"{name}={value}"])
+
+    def ifindex(self, dev: str) -> int:
+        return int(self.run(["cat", f"/sys/class/net/{dev}/ifindex"]).stdout)
+
+    def mac(self, dev: str) -> bytes:
+        text = self.run(["cat", f"/sys/class/net/{dev}/address"]).stdout.strip()
+        return bytes.fromhex(text.replace(":", ""))
+
+    def delete(self) -> None:
+        # Killing what still runs inside releases the namespace promptly.
+        pids = sh(["ip", "netns", "pids", self.name], check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
+        sh(["ip", "netns", "del", self.name], check=False)
+
+
+def veth(a: Netns, a_dev: str, b: Netns, b_dev: str) -> None:
+    """A veth pair with one end in each namespace, both up."""
+    tmp_a, tmp_b = f"o{secrets.token_hex(4)}", f"o{secrets.token_hex(4)}"
+    sh(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+    sh(["ip", "link", "set", tmp_a, "netns", a.name, "name", a_dev])
+    sh(["ip", "link", "set", tmp_b, "netns", b.name, "name", b_dev])
+    a.run(f"ip link set {a_dev} up")
+    b.run(f"ip link set {b_dev} up")
+
+
+@contextlib.contextmanager
+def namespaces(*roles: str) -> Iterator[list[Netns]]:
+    """Create one namespace per role; remove them all on exit, even on failure."""
+    made: list[Netns] = []
+    try:
+        for role in roles:
+            made.append(Netns(role))
+        yield made
+    finally:
+        for ns in made:
+            ns.delete()
+
+
+def leftovers() -> list[str]:
+    """Test namespaces that still exist (should be none after a test)."""
+    out = sh(["ip", "netns", "list"], check=False).stdout.split("\n")
+    return [line.split()[0] for line in out if line.startswith(PREFIX)]
