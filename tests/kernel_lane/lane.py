@@ -164,6 +164,7 @@ def _guest_script(module: Path, shared: Path, pytest_args: list[str]) -> str:
     args = [
         py, "-m", "pytest", str(module),
         "-p", "no:cacheprovider",  # the repo is read-only in the guest
+        "-p", "no:hypothesispytest",  # its example database wants a writable repo
         "--noconftest",  # guest modules are self-contained; host conftests stay out
         "-v", "-rA", "--tb=short",
         f"--junitxml={shared / 'junit.xml'}",
