@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from owrt_sandbox import SHELLS, Sandbox
+
+from .owrt_sandbox import SHELLS, Sandbox
 
 
 @pytest.fixture(params=SHELLS, ids=[s[0] for s in SHELLS])

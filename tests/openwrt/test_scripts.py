@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from owrt_sandbox import FILES, HARNESS, PROG, Run, Sandbox
+
+from .owrt_sandbox import FILES, HARNESS, PROG, Run, Sandbox
 
 SCRIPTS = sorted(p for p in FILES.iterdir() if p.read_bytes().startswith(b"#!/bin/sh"))
 
