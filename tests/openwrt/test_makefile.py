@@ -29,7 +29,7 @@ def text() -> str:
 
 
 def variable(name: str) -> str:
-    match = re.search(rf"^{re.escape(name)}\s*:?=\s*(.*)$", text(), re.M)
+    match = re.search(rf"^{re.escape(name)}\s*[:?]?=\s*(.*)$", text(), re.M)
     assert match, f"{name} is not set"
     return match.group(1).strip()
 
