@@ -196,6 +196,26 @@ def test_reload_with_bad_config_leaves_agent_alone(sandbox: Sandbox) -> None:
     assert run.find("logger")
 
 
+def test_reload_with_unparsable_file_keeps_agent(sandbox: Sandbox) -> None:
+    # uci cannot read the file (config_load fails): enabled is unknown, and a
+    # running agent must not be stopped because of it.
+    sandbox.set_fake("ebpf-offloader", err="x:2: unterminated single quote", rc=2)
+    for action in ("reload", "start"):
+        run = sandbox.init(action, running=True)
+        assert run.returncode != 0
+        assert "procd_kill" not in run.names()
+        assert "procd_send_signal" not in run.names()
+        if "procd_open_service" in run.names():
+            assert "procd_open_instance" in run.names()
+
+
+def test_start_while_running_and_disabled_stops(sandbox: Sandbox) -> None:
+    sandbox.uci("ebpf-offloader", DISABLED)
+    run = sandbox.init("start", running=True)
+    assert "procd_open_service" in run.names()
+    assert "procd_open_instance" not in run.names()
+
+
 def test_reload_not_running_starts(sandbox: Sandbox) -> None:
     sandbox.uci("ebpf-offloader", ENABLED)
     run = sandbox.init("reload", running=False)

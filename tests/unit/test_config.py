@@ -615,3 +615,12 @@ def test_zone_networks_unknown_zone(tmp_path: Path) -> None:
 def test_zone_networks_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         zone_networks(str(tmp_path / "firewall"), ("lan",))
+
+
+def test_every_option_is_documented() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for name, value in Settings().to_dict().items():
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/configuration.md has no row for {name}"
+        shown = "0" if value is False else "none" if value == [] else str(value).rstrip("0")
+        assert shown.rstrip(".") in row or (name == "object" and "empty" in row), row
