@@ -169,7 +169,7 @@ def test_defaults_match_the_documented_api() -> None:
 
 def test_settings_are_keyword_only_and_frozen() -> None:
     with pytest.raises(TypeError):
-        Settings(True)  # type: ignore[misc]
+        Settings(True)  # type: ignore[call-arg]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().hook = "tc"  # type: ignore[misc]
 
