@@ -25,6 +25,7 @@ from .topology import (
     pppoe_topology,
     read_proc_pppoe,
     require_guest,
+    server_sessions,
     tcp_exchange,
 )
 
@@ -71,9 +72,10 @@ def test_pppoe_session_tcp_intact(vid, nat):
         assert s.device == px["router_eth"], (s, px)
         assert 1 <= s.session_id <= 0xFFFE, s
         # the ISP side lists the same session towards the router's MAC
-        isp = read_proc_pppoe(topo.wan_ns)
+        isp = server_sessions(topo.wan_ns)
         assert [(x.session_id, x.peer_mac, x.device) for x in isp] == [
-            (s.session_id, px["router_mac"].lower(), px["isp_eth"])], isp
+            (s.session_id, px["router_mac"].lower(), px["isp_eth"])], (isp, px)
+        assert px["server_mode"] == "kernel", px
         logged = _session_from_log(px["client_log"])
         if logged is not None:
             assert logged == s.session_id, (logged, s)

@@ -373,6 +373,53 @@ def read_proc_pppoe(ns: str) -> list[PppoeSession]:
     return parse_proc_pppoe(sh(["cat", "/proc/net/pppoe"], ns).stdout)
 
 
+# pppoe-server -k (kernel mode) only works when this file exists; Debian's ppp ships the
+# plugin under /usr/lib/pppd/<version>/ instead, and pppoe-server silently falls back to
+# user mode (pppd pty /usr/sbin/pppoe ...), where the ISP side has no kernel session.
+SERVER_PLUGIN = "/etc/ppp/plugins/rp-pppoe.so"
+
+
+def _server_kernel_plugin() -> Path | None:
+    """Inside the lane guest (/etc is a throw-away overlay there), link Debian's plugin
+    where pppoe-server looks for it. Returns the link it created, to remove later."""
+    import glob
+
+    if os.path.exists(SERVER_PLUGIN) or os.environ.get("KERNEL_LANE_GUEST") != "1":
+        return None
+    found = sorted(glob.glob("/usr/lib/pppd/*/rp-pppoe.so")) or sorted(
+        glob.glob("/usr/lib/pppd/*/pppoe.so"))
+    if not found:
+        return None
+    link = Path(SERVER_PLUGIN)
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(found[-1])
+    except OSError:
+        return None
+    return link
+
+
+def server_sessions(ns: str) -> list[PppoeSession]:
+    """The ISP (server) side's sessions: /proc/net/pppoe in kernel mode, else the
+    `-e SESSION:MAC` argument pppoe-server gives each user-mode pppoe relay."""
+    got = read_proc_pppoe(ns)
+    if got:
+        return got
+    out = []
+    for pid in netns_pids(ns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"pppoe"):
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "-e" in args and "-I" in args:
+            sid, _, mac = args[args.index("-e") + 1].partition(":")
+            out.append(PppoeSession(int(sid), mac.lower(), args[args.index("-I") + 1], "user"))
+    return out
+
+
 @contextlib.contextmanager
 def pppoe_topology(vid: int | None = None, nat: bool = True,
                    up_timeout: float = 60.0) -> Iterator[Topology]:
@@ -384,6 +431,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
         modprobe("8021q")
     p = _prefix()
     nss = Namespaces()
+    plugin_link: Path | None = None
     work = tempfile.mkdtemp(prefix=f"{p}-ppp-")
     try:
         lan, rtr = _lan_side(nss, p)
@@ -393,6 +441,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
         if vid is not None:
             r_eth = vlan(rtr, "rw0", vid)
             i_eth = vlan(isp, "w0", vid)
+        plugin_link = _server_kernel_plugin()
         opts = Path(work, "pppoe-server-options")
         opts.write_text("noauth\nlcp-echo-interval 10\nlcp-echo-failure 3\nnodefaultroute\n"
                         f"logfile {work}/server-pppd.log\n")
@@ -445,6 +494,8 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
                     "router_mac": link_mac(rtr, r_eth), "isp_mac": link_mac(isp, i_eth),
                     "client_log": str(client_log), "server_pidfile": str(pidfile),
                     "local_addr": PPPOE_CPE_ADDR, "peer_addr": PPPOE_ISP_ADDR,
+                    "server_mode": "kernel" if plugin_link is not None
+                    or os.path.exists(SERVER_PLUGIN) else "user",
                 },
                 workdir=work,
             )
@@ -458,6 +509,9 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
                     client.wait(timeout=5)
     finally:
         _checked_close(nss)
+        if plugin_link is not None:
+            with contextlib.suppress(OSError):
+                plugin_link.unlink()
         with contextlib.suppress(OSError):
             for f in Path(work).iterdir():
                 f.unlink()
