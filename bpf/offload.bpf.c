@@ -296,6 +296,7 @@ static __always_inline struct ofl_flow *ofl_decide(struct ofl_pkt *p, __u32 seg_
 		ofl_note_pending(&p->key, now, cfg, p->l3_len);
 		return NULL;
 	}
+	flow->last_seen_ns = now; /* for the agent's idle timeout, also of passed flows */
 	if (flow->state != OFL_STATE_OFFLOAD) {
 		ofl_count(OFL_STAT_PASS_VERDICT);
 		return NULL;
@@ -321,7 +322,6 @@ static __always_inline struct ofl_flow *ofl_decide(struct ofl_pkt *p, __u32 seg_
 		ofl_count(OFL_STAT_PASS_MTU);
 		return NULL;
 	}
-	flow->last_seen_ns = now;
 	return flow;
 }
 

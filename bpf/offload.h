@@ -51,6 +51,7 @@ _Static_assert(sizeof(struct ofl_key) == 52, "ofl_key layout");
 #define OFL_V_DNAT (1U << 1) /* rewrite the destination address to nat_daddr */
 #define OFL_V_SPORT (1U << 2) /* rewrite the source port to nat_sport */
 #define OFL_V_DPORT (1U << 3) /* rewrite the destination port to nat_dport */
+#define OFL_V_REPLY (1U << 4) /* agent only: the key is conntrack's reply direction */
 
 /*
  * What to do with a flow's packets. The agent computes the checksum deltas
@@ -83,7 +84,7 @@ struct ofl_verdict {
 	__be16 csum_l3;
 	__be16 csum_l4_addr;
 	__be16 csum_l4_port;
-	__u16 pad2;
+	__u16 ct_zone; /* agent only: conntrack zone of the connection */
 	__u32 pad3;
 };
 _Static_assert(sizeof(struct ofl_verdict) == 80, "ofl_verdict layout");

@@ -146,6 +146,8 @@ class Verdict:
     nat_dst: IPAddress | None = None
     nat_sport: int | None = None
     nat_dport: int | None = None
+    reply: bool = False  # the key is conntrack's reply direction
+    zone: int = 0  # conntrack zone
 
     def pack(self, state: int | None = None) -> bytes:
         """The ofl_flow value: verdict, zero counters, ``state``."""
@@ -182,7 +184,10 @@ class Verdict:
         if new_dport != k.dport:
             flags |= lay.const("OFL_V_DPORT")
             v.nat_dport = socket.htons(new_dport)
+        if self.reply:
+            flags |= lay.const("OFL_V_REPLY")
         v.flags = flags
+        v.ct_zone = self.zone
         addr_delta = csum.delta(k.src.packed + k.dst.packed, new_src.packed + new_dst.packed)
         port_delta = csum.delta(
             k.sport.to_bytes(2, "big") + k.dport.to_bytes(2, "big"),
@@ -324,6 +329,11 @@ class Datapath:
         self.add_tx_port(verdict.oif)
         self.flows.update(key.pack(), verdict.pack())
         self.pending.delete(key.pack())
+
+    def pending_first_seen(self, key: FlowKey) -> int:
+        """When the datapath first saw ``key`` (CLOCK_MONOTONIC ns), 0 if not pending."""
+        raw = self.pending.lookup(key.pack())
+        return int.from_bytes(raw[:8], "little") if raw else 0
 
     def mark_pass(self, key: FlowKey) -> None:
         self.flows.update(key.pack(), pass_value())

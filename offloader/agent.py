@@ -1,0 +1,741 @@
+"""The agent: one event loop that decides, offloads and tears down flows.
+
+Inputs, all on one selector, no threads:
+  ring buffer      a tuple the datapath has not seen before (or still pending)
+  conntrack events NEW/UPDATE (a waiting tuple may now be offloadable),
+                   DESTROY (its flows must go)
+  rtnetlink events route, rule, address, link, neighbour, FDB changes
+  control socket   status and flush requests
+  signals          SIGTERM/SIGINT stop, SIGHUP reloads the configuration
+  timers           heartbeat (the datapath's fail-safe), sweep
+
+The flow table lives in the BPF maps; Python keeps only the tuples waiting
+for a decision (bounded by the pending map's size), the conntrack zones seen
+in events, and the next hops in use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from . import bpfobj
+from .config import Settings
+from .conntrack import Conntrack, CtEntry, CtEvents, Tuple5, nat_target, offloadable
+from .control import ControlServer
+from .datapath import Datapath, FlowKey, Verdict, find_object, netns_pin_dir
+from .errors import AttachError, OffloadError, ResolveError
+from .layout import layout
+from .routing import (
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_NEWLINK,
+    Link,
+    NotYet,
+    Resolver,
+    attach_points,
+    rt_event_socket,
+)
+
+log = logging.getLogger(__name__)
+
+AF_BRIDGE = 7
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_F_CLONED = 0x200
+HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
+RECHECK_AFTER_NS = 150_000_000  # a waiting tuple seen again after this: ask conntrack
+SUMMARY_EVERY_S = 60.0
+
+
+def wire_id(proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+    """Compact identity of a wire tuple, the same from a key or a conntrack tuple."""
+    return bytes((proto,)) + struct.pack("!HH", sport, dport) + src.ljust(16, b"\0") + dst.ljust(16, b"\0")
+
+
+def tuple_id(t: Tuple5) -> bytes:
+    return wire_id(t.proto, t.sport, t.dport, t.src.packed, t.dst.packed)
+
+
+def key_tuple(key: FlowKey) -> Tuple5:
+    return Tuple5(key.proto, key.src, key.dst, key.sport, key.dport)
+
+
+class _Offsets:
+    """Byte offsets into raw map keys/values, from the header (fast sweep)."""
+
+    def __init__(self) -> None:
+        ffi = layout().ffi
+        self.k_proto = ffi.offsetof("struct ofl_key", "proto")
+        self.k_sport = ffi.offsetof("struct ofl_key", "sport")
+        self.k_saddr = ffi.offsetof("struct ofl_key", "saddr")
+        self.k_daddr = ffi.offsetof("struct ofl_key", "daddr")
+        self.f_packets = ffi.offsetof("struct ofl_flow", "packets")
+        self.f_last = ffi.offsetof("struct ofl_flow", "last_seen_ns")
+        self.f_state = ffi.offsetof("struct ofl_flow", "state")
+        self.f_seen = ffi.offsetof("struct ofl_flow", "seen")
+        self.v_dmac = ffi.offsetof("struct ofl_verdict", "dmac")
+        self.v_oif = ffi.offsetof("struct ofl_verdict", "oif")
+        self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
+        self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+
+    def wire(self, raw_key: bytes) -> bytes:
+        sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
+        return wire_id(raw_key[self.k_proto], sport, dport,
+                       raw_key[self.k_saddr : self.k_saddr + 16],
+                       raw_key[self.k_daddr : self.k_daddr + 16])
+
+
+@dataclass
+class Attached:
+    link: Link
+    hook: str  # xdp, xdpgeneric, tc
+
+
+@dataclass
+class Counters:
+    offloaded: int = 0
+    passed: int = 0
+    torn_down: dict[str, int] = field(default_factory=dict)
+    refreshed: int = 0
+    events: int = 0
+
+    def teardown(self, reason: str, n: int = 1) -> None:
+        self.torn_down[reason] = self.torn_down.get(reason, 0) + n
+
+
+class Agent:
+    def __init__(self, settings: Settings, *, interfaces: list[str], hook: str = "auto",
+                 object_path: str = "", pin: bool = True) -> None:
+        self.settings = settings
+        self.interfaces = interfaces
+        self.hook = hook
+        self.started = time.time()
+        self.off = _Offsets()
+        self.consts = layout().consts
+        pin_dir = netns_pin_dir() if pin else None
+        self.dp = Datapath(find_object(object_path or settings.object),
+                           max_flows=settings.max_flows, pending_flows=settings.pending_flows,
+                           pin_dir=pin_dir)
+        self.resolver = Resolver(IPRoute())
+        self.ct = Conntrack()
+        self.ct_events = CtEvents()
+        self.rt_events = rt_event_socket()
+        self._rt_parser = IPRoute()
+        self.control = ControlServer(self.handle_request)
+        self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_event)
+        self.attached: dict[int, Attached] = {}
+        # wire tuple id -> {key: when it was first seen waiting}
+        self.waiting: dict[bytes, dict[FlowKey, int]] = {}
+        self.zones: dict[bytes, int] = {}  # wire tuple id -> conntrack zone, from events
+        self.dead: set[bytes] = set()  # wire tuple ids conntrack destroyed
+        self.nexthops: dict[tuple[int, Any], bytes] = {}  # (l3 oif, hop) -> MAC in use
+        self.counters = Counters()
+        self.latencies: deque[float] = deque(maxlen=100_000)  # first packet to offloaded, ms
+        self.stop = False
+        self.reload_requested = False
+        self.sweeps = 0
+        self._ring_batch: list[FlowKey] = []
+        self._excluded_ifindexes: set[int] = set()
+        self._ct_timeouts = _ct_timeouts()
+        self._last_summary = time.monotonic()
+
+    # -- setup and teardown -------------------------------------------------------
+    def start(self) -> None:
+        self.dp.configure(enabled=True, heartbeat_timeout=self.settings.heartbeat_timeout)
+        self.attach_all()
+        self._adopt()
+        log.info("offloading on %s", ", ".join(f"{a.link.name} ({a.hook})"
+                                                for a in self.attached.values()) or "nothing")
+
+    def attach_all(self) -> None:
+        names = list(self.interfaces or self.settings.interfaces)
+        if not names:
+            raise OffloadError("no interfaces to offload on: give -i IFACE or set "
+                               "`list interfaces` in the configuration")
+        wanted = {link.index: link for link in attach_points(self.resolver, names)}
+        for index in list(self.attached):
+            if index not in wanted:
+                self._detach(index)
+        for index, link in wanted.items():
+            if index not in self.attached:
+                self.attached[index] = Attached(link, self._attach(link))
+                self.dp.add_tx_port(index)
+        self._excluded_ifindexes = self._zone_devices()
+
+    def _attach(self, link: Link) -> str:
+        if self.hook == "tc":
+            bpfobj.tc_attach(link.index, self.dp.tc)
+            return "tc"
+        if self.hook in ("xdp", "xdpgeneric"):
+            return bpfobj.xdp_attach(link.index, self.dp.xdp, self.hook)
+        try:  # auto: native XDP where the driver has it, else TC (faster than generic XDP)
+            return bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp")
+        except AttachError as exc:
+            log.info("%s: no native XDP (%s), using TC", link.name, exc)
+            bpfobj.tc_attach(link.index, self.dp.tc)
+            return "tc"
+
+    def _detach(self, index: int) -> None:
+        att = self.attached.pop(index)
+        try:
+            if att.hook == "tc":
+                bpfobj.tc_detach(index)
+            else:
+                bpfobj.xdp_detach(index, att.hook)
+        except AttachError as exc:
+            log.warning("detaching from %s: %s", att.link.name, exc)
+
+    def _adopt(self) -> None:
+        """Keep what a previous run offloaded if conntrack still has it."""
+        stale = []
+        adopted = 0
+        for entry in self.dp.flow_entries():
+            found = self.ct.get(key_tuple(entry.key), self._zone_of(entry.raw))
+            if found is None:
+                stale.append(entry.key)
+            else:
+                adopted += 1
+        if stale:
+            self.dp.remove(stale)
+        if adopted or stale:
+            log.info("adopted %d flows from a previous run, dropped %d stale", adopted, len(stale))
+
+    def shutdown(self) -> None:
+        """Stop offloading: the datapath passes everything, programs detach."""
+        try:
+            self.dp.configure(enabled=False)
+        except OffloadError as exc:
+            log.warning("disabling the datapath: %s", exc)
+        for index in list(self.attached):
+            self._detach(index)
+        self.ring.close()
+        self.control.close()
+        self.ct_events.close()
+        self.rt_events.close()
+        self._rt_parser.close()
+        self.ct.close()
+        self.resolver.close()
+        self.dp.close()
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        handlers = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        sel.register(self.ring.fd, selectors.EVENT_READ, "ring")
+        sel.register(self.ct_events, selectors.EVENT_READ, "ct")
+        sel.register(self.rt_events, selectors.EVENT_READ, "rt")
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        sel.register(wake_r, selectors.EVENT_READ, "signal")
+        heartbeat_every = self.settings.heartbeat_timeout / HEARTBEAT_FRACTION
+        next_heartbeat = 0.0
+        next_sweep = time.monotonic() + self.settings.sweep_interval
+        try:
+            while not self.stop:
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self.dp.heartbeat()
+                    next_heartbeat = now + heartbeat_every
+                if now >= next_sweep:
+                    self.sweep()
+                    next_sweep = now + self.settings.sweep_interval
+                timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
+                ready = {key.data for key, _ in sel.select(timeout)}
+                # Ring first: a tuple is noted as waiting before the conntrack
+                # event that makes it offloadable is read.
+                if "ring" in ready:
+                    self.ring.consume()
+                    self._drain_ring()
+                if "ct" in ready:
+                    self.on_ct_events(self.ct_events.read())
+                if "rt" in ready:
+                    self.on_rt_events()
+                if "control" in ready:
+                    self.control.serve_one()
+                if "signal" in ready:
+                    try:
+                        wake_r.recv(64)
+                    except BlockingIOError:
+                        pass
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stop = True
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration file and re-attach."""
+        from .config import load_settings
+
+        try:
+            new = load_settings(self.settings_path) if self.settings_path else self.settings
+        except OffloadError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        self.settings = new
+        self.resolver.forget(links=True, routes=True)
+        try:
+            self.attach_all()
+        except OffloadError as exc:
+            log.error("re-attach after reload: %s", exc)
+        self.dp.configure(enabled=True, heartbeat_timeout=new.heartbeat_timeout)
+        log.info("configuration reloaded")
+
+    settings_path: str | None = None
+
+    # -- new tuples -------------------------------------------------------------------
+    def _on_ring_event(self, data: bytes) -> None:
+        self._ring_batch.append(FlowKey.unpack(data[: layout().sizeof("struct ofl_key")]))
+
+    def _drain_ring(self) -> None:
+        batch, self._ring_batch = self._ring_batch, []
+        now = time.monotonic_ns()
+        for key in batch:
+            self.counters.events += 1
+            tid = tuple_id(key_tuple(key))
+            keys = self.waiting.setdefault(tid, {})
+            since = keys.get(key)
+            if since is None:
+                keys[key] = now
+                if len(self.waiting) > self.settings.pending_flows:
+                    self.waiting.pop(next(iter(self.waiting)))
+            elif now - since >= RECHECK_AFTER_NS:
+                # Seen again and still undecided: conntrack events did not
+                # settle it (agent restarted, event lost): ask directly.
+                keys[key] = now
+                self.decide(key)
+
+    def on_ct_events(self, events: Iterable[Any]) -> None:
+        for ev in events:
+            entry: CtEntry = ev.entry
+            orig, reply = tuple_id(entry.orig), tuple_id(entry.reply)
+            if ev.kind == "destroy":
+                self.zones.pop(orig, None)
+                self.zones.pop(reply, None)
+                self.dead.add(orig)
+                self.dead.add(reply)
+                self.waiting.pop(orig, None)
+                self.waiting.pop(reply, None)
+                continue
+            if entry.zone:
+                self.zones[orig] = self.zones[reply] = entry.zone
+            for tid, is_reply in ((orig, False), (reply, True)):
+                for key in list(self.waiting.get(tid, {})):
+                    self.decide(key, (entry, is_reply))
+
+    def _zone_of(self, raw_value: bytes) -> int:
+        return int.from_bytes(raw_value[self.off.v_zone : self.off.v_zone + 2], "little")
+
+    def _excluded(self, key: FlowKey, dst_after_nat: Any, oif: int) -> bool:
+        s = self.settings
+        if any(key.src in net for net in s.exclude_src if net.version == key.src.version):
+            return True
+        if any(dst_after_nat in net for net in s.exclude_dst if net.version == key.dst.version):
+            return True
+        return key.ifindex in self._excluded_ifindexes or oif in self._excluded_ifindexes
+
+    def decide(self, key: FlowKey, found: tuple[CtEntry, bool] | None = None) -> str:
+        """Offload ``key``, pass it for good, or leave it waiting; returns which."""
+        t = key_tuple(key)
+        tid = tuple_id(t)
+        if found is None:
+            found = self.ct.get(t, self.zones.get(tid, 0))
+            if found is None:
+                return "wait"
+        entry, is_reply = found
+        why = offloadable(entry, offload_udp=self.settings.offload_udp)
+        if why == "wait":
+            return "wait"
+        if why:
+            return self._pass(key, tid, why)
+        target = nat_target(entry, is_reply)
+        try:
+            path = self.resolver.resolve(key, target.dst)
+        except NotYet as exc:
+            log.debug("%s: %s, retrying", _fmt(key), exc)
+            return "wait"
+        except ResolveError as exc:
+            return self._pass(key, tid, str(exc))
+        if self._excluded(key, target.dst, path.l3_oif):
+            return self._pass(key, tid, "excluded by configuration")
+        if key.proto == socket.IPPROTO_TCP and not self.ct.set_liberal(t, is_reply, entry.zone):
+            return "wait"  # the entry went away meanwhile
+        verdict = Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key,
+                          nat_src=target.src, nat_dst=target.dst, nat_sport=target.sport,
+                          nat_dport=target.dport, reply=is_reply, zone=entry.zone)
+        first_seen = self.dp.pending_first_seen(key)
+        self.dp.offload(key, verdict)
+        if first_seen:
+            self.latencies.append((time.monotonic_ns() - first_seen) / 1e6)
+        self.nexthops[(path.l3_oif, path.nexthop)] = path.l2.dmac
+        self._unwait(tid, key)
+        self.counters.offloaded += 1
+        log.debug("offload %s -> ifindex %d", _fmt(key), path.oif)
+        return "offload"
+
+    def _pass(self, key: FlowKey, tid: bytes, why: str) -> str:
+        self.dp.mark_pass(key)
+        self._unwait(tid, key)
+        self.counters.passed += 1
+        log.debug("pass %s: %s", _fmt(key), why)
+        return "pass"
+
+    def _unwait(self, tid: bytes, key: FlowKey) -> None:
+        keys = self.waiting.get(tid)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self.waiting[tid]
+
+    # -- the sweep ----------------------------------------------------------------------
+    def sweep(self) -> None:
+        """The safety net: hand back FIN/RST/SYN flows, idle and destroyed ones,
+        refresh conntrack for flows that carried traffic, pick up pending
+        tuples whose ring event was lost."""
+        self.sweeps += 1
+        off = self.off
+        s = self.settings
+        now_ns = time.monotonic_ns()
+        offload_state = self.consts["OFL_STATE_OFFLOAD"]
+        reply_flag = self.consts["OFL_V_REPLY"]
+        tcp_idle = s.tcp_timeout * 1_000_000_000
+        udp_idle = s.udp_timeout * 1_000_000_000
+        period = self._refresh_period()
+        slices = max(1, int(period / s.sweep_interval))
+        this_slice = self.sweeps % slices
+        remove: list[bytes] = []
+        refresh: list[tuple[bytes, bytes]] = []
+        reasons: dict[str, int] = {}
+        for raw_key, raw in self.dp.flows.items():
+            state, seen = struct.unpack_from("=II", raw, off.f_state)
+            (last,) = struct.unpack_from("=Q", raw, off.f_last)
+            wid = off.wire(raw_key)
+            proto = raw_key[off.k_proto]
+            idle = tcp_idle if proto == socket.IPPROTO_TCP else udp_idle
+            reason = ""
+            if seen:
+                reason = "tcp-flags"
+            elif wid in self.dead:
+                reason = "conntrack-destroyed"
+            elif last and now_ns - last > idle:
+                reason = "idle"
+            if reason:
+                remove.append(raw_key)
+                reasons[reason] = reasons.get(reason, 0) + 1
+                continue
+            if (state == offload_state and last and now_ns - last < period * 1_000_000_000
+                    and zlib.crc32(wid) % slices == this_slice):
+                refresh.append((raw_key, raw))
+        if remove:
+            self.dp.flows.delete_batch(remove)
+            for reason, n in reasons.items():
+                self.counters.teardown(reason, n)
+        self.dead.clear()
+        for raw_key, raw in refresh:
+            key = FlowKey.unpack(raw_key)
+            flags = raw[off.v_flags]
+            proto = key.proto
+            timeout = self._ct_timeouts["tcp" if proto == socket.IPPROTO_TCP else "udp"]
+            if self.ct.refresh(key_tuple(key), bool(flags & reply_flag), self._zone_of(raw), timeout):
+                self.counters.refreshed += 1
+        self._sweep_pending()
+        if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
+            self._last_summary = time.monotonic()
+            c = self.counters
+            log.info("flows offloaded %d, passed %d, torn down %s, conntrack refreshes %d",
+                     c.offloaded, c.passed, c.torn_down or "none", c.refreshed)
+
+    def _refresh_period(self) -> float:
+        """How often an active flow's conntrack timeout is renewed: a third of
+        the shortest timeout we set, within [1 s, 60 s]."""
+        shortest = min(self._ct_timeouts.values())
+        return max(1.0, min(60.0, shortest / 3))
+
+    def _sweep_pending(self) -> None:
+        present: set[FlowKey] = set()
+        now = time.monotonic_ns()
+        for key, _first, _packets, _bytes in self.dp.pending_entries():
+            present.add(key)
+            tid = tuple_id(key_tuple(key))
+            keys = self.waiting.setdefault(tid, {})
+            if key not in keys:
+                keys[key] = now  # its ring event was lost: wait like the others
+        for tid in list(self.waiting):
+            keys = self.waiting[tid]
+            for key in [k for k in keys if k not in present]:
+                del keys[key]  # evicted from the LRU or decided
+            if not keys:
+                del self.waiting[tid]
+
+    # -- network changes --------------------------------------------------------------
+    def on_rt_events(self) -> None:
+        flush_all = False
+        for _ in range(64):
+            try:
+                data = self.rt_events.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                flush_all = True  # ENOBUFS: we missed changes
+                break
+            for msg in self._rt_parser.marshal.parse(data):
+                kind = msg["header"]["type"]
+                if kind in (RTM_NEWLINK, RTM_DELLINK):
+                    flush_all |= self._on_link(msg, kind == RTM_DELLINK)
+                elif kind in (28, RTM_DELNEIGH):
+                    self._on_neigh(msg, kind == RTM_DELNEIGH)
+                elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["flags"] & RTM_F_CLONED:
+                    continue  # a route cache entry (IPv6 creates them on lookups)
+                elif _irrelevant(msg):
+                    continue
+                else:  # routes, rules, addresses
+                    self.resolver.forget(routes=True)
+                    flush_all = True
+                    log.debug("network change: %s", msg.get("event", kind))
+        if flush_all:
+            n = self.flush("route or link change")
+            log.debug("network change: %d flows handed back", n)
+
+    def _on_link(self, msg: Any, deleted: bool) -> bool:
+        index = msg["index"]
+        cached = self.resolver._links.get(index)
+        if deleted and index in self.attached:
+            self.attached.pop(index)
+        if cached is None:
+            return False
+        self.resolver.forget(links=True, routes=True)
+        if deleted:
+            return True
+        fresh = self.resolver.link(index)
+        return (fresh.up, fresh.mtu, fresh.mac, fresh.master) != (
+            cached.up, cached.mtu, cached.mac, cached.master)
+
+    def _on_neigh(self, msg: Any, deleted: bool) -> None:
+        if msg["family"] == AF_BRIDGE:
+            mac = msg.get("NDA_LLADDR")
+            if mac:
+                self.flush_where_dmac(bytes.fromhex(mac.replace(":", "")), "fdb change")
+            return
+        dst = msg.get("NDA_DST")
+        if not dst:
+            return
+        hop = ipaddress.ip_address(dst)
+        ck = (msg["ifindex"], hop)
+        used = self.nexthops.get(ck)
+        self.resolver.forget_neigh(msg["ifindex"], hop)
+        if used is None:
+            return
+        lladdr = msg.get("NDA_LLADDR")
+        new = bytes.fromhex(lladdr.replace(":", "")) if lladdr else b""
+        bad_state = not (msg["state"] & 0xDE)  # not REACHABLE/STALE/DELAY/PROBE/NOARP/PERMANENT
+        if deleted or new != used or bad_state:
+            del self.nexthops[ck]
+            self.flush_where_dmac(used, "neighbour change")
+
+    def flush_where_dmac(self, mac: bytes, reason: str) -> int:
+        off = self.off
+        keys = [k for k, v in self.dp.flows.items() if v[off.v_dmac : off.v_dmac + 6] == mac]
+        n = self.dp.flows.delete_batch(keys)
+        if n:
+            self.counters.teardown(reason, n)
+        return n
+
+    def flush(self, reason: str = "flush") -> int:
+        """Hand every flow back to the kernel; they are decided afresh."""
+        n = self.dp.flows.clear()
+        self.dp.pending.clear()
+        self.waiting.clear()
+        self.nexthops.clear()
+        if n:
+            self.counters.teardown(reason, n)
+        return n
+
+    def _zone_devices(self) -> set[int]:
+        if not self.settings.exclude_zones:
+            return set()
+        from .config import network_devices, zone_networks
+
+        nets = zone_networks(zones=self.settings.exclude_zones)
+        out = set()
+        for name in network_devices(interfaces=nets):
+            try:
+                out.add(self.resolver.link_by_name(name).index)
+            except ResolveError:
+                continue
+        return out
+
+    # -- control requests ------------------------------------------------------------
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status(limit=int(req.get("limit") or 0))
+        if cmd == "flush":
+            return {"flushed": self.flush("flush command")}
+        raise OffloadError(f"unknown command {cmd!r}")
+
+    def status(self, limit: int = 0) -> dict[str, Any]:
+        now_ns = time.monotonic_ns()
+        names = {a.link.index: a.link.name for a in self.attached.values()}
+        offload_state = self.consts["OFL_STATE_OFFLOAD"]
+        flows: list[dict[str, Any]] = []
+        for e in self.dp.flow_entries():
+            row = _flow_row(e.key, "offloaded" if e.state == offload_state else "passed",
+                            e.packets, e.bytes, names)
+            row["last_seen_s"] = round((now_ns - e.last_seen_ns) / 1e9, 3) if e.last_seen_ns else None
+            if e.state == offload_state:
+                row["out_dev"] = names.get(e.oif) or self._name(e.oif)
+                row["nat"] = _nat_of(e.raw)
+            flows.append(row)
+        for key, _first, packets, nbytes in self.dp.pending_entries():
+            flows.append(_flow_row(key, "pending", packets, nbytes, names))
+        flows.sort(key=lambda r: r["bytes"], reverse=True)
+        total = len(flows)
+        if limit:
+            flows = flows[:limit]
+        c = self.counters
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime_s": round(time.time() - self.started, 1),
+            "interfaces": [{"name": a.link.name, "ifindex": a.link.index, "hook": a.hook}
+                           for a in self.attached.values()],
+            "counts": {
+                "offloaded": sum(1 for f in flows if f["state"] == "offloaded"),
+                "passed": sum(1 for f in flows if f["state"] == "passed"),
+                "pending": sum(1 for f in flows if f["state"] == "pending"),
+                "total": total,
+            },
+            "agent": {"offloaded": c.offloaded, "passed": c.passed, "torn_down": c.torn_down,
+                      "conntrack_refreshes": c.refreshed, "ring_events": c.events,
+                      "conntrack_event_overflows": self.ct_events.overflows},
+            "datapath": self.dp.stats(),
+            "setup_latency_ms": _percentiles(self.latencies),
+            "pinned": str(self.dp.pin_dir) if self.dp.pin_dir else None,
+            "flows": flows,
+        }
+
+    def _name(self, index: int) -> str:
+        try:
+            return self.resolver.link(index).name
+        except ResolveError:
+            return str(index)
+
+
+def _irrelevant(msg: Any) -> bool:
+    """Route and address events that cannot change a forwarding decision:
+    IPv6 link-local and multicast ones, the local table's."""
+    if msg.get("RTA_TABLE") == 255:
+        return True
+    addr = msg.get("RTA_DST") or msg.get("IFA_ADDRESS")
+    if addr and ":" in addr:
+        ip = ipaddress.ip_address(addr)
+        return bool(ip.is_link_local or ip.is_multicast)
+    return False
+
+
+def _percentiles(values: deque[float]) -> dict[str, float | int]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"n": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], 3)}
+
+
+def _fmt(key: FlowKey) -> str:
+    proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
+    return f"{proto} {key.src}:{key.sport} > {key.dst}:{key.dport} on {key.ifindex}"
+
+
+def _flow_row(key: FlowKey, state: str, packets: int, nbytes: int,
+              names: dict[int, str]) -> dict[str, Any]:
+    return {
+        "family": "ipv4" if key.family == socket.AF_INET else "ipv6",
+        "proto": {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto)),
+        "src": str(key.src), "dst": str(key.dst), "sport": key.sport, "dport": key.dport,
+        "state": state, "packets": packets, "bytes": nbytes,
+        "in_dev": names.get(key.ifindex, str(key.ifindex)),
+        "vlan": [v for v in (key.vlan_outer, key.vlan_inner) if v],
+        "pppoe_sid": key.pppoe_sid or None,
+    }
+
+
+def _nat_of(raw: bytes) -> dict[str, Any] | None:
+    lay = layout()
+    f = lay.from_bytes("struct ofl_flow", raw)
+    v = f.v
+    fam = socket.AF_INET6 if any(bytes(lay.ffi.buffer(v.nat_saddr))[4:]) or any(
+        bytes(lay.ffi.buffer(v.nat_daddr))[4:]) else socket.AF_INET
+    out: dict[str, Any] = {}
+    n = 4 if fam == socket.AF_INET else 16
+    if v.flags & lay.const("OFL_V_SNAT"):
+        out["src"] = str(ipaddress.ip_address(bytes(lay.ffi.buffer(v.nat_saddr))[:n]))
+    if v.flags & lay.const("OFL_V_DNAT"):
+        out["dst"] = str(ipaddress.ip_address(bytes(lay.ffi.buffer(v.nat_daddr))[:n]))
+    if v.flags & lay.const("OFL_V_SPORT"):
+        out["sport"] = socket.ntohs(v.nat_sport)
+    if v.flags & lay.const("OFL_V_DPORT"):
+        out["dport"] = socket.ntohs(v.nat_dport)
+    return out or None
+
+
+def _ct_timeouts() -> dict[str, int]:
+    """The conntrack timeouts this namespace uses for established TCP and
+    UDP streams (read, never changed: no global sysctl is touched)."""
+    base = Path("/proc/sys/net/netfilter")
+
+    def read(name: str, default: int) -> int:
+        try:
+            return int((base / name).read_text())
+        except (OSError, ValueError):
+            return default
+
+    return {"tcp": read("nf_conntrack_tcp_timeout_established", 432000),
+            "udp": read("nf_conntrack_udp_timeout_stream", 120)}
+
+
+def run_agent(settings: Settings, *, interfaces: list[str], hook: str, object_path: str,
+              settings_path: str | None = None,
+              on_ready: Callable[[Agent], None] | None = None) -> None:
+    agent = Agent(settings, interfaces=interfaces, hook=hook, object_path=object_path)
+    agent.settings_path = settings_path
+    try:
+        agent.start()
+        if on_ready:
+            on_ready(agent)
+        agent.run()
+    finally:
+        agent.shutdown()
+        log.info("stopped; programs detached")

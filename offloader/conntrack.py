@@ -1,0 +1,264 @@
+"""nf_conntrack over netlink: look up, refresh and follow connections.
+
+Queries go through pyroute2's NFCTSocket; events come from a raw
+NETLINK_NETFILTER socket bound to the NEW, UPDATE and DESTROY groups (the
+synchronous NFCTSocket has no bind()), parsed with pyroute2's marshal.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import NFCTSocket
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from .errors import OffloadError
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+CT_GROUPS = 0x7  # NFNLGRP_CONNTRACK_NEW | _UPDATE | _DESTROY
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_DELETE = 2
+NLM_F_CREATE = 0x400
+
+# ip_conntrack_status bits (uapi nf_conntrack_common.h)
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+IPS_SEQ_ADJUST = 1 << 6
+IPS_DYING = 1 << 9
+IPS_OFFLOAD = 1 << 14
+IPS_HW_OFFLOAD = 1 << 15
+TCP_CONNTRACK_ESTABLISHED = 3
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Tuple5:
+    """A connection tuple as it appears on the wire in one direction."""
+
+    proto: int
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.src.version == 4 else socket.AF_INET6
+
+    def attr(self) -> NFCTAttrTuple:
+        return NFCTAttrTuple(family=self.family, saddr=str(self.src), daddr=str(self.dst),
+                             proto=self.proto, sport=self.sport, dport=self.dport)
+
+
+@dataclass(frozen=True, slots=True)
+class CtEntry:
+    orig: Tuple5
+    reply: Tuple5
+    status: int
+    tcp_state: int  # -1 for UDP
+    zone: int
+    helper: bool
+    timeout: int
+
+    @property
+    def nat(self) -> bool:
+        return bool(self.status & (IPS_SRC_NAT | IPS_DST_NAT))
+
+
+@dataclass(frozen=True, slots=True)
+class CtEvent:
+    kind: str  # "new", "update", "destroy"
+    entry: CtEntry
+
+
+def _tuple(msg: Any, which: str) -> Tuple5 | None:
+    t = msg.get(which)
+    if t is None:
+        return None
+    ip = t.get("CTA_TUPLE_IP")
+    proto = t.get("CTA_TUPLE_PROTO")
+    if ip is None or proto is None:
+        return None
+    src = ip.get("CTA_IP_V4_SRC") or ip.get("CTA_IP_V6_SRC")
+    dst = ip.get("CTA_IP_V4_DST") or ip.get("CTA_IP_V6_DST")
+    num = proto.get("CTA_PROTO_NUM")
+    if src is None or dst is None or num not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+        return None
+    return Tuple5(num, ipaddress.ip_address(src), ipaddress.ip_address(dst),
+                  proto.get("CTA_PROTO_SRC_PORT") or 0, proto.get("CTA_PROTO_DST_PORT") or 0)
+
+
+def parse_entry(msg: Any) -> CtEntry | None:
+    """A CtEntry from a pyroute2 conntrack message (TCP/UDP only)."""
+    orig = _tuple(msg, "CTA_TUPLE_ORIG")
+    reply = _tuple(msg, "CTA_TUPLE_REPLY")
+    if orig is None or reply is None:
+        return None
+    tcp_state = -1
+    info = msg.get("CTA_PROTOINFO")
+    if info is not None:
+        tcp = info.get("CTA_PROTOINFO_TCP")
+        if tcp is not None:
+            state = tcp.get("CTA_PROTOINFO_TCP_STATE")
+            tcp_state = -1 if state is None else int(state)
+    return CtEntry(orig, reply, int(msg.get("CTA_STATUS") or 0), tcp_state,
+                   int(msg.get("CTA_ZONE") or 0), msg.get("CTA_HELP") is not None,
+                   int(msg.get("CTA_TIMEOUT") or 0))
+
+
+class Conntrack:
+    """Queries and updates; one socket per address family."""
+
+    def __init__(self) -> None:
+        self._socks: dict[int, Any] = {}
+
+    def _sock(self, family: int) -> Any:
+        if family not in self._socks:
+            self._socks[family] = NFCTSocket(nfgen_family=family)
+        return self._socks[family]
+
+    def get(self, t: Tuple5, zone: int = 0) -> tuple[CtEntry, bool] | None:
+        """The entry ``t`` belongs to, and True when ``t`` is its reply direction."""
+        kw: dict[str, Any] = {"zone": zone} if zone else {}
+        for reply, arg in ((False, "tuple_orig"), (True, "tuple_reply")):
+            try:
+                msgs = self._sock(t.family).entry("get", **{arg: t.attr()}, **kw)
+            except NetlinkError as exc:
+                if exc.code == errno.ENOENT:
+                    continue
+                raise OffloadError(f"conntrack lookup failed: {exc}") from exc
+            for msg in msgs:
+                entry = parse_entry(msg)
+                if entry is not None:
+                    return entry, reply
+        return None
+
+    def refresh(self, t: Tuple5, reply: bool, zone: int, timeout: int) -> bool:
+        """Set the entry's timeout; False if it is gone."""
+        kw: dict[str, Any] = {"zone": zone} if zone else {}
+        arg = "tuple_reply" if reply else "tuple_orig"
+        try:
+            self._sock(t.family).entry("set", timeout=timeout, **{arg: t.attr()}, **kw)
+        except NetlinkError as exc:
+            if exc.code == errno.ENOENT:
+                return False
+            raise OffloadError(f"conntrack refresh failed: {exc}") from exc
+        return True
+
+    def set_liberal(self, t: Tuple5, reply: bool, zone: int) -> bool:
+        """Make conntrack's TCP window tracking liberal for this connection,
+        both directions, as nf_flow_table does for the flows it offloads: the
+        kernel no longer sees the offloaded direction's segments, so without
+        it the other direction's ACKs look out of window, turn INVALID, miss
+        their NAT and draw a RST. Per connection; no sysctl changes."""
+        kw: dict[str, Any] = {"zone": zone} if zone else {}
+        arg = "tuple_reply" if reply else "tuple_orig"
+        liberal = {"value": (IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)}
+        info = {"attrs": [("CTA_PROTOINFO_TCP", {"attrs": [
+            ("CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", liberal),
+            ("CTA_PROTOINFO_TCP_FLAGS_REPLY", liberal)]})]}
+        try:
+            self._sock(t.family).entry("set", protoinfo=info, **{arg: t.attr()}, **kw)
+        except NetlinkError as exc:
+            if exc.code == errno.ENOENT:
+                return False
+            raise OffloadError(f"conntrack update failed: {exc}") from exc
+        return True
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()
+
+
+class CtEvents:
+    """Non-blocking subscription to conntrack NEW/UPDATE/DESTROY events."""
+
+    def __init__(self, rcvbuf: int = 4 << 20) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        except OSError:
+            pass
+        self.sock.bind((0, CT_GROUPS))
+        self.sock.setblocking(False)
+        self._parser = NFCTSocket()
+        self.overflows = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, budget: int = 256) -> list[CtEvent]:
+        """Events queued now (at most ``budget`` datagrams). An overflow
+        (ENOBUFS) is counted; the agent's sweep repairs what was missed."""
+        out: list[CtEvent] = []
+        for _ in range(budget):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overflows += 1
+                    continue
+                raise
+            for msg in self._parser.marshal.parse(data):
+                entry = parse_entry(msg)
+                if entry is None:
+                    continue
+                kind_id = msg["header"]["type"] & 0xFF
+                if kind_id == IPCTNL_MSG_CT_DELETE:
+                    kind = "destroy"
+                elif msg["header"]["flags"] & NLM_F_CREATE:
+                    kind = "new"
+                else:
+                    kind = "update"
+                out.append(CtEvent(kind, entry))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        self._parser.close()
+
+
+def offloadable(entry: CtEntry, *, offload_udp: str) -> str:
+    """Why ``entry`` may not be offloaded ('' when it may)."""
+    if entry.status & IPS_DYING:
+        return "dying"
+    if not entry.status & IPS_CONFIRMED:
+        return "unconfirmed"
+    if entry.helper:
+        return "helper"
+    if entry.status & IPS_SEQ_ADJUST:
+        return "seq-adjust"
+    if entry.status & (IPS_OFFLOAD | IPS_HW_OFFLOAD):
+        return "in an nf flowtable"
+    if entry.orig.proto == socket.IPPROTO_TCP:
+        if entry.tcp_state != TCP_CONNTRACK_ESTABLISHED:
+            return "wait"  # not yet (or no longer) established
+        return ""
+    if offload_udp == "no":
+        return "udp disabled"
+    if offload_udp == "assured" and not entry.status & IPS_ASSURED:
+        return "wait"
+    return ""
+
+
+def nat_target(entry: CtEntry, reply: bool) -> Tuple5:
+    """How a packet of this direction looks after NAT: the other direction's
+    tuple reversed."""
+    other = entry.orig if reply else entry.reply
+    return Tuple5(other.proto, other.dst, other.src, other.dport, other.sport)

@@ -1,0 +1,372 @@
+"""The built-in lab: LAN hosts, a router and a WAN host in network namespaces.
+
+    lan1 --+
+           +-- br-lan [router] wan0 ---- wan
+    lan2 --+
+
+The router masquerades LAN traffic out of wan0 and forwards WAN port 8080 to
+lan1:80 (DNAT). Addresses come from 198.18.0.0/15 and 2001:db8::/32 only.
+Everything is removed on exit, Ctrl-C included. The same class builds the
+integration tests' network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+LAN4, LAN6 = "198.18.1.", "2001:db8:1::"
+WAN4, WAN6 = "198.19.2.", "2001:db8:2::"
+ROUTER_LAN4, ROUTER_WAN4 = LAN4 + "1", WAN4 + "1"
+ROUTER_LAN6, ROUTER_WAN6 = LAN6 + "1", WAN6 + "1"
+LAN1_4, LAN2_4, WAN_4 = LAN4 + "2", LAN4 + "3", WAN4 + "2"
+LAN1_6, LAN2_6, WAN_6 = LAN6 + "2", LAN6 + "3", WAN6 + "2"
+DNAT_PORT = 8080
+
+NFT_RULES = """
+table inet lab {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        ct state established,related counter name fwd_established accept
+        counter name fwd_other
+    }
+    counter fwd_established { }
+    counter fwd_other { }
+    chain prerouting {
+        type nat hook prerouting priority -100;
+        iifname "wan0" tcp dport 8080 dnat ip to 198.18.1.2:80
+        iifname "wan0" udp dport 8080 dnat ip to 198.18.1.2:80
+        iifname "wan0" tcp dport 8080 dnat ip6 to [2001:db8:1::2]:80
+        iifname "wan0" udp dport 8080 dnat ip6 to [2001:db8:1::2]:80
+    }
+    chain postrouting {
+        type nat hook postrouting priority 100;
+        oifname "wan0" meta mark != 0x1 masquerade
+    }
+}
+"""
+
+
+def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 60,
+         input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
+    return proc
+
+
+class Host:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def argv(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def sh(self, cmd: str, *, check: bool = True, timeout: float = 60,
+           input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return _run(self.argv("sh", "-c", cmd), check=check, timeout=timeout, input=input)
+
+    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*cmd), text=True, **kw)
+
+
+class Topology:
+    """The lab network. ``nat=False`` routes without NAT (the WAN host gets a
+    route back to the LAN)."""
+
+    def __init__(self, *, nat: bool = True, tag: str = "") -> None:
+        tag = tag or secrets.token_hex(2)
+        self.tag = tag
+        self.router = Host(f"ofl-{tag}-router")
+        self.lan1 = Host(f"ofl-{tag}-lan1")
+        self.lan2 = Host(f"ofl-{tag}-lan2")
+        self.wan = Host(f"ofl-{tag}-wan")
+        self.hosts = [self.router, self.lan1, self.lan2, self.wan]
+        self.nat = nat
+        self.agent: subprocess.Popen[str] | None = None
+        self.agent_log = ""
+
+    # -- building -------------------------------------------------------------
+    def up(self) -> None:
+        for h in self.hosts:
+            _run(["ip", "netns", "add", h.name])
+            h.sh("ip link set lo up")
+        r = self.router
+        r.sh("ip link add br-lan type bridge && ip link set br-lan up")
+        self._veth(self.lan1, "eth0", "lan1p", master="br-lan")
+        self._veth(self.lan2, "eth0", "lan2p", master="br-lan")
+        self._veth(self.wan, "eth0", "wan0")
+        r.sh(f"ip addr add {ROUTER_LAN4}/24 dev br-lan && ip addr add {ROUTER_LAN6}/64 dev br-lan nodad"
+             f" && ip addr add {ROUTER_WAN4}/24 dev wan0 && ip addr add {ROUTER_WAN6}/64 dev wan0 nodad")
+        # Per-namespace settings of the router namespace, not global ones.
+        r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+        for host, a4, a6, gw4, gw6 in ((self.lan1, LAN1_4, LAN1_6, ROUTER_LAN4, ROUTER_LAN6),
+                                       (self.lan2, LAN2_4, LAN2_6, ROUTER_LAN4, ROUTER_LAN6),
+                                       (self.wan, WAN_4, WAN_6, None, None)):
+            host.sh(f"ip addr add {a4}/24 dev eth0 && ip addr add {a6}/64 dev eth0 nodad")
+            if gw4:
+                host.sh(f"ip route add default via {gw4} && ip -6 route add default via {gw6}")
+            # Senders complete their own checksums (veth's CHECKSUM_PARTIAL
+            # does not survive an XDP redirect), and accept redirected frames
+            # (veth delivers XDP_REDIRECT only with GRO on or an XDP program).
+            host.sh("ethtool -K eth0 tx off gro on >/dev/null")
+        if not self.nat:
+            self.wan.sh(f"ip route add {LAN4}0/24 via {ROUTER_WAN4} && "
+                        f"ip -6 route add {LAN6}/64 via {ROUTER_WAN6}")
+        rules = NFT_RULES if self.nat else NFT_RULES.replace("masquerade", "accept")
+        r.sh("nft -f -", input=rules)
+        # Neighbours resolved up front so the first flows do not wait on ARP/ND.
+        for host, dst4, dst6 in ((self.lan1, ROUTER_LAN4, ROUTER_LAN6),
+                                 (self.lan2, ROUTER_LAN4, ROUTER_LAN6),
+                                 (self.wan, ROUTER_WAN4, ROUTER_WAN6)):
+            host.sh(f"ping -c1 -W2 {dst4} >/dev/null; ping -6 -c1 -W2 {dst6} >/dev/null",
+                    check=False)
+
+    def _veth(self, host: Host, host_dev: str, router_dev: str, master: str = "") -> None:
+        a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
+        _run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+        _run(["ip", "link", "set", a, "netns", host.name, "name", host_dev])
+        _run(["ip", "link", "set", b, "netns", self.router.name, "name", router_dev])
+        host.sh(f"ip link set {host_dev} up")
+        self.router.sh(f"ip link set {router_dev} up")
+        if master:
+            self.router.sh(f"ip link set {router_dev} master {master}")
+        self.router.sh(f"ethtool -K {router_dev} tx off gro on >/dev/null")
+
+    def down(self) -> None:
+        self.stop_agent()
+        for h in self.hosts:
+            pids = _run(["ip", "netns", "pids", h.name], check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _run(["ip", "netns", "del", h.name], check=False)
+
+    # -- the agent ------------------------------------------------------------------
+    def start_agent(self, hook: str = "xdp", extra: Sequence[str] = (),
+                    wait: float = 15.0) -> None:
+        argv = [sys.executable, "-m", "offloader.cli", "run", "-i", "br-lan", "-i", "wan0",
+                "--hook", hook, "-v", *extra]
+        self._agent_out = open(os.devnull, "w")  # noqa: SIM115 (closed in stop_agent)
+        self.agent_log_path = f"/tmp/ofl-{self.tag}-agent.log"
+        logf = open(self.agent_log_path, "w")  # noqa: SIM115
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self.agent = self.router.popen(*argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.agent.poll() is not None:
+                raise RuntimeError(f"agent exited: {self.read_agent_log()[-3000:]}")
+            if self.status(check=False) is not None:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"agent did not come up: {self.read_agent_log()[-3000:]}")
+
+    def read_agent_log(self) -> str:
+        try:
+            with open(self.agent_log_path) as f:
+                return f.read()
+        except (OSError, AttributeError):
+            return ""
+
+    def stop_agent(self, sig: int = signal.SIGTERM) -> None:
+        if self.agent is None:
+            return
+        if self.agent.poll() is None:
+            self.agent.send_signal(sig)
+            try:
+                self.agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait(timeout=5)
+        self.agent = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.run(self.router.argv(sys.executable, "-m", "offloader.cli", *args),
+                              capture_output=True, text=True, timeout=30, env=env)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ebpf-offloader {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def status(self, check: bool = True) -> dict[str, Any] | None:
+        proc = self.cli("status", "--json", check=check)
+        if proc.returncode != 0:
+            return None
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    def nft_counter(self, name: str) -> tuple[int, int]:
+        out = self.router.sh(f"nft -j list counter inet lab {name}").stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"]), int(item["counter"]["bytes"])
+        return 0, 0
+
+    # -- traffic -----------------------------------------------------------------------
+    def transfer(self, *, proto: str = "tcp", family: int = 4, size: int = 4_000_000,
+                 dnat: bool = False, timeout: float = 60.0, rate_pps: int = 0,
+                 sport: int = 0) -> dict[str, Any]:
+        """Send ``size`` random bytes from lan1 to the WAN host (or, with
+        ``dnat``, from the WAN host to lan1 through the port forward) and
+        return what arrived, with hashes."""
+        if dnat:
+            src, dst = self.wan, self.lan1
+            target = ROUTER_WAN4 if family == 4 else ROUTER_WAN6
+            port, listen = DNAT_PORT, 80
+        else:
+            src, dst = self.lan1, self.wan
+            target = WAN_4 if family == 4 else WAN_6
+            port, listen = 9000, 9000
+        return _transfer(src, dst, target, port, listen, proto, family, size, timeout,
+                         rate_pps, sport)
+
+
+# A tiny sender/receiver pair, run with the same Python inside the namespaces:
+# TCP streams the bytes; UDP sends numbered 1,000-byte datagrams at a bounded
+# rate and the receiver reports what arrived.
+_PEER = r"""
+import hashlib, os, socket, sys, time
+mode, proto, fam, host, port, size, rate, sport = sys.argv[1:9]
+fam = socket.AF_INET if fam == "4" else socket.AF_INET6
+port, size, rate, sport = int(port), int(size), int(rate), int(sport)
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+deadline = time.monotonic() + float(os.environ.get("PEER_TIMEOUT", "60"))
+if mode == "recv":
+    s = socket.socket(fam, kind); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
+    h = hashlib.sha256(); got = 0
+    print("ready", flush=True)
+    if proto == "tcp":
+        s.listen(1); c, _ = s.accept(); c.settimeout(30)
+        while time.monotonic() < deadline:
+            b = c.recv(1 << 16)
+            if not b: break
+            h.update(b); got += len(b)
+    else:
+        s.settimeout(3)
+        while got < size and time.monotonic() < deadline:
+            try: b, _ = s.recvfrom(2048)
+            except socket.timeout: break
+            h.update(b); got += len(b)
+    print(got, h.hexdigest(), flush=True)
+else:
+    data = os.urandom(size)
+    print(hashlib.sha256(data).hexdigest(), flush=True)
+    s = socket.socket(fam, kind)
+    if sport: s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", sport))
+    if proto == "tcp":
+        s.settimeout(30); s.connect((host, port))
+        view = memoryview(data); step = 1 << 14; i = 0
+        while i < len(data) and time.monotonic() < deadline:
+            s.sendall(view[i:i + step]); i += step
+            if rate: time.sleep(step / rate)
+        s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+    else:
+        gap = 1.0 / rate if rate else 0
+        for i in range(0, len(data), 1000):
+            if time.monotonic() > deadline: break
+            s.sendto(data[i:i + 1000], (host, port))
+            if gap: time.sleep(gap)
+"""
+
+
+def _transfer(src: Host, dst: Host, target: str, port: int, listen: int, proto: str, family: int,
+              size: int, timeout: float, rate: int, sport: int) -> dict[str, Any]:
+    env = dict(os.environ, PEER_TIMEOUT=str(timeout))
+    recv = dst.popen(sys.executable, "-c", _PEER, "recv", proto, str(family), "", str(listen),
+                     str(size), "0", "0", stdout=subprocess.PIPE, env=env)
+    try:
+        assert recv.stdout is not None
+        if recv.stdout.readline().strip() != "ready":
+            raise RuntimeError("receiver did not start")
+        if proto == "udp" and not rate:
+            rate = 20000
+        send = src.popen(sys.executable, "-c", _PEER, "send", proto, str(family), target, str(port),
+                         str(size), str(rate), str(sport), stdout=subprocess.PIPE, env=env)
+        start = time.monotonic()
+        sent_out, _ = send.communicate(timeout=timeout + 10)
+        elapsed = time.monotonic() - start
+        recv_out, _ = recv.communicate(timeout=timeout + 10)
+    finally:
+        for p in (recv,):
+            if p.poll() is None:
+                p.kill()
+    got, digest = recv_out.split()[-2:]
+    return {"sent_sha256": sent_out.split()[0], "received": int(got), "received_sha256": digest,
+            "intact": sent_out.split()[0] == digest, "seconds": elapsed, "size": size}
+
+
+@contextlib.contextmanager
+def lab_network(*, nat: bool = True, tag: str = "") -> Iterator[Topology]:
+    topo = Topology(nat=nat, tag=tag)
+    try:
+        topo.up()
+        yield topo
+    finally:
+        topo.down()
+
+
+def _iperf(topo: Topology, seconds: float, family: int = 4) -> float:
+    """TCP throughput lan1 -> WAN host in Gbit/s (iperf3)."""
+    server = topo.wan.popen("iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        target = WAN_4 if family == 4 else WAN_6
+        out = topo.lan1.sh(f"iperf3 -c {target} -t {seconds} -J", timeout=seconds + 30).stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        server.kill()
+        server.wait()
+
+
+def run_lab(*, seconds: float = 5.0, hook: str = "xdp") -> int:
+    """The README's main job: build the lab, move traffic without and with the
+    agent, show what was offloaded and the speed-up."""
+    if os.geteuid() != 0:
+        print("the lab needs root (network namespaces, BPF)", file=sys.stderr)
+        return 1
+    have_iperf = shutil.which("iperf3") is not None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with lab_network() as topo:
+            print("lab: lan1, lan2 on br-lan -- router (masquerade, DNAT :8080) -- wan")
+            base = _iperf(topo, seconds) if have_iperf else 0.0
+            print(f"kernel slow path: TCP lan1 -> wan {base:.2f} Gbit/s")
+            topo.start_agent(hook=hook)
+            results = []
+            for proto, family, dnat in (("tcp", 4, False), ("udp", 4, False), ("tcp", 6, False),
+                                        ("udp", 6, False), ("tcp", 4, True)):
+                r = topo.transfer(proto=proto, family=family, dnat=dnat, size=2_000_000)
+                label = f"{proto}/ipv{family}{' via DNAT :8080' if dnat else ''}"
+                results.append(r["intact"])
+                print(f"  {label:24s} {r['received']:>9d} bytes, intact: {r['intact']}")
+            fast = _iperf(topo, seconds) if have_iperf else 0.0
+            print()
+            print(topo.cli("status").stdout)
+            print(f"kernel slow path: {base:.2f} Gbit/s; offloaded ({hook}): {fast:.2f} Gbit/s"
+                  + (f"; ratio {fast / base:.2f}" if base else ""))
+            st = topo.status()
+            n = st["counts"]["offloaded"] if st else 0
+            print(f"{n} flows offloaded; every transfer intact: {all(results)}")
+            return 0 if all(results) and n else 1
+    except KeyboardInterrupt:
+        print("interrupted; lab removed", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
