@@ -96,6 +96,12 @@ def test_object_loads_on_61(loaded):
     print("loaded on", platform.release(), {n: p["type"] for n, p in progs.items()})
 
 
+def _nsenter(ns: str) -> list[str]:
+    # `ip -n`/`tc -n`/`ip netns exec` remount /sys, hiding the bpffs and its pins;
+    # nsenter --net keeps this mount namespace (NOTES: namespaces and the BPF fs)
+    return ["nsenter", f"--net=/run/netns/{ns}"]
+
+
 def _attach(topo, pin, progs) -> list[str]:
     """XDP on the router's WAN lowest device, TC on its LAN device. Returns what it did."""
     done = []
@@ -103,8 +109,8 @@ def _attach(topo, pin, progs) -> list[str]:
     for name, info in progs.items():
         path = str(pin / name)
         if info["type"] == "xdp":
-            ip_args = ["link", "set", "dev", topo.router_wan_lowest, "xdpdrv", "pinned", path]
-            sh(["ip", "-n", ns, *ip_args])
+            sh([*_nsenter(ns), "ip", "link", "set", "dev", topo.router_wan_lowest,
+                "xdpdrv", "pinned", path])
             link = ip_json(ns, "link", "show", "dev", topo.router_wan_lowest)[0]
             assert link.get("xdp", {}).get("prog", {}).get("id") == info["id"], link
             done.append(f"xdp {name} on {topo.router_wan_lowest}")
@@ -113,7 +119,7 @@ def _attach(topo, pin, progs) -> list[str]:
         path = str(pin / name)
         if info["type"] == "sched_cls":
             sh(["tc", "-n", ns, "qdisc", "add", "dev", topo.router_lan_if, "clsact"])
-            sh(["tc", "-n", ns, "filter", "add", "dev", topo.router_lan_if, "ingress",
+            sh([*_nsenter(ns), "tc", "filter", "add", "dev", topo.router_lan_if, "ingress",
                 "bpf", "direct-action", "object-pinned", path])
             out = sh(["tc", "-n", ns, "-j", "filter", "show", "dev", topo.router_lan_if,
                       "ingress"]).stdout

@@ -170,12 +170,16 @@ def _guest_script(module: Path, shared: Path, pytest_args: list[str]) -> str:
         f"--junitxml={shared / 'junit.xml'}",
         *pytest_args,
     ]
+    passed = "".join(
+        f"export {k}={shlex.quote(v)}\n" for k, v in sorted(os.environ.items())
+        if k.startswith("KERNEL_LANE_") and k not in ("KERNEL_LANE_GUEST", "KERNEL_LANE_SHARED")
+    )
     return f"""#!/bin/sh
 echo started > {shared}/started
 uname -r > {shared}/uname
 cd {shlex.quote(str(REPO))}
 export PYTHONDONTWRITEBYTECODE=1 KERNEL_LANE_GUEST=1 KERNEL_LANE_SHARED={shared}
-export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}
+{passed}export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}
 export PATH={shlex.quote(str(Path(py).parent))}:/usr/local/sbin:/usr/sbin:/sbin:$PATH
 {shlex.join(args)} > {shared}/pytest.log 2>&1
 rc=$?
