@@ -13,16 +13,17 @@ from .rig import Rig
 
 
 @pytest.fixture(scope="module")
-def loaded(bpf_object: Path) -> Iterator[Datapath]:
+def loaded(bpf_object: Path) -> Iterator[Rig]:
     dp = Datapath(str(bpf_object), max_flows=1024)
     try:
-        yield dp
+        r = Rig(dp)
+        yield r
+        r.close()
     finally:
         dp.close()
 
 
 @pytest.fixture
-def rig(loaded: Datapath) -> Rig:
-    r = Rig(loaded)
-    r.reset()
-    return r
+def rig(loaded: Rig) -> Rig:
+    loaded.reset()
+    return loaded

@@ -10,11 +10,12 @@ import ctypes
 import struct
 from dataclasses import dataclass
 
+from offloader.bpfobj import RingBuffer
 from offloader.datapath import Datapath, FlowKey, Verdict
 from offloader.errors import BpfError
 
 from . import model
-from .model import XDP, Flow, Outcome, World
+from .model import TC, XDP, Flow, Outcome, World
 
 LO = 1  # test_run runs on the loopback device, ifindex 1
 
@@ -86,9 +87,21 @@ class Rig:
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.world = World()
+        self.events: list[FlowKey] = []
+        self.ring = RingBuffer(dp.events, lambda raw: self.events.append(FlowKey.unpack(raw[:52])))
+
+    def close(self) -> None:
+        self.ring.close()
+
+    def take_events(self) -> list[FlowKey]:
+        """The new tuples announced on the ring buffer since the last call."""
+        self.ring.consume()
+        taken, self.events = self.events, []
+        return taken
 
     def reset(self, *, dsa_proto: int = model.DSA_NONE) -> None:
         dp = self.dp
+        self.take_events()  # a full ring would turn "new" into "new + event_drop"
         dp.flows.clear()
         dp.pending.clear()
         dp.configure(enabled=True, heartbeat_timeout=3600.0)
@@ -140,11 +153,28 @@ class Rig:
         return want, got
 
 
+def refused(hook: str, frame: bytes) -> bool:
+    """Frames BPF_PROG_TEST_RUN itself rejects (EINVAL) before any program
+    runs: under 14 bytes; for TC also an IPv4/IPv6 ethertype at byte 12 with
+    less than a whole IP header behind it (the kernel builds an skb socket
+    from it)."""
+    if len(frame) < 14:
+        return True
+    etype = int.from_bytes(frame[12:14], "big")
+    if hook == TC and etype == model.ETH_P_IP:
+        return len(frame) < 14 + 20
+    if hook == TC and etype == model.ETH_P_IPV6:
+        return len(frame) < 14 + 40
+    return False
+
+
 def run_or_einval(rig: Rig, hook: str, frame: bytes) -> Result | None:
-    """Frames below 14 bytes never reach a program: test_run refuses them."""
+    """Run ``frame``; None when test_run refuses it, as :func:`refused` predicts."""
     try:
-        return rig.run(hook, frame)
+        result = rig.run(hook, frame)
     except BpfError as exc:
-        if len(frame) < 14 and exc.errno == 22:
+        if refused(hook, frame) and exc.errno == 22:
             return None
         raise
+    assert not refused(hook, frame), f"{hook}: test_run took a {len(frame)}-byte frame"
+    return result
