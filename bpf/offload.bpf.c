@@ -39,6 +39,10 @@
 #define PPPOE_HLEN 8 /* ver/type, code, session, length, PPP protocol */
 #define MTK_HLEN 4
 #define QCA_HLEN 2
+/* TCP flags in byte 13 of the header (uapi TCP_FLAG_* are __be32 words). */
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
 #define IP_MF_OFFSET 0x3fff /* MF flag and fragment offset */
 /* Longest L2 header we write: MACs, mtk tag, two VLAN tags, ethertype, PPPoE. */
 #define L2_MAX (12 + MTK_HLEN + 8 + 2 + PPPOE_HLEN)
@@ -301,16 +305,16 @@ static __always_inline struct ofl_flow *ofl_decide(struct ofl_pkt *p, __u32 seg_
 		ofl_count(OFL_STAT_PASS_VERDICT);
 		return NULL;
 	}
-	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_SYN) >> 16) {
+	if (p->tcp_flags & (TH_FIN | TH_SYN | TH_RST)) {
 		__u32 seen = 0;
 
-		if (p->tcp_flags & (TCP_FLAG_FIN >> 16))
+		if (p->tcp_flags & TH_FIN)
 			seen |= OFL_SEEN_FIN;
-		if (p->tcp_flags & (TCP_FLAG_RST >> 16))
+		if (p->tcp_flags & TH_RST)
 			seen |= OFL_SEEN_RST;
-		if (p->tcp_flags & (TCP_FLAG_SYN >> 16))
+		if (p->tcp_flags & TH_SYN)
 			seen |= OFL_SEEN_SYN;
-		__sync_fetch_and_or(&flow->seen, seen);
+		flow->seen |= seen; /* a lost race only delays: the next FIN/RST sets it again */
 		ofl_count(OFL_STAT_PASS_TCP_FLAGS);
 		return NULL;
 	}

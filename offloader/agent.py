@@ -142,6 +142,9 @@ class Agent:
         self.waiting: dict[bytes, dict[FlowKey, int]] = {}
         self.zones: dict[bytes, int] = {}  # wire tuple id -> conntrack zone, from events
         self.dead: set[bytes] = set()  # wire tuple ids conntrack destroyed
+        # Connections handed back by `flush` (a firewall reload): the kernel
+        # keeps them until they end, since only its rules may judge them now.
+        self.held: set[bytes] = set()
         self.nexthops: dict[tuple[int, Any], bytes] = {}  # (l3 oif, hop) -> MAC in use
         self.counters = Counters()
         self.latencies: deque[float] = deque(maxlen=100_000)  # first packet to offloaded, ms
@@ -343,6 +346,8 @@ class Agent:
                 self.zones.pop(reply, None)
                 self.dead.add(orig)
                 self.dead.add(reply)
+                self.held.discard(orig)
+                self.held.discard(reply)
                 self.waiting.pop(orig, None)
                 self.waiting.pop(reply, None)
                 continue
@@ -372,6 +377,8 @@ class Agent:
             if found is None:
                 return "wait"
         entry, is_reply = found
+        if tid in self.held:
+            return self._pass(key, tid, "handed back by flush")
         why = offloadable(entry, offload_udp=self.settings.offload_udp)
         if why == "wait":
             return "wait"
@@ -569,8 +576,14 @@ class Agent:
             self.counters.teardown(reason, n)
         return n
 
-    def flush(self, reason: str = "flush") -> int:
-        """Hand every flow back to the kernel; they are decided afresh."""
+    def flush(self, reason: str = "flush", hold: bool = False) -> int:
+        """Hand every flow back to the kernel; they are decided afresh. With
+        ``hold`` (the flush command, run on firewall reload) the connections
+        that were offloaded stay with the kernel until they end, so that new
+        rules apply to them."""
+        if hold:
+            off = self.off
+            self.held.update(off.wire(k) for k in self.dp.flows.keys())
         n = self.dp.flows.clear()
         self.dp.pending.clear()
         self.waiting.clear()
@@ -599,7 +612,7 @@ class Agent:
         if cmd == "status":
             return self.status(limit=int(req.get("limit") or 0))
         if cmd == "flush":
-            return {"flushed": self.flush("flush command")}
+            return {"flushed": self.flush("flush command", hold=True)}
         raise OffloadError(f"unknown command {cmd!r}")
 
     def status(self, limit: int = 0) -> dict[str, Any]:
