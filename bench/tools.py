@@ -57,6 +57,16 @@ def cpu_busy_s(cpu: int) -> float:
     raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
 
+def thread_run_s(pids: list[int]) -> float:
+    """CPU time the given threads ran (schedstat, ns resolution)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
+
+
 def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
