@@ -133,7 +133,7 @@ class Conntrack:
     def get(self, t: Tuple5, zone: int = 0) -> tuple[CtEntry, bool] | None:
         """The entry ``t`` belongs to, and True when ``t`` is its reply direction."""
         kw: dict[str, Any] = {"zone": zone} if zone else {}
-        for reply, arg in ((False, "tuple_orig"), (True, "tuple_reply")):
+        for arg in ("tuple_orig", "tuple_reply"):
             try:
                 msgs = self._sock(t.family).entry("get", **{arg: t.attr()}, **kw)
             except NetlinkError as exc:
@@ -143,7 +143,9 @@ class Conntrack:
             for msg in msgs:
                 entry = parse_entry(msg)
                 if entry is not None:
-                    return entry, reply
+                    # The kernel finds an entry by either direction's tuple,
+                    # whichever attribute carried it: compare to tell.
+                    return entry, entry.orig != t
         return None
 
     def refresh(self, t: Tuple5, reply: bool, zone: int, timeout: int) -> bool:

@@ -131,6 +131,24 @@ class Topology:
                                  (self.wan, ROUTER_WAN4, ROUTER_WAN6)):
             host.sh(f"ping -c1 -W2 {dst4} >/dev/null; ping -6 -c1 -W2 {dst6} >/dev/null",
                     check=False)
+        for dst4, dst6 in ((LAN1_4, LAN1_6), (LAN2_4, LAN2_6), (WAN_4, WAN_6)):
+            self.router.sh(f"ping -c1 -W2 {dst4} >/dev/null; ping -6 -c1 -W2 {dst6} >/dev/null",
+                           check=False)
+        # IPv6 addresses finish duplicate address detection of their
+        # link-local peers a moment later; wait (bounded) until the router
+        # knows every host, or the first packets queue on an unresolved neighbour.
+        hosts = (LAN1_4, LAN1_6, LAN2_4, LAN2_6, WAN_4, WAN_6)
+        for _ in range(30):
+            table = self.router.sh("ip neigh show; ip -6 neigh show").stdout
+            known = {line.split()[0] for line in table.splitlines()
+                     if "lladdr" in line and "FAILED" not in line}
+            if all(h in known for h in hosts):
+                break
+            for h in hosts:
+                if h not in known:
+                    flag = "-6 " if ":" in h else ""
+                    self.router.sh(f"ping {flag}-c1 -W1 {h} >/dev/null", check=False)
+            time.sleep(0.1)
 
     def _veth(self, host: Host, host_dev: str, router_dev: str, master: str = "") -> None:
         a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
