@@ -583,7 +583,7 @@ class Agent:
         rules apply to them."""
         if hold:
             off = self.off
-            self.held.update(off.wire(k) for k in self.dp.flows.keys())
+            self.held.update(off.wire(k) for k in self.dp.flows.keys())  # noqa: SIM118 (a BPF map)
         n = self.dp.flows.clear()
         self.dp.pending.clear()
         self.waiting.clear()
@@ -622,7 +622,7 @@ class Agent:
         flows: list[dict[str, Any]] = []
         for e in self.dp.flow_entries():
             row = _flow_row(e.key, "offloaded" if e.state == offload_state else "passed",
-                            e.packets, e.bytes, names)
+                            e.packets, e.nbytes, names)
             row["last_seen_s"] = round((now_ns - e.last_seen_ns) / 1e9, 3) if e.last_seen_ns else None
             if e.state == offload_state:
                 row["out_dev"] = names.get(e.oif) or self._name(e.oif)

@@ -20,7 +20,6 @@ from ctypes import (
     c_char_p,
     c_int,
     c_size_t,
-
     c_uint32,
     c_void_p,
 )
@@ -108,7 +107,7 @@ class _Libbpf:
             raise BpfError(f"cannot load libbpf ({name}): install libbpf1") from exc
         self.libc = ctypes.CDLL(None)
         lib = self.lib
-        vp, ip, sz = c_void_p, c_int, c_size_t
+        vp, ip = c_void_p, c_int
         _sig(lib, "bpf_object__open_file", vp, c_char_p, vp)
         _sig(lib, "bpf_object__load", ip, vp)
         _sig(lib, "bpf_object__close", None, vp)
@@ -156,7 +155,7 @@ class _Libbpf:
         self.messages.append(text)
         del self.messages[:-2000]  # a verifier log can be long; keep its tail
         log.debug("libbpf: %s", text.rstrip())
-        return n
+        return int(n)
 
     def take_messages(self) -> str:
         text = "".join(self.messages)
@@ -398,7 +397,7 @@ class RingBuffer:
 
     def _on_sample(self, _ctx: int | None, data: int | None, size: int) -> int:
         try:
-            self._callback(ctypes.string_at(data, size))
+            self._callback(ctypes.string_at(data or 0, size))
         except Exception as exc:  # an exception must not cross into C
             self.error = exc
             return -1
@@ -499,7 +498,7 @@ def is_bpffs(path: Path) -> bool:
     st = _Statfs()
     if libc.statfs(str(path).encode(), ctypes.byref(st)) != 0:
         return False
-    return (st.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+    return bool((st.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)
 
 
 __all__ = [

@@ -207,7 +207,7 @@ class FlowEntry:
     key: FlowKey
     state: int
     packets: int
-    bytes: int
+    nbytes: int
     last_seen_ns: int
     seen: int
     oif: int

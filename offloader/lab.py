@@ -142,12 +142,12 @@ class Topology:
             table = self.router.sh("ip neigh show; ip -6 neigh show").stdout
             known = {line.split()[0] for line in table.splitlines()
                      if "lladdr" in line and "FAILED" not in line}
-            if all(h in known for h in hosts):
+            if all(addr in known for addr in hosts):
                 break
-            for h in hosts:
-                if h not in known:
-                    flag = "-6 " if ":" in h else ""
-                    self.router.sh(f"ping {flag}-c1 -W1 {h} >/dev/null", check=False)
+            for addr in hosts:
+                if addr not in known:
+                    flag = "-6 " if ":" in addr else ""
+                    self.router.sh(f"ping {flag}-c1 -W1 {addr} >/dev/null", check=False)
             time.sleep(0.1)
 
     def _veth(self, host: Host, host_dev: str, router_dev: str, master: str = "") -> None:

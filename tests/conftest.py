@@ -14,10 +14,10 @@ OBJECT = ROOT / "build" / "offload.bpf.o"
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     # With CI=true a skipped test is a failure: tests that need root, BPF or
     # namespaces must run there, never vanish silently.
-    if os.environ.get("CI") == "true" and report.skipped and report.when in ("setup", "call"):
-        if not hasattr(report, "wasxfail"):
-            report.outcome = "failed"
-            report.longrepr = f"skipped under CI=true: {report.longrepr}"
+    if (os.environ.get("CI") == "true" and report.skipped and report.when in ("setup", "call")
+            and not hasattr(report, "wasxfail")):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true: {report.longrepr}"
 
 
 def need_root() -> None:
