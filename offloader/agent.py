@@ -169,11 +169,13 @@ class Agent:
         if not names:
             raise OffloadError("no interfaces to offload on: give -i IFACE or set "
                                "`list interfaces` in the configuration")
-        wanted = {link.index: link for link in attach_points(self.resolver, names)}
+        wanted = {link.index: (link, dsa) for link, dsa in attach_points(self.resolver, names)}
         for index in list(self.attached):
             if index not in wanted:
                 self._detach(index)
-        for index, link in wanted.items():
+        for index, (link, dsa) in wanted.items():
+            if dsa:
+                self.dp.set_iface(index, dsa)
             if index not in self.attached:
                 self.attached[index] = Attached(link, self._attach(link))
                 self.dp.add_tx_port(index)
@@ -534,7 +536,7 @@ class Agent:
 
     def _on_link(self, msg: Any, deleted: bool) -> bool:
         index = msg["index"]
-        cached = self.resolver._links.get(index)
+        cached = self.resolver.cached_link(index)
         if deleted and index in self.attached:
             self.attached.pop(index)
         if cached is None:

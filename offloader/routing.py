@@ -18,18 +18,23 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .datapath import FlowKey, L2Header
+from . import pppoe
+from .datapath import DSA_PROTOS, FlowKey, L2Header
 from .errors import ResolveError
 
 log = logging.getLogger(__name__)
 
 RTN_UNICAST = 1
+ARPHRD_PPP = 512
+ETH_P_8021Q = 0x8100
+SYSFS_NET = Path("/sys/class/net")
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 NTF_MASTER = 0x04
 RTMGRP_LINK = 0x1
@@ -60,11 +65,20 @@ class Link:
     mac: bytes
     mtu: int
     up: bool
-    link: int  # IFLA_LINK: lower device of a VLAN, 0 if none
+    link: int  # IFLA_LINK: lower device of a VLAN or DSA user port, 0 if none
+    ifi_type: int = 1  # ARPHRD_*: 1 Ethernet, 512 PPP
+    vlan_id: int = 0  # a VLAN device's id
+    vlan_proto: int = 0  # a VLAN device's TPID (0x8100, 0x88a8)
+    vlan_filtering: bool = False  # a bridge that filters by VLAN
+    pvid: int = 0  # a VLAN-filtering bridge's own (untagged) VLAN
+
+    @property
+    def is_ppp(self) -> bool:
+        return self.ifi_type == ARPHRD_PPP
 
 
 @dataclass(frozen=True, slots=True)
-class Path:
+class Egress:
     """A resolved egress: the lowest device, the L2 header, the path MTU, and
     what it depends on (for invalidation)."""
 
@@ -82,21 +96,24 @@ class Ingress:
     l3_iif: int
 
 
-# Plug-ins for lower layers: given the L3 output device and the L2 header built
-# so far, return (lower device, header) one level down, or None if not theirs.
+# A lower step takes the device reached so far and the L2 header built so far
+# and returns the device one level down with the header it adds, or None when
+# the device is not of its kind. Order: bridge, VLAN, PPPoE, DSA.
 LowerStep = Callable[["Resolver", Link, L2Header], "tuple[Link, L2Header] | None"]
-# Given a key (lowest device plus tags), return the L3 ingress device, or None.
-IngressStep = Callable[["Resolver", FlowKey], "int | None"]
 
 
 class Resolver:
-    def __init__(self, ipr: IPRoute | None = None) -> None:
+    def __init__(self, ipr: IPRoute | None = None, *, sysfs: Path = SYSFS_NET,
+                 pppoe_proc: Path = pppoe.PROC, pppoe_run: Path = pppoe.RUN_DIR) -> None:
         self.ipr = ipr or IPRoute()
+        self.sysfs = sysfs
+        self.pppoe_proc = pppoe_proc
+        self.pppoe_run = pppoe_run
         self._links: dict[int, Link] = {}
+        self._all: list[Link] | None = None
         self._routes: dict[tuple[Any, ...], tuple[int, IPAddress]] = {}
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
-        self.lower_steps: list[LowerStep] = [_bridge_step]
-        self.ingress_steps: list[IngressStep] = [_bridge_ingress]
+        self.lower_steps: list[LowerStep] = [_bridge_step, _vlan_step, _pppoe_step, _dsa_step]
 
     # -- caches ----------------------------------------------------------------
     def link(self, index: int) -> Link:
@@ -109,17 +126,22 @@ class Resolver:
         return self._links[index]
 
     def link_by_name(self, name: str) -> Link:
-        found = self.ipr.link_lookup(ifname=name)
-        if not found:
-            raise ResolveError(f"no device named {name}")
-        return self.link(found[0])
+        for dev in self.links():
+            if dev.name == name:
+                return dev
+        raise ResolveError(f"no device named {name}")
 
     def links(self) -> list[Link]:
-        return [_link_from(m) for m in self.ipr.get_links()]
+        if self._all is None:
+            self._all = [_link_from(m) for m in self.ipr.get_links()]
+            for dev in self._all:
+                self._links.setdefault(dev.index, dev)
+        return self._all
 
     def forget(self, *, links: bool = False, routes: bool = False, neigh: bool = False) -> None:
         if links:
             self._links.clear()
+            self._all = None
         if routes:
             self._routes.clear()
         if neigh:
@@ -128,14 +150,69 @@ class Resolver:
     def forget_neigh(self, ifindex: int, addr: IPAddress) -> None:
         self._neigh.pop((ifindex, addr), None)
 
-    # -- the walk ----------------------------------------------------------------
-    def ingress(self, key: FlowKey) -> Ingress:
-        for step in self.ingress_steps:
-            found = step(self, key)
-            if found is not None:
-                return Ingress(found)
-        return Ingress(key.ifindex)
+    def cached_link(self, index: int) -> Link | None:
+        return self._links.get(index)
 
+    # -- sysfs facts (DSA) -----------------------------------------------------------
+    def dsa_tagging(self, conduit: Link) -> int:
+        """The DSA tag protocol a conduit's frames carry (0 if not a conduit or
+        a protocol the datapath does not parse)."""
+        try:
+            name = (self.sysfs / conduit.name / "dsa" / "tagging").read_text().strip()
+        except OSError:
+            return 0
+        return DSA_PROTOS.get(name, -1)
+
+    def dsa_port(self, dev: Link) -> int | None:
+        """The switch port of a DSA user port (phys_port_name "p<N>")."""
+        try:
+            text = (self.sysfs / dev.name / "phys_port_name").read_text().strip()
+        except OSError:
+            return None
+        if text.startswith("p") and text[1:].isdigit():
+            return int(text[1:])
+        return None
+
+    # -- the walk up (ingress) ----------------------------------------------------------
+    def ingress(self, key: FlowKey) -> Ingress:
+        """The L3 device a frame with ``key``'s ingress attributes reaches:
+        lowest device -> DSA user port -> VLAN device(s) -> ppp -> bridge."""
+        dev = self.link(key.ifindex)
+        if key.dsa_port != 0xFF:
+            users = [d for d in self.links() if d.link == dev.index and d.index != dev.index
+                     and self.dsa_port(d) == key.dsa_port]
+            if not users:
+                raise ResolveError(f"no DSA user port {key.dsa_port} on {dev.name}")
+            dev = users[0]
+        for vid in (key.vlan_outer, key.vlan_inner):
+            if not vid:
+                continue
+            if dev.master and self.link(dev.master).vlan_filtering:
+                break  # the bridge takes the tag; its VLAN device is the L3 one
+            uppers = [d for d in self.links() if d.kind == "vlan" and d.link == dev.index
+                      and d.vlan_id == vid]
+            if not uppers:
+                raise ResolveError(f"no VLAN {vid} device on {dev.name}")
+            dev = uppers[0]
+        if key.pppoe_sid:
+            names = [d.name for d in self.links() if d.is_ppp]
+            name = pppoe.ppp_of(key.pppoe_sid, dev.name, names, self.pppoe_proc, self.pppoe_run)
+            if name is None:
+                raise ResolveError(f"no ppp device for PPPoE session {key.pppoe_sid} on {dev.name}")
+            dev = self.link_by_name(name)
+        if dev.master:
+            master = self.link(dev.master)
+            if master.kind == "bridge":
+                dev = master
+                vid = key.vlan_outer or master.pvid
+                if master.vlan_filtering and vid:
+                    uppers = [d for d in self.links() if d.kind == "vlan"
+                              and d.link == master.index and d.vlan_id == vid]
+                    if uppers:
+                        dev = uppers[0]
+        return Ingress(dev.index)
+
+    # -- the walk down (egress) ------------------------------------------------------------
     def route(self, iif: int, key: FlowKey, dst: IPAddress) -> tuple[int, IPAddress]:
         """(output ifindex, next hop address) as the kernel's input route
         lookup gives them for this packet."""
@@ -177,10 +254,11 @@ class Resolver:
                 return value
         raise NotYet(f"neighbour {hop} unresolved")
 
-    def fdb_port(self, bridge: int, mac: bytes) -> int:
+    def fdb_port(self, bridge: int, mac: bytes, vlan: int = 0) -> int:
         lladdr = ":".join(f"{b:02x}" for b in mac)
+        kw: dict[str, Any] = {"vlan": vlan} if vlan else {}
         try:
-            msgs = self.ipr.fdb("get", lladdr=lladdr, master=bridge)
+            msgs = self.ipr.fdb("get", lladdr=lladdr, master=bridge, **kw)
         except NetlinkError as exc:
             raise NotYet(f"{lladdr} not in the FDB of ifindex {bridge}") from exc
         for m in msgs:
@@ -189,28 +267,50 @@ class Resolver:
                 return int(port)
         raise NotYet(f"{lladdr} not in the FDB of ifindex {bridge}")
 
-    def resolve(self, key: FlowKey, dst: IPAddress) -> Path:
+    def port_vlan_untagged(self, port: int, vid: int) -> bool:
+        """Whether a VLAN-filtering bridge port sends ``vid`` untagged."""
+        try:
+            msgs = self.ipr.get_vlans(index=port)
+        except NetlinkError:
+            return True
+        for m in msgs:
+            if m.get("index") != port:
+                continue
+            spec = m.get("IFLA_AF_SPEC")
+            for name, info in (spec["attrs"] if spec else []):
+                if name == "IFLA_BRIDGE_VLAN_INFO" and info.get("vid") == vid:
+                    return bool(info.get("flags", 0) & 0x4)  # BRIDGE_VLAN_INFO_UNTAGGED
+        return True
+
+    def resolve(self, key: FlowKey, dst: IPAddress) -> Egress:
         """Where a packet of ``key`` goes once its destination is ``dst``."""
         ingress = self.ingress(key)
         l3_oif, hop = self.route(ingress.l3_iif, key, dst)
         l3 = self.link(l3_oif)
         if not l3.up:
             raise ResolveError(f"{l3.name} is down")
-        dmac = self.neighbour(l3_oif, hop)
-        header = L2Header(dmac=dmac, smac=l3.mac)
+        if l3.is_ppp:  # point to point: the PPPoE step finds the peer's MAC
+            header = L2Header(dmac=b"\0" * 6, smac=b"\0" * 6)
+        else:
+            header = L2Header(dmac=self.neighbour(l3_oif, hop), smac=l3.mac)
         dev = l3
-        for _ in range(8):  # bounded: bridge over VLAN over DSA is three levels
+        mtu = l3.mtu
+        for _ in range(8):  # bounded: bridge, two VLANs, PPPoE, DSA at most
             for step in self.lower_steps:
                 lower = step(self, dev, header)
                 if lower is not None:
                     dev, header = lower
+                    mtu = min(mtu, dev.mtu - (8 if header.pppoe_sid and not dev.is_ppp else 0))
                     break
             else:
                 break
         if not dev.up:
             raise ResolveError(f"{dev.name} is down")
-        mtu = min(l3.mtu, dev.mtu - header.overhead())
-        return Path(oif=dev.index, l2=header, mtu=mtu, l3_oif=l3_oif, nexthop=hop)
+        if dev.is_ppp:
+            raise ResolveError(f"cannot tell which PPPoE session {dev.name} carries")
+        # VLAN tags and DSA tags do not lower the MTU: Linux lets a VLAN device
+        # have its lower device's MTU, and the DSA core enlarges the conduit's.
+        return Egress(oif=dev.index, l2=header, mtu=mtu, l3_oif=l3_oif, nexthop=hop)
 
     def close(self) -> None:
         self.ipr.close()
@@ -219,6 +319,14 @@ class Resolver:
 def _link_from(msg: Any) -> Link:
     mac = msg.get("IFLA_ADDRESS") or "00:00:00:00:00:00"
     kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or ""
+    data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    vlan_id = vlan_proto = 0
+    filtering = False
+    if data is not None and kind == "vlan":
+        vlan_id = int(data.get("IFLA_VLAN_ID") or 0)
+        vlan_proto = int(data.get("IFLA_VLAN_PROTOCOL") or ETH_P_8021Q)
+    if data is not None and kind == "bridge":
+        filtering = bool(data.get("IFLA_BR_VLAN_FILTERING") or 0)
     return Link(
         index=msg["index"],
         name=msg.get("IFLA_IFNAME") or "",
@@ -227,43 +335,97 @@ def _link_from(msg: Any) -> Link:
         mac=bytes.fromhex(mac.replace(":", "")) if len(mac) == 17 else b"\0" * 6,
         mtu=msg.get("IFLA_MTU") or 1500,
         up=bool(msg["flags"] & 1),
-        link=msg.get("IFLA_LINK") or 0,
+        # A veth's IFLA_LINK names its peer, in another namespace when
+        # IFLA_LINK_NETNSID is there: not a lower device of ours.
+        link=0 if msg.get("IFLA_LINK_NETNSID") is not None or kind == "veth"
+        else (msg.get("IFLA_LINK") or 0),
+        ifi_type=int(msg.get("ifi_type") or 1),
+        vlan_id=vlan_id,
+        vlan_proto=vlan_proto,
+        vlan_filtering=filtering,
+        pvid=int(data.get("IFLA_BR_VLAN_DEFAULT_PVID") or 0) if filtering and data else 0,
     )
 
 
 def _bridge_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A bridge sends to the port its FDB has the destination MAC on."""
+    """A bridge sends to the port its FDB has the destination MAC on; a
+    VLAN-filtering bridge tags the frame unless the port sends the VLAN untagged."""
+    if dev.kind == "vlan" and dev.link:
+        lower = res.link(dev.link)
+        if lower.kind == "bridge" and lower.vlan_filtering:
+            port = res.link(res.fdb_port(lower.index, header.dmac, dev.vlan_id))
+            if not res.port_vlan_untagged(port.index, dev.vlan_id):
+                header = replace(header, vlans=((dev.vlan_proto, dev.vlan_id), *header.vlans))
+            return port, header
     if dev.kind != "bridge":
         return None
-    port = res.fdb_port(dev.index, header.dmac)
-    return res.link(port), header
+    vid = dev.pvid if dev.vlan_filtering else 0
+    port = res.link(res.fdb_port(dev.index, header.dmac, vid))
+    if vid and not res.port_vlan_untagged(port.index, vid):
+        header = replace(header, vlans=((ETH_P_8021Q, vid), *header.vlans))
+    return port, header
 
 
-def _bridge_ingress(res: Resolver, key: FlowKey) -> int | None:
-    """A frame received on a bridge port enters L3 on the bridge."""
-    if key.vlan_outer or key.pppoe_sid:
+def _vlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
+    """A VLAN device adds its tag outside the ones added above it."""
+    if dev.kind != "vlan" or not dev.link:
         return None
-    dev = res.link(key.ifindex)
-    if dev.master:
-        master = res.link(dev.master)
-        if master.kind == "bridge":
-            return master.index
-    return None
+    if len(header.vlans) >= 2:
+        raise ResolveError(f"{dev.name}: more than two VLAN tags")
+    tag = (dev.vlan_proto or ETH_P_8021Q, dev.vlan_id)
+    return res.link(dev.link), replace(header, vlans=(tag, *header.vlans))
 
 
-def attach_points(res: Resolver, names: list[str]) -> list[Link]:
-    """The lowest devices under the interfaces the user named: a bridge's
-    ports, or the device itself."""
-    out: dict[int, Link] = {}
-    all_links = res.links()
-    for name in names:
-        dev = res.link_by_name(name)
+def _pppoe_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
+    """A ppp device of a PPPoE session: session id, peer MAC, Ethernet device."""
+    if not dev.is_ppp:
+        return None
+    session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
+    if session is None:
+        raise ResolveError(f"cannot tell which PPPoE session {dev.name} carries")
+    eth = res.link_by_name(session.device)
+    return eth, replace(header, dmac=session.peer, smac=eth.mac, pppoe_sid=session.sid)
+
+
+def _dsa_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
+    """A DSA user port sends through its conduit with the switch's tag."""
+    if not dev.link or dev.link == dev.index or header.dsa_proto or dev.kind not in ("", "dsa"):
+        return None
+    conduit = res.link(dev.link)
+    proto = res.dsa_tagging(conduit)
+    if proto == 0:
+        return None
+    port = res.dsa_port(dev)
+    if proto < 0 or port is None:
+        raise ResolveError(f"{dev.name}: DSA tag protocol not supported by the datapath")
+    return conduit, replace(header, dsa_proto=proto, dsa_port=port)
+
+
+def attach_points(res: Resolver, names: list[str]) -> list[tuple[Link, int]]:
+    """The lowest devices under the interfaces the user named, each with the
+    DSA tag protocol its frames carry: bridge -> ports, VLAN -> lower device,
+    ppp -> the PPPoE session's Ethernet device, DSA user port -> conduit."""
+    out: dict[int, tuple[Link, int]] = {}
+    todo = [res.link_by_name(n) for n in names]
+    for _ in range(64):  # bounded walk
+        if not todo:
+            break
+        dev = todo.pop()
         if dev.kind == "bridge":
-            for port in all_links:
-                if port.master == dev.index:
-                    out[port.index] = port
+            todo.extend(p for p in res.links() if p.master == dev.index)
+        elif dev.kind == "vlan" and dev.link:
+            todo.append(res.link(dev.link))
+        elif dev.is_ppp:
+            session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
+            if session is None:
+                raise ResolveError(f"cannot tell which Ethernet device {dev.name} runs on")
+            todo.append(res.link_by_name(session.device))
+        elif (dev.kind in ("", "dsa") and dev.link and dev.link != dev.index
+              and res.dsa_tagging(res.link(dev.link))):
+            conduit = res.link(dev.link)
+            out[conduit.index] = (conduit, max(0, res.dsa_tagging(conduit)))
         else:
-            out[dev.index] = dev
+            out.setdefault(dev.index, (dev, 0))
     return list(out.values())
 
 
