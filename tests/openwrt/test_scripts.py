@@ -380,3 +380,15 @@ def test_rpcd_acl_grants_status() -> None:
     acl = json.loads((FILES / "ebpf-offloader.acl.json").read_text())
     (entry,) = acl.values()
     assert entry["read"]["ubus"] == {"ebpf-offloader": ["status"]}
+
+
+def test_ppp_hooks_record_and_forget_the_peer(tmp_path: Path) -> None:
+    """The ip-up hook writes the peer MAC pppd exports under the ppp device's
+    name; ip-down removes it (run with dash, as pppd would run it)."""
+    env = {"PATH": "/usr/bin:/bin", "EBPF_OFFLOADER_RUN_DIR": str(tmp_path / "ppp"),
+           "MACREMOTE": "cc:00:00:00:00:01"}
+    up, down = FILES / "ebpf-offloader.ppp-up", FILES / "ebpf-offloader.ppp-down"
+    subprocess.run(["sh", str(up), "pppoe-wan", "eth1", "0"], env=env, check=True)
+    assert (tmp_path / "ppp" / "pppoe-wan").read_text() == "cc:00:00:00:00:01\n"
+    subprocess.run(["sh", str(down), "pppoe-wan"], env=env, check=True)
+    assert not (tmp_path / "ppp" / "pppoe-wan").exists()
