@@ -21,7 +21,13 @@ import sys
 import time
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, Settings, format_settings, load_settings
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    apply_overrides,
+    format_settings,
+    load_settings,
+)
 from .errors import AgentNotRunning, ConfigError, ObjectLoadError, OffloadError
 
 log = logging.getLogger("offloader")
@@ -42,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="offload on this interface (repeatable; overrides the configuration)")
     run.add_argument("--hook", choices=HOOKS, help="where the datapath attaches (default: auto)")
     run.add_argument("--object", metavar="PATH", help="BPF object to load")
+    run.add_argument("-o", "--option", action="append", default=[], metavar="OPTION=VALUE",
+                     help="set any configuration option (repeatable), e.g. -o max_flows=131072 "
+                          "-o exclude_src=198.18.5.0/24")
     run.add_argument("-v", "--verbose", action="store_true", help="log every offload and teardown")
     run.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
 
@@ -56,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="check a configuration and print the effective settings")
     cf.add_argument("-c", "--config", metavar="FILE")
     cf.add_argument("--json", action="store_true")
+    cf.add_argument("-o", "--option", action="append", default=[], metavar="OPTION=VALUE",
+                    help="as for run: check the settings with these applied")
 
     lab = sub.add_parser("lab", help="run the built-in lab (namespaces, traffic, status, speed-up)")
     lab.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = apply_overrides(load_settings(args.config), args.option)
     if args.json:
         print(json.dumps(settings.to_dict(), indent=2))
     else:
@@ -137,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["interfaces"] = tuple(args.interface)
     if overrides:
         settings = dataclasses.replace(settings, **overrides)
+    settings = apply_overrides(settings, args.option)
     _setup_logging(settings.log_level, args.verbose, args.syslog)
     run_agent(settings, interfaces=list(settings.interfaces), hook=settings.hook,
               object_path=settings.object, settings_path=args.config)

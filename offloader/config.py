@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from offloader.errors import ConfigError
@@ -602,3 +602,33 @@ def zone_networks(
         for section in matches:
             networks.extend(section.values("network"))
     return _unique(networks)
+
+
+def apply_overrides(settings: Settings, pairs: Iterable[str]) -> Settings:
+    """Settings with ``option=value`` pairs from the command line applied,
+    converted and checked like the file's options. A list option given more
+    than once collects its values; given at all, it replaces the file's list."""
+    singles: dict[str, object] = {}
+    lists: dict[str, list[object]] = {}
+    for pair in pairs:
+        option, sep, text = pair.partition("=")
+        option = option.strip()
+        if not sep:
+            raise ConfigError("expected OPTION=VALUE", file="command line", option=option)
+        try:
+            if option in _SINGLE_OPTIONS:
+                singles[option] = _SINGLE_OPTIONS[option](text)
+            elif option in _LIST_OPTIONS:
+                lists.setdefault(option, []).extend(
+                    _LIST_OPTIONS[option](v) for v in text.split() if v)
+            else:
+                raise ValueError("unknown option")
+        except ValueError as exc:
+            raise ConfigError(str(exc), file="command line", option=option) from None
+    changes: dict[str, object] = dict(singles)
+    for option, values in lists.items():
+        changes["exclude_zones" if option == "exclude_zone" else option] = tuple(values)
+    try:
+        return replace(settings, **changes)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, file="command line", option=exc.option) from None

@@ -27,7 +27,7 @@ class ConfigError(OffloadError):
         self.line = line
         self.option = option
         self.reason = message
-        where = f"{file}:{line}: " if file else ""
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
         what = f"{option}: " if option else ""
         super().__init__(f"{where}{what}{message}")
 
