@@ -298,15 +298,19 @@ class Agent:
             self.stop = True
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration file and re-attach."""
-        from .config import load_settings
-
+        """SIGHUP: re-read the configuration (file, then the command line's
+        overrides) and re-attach; offloaded flows that are still allowed stay."""
         try:
-            new = load_settings(self.settings_path) if self.settings_path else self.settings
+            new = self.load_settings() if self.load_settings else self.settings
         except OffloadError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
+        if new.hook != self.hook:
+            for index in list(self.attached):
+                self._detach(index)
         self.settings = new
+        self.hook = new.hook
+        self.interfaces = list(new.interfaces)
         self.resolver.forget(links=True, routes=True)
         try:
             self.attach_all()
@@ -315,7 +319,7 @@ class Agent:
         self.dp.configure(enabled=True, heartbeat_timeout=new.heartbeat_timeout)
         log.info("configuration reloaded")
 
-    settings_path: str | None = None
+    load_settings: Callable[[], Settings] | None = None
 
     # -- new tuples -------------------------------------------------------------------
     def _on_ring_event(self, data: bytes) -> None:
@@ -742,10 +746,10 @@ def _ct_timeouts() -> dict[str, int]:
 
 
 def run_agent(settings: Settings, *, interfaces: list[str], hook: str, object_path: str,
-              settings_path: str | None = None,
+              load_settings: Callable[[], Settings] | None = None,
               on_ready: Callable[[Agent], None] | None = None) -> None:
     agent = Agent(settings, interfaces=interfaces, hook=hook, object_path=object_path)
-    agent.settings_path = settings_path
+    agent.load_settings = load_settings
     try:
         agent.start()
         if on_ready:

@@ -138,20 +138,23 @@ def _setup_logging(level: str, verbose: bool, syslog: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .agent import run_agent
 
-    settings: Settings = load_settings(args.config)
-    overrides: dict[str, Any] = {}
-    if args.hook:
-        overrides["hook"] = args.hook
-    if args.object:
-        overrides["object"] = args.object
-    if args.interface:
-        overrides["interfaces"] = tuple(args.interface)
-    if overrides:
-        settings = dataclasses.replace(settings, **overrides)
-    settings = apply_overrides(settings, args.option)
+    def effective() -> Settings:
+        settings: Settings = load_settings(args.config)
+        overrides: dict[str, Any] = {}
+        if args.hook:
+            overrides["hook"] = args.hook
+        if args.object:
+            overrides["object"] = args.object
+        if args.interface:
+            overrides["interfaces"] = tuple(args.interface)
+        if overrides:
+            settings = dataclasses.replace(settings, **overrides)
+        return apply_overrides(settings, args.option)
+
+    settings = effective()
     _setup_logging(settings.log_level, args.verbose, args.syslog)
     run_agent(settings, interfaces=list(settings.interfaces), hook=settings.hook,
-              object_path=settings.object, settings_path=args.config)
+              object_path=settings.object, load_settings=effective)
     return 0
 
 
