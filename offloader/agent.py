@@ -214,6 +214,8 @@ class Agent:
                 stale.append(entry.key)
             else:
                 adopted += 1
+                if entry.state == self.consts["OFL_STATE_OFFLOAD"]:
+                    self.dp.add_tx_port(entry.oif)
         if stale:
             self.dp.remove(stale)
         if adopted or stale:

@@ -278,7 +278,11 @@ class Datapath:
             if pin_dir is not None:
                 pin_dir.mkdir(parents=True, exist_ok=True)
                 for name in MAP_NAMES:
-                    if name != "ofl_events":  # a ring buffer's content is not worth keeping
+                    # Not the ring buffer (nothing worth keeping) nor the devmap:
+                    # libbpf 1.1 refuses to re-use a pinned DEVMAP_HASH ("parameter
+                    # mismatch", the kernel adds BPF_F_RDONLY_PROG); the agent
+                    # refills it from the flows it adopts.
+                    if name not in ("ofl_events", "ofl_tx_ports"):
                         obj.set_pin_path(name, str(pin_dir / name))
             obj.load()
         except BaseException:
