@@ -172,14 +172,22 @@ class Topology:
 
     # -- the agent ------------------------------------------------------------------
     def start_agent(self, hook: str = "xdp", extra: Sequence[str] = (),
-                    wait: float = 15.0) -> None:
+                    wait: float = 15.0, nsenter: bool = False) -> None:
+        """Run the agent in the router namespace, through ``ip netns exec``
+        (its own /sys, no BPF filesystem: nothing pinned) or, with
+        ``nsenter``, ``nsenter --net`` (the host's mounts: maps pinned under
+        /sys/fs/bpf/ebpf-offloader/netns-<inode>)."""
         argv = [sys.executable, "-m", "offloader.cli", "run", "-i", "br-lan", "-i", "wan0",
                 "--hook", hook, "-v", *extra]
         self._agent_out = open(os.devnull, "w")  # noqa: SIM115 (closed in stop_agent)
         self.agent_log_path = f"/tmp/ofl-{self.tag}-agent.log"
         logf = open(self.agent_log_path, "w")  # noqa: SIM115
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.agent = self.router.popen(*argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        if nsenter:
+            self.agent = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.router.name}", *argv],
+                                          stdout=logf, stderr=subprocess.STDOUT, env=env, text=True)
+        else:
+            self.agent = self.router.popen(*argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.agent.poll() is not None:

@@ -4,12 +4,14 @@ conntrack, and the agent offloading real traffic (no fakes)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +268,34 @@ def test_routed_without_nat(bpf_object: Any) -> None:
         offloaded = [f for f in st["flows"] if f["state"] == "offloaded"]
         assert offloaded and all(not f.get("nat") for f in offloaded), offloaded
         assert {f["dst"] for f in offloaded} & {WAN_4, WAN_6}
+
+
+def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
+    """Under nsenter --net the agent sees the host's BPF filesystem and pins
+    its maps per namespace; a restarted agent adopts the flows it finds."""
+    need_root()
+    with lab_network() as topo:
+        _senders_plain(topo)
+        inode = os.stat(f"/run/netns/{topo.router.name}").st_ino
+        pin = Path(f"/sys/fs/bpf/ebpf-offloader/netns-{inode}")
+        try:
+            topo.start_agent(hook="xdp", nsenter=True)
+            t, out = _background_transfer(topo, proto="udp", family=4, size=4_000_000,
+                                          rate_pps=1000, timeout=20, sport=41005)
+            try:
+                assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []},
+                                                       proto="udp", sport=41005)
+                                      if f["state"] == "offloaded"])
+                assert (pin / "ofl_flows").exists()
+                topo.stop_agent()  # clean stop: detached, maps stay pinned
+                topo.start_agent(hook="xdp", nsenter=True)
+                assert "adopted 1 flows" in topo.read_agent_log()
+                st = topo.status()
+                assert st and [f for f in _flow(st, proto="udp", sport=41005)
+                               if f["state"] == "offloaded"]
+            finally:
+                t.join(timeout=30)
+            assert out.get("received", 0) > 0
+        finally:
+            topo.stop_agent()
+            subprocess.run(["rm", "-rf", str(pin)], check=False)
