@@ -299,3 +299,7 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
         finally:
             topo.stop_agent()
             subprocess.run(["rm", "-rf", str(pin)], check=False)
+            try:
+                pin.parent.rmdir()  # only if we created it and nothing else is there
+            except OSError:
+                pass
