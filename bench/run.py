@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import tools
 from offloader import lab as labmod
 from offloader.lab import LAN1_4, WAN_4, Topology, lab_network
-
-from bench import tools
 
 SENDER_CPU, ROUTER_CPU = 0, 1
 LAN_PORT = "lan1p"  # the router's port towards lan1
@@ -55,7 +54,7 @@ class Agent:
         self.proc: subprocess.Popen[str] | None = None
         self.pid = 0
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         self.logf = open(f"/tmp/ofl-{self.topo.tag}-bench-agent.log", "w")  # noqa: SIM115
         self.proc = self.topo.router.popen(sys.executable, "-m", "offloader.cli", "run",
@@ -322,7 +321,7 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"machine": f"{cpu} x{os.cpu_count()}", "kernel": platform.release(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 
 def main(argv: list[str] | None = None) -> int:
