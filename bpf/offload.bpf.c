@@ -77,7 +77,9 @@ static __always_inline void ofl_count(__u32 stat)
 /*
  * Step 1. `hw_vid` is the VLAN id of a tag already stripped into skb
  * metadata (TC only, -1 if none); it is the outermost tag.
- * Returns 0 when the frame is one we can offload, -1 otherwise.
+ * Returns 0 when the frame is one we can offload; otherwise -2 for an IP
+ * packet the datapath leaves to the kernel on purpose (IPv4 options or
+ * fragments, not TCP/UDP, IPv6 extension headers) and -1 for the rest.
  */
 static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len, __u8 dsa_proto,
 				     int hw_vid, struct ofl_pkt *p)
@@ -169,10 +171,12 @@ static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len
 
 		if ((void *)(iph + 1) > data_end)
 			return -1;
-		if (iph->version != 4 || iph->ihl != 5) /* options: kernel */
+		if (iph->version != 4)
 			return -1;
+		if (iph->ihl != 5) /* options: kernel */
+			return -2;
 		if (iph->frag_off & bpf_htons(IP_MF_OFFSET))
-			return -1;
+			return -2;
 		p->l3_len = bpf_ntohs(iph->tot_len);
 		if (p->l3_len < sizeof(*iph))
 			return -1;
@@ -225,7 +229,7 @@ static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len
 		p->key.dport = uh->dest;
 		p->l3l4_hlen = off - p->l3_off + sizeof(*uh);
 	} else {
-		return -1;
+		return -2; /* not TCP/UDP, or an IPv6 extension header */
 	}
 	if (p->l3l4_hlen > p->l3_len)
 		return -1;
@@ -522,11 +526,12 @@ int ofl_xdp(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ofl_flow *flow;
 	struct ofl_pkt p;
-	int shift;
+	int shift, ret;
 
 	ofl_count(OFL_STAT_RX);
-	if (ofl_parse(data, data_end, data_end - data, ofl_dsa_of(ctx->ingress_ifindex), -1, &p)) {
-		ofl_count(OFL_STAT_PASS_L2);
+	ret = ofl_parse(data, data_end, data_end - data, ofl_dsa_of(ctx->ingress_ifindex), -1, &p);
+	if (ret) {
+		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
 		return XDP_PASS;
 	}
 	p.key.ifindex = ctx->ingress_ifindex;
@@ -571,7 +576,7 @@ int ofl_tc(struct __sk_buff *skb)
 	struct ofl_pkt p;
 	__u32 seg_len, pull, l2_extra, csum_off, l4_flags;
 	int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
-	int i;
+	int i, ret;
 
 	ofl_count(OFL_STAT_RX);
 	pull = skb->len < 128 ? skb->len : 128;
@@ -579,8 +584,9 @@ int ofl_tc(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, pull);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (ofl_parse(data, data_end, skb->len, ofl_dsa_of(skb->ifindex), hw_vid, &p)) {
-		ofl_count(OFL_STAT_PASS_L2);
+	ret = ofl_parse(data, data_end, skb->len, ofl_dsa_of(skb->ifindex), hw_vid, &p);
+	if (ret) {
+		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
 		return TC_ACT_OK;
 	}
 	p.key.ifindex = skb->ifindex;
