@@ -29,7 +29,8 @@ from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
 from tests import nsutil
 from tests.nsutil import Netns
 
-from .model import TC, XDP
+from . import model
+from .model import ENCAPS, TC, XDP
 
 CLONE_NEWNET = 0x40000000
 A_IP, B_IP = "198.18.1.2", "198.18.2.2"
@@ -111,10 +112,10 @@ def attached(lab: Lab, hook: str) -> Iterator[None]:
                 tc_detach(lab.r0)
 
 
-def offload(lab: Lab, proto: int, sport: int, dport: int) -> FlowKey:
+def offload(lab: Lab, proto: int, sport: int, dport: int, **tags: int) -> FlowKey:
     key = FlowKey(ifindex=lab.r0, family=socket.AF_INET, proto=proto,
                   src=ipaddress.ip_address(A_IP), dst=ipaddress.ip_address(B_IP),
-                  sport=sport, dport=dport)
+                  sport=sport, dport=dport, **tags)
     verdict = Verdict(oif=lab.r1, l2=L2Header(dmac=lab.b.mac("b0"), smac=lab.r.mac("r1")),
                       mtu=1500, key=key)
     with inside(lab.r):  # the devmap resolves the output ifindex in this namespace
@@ -182,6 +183,16 @@ else:
 """
 
 
+RAW_SENDER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for line in sys.stdin:
+    s.send(bytes.fromhex(line.strip()))
+    time.sleep(0.0005)
+"""
+
+
 def transfer(lab: Lab, kind: str, sport: int, dport: int, seed: int) -> tuple[bytes, str]:
     """Send deterministic data from a to b; returns (data, what b received)."""
     total = UDP_COUNT * UDP_SIZE if kind == "udp" else TCP_BYTES
@@ -230,3 +241,38 @@ def test_tcp_flow_forwarded_intact(lab: Lab, hook: str) -> None:
     assert moved >= TCP_BYTES // 1500, f"only {moved} packets took the datapath"
     entries = [e for e in lab.dp.flow_entries() if e.key == key]
     assert entries and entries[0].seen & 1, "the closing FIN went to the kernel and was noted"
+
+
+@pytest.mark.parametrize("hook", [XDP, TC])
+@pytest.mark.parametrize("encap", ["dot1q", "qinq"])
+def test_tagged_ingress_forwarded_untagged(lab: Lab, hook: str, encap: str) -> None:
+    """Frames that arrive with one or two VLAN tags (sent raw: this kernel has
+    no VLAN devices). XDP sees the tags in the frame; at TC the kernel has
+    already moved the outer one into skb metadata (vlan_present), a path
+    BPF_PROG_TEST_RUN cannot reach. Both pop them and forward untagged."""
+    sport = 43000 + (hook == TC) * 10 + (encap == "qinq")
+    dport = 7000 + (hook == TC) * 10 + (encap == "qinq")
+    key = offload(lab, socket.IPPROTO_UDP, sport, dport, **ENCAPS[encap].key_fields())
+    rng = random.Random(sport)
+    payloads = [rng.randbytes(UDP_SIZE) for _ in range(UDP_COUNT // 4)]
+    frames = [model.build_frame(ENCAPS[encap],
+                                model.l3_packet(4, "udp", payload=p, src=A_IP, dst=B_IP,
+                                                sport=sport, dport=dport),
+                                dmac=lab.r.mac("r0"), smac=lab.a.mac("a0"))
+              for p in payloads]
+    with attached(lab, hook):
+        recv = lab.b.popen([sys.executable, "-c", RECEIVER, "udp", B_IP, str(dport),
+                            str(len(frames))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert recv.stdout is not None
+            assert recv.stdout.readline().strip() == "ready"
+            lab.a.run([sys.executable, "-c", RAW_SENDER, "a0"], timeout=TIMEOUT,
+                      input="".join(f.hex() + "\n" for f in frames))
+            out, err = recv.communicate(timeout=TIMEOUT)
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait(timeout=5)
+    want = hashlib.sha256(b"".join(payloads)).hexdigest()
+    assert out.strip() == f"{len(frames)} {want}", err
+    assert packets_of(lab.dp, key) == len(frames)
