@@ -53,7 +53,7 @@ def test_rewrite_matches_model(rig: Rig, hook: str,
             assert udp_check == b"\0\0", "a UDP checksum of 0 over IPv4 must stay 0"
         [entry] = list(rig.dp.flow_entries())
         assert entry.packets == 1
-        assert entry.bytes == len(frame) - model.parse(frame, rig.world.dsa_proto).l3_off
+        assert entry.nbytes == len(frame) - model.parse(frame, rig.world.dsa_proto).l3_off
 
 
 @pytest.mark.parametrize("case", [c for c in CASES
