@@ -57,7 +57,10 @@ AF_BRIDGE = 7
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTM_F_CLONED = 0x200
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
-RECHECK_AFTER_NS = 150_000_000  # a waiting tuple seen again after this: ask conntrack
+RECHECK_AFTER_NS = 150_000_000
+RECENT_CT = 4096  # conntrack entries remembered from events
+STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about tuples waiting longer
+STUCK_BUDGET = 256  # at most this many such queries per sweep  # a waiting tuple seen again after this: ask conntrack
 SUMMARY_EVERY_S = 60.0
 
 
@@ -80,6 +83,7 @@ class _Offsets:
     def __init__(self) -> None:
         ffi = layout().ffi
         self.k_proto = ffi.offsetof("struct ofl_key", "proto")
+        self.k_family = ffi.offsetof("struct ofl_key", "family")
         self.k_sport = ffi.offsetof("struct ofl_key", "sport")
         self.k_saddr = ffi.offsetof("struct ofl_key", "saddr")
         self.k_daddr = ffi.offsetof("struct ofl_key", "daddr")
@@ -91,6 +95,13 @@ class _Offsets:
         self.v_oif = ffi.offsetof("struct ofl_verdict", "oif")
         self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
         self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+
+    def tuple5(self, raw_key: bytes) -> Tuple5:
+        sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
+        n = 4 if raw_key[self.k_family] == socket.AF_INET else 16
+        return Tuple5(raw_key[self.k_proto],
+                      ipaddress.ip_address(raw_key[self.k_saddr : self.k_saddr + n]),
+                      ipaddress.ip_address(raw_key[self.k_daddr : self.k_daddr + n]), sport, dport)
 
     def wire(self, raw_key: bytes) -> bytes:
         sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
@@ -145,6 +156,10 @@ class Agent:
         # Connections handed back by `flush` (a firewall reload): the kernel
         # keeps them until they end, since only its rules may judge them now.
         self.held: set[bytes] = set()
+        # The last conntrack NEW/UPDATE entries by tuple (insertion ordered,
+        # bounded): closes the race where an event is read before the ring
+        # record of its first packet.
+        self.recent_ct: dict[bytes, CtEntry] = {}
         self.nexthops: dict[tuple[int, Any], bytes] = {}  # (l3 oif, hop) -> MAC in use
         self.counters = Counters()
         self.latencies: deque[float] = deque(maxlen=100_000)  # first packet to offloaded, ms
@@ -339,6 +354,11 @@ class Agent:
                 keys[key] = now
                 if len(self.waiting) > self.settings.pending_flows:
                     self.waiting.pop(next(iter(self.waiting)))
+                recent = self.recent_ct.get(tid)
+                if recent is not None:
+                    # Conntrack's event for this connection was read before
+                    # the ring record arrived: decide with it now.
+                    self.decide(key, (recent, recent.orig != key_tuple(key)))
             elif now - since >= RECHECK_AFTER_NS:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly.
@@ -356,11 +376,16 @@ class Agent:
                 self.dead.add(reply)
                 self.held.discard(orig)
                 self.held.discard(reply)
+                self.recent_ct.pop(orig, None)
+                self.recent_ct.pop(reply, None)
                 self.waiting.pop(orig, None)
                 self.waiting.pop(reply, None)
                 continue
             if entry.zone:
                 self.zones[orig] = self.zones[reply] = entry.zone
+            self.recent_ct[orig] = self.recent_ct[reply] = entry
+            while len(self.recent_ct) > RECENT_CT:
+                self.recent_ct.pop(next(iter(self.recent_ct)))
             for tid, is_reply in ((orig, False), (reply, True)):
                 for key in list(self.waiting.get(tid, {})):
                     self.decide(key, (entry, is_reply))
@@ -475,13 +500,13 @@ class Agent:
             for reason, n in reasons.items():
                 self.counters.teardown(reason, n)
         self.dead.clear()
+        items = []
         for raw_key, raw in refresh:
-            key = FlowKey.unpack(raw_key)
-            flags = raw[off.v_flags]
-            proto = key.proto
-            timeout = self._ct_timeouts["tcp" if proto == socket.IPPROTO_TCP else "udp"]
-            if self.ct.refresh(key_tuple(key), bool(flags & reply_flag), self._zone_of(raw), timeout):
-                self.counters.refreshed += 1
+            t = off.tuple5(raw_key)
+            timeout = self._ct_timeouts["tcp" if t.proto == socket.IPPROTO_TCP else "udp"]
+            items.append((t, bool(raw[off.v_flags] & reply_flag), self._zone_of(raw), timeout))
+        if items:
+            self.counters.refreshed += self.ct.refresh_many(items)
         self._sweep_pending()
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = time.monotonic()
@@ -504,12 +529,21 @@ class Agent:
             keys = self.waiting.setdefault(tid, {})
             if key not in keys:
                 keys[key] = now  # its ring event was lost: wait like the others
+        stuck: list[FlowKey] = []
         for tid in list(self.waiting):
             keys = self.waiting[tid]
             for key in [k for k in keys if k not in present]:
                 del keys[key]  # evicted from the LRU or decided
             if not keys:
                 del self.waiting[tid]
+                continue
+            stuck.extend(k for k, since in keys.items() if now - since > STUCK_AFTER_NS)
+        # The safety net: no event settled these; ask conntrack (bounded).
+        for key in stuck[:STUCK_BUDGET]:
+            still = self.waiting.get(tuple_id(key_tuple(key)))
+            if still is not None and key in still:
+                still[key] = now
+                self.decide(key)
 
     # -- network changes --------------------------------------------------------------
     def on_rt_events(self) -> None:
@@ -558,7 +592,12 @@ class Agent:
         if msg["family"] == AF_BRIDGE:
             mac = msg.get("NDA_LLADDR")
             if mac:
-                self.flush_where_dmac(bytes.fromhex(mac.replace(":", "")), "fdb change")
+                raw = bytes.fromhex(mac.replace(":", ""))
+                port = msg["ifindex"]
+                cached = self.resolver.fdb_ports(raw)
+                if deleted or any(p != port for p in cached):
+                    self.resolver.forget_fdb(raw)
+                    self.flush_where_dmac(raw, "fdb change")
             return
         dst = msg.get("NDA_DST")
         if not dst:
@@ -657,7 +696,8 @@ class Agent:
                 "total": total,
             },
             "agent": {"offloaded": c.offloaded, "passed": c.passed, "torn_down": c.torn_down,
-                      "conntrack_refreshes": c.refreshed, "ring_events": c.events,
+                      "conntrack_refreshes": c.refreshed,
+                      "conntrack_update_failures": self.ct.update_failures, "ring_events": c.events,
                       "conntrack_event_overflows": self.ct_events.overflows},
             "datapath": self.dp.stats(),
             "setup_latency_ms": _percentiles(self.latencies),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from pyroute2 import NFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
+from . import ctnetlink
 from .errors import OffloadError
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ class Conntrack:
 
     def __init__(self) -> None:
         self._socks: dict[int, Any] = {}
+        self._raw: socket.socket | None = None
+        self._seq = 0
+        self.update_failures = 0
 
     def _sock(self, family: int) -> Any:
         if family not in self._socks:
@@ -148,42 +153,73 @@ class Conntrack:
                     return entry, entry.orig != t
         return None
 
-    def refresh(self, t: Tuple5, reply: bool, zone: int, timeout: int) -> bool:
-        """Set the entry's timeout; False if it is gone."""
-        kw: dict[str, Any] = {"zone": zone} if zone else {}
-        arg = "tuple_reply" if reply else "tuple_orig"
-        try:
-            self._sock(t.family).entry("set", timeout=timeout, **{arg: t.attr()}, **kw)
-        except NetlinkError as exc:
-            if exc.code == errno.ENOENT:
-                return False
-            raise OffloadError(f"conntrack refresh failed: {exc}") from exc
-        return True
+    def _writer(self) -> socket.socket:
+        if self._raw is None:
+            self._raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            self._raw.bind((0, 0))
+            self._raw.settimeout(2.0)
+        return self._raw
+
+    def _drain(self, want_seq: int = -1) -> int:
+        """Read queued acknowledgements; failures of fire-and-forget updates
+        are counted. Returns the error of ``want_seq`` (waiting for it)."""
+        sock = self._writer()
+        while True:
+            try:
+                data = sock.recv(1 << 16, 0 if want_seq >= 0 else socket.MSG_DONTWAIT)
+            except (BlockingIOError, TimeoutError):
+                return 0
+            for msg in ctnetlink.decode(data):
+                if not isinstance(msg, ctnetlink.Ack):
+                    continue
+                if msg.seq == want_seq:
+                    return msg.error
+                if msg.error:
+                    self.update_failures += 1
 
     def set_liberal(self, t: Tuple5, reply: bool, zone: int) -> bool:
         """Make conntrack's TCP window tracking liberal for this connection,
         both directions, as nf_flow_table does for the flows it offloads: the
         kernel no longer sees the offloaded direction's segments, so without
         it the other direction's ACKs look out of window, turn INVALID, miss
-        their NAT and draw a RST. Per connection; no sysctl changes."""
-        kw: dict[str, Any] = {"zone": zone} if zone else {}
-        arg = "tuple_reply" if reply else "tuple_orig"
-        liberal = {"value": (IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)}
-        info = {"attrs": [("CTA_PROTOINFO_TCP", {"attrs": [
-            ("CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", liberal),
-            ("CTA_PROTOINFO_TCP_FLAGS_REPLY", liberal)]})]}
-        try:
-            self._sock(t.family).entry("set", protoinfo=info, **{arg: t.attr()}, **kw)
-        except NetlinkError as exc:
-            if exc.code == errno.ENOENT:
-                return False
-            raise OffloadError(f"conntrack update failed: {exc}") from exc
+        their NAT and draw a RST. Per connection; no sysctl changes. False
+        when the entry is gone."""
+        self._seq += 1
+        msg = ctnetlink.encode_update(self._seq, _raw5(t), reply=reply, zone=zone, liberal=True,
+                                      ack=True)
+        self._writer().send(msg)
+        err = self._drain(self._seq)
+        if err == -errno.ENOENT:
+            return False
+        if err:
+            raise OffloadError(f"conntrack update failed: {os.strerror(-err)}")
         return True
+
+    def refresh_many(self, items: list[tuple[Tuple5, bool, int, int]], batch: int = 256) -> int:
+        """Set the timeout of many entries ((tuple, is reply, zone, timeout)),
+        ``batch`` messages to a sendmsg() without acknowledgements. Returns
+        how many were sent; failures (entry gone) show in update_failures."""
+        sock = self._writer()
+        self._drain()
+        sent = 0
+        for i in range(0, len(items), batch):
+            chunk = []
+            for t, reply, zone, timeout in items[i : i + batch]:
+                self._seq += 1
+                chunk.append(ctnetlink.encode_update(self._seq, _raw5(t), reply=reply, zone=zone,
+                                                     timeout=timeout))
+            sock.send(b"".join(chunk))
+            sent += len(chunk)
+            self._drain()
+        return sent
 
     def close(self) -> None:
         for s in self._socks.values():
             s.close()
         self._socks.clear()
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
 
 class CtEvents:
@@ -197,7 +233,6 @@ class CtEvents:
             pass
         self.sock.bind((0, CT_GROUPS))
         self.sock.setblocking(False)
-        self._parser = NFCTSocket()
         self.overflows = 0
 
     def fileno(self) -> int:
@@ -217,14 +252,15 @@ class CtEvents:
                     self.overflows += 1
                     continue
                 raise
-            for msg in self._parser.marshal.parse(data):
-                entry = parse_entry(msg)
+            for msg in ctnetlink.decode(data):
+                if isinstance(msg, ctnetlink.Ack):
+                    continue
+                entry = _entry_from(msg)
                 if entry is None:
                     continue
-                kind_id = msg["header"]["type"] & 0xFF
-                if kind_id == IPCTNL_MSG_CT_DELETE:
+                if msg.msg_type == IPCTNL_MSG_CT_DELETE:
                     kind = "destroy"
-                elif msg["header"]["flags"] & NLM_F_CREATE:
+                elif msg.flags & NLM_F_CREATE:
                     kind = "new"
                 else:
                     kind = "update"
@@ -233,7 +269,23 @@ class CtEvents:
 
     def close(self) -> None:
         self.sock.close()
-        self._parser.close()
+
+
+def _raw5(t: Tuple5) -> ctnetlink.Raw5:
+    return (t.proto, t.src.packed, t.dst.packed, t.sport, t.dport)
+
+
+def _t5(raw: ctnetlink.Raw5 | None) -> Tuple5 | None:
+    if raw is None or raw[0] not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+        return None
+    return Tuple5(raw[0], ipaddress.ip_address(raw[1]), ipaddress.ip_address(raw[2]), raw[3], raw[4])
+
+
+def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
+    orig, reply = _t5(msg.orig), _t5(msg.reply)
+    if orig is None or reply is None:
+        return None
+    return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout)
 
 
 def offloadable(entry: CtEntry, *, offload_udp: str) -> str:

@@ -172,13 +172,13 @@ class Topology:
 
     # -- the agent ------------------------------------------------------------------
     def start_agent(self, hook: str = "xdp", extra: Sequence[str] = (),
-                    wait: float = 15.0, nsenter: bool = False) -> None:
+                    wait: float = 15.0, nsenter: bool = False, verbose: bool = True) -> None:
         """Run the agent in the router namespace, through ``ip netns exec``
         (its own /sys, no BPF filesystem: nothing pinned) or, with
         ``nsenter``, ``nsenter --net`` (the host's mounts: maps pinned under
         /sys/fs/bpf/ebpf-offloader/netns-<inode>)."""
         argv = [sys.executable, "-m", "offloader.cli", "run", "-i", "br-lan", "-i", "wan0",
-                "--hook", hook, "-v", *extra]
+                "--hook", hook, *(["-v"] if verbose else []), *extra]
         self._agent_out = open(os.devnull, "w")  # noqa: SIM115 (closed in stop_agent)
         self.agent_log_path = f"/tmp/ofl-{self.tag}-agent.log"
         logf = open(self.agent_log_path, "w")  # noqa: SIM115

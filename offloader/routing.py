@@ -113,6 +113,8 @@ class Resolver:
         self._all: list[Link] | None = None
         self._routes: dict[tuple[Any, ...], tuple[int, IPAddress]] = {}
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
+        self._fdb: dict[tuple[int, bytes, int], int] = {}
+        self._port_rules: bool | None = None
         self.lower_steps: list[LowerStep] = [_bridge_step, _vlan_step, _pppoe_step, _dsa_step]
 
     # -- caches ----------------------------------------------------------------
@@ -144,8 +146,18 @@ class Resolver:
             self._all = None
         if routes:
             self._routes.clear()
+            self._port_rules = None
         if neigh:
             self._neigh.clear()
+            self._fdb.clear()
+
+    def fdb_ports(self, mac: bytes) -> list[int]:
+        """Ports the FDB cache holds for ``mac``."""
+        return [port for (_b, m, _v), port in self._fdb.items() if m == mac]
+
+    def forget_fdb(self, mac: bytes) -> None:
+        for ck in [ck for ck in self._fdb if ck[1] == mac]:
+            del self._fdb[ck]
 
     def forget_neigh(self, ifindex: int, addr: IPAddress) -> None:
         self._neigh.pop((ifindex, addr), None)
@@ -216,7 +228,12 @@ class Resolver:
     def route(self, iif: int, key: FlowKey, dst: IPAddress) -> tuple[int, IPAddress]:
         """(output ifindex, next hop address) as the kernel's input route
         lookup gives them for this packet."""
-        ck = (iif, key.src, dst, key.proto, key.sport, key.dport)
+        if self._port_rules is None:
+            self._port_rules = self._rules_use_ports()
+        # Ports only matter to the lookup when a policy rule matches on them:
+        # without such rules, one lookup serves every flow between two hosts.
+        ports = (key.proto, key.sport, key.dport) if self._port_rules else ()
+        ck = (iif, key.src, dst, *ports)
         hit = self._routes.get(ck)
         if hit:
             return hit
@@ -234,6 +251,15 @@ class Resolver:
         hop = ipaddress.ip_address(gw) if gw else dst
         self._routes[ck] = (oif, hop)
         return oif, hop
+
+    def _rules_use_ports(self) -> bool:
+        try:
+            rules = list(self.ipr.get_rules(family=socket.AF_INET)) + list(
+                self.ipr.get_rules(family=socket.AF_INET6))
+        except NetlinkError:
+            return True
+        return any(r.get(a) is not None for r in rules
+                   for a in ("FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_IP_PROTO"))
 
     def neighbour(self, oif: int, hop: IPAddress) -> bytes:
         ck = (oif, hop)
@@ -255,6 +281,14 @@ class Resolver:
         raise NotYet(f"neighbour {hop} unresolved")
 
     def fdb_port(self, bridge: int, mac: bytes, vlan: int = 0) -> int:
+        ck = (bridge, mac, vlan)
+        if ck in self._fdb:
+            return self._fdb[ck]
+        port = self._fdb_lookup(bridge, mac, vlan)
+        self._fdb[ck] = port
+        return port
+
+    def _fdb_lookup(self, bridge: int, mac: bytes, vlan: int) -> int:
         lladdr = ":".join(f"{b:02x}" for b in mac)
         kw: dict[str, Any] = {"vlan": vlan} if vlan else {}
         try:

@@ -1,0 +1,187 @@
+"""A minimal ctnetlink codec for the agent's hot paths.
+
+pyroute2 answers conntrack queries well but spends about 0.2 ms decoding one
+event and 0.5 ms or more on one update, which caps an agent near 1,000 new
+flows a second and makes refreshing 10,000 flows cost a core's tenth. The
+hot paths need only a few attributes, so they are encoded and decoded here:
+
+  - events (NEW/UPDATE/DESTROY): tuples, status, TCP state, helper, zone;
+  - updates (IPCTNL_MSG_CT_NEW on an existing entry): timeout, TCP flags.
+
+Updates go out many to one sendmsg() without NLM_F_ACK. The kernel handles
+each message inside the sendmsg() call, so an update is in force when the
+call returns; only failures come back, as NLMSG_ERROR, read later.
+Attribute numbers are those of uapi linux/netfilter/nfnetlink_conntrack.h.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_HELP = 5
+CTA_TIMEOUT = 7
+CTA_ZONE = 18
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_NLA = struct.Struct("=HH")
+
+Raw5 = tuple[int, bytes, bytes, int, int]  # proto, src, dst, sport, dport
+
+
+def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    head = _NLA.pack(_NLA.size + len(payload), kind | (NLA_F_NESTED if nested else 0))
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+def encode_tuple(kind: int, t: Raw5) -> bytes:
+    proto, src, dst, sport, dport = t
+    v6 = len(src) == 16
+    ip = _attr(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, src) + _attr(
+        CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, dst)
+    l4 = (_attr(CTA_PROTO_NUM, bytes((proto,))) + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
+          + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport)))
+    return _attr(kind, _attr(CTA_TUPLE_IP, ip, True) + _attr(CTA_TUPLE_PROTO, l4, True), True)
+
+
+def encode_update(seq: int, t: Raw5, *, reply: bool, zone: int = 0, timeout: int | None = None,
+                  liberal: bool = False, ack: bool = False) -> bytes:
+    """An update of the entry ``t`` belongs to (``reply``: t is its reply tuple)."""
+    body = encode_tuple(CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG, t)
+    if timeout is not None:
+        body += _attr(CTA_TIMEOUT, struct.pack("!I", timeout))
+    if liberal:
+        be_liberal = struct.pack("BB", 0x08, 0x08)  # IP_CT_TCP_FLAG_BE_LIBERAL, mask
+        tcp = (_attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, be_liberal)
+               + _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, be_liberal))
+        body += _attr(CTA_PROTOINFO, _attr(CTA_PROTOINFO_TCP, tcp, True), True)
+    if zone:
+        body += _attr(CTA_ZONE, struct.pack("!H", zone))
+    family = socket.AF_INET6 if len(t[1]) == 16 else socket.AF_INET
+    payload = _NFGENMSG.pack(family, 0, 0) + body
+    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attribute type -> (payload start, payload end) in data[start:end]."""
+    out: dict[int, tuple[int, int]] = {}
+    pos = start
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4 or pos + length > end:
+            break
+        out[kind & NLA_TYPE_MASK] = (pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    return out
+
+
+def _tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
+    top = _attrs(data, *span)
+    if CTA_TUPLE_IP not in top or CTA_TUPLE_PROTO not in top:
+        return None
+    ip = _attrs(data, *top[CTA_TUPLE_IP])
+    l4 = _attrs(data, *top[CTA_TUPLE_PROTO])
+    src = ip.get(CTA_IP_V4_SRC) or ip.get(CTA_IP_V6_SRC)
+    dst = ip.get(CTA_IP_V4_DST) or ip.get(CTA_IP_V6_DST)
+    num = l4.get(CTA_PROTO_NUM)
+    if not src or not dst or not num:
+        return None
+    sp, dp = l4.get(CTA_PROTO_SRC_PORT), l4.get(CTA_PROTO_DST_PORT)
+    return (data[num[0]], data[src[0]:src[1]], data[dst[0]:dst[1]],
+            struct.unpack_from("!H", data, sp[0])[0] if sp else 0,
+            struct.unpack_from("!H", data, dp[0])[0] if dp else 0)
+
+
+class Decoded:
+    """One conntrack message: kind, flags, and the attributes we use."""
+
+    __slots__ = ("msg_type", "flags", "orig", "reply", "status", "tcp_state", "helper", "zone",
+                 "timeout")
+
+    def __init__(self, msg_type: int, flags: int) -> None:
+        self.msg_type = msg_type
+        self.flags = flags
+        self.orig: Raw5 | None = None
+        self.reply: Raw5 | None = None
+        self.status = 0
+        self.tcp_state = -1
+        self.helper = False
+        self.zone = 0
+        self.timeout = 0
+
+
+class Ack:
+    """An NLMSG_ERROR: ``error`` is 0 (an acknowledgement) or a negative errno."""
+
+    __slots__ = ("seq", "error")
+
+    def __init__(self, seq: int, error: int) -> None:
+        self.seq = seq
+        self.error = error
+
+
+def decode(data: bytes) -> Iterator[Decoded | Ack]:
+    """The conntrack messages and acknowledgements in a netlink datagram."""
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(data):
+        length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > len(data):
+            break
+        end = pos + length
+        if kind == NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", data, pos + _NLMSGHDR.size)
+            yield Ack(seq, err)
+        elif kind >> 8 == NFNL_SUBSYS_CTNETLINK:
+            msg = Decoded(kind & 0xFF, flags)
+            top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
+            if CTA_TUPLE_ORIG in top:
+                msg.orig = _tuple(data, top[CTA_TUPLE_ORIG])
+            if CTA_TUPLE_REPLY in top:
+                msg.reply = _tuple(data, top[CTA_TUPLE_REPLY])
+            if CTA_STATUS in top:
+                msg.status = struct.unpack_from("!I", data, top[CTA_STATUS][0])[0]
+            if CTA_TIMEOUT in top:
+                msg.timeout = struct.unpack_from("!I", data, top[CTA_TIMEOUT][0])[0]
+            if CTA_ZONE in top:
+                msg.zone = struct.unpack_from("!H", data, top[CTA_ZONE][0])[0]
+            msg.helper = CTA_HELP in top
+            if CTA_PROTOINFO in top:
+                info = _attrs(data, *top[CTA_PROTOINFO])
+                if CTA_PROTOINFO_TCP in info:
+                    tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
+                    if CTA_PROTOINFO_TCP_STATE in tcp:
+                        msg.tcp_state = data[tcp[CTA_PROTOINFO_TCP_STATE][0]]
+            yield msg
+        pos += (length + 3) & ~3
+
+
+def address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(raw)
