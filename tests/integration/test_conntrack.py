@@ -1,0 +1,59 @@
+"""Our conntrack access against the kernel's ctnetlink (a test namespace)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import need_root
+from tests.nsutil import namespaces
+
+pytestmark = pytest.mark.root
+
+PROBE = r"""
+import ipaddress, json, socket, sys, time
+from offloader.conntrack import Conntrack, CtEvents, Tuple5
+ev = CtEvents()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("198.18.0.1", 40001))
+s.sendto(b"x", ("198.18.0.2", 5353))
+t = Tuple5(17, ipaddress.ip_address("198.18.0.1"), ipaddress.ip_address("198.18.0.2"), 40001, 5353)
+time.sleep(0.2)
+events = [(e.kind, str(e.entry.orig.src), e.entry.orig.sport) for e in ev.read()]
+ct = Conntrack()
+found = ct.get(t)
+sent = ct.refresh_many([(t, False, 0, 1234)])
+gone = Tuple5(17, t.src, t.dst, 40002, 5353)
+ct.refresh_many([(gone, False, 0, 99)])
+tcp_gone = ct.set_liberal(Tuple5(6, t.src, t.dst, 1, 2), False, 0)
+time.sleep(0.1)
+ct._drain()
+print(json.dumps({"events": events, "found": found is not None and not found[1],
+                  "sent": sent, "failures": ct.update_failures, "tcp_gone": tcp_gone}))
+"""
+
+
+def test_events_get_refresh_against_the_kernel(bpf_object: object) -> None:
+    need_root()
+    with namespaces("ct") as (ns,):
+        ns.run("ip link add d0 type veth peer name d1")
+        ns.run("ip addr add 198.18.0.1/24 dev d0")
+        ns.run("ip link set d0 up")
+        ns.run("ip link set d1 up")
+        ns.run("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev d0")
+        # Conntrack tracks a namespace's packets once a rule uses it.
+        ns.run("nft add table inet t")
+        ns.run("nft add chain inet t out { type filter hook output priority 0 ; ct state new counter ; }")
+        proc = ns.run([sys.executable, "-c", PROBE])
+        got = json.loads(proc.stdout)
+        assert ("new", "198.18.0.1", 40001) in [tuple(e) for e in got["events"]]
+        assert got["found"] is True
+        assert got["sent"] == 1 and got["failures"] == 1  # the second tuple has no entry
+        assert got["tcp_gone"] is False
+        listing = ns.run("conntrack -L -p udp --sport 40001").stdout
+        timeout = int(listing.split()[2])
+        assert 1200 < timeout <= 1234, listing

@@ -1,0 +1,57 @@
+"""The ctnetlink codec: what it encodes decodes back to the same attributes,
+and damaged input never raises."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offloader import ctnetlink
+
+
+def test_update_roundtrip_ipv4() -> None:
+    t = (6, ipaddress.ip_address("198.18.1.2").packed, ipaddress.ip_address("198.19.2.2").packed,
+         40000, 443)
+    msg = ctnetlink.encode_update(7, t, reply=True, zone=5, timeout=120, liberal=True, ack=True)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", msg)
+    assert length == len(msg) and seq == 7
+    assert kind == (1 << 8) | 0 and flags == 0x1 | 0x4
+    (decoded,) = list(ctnetlink.decode(msg))
+    assert isinstance(decoded, ctnetlink.Decoded)
+    assert decoded.reply == t and decoded.orig is None
+    assert (decoded.timeout, decoded.zone) == (120, 5)
+
+
+def test_update_roundtrip_ipv6() -> None:
+    t = (17, ipaddress.ip_address("2001:db8:1::2").packed,
+         ipaddress.ip_address("2001:db8:2::2").packed, 5353, 53)
+    msg = ctnetlink.encode_update(1, t, reply=False, timeout=30)
+    assert struct.unpack_from("=B", msg, 16)[0] == socket.AF_INET6
+    (decoded,) = list(ctnetlink.decode(msg))
+    assert isinstance(decoded, ctnetlink.Decoded)
+    assert decoded.orig == t and decoded.timeout == 30 and decoded.zone == 0
+
+
+def test_acks_carry_sequence_and_error() -> None:
+    err = struct.pack("=IHHII", 36, 2, 0, 9, 0) + struct.pack("=i", -2) + b"\0" * 16
+    (ack,) = list(ctnetlink.decode(err))
+    assert isinstance(ack, ctnetlink.Ack) and (ack.seq, ack.error) == (9, -2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_raises(data: bytes) -> None:
+    list(ctnetlink.decode(data))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 120), st.binary(min_size=1, max_size=8))
+def test_truncated_and_patched_messages_never_raise(cut: int, patch: bytes) -> None:
+    t = (6, b"\xc6\x12\x01\x02", b"\xc6\x13\x02\x02", 1, 2)
+    msg = bytearray(ctnetlink.encode_update(1, t, reply=False, timeout=5, liberal=True))
+    msg[cut % len(msg) : cut % len(msg) + len(patch)] = patch
+    list(ctnetlink.decode(bytes(msg[: max(16, len(msg) - cut)])))
