@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import socket
-import subprocess
 import sys
 
 import pytest

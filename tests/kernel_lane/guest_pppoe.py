@@ -19,6 +19,7 @@ import pytest
 from .topology import (
     PPP_IFNAME,
     assert_exchange_intact,
+    expected_peer,
     ip_json,
     link_stats,
     parse_proc_pppoe,
@@ -83,6 +84,9 @@ def test_pppoe_session_tcp_intact(vid, nat):
         before = link_stats(topo.router_ns, PPP_IFNAME)
         res = tcp_exchange(topo, family=4, port=5301)
         assert_exchange_intact(res)
+        assert res["server"]["peer"] == expected_peer(topo), (res["server"], topo)
+        print(f"PPPoE session {s.session_id} up in {px['up_seconds']}s "
+              f"({px['server_mode']}-mode server); TCP exchange {res['client']['seconds']}s")
         after = link_stats(topo.router_ns, PPP_IFNAME)
         assert after["tx_bytes"] - before["tx_bytes"] >= res["up_bytes"], (before, after)
         assert after["rx_bytes"] - before["rx_bytes"] >= res["down_bytes"], (before, after)

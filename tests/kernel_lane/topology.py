@@ -30,6 +30,7 @@ these same topologies; `Topology.router_wan_lowest` is the device it should atta
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NETCHECK = HERE / "netcheck.py"
 
 LAN_NET4 = "198.18.1"
 LAN_NET6 = "2001:db8:1"
@@ -92,6 +92,37 @@ def ip(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedPr
     return sh([*base, *args], check=check)
 
 
+def ipb(ns: str | None, lines: Sequence[str]) -> None:
+    """Several `ip` commands in one process (`ip [-n ns] -batch -`): under software
+    emulation every process spawn costs 0.1-0.3 s, so builders batch their commands.
+    Stops at the first failing line and raises with ip's message."""
+    base = ["ip"] + (["-n", ns] if ns else [])
+    sh([*base, "-batch", "-"], input="\n".join(lines) + "\n")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+@contextlib.contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """Run the body with THIS THREAD in network namespace `ns` (setns), then return.
+    Sockets made inside stay in `ns`; /proc/thread-self/net and /proc/sys/net opened
+    inside show `ns`. No process spawn, no mount changes."""
+    with open("/proc/thread-self/ns/net") as orig, open(f"/run/netns/{ns}") as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(orig.fileno())
+
+
 def ip_json(ns: str | None, *args: str) -> list[dict]:
     out = ip(ns, "-j", *args).stdout.strip()
     return json.loads(out) if out else []
@@ -103,7 +134,9 @@ def modprobe(*mods: str) -> None:
 
 
 def sysctl(ns: str, key: str, value: str) -> None:
-    sh(["sysctl", "-qw", f"{key}={value}"], ns)
+    """Set a per-namespace sysctl inside `ns` only (never the host's)."""
+    with in_netns(ns), open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+        f.write(value)
 
 
 def wait_for(what: str, pred, timeout: float = 30.0, interval: float = 0.2):
@@ -168,11 +201,11 @@ class Namespaces:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def add(self, name: str) -> str:
-        ip(None, "netns", "add", name)
-        self.names.append(name)
-        ip(name, "link", "set", "lo", "up")
-        return name
+    def add(self, *names: str) -> list[str]:
+        for name in names:
+            ip(None, "netns", "add", name)
+            self.names.append(name)
+        return list(names)
 
     def close(self) -> list[str]:
         errors = []
@@ -253,8 +286,10 @@ class Topology:
     router_wan_if: str  # logical WAN device: VLAN device or PPP device
     router_wan_lowest: str  # the Ethernet device under it (where an offload attaches)
     wan_if: str  # the far host's device carrying wan_addr
+    router_wan_addr: str = ""  # the router's own WAN address (the NAT source)
     lan_addr6: str | None = None
     wan_addr6: str | None = None
+    router_wan_addr6: str | None = None
     nat: bool = False
     tags: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # outer first
     pppoe: dict = dataclasses.field(default_factory=dict)  # PPPoE extras
@@ -270,18 +305,31 @@ def _prefix() -> str:
     return "kl" + secrets.token_hex(2)
 
 
-def _lan_side(nss: Namespaces, p: str) -> tuple[str, str]:
-    lan = nss.add(f"{p}-lan")
-    rtr = nss.add(f"{p}-rtr")
-    veth(lan, "lan0", rtr, "rl0")
-    addr(lan, "lan0", f"{LAN_NET4}.2/24")
-    addr(lan, "lan0", f"{LAN_NET6}::2/64")
-    addr(rtr, "rl0", f"{LAN_NET4}.1/24")
-    addr(rtr, "rl0", f"{LAN_NET6}::1/64")
-    ip(lan, "route", "add", "default", "via", f"{LAN_NET4}.1")
-    ip(lan, "-6", "route", "add", "default", "via", f"{LAN_NET6}::1")
+def _three_namespaces(nss: Namespaces, p: str, far: str) -> tuple[str, str, str]:
+    """LAN host, router and far host (`far`: "wan" or "isp"); LAN side configured:
+    lan0 (LAN host) <-> rl0 (router). The router's WAN veth rw0 <-> w0 is created up,
+    without addresses."""
+    lan, rtr, wan = nss.add(f"{p}-lan", f"{p}-rtr", f"{p}-{far}")
+    ipb(rtr, [
+        "link set lo up",
+        f"link add rl0 type veth peer name lan0 netns {lan}",
+        f"link add rw0 type veth peer name w0 netns {wan}",
+        "link set rl0 up",
+        "link set rw0 up",
+        f"addr add {LAN_NET4}.1/24 dev rl0",
+        f"addr add {LAN_NET6}::1/64 dev rl0 nodad",
+    ])
+    ipb(lan, [
+        "link set lo up",
+        "link set lan0 up",
+        f"addr add {LAN_NET4}.2/24 dev lan0",
+        f"addr add {LAN_NET6}::2/64 dev lan0 nodad",
+        f"route add default via {LAN_NET4}.1",
+        f"route add ::/0 via {LAN_NET6}::1",
+    ])
+    ipb(wan, ["link set lo up", "link set w0 up"])
     enable_forwarding(rtr)
-    return lan, rtr
+    return lan, rtr, wan
 
 
 def _checked_close(nss: Namespaces) -> None:
@@ -303,29 +351,33 @@ def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False) -> Itera
     p = _prefix()
     nss = Namespaces()
     try:
-        lan, rtr = _lan_side(nss, p)
-        wan = nss.add(f"{p}-wan")
-        veth(rtr, "rw0", wan, "w0")
+        lan, rtr, wan = _three_namespaces(nss, p, "wan")
+        r_cmds, w_cmds = [], []
         r_dev, w_dev = "rw0", "w0"
         for proto, vid in tags:
-            # name the stacked devices short: rw0.100.7 fits IFNAMSIZ
-            r_dev = vlan(rtr, r_dev, vid, proto)
-            w_dev = vlan(wan, w_dev, vid, proto)
-        addr(rtr, r_dev, f"198.18.{net}.1/24")
-        addr(rtr, r_dev, f"2001:db8:{net}::1/64")
-        addr(wan, w_dev, f"198.18.{net}.2/24")
-        addr(wan, w_dev, f"2001:db8:{net}::2/64")
+            # stacked names stay short: rw0.100.7 fits IFNAMSIZ
+            for cmds, lower in ((r_cmds, r_dev), (w_cmds, w_dev)):
+                cmds += [f"link add link {lower} name {lower}.{vid} type vlan "
+                         f"protocol {proto} id {vid}", f"link set {lower}.{vid} up"]
+            r_dev, w_dev = f"{r_dev}.{vid}", f"{w_dev}.{vid}"
+        r_cmds += [f"addr add 198.18.{net}.1/24 dev {r_dev}",
+                   f"addr add 2001:db8:{net}::1/64 dev {r_dev} nodad",
+                   f"route add default via 198.18.{net}.2",
+                   f"route add ::/0 via 2001:db8:{net}::2"]
+        w_cmds += [f"addr add 198.18.{net}.2/24 dev {w_dev}",
+                   f"addr add 2001:db8:{net}::2/64 dev {w_dev} nodad"]
+        if not nat:
+            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.{net}.1",
+                       f"route add {LAN_NET6}::/64 via 2001:db8:{net}::1"]
+        ipb(rtr, r_cmds)
+        ipb(wan, w_cmds)
         if nat:
             masquerade(rtr, r_dev)
-        else:
-            ip(wan, "route", "add", f"{LAN_NET4}.0/24", "via", f"198.18.{net}.1")
-            ip(wan, "-6", "route", "add", f"{LAN_NET6}::/64", "via", f"2001:db8:{net}::1")
-        ip(rtr, "route", "add", "default", "via", f"198.18.{net}.2")
-        ip(rtr, "-6", "route", "add", "default", "via", f"2001:db8:{net}::2")
         yield Topology(
             kind=kind, lan_ns=lan, router_ns=rtr, wan_ns=wan,
             lan_addr=f"{LAN_NET4}.2", wan_addr=f"198.18.{net}.2",
             lan_addr6=f"{LAN_NET6}::2", wan_addr6=f"2001:db8:{net}::2",
+            router_wan_addr=f"198.18.{net}.1", router_wan_addr6=f"2001:db8:{net}::1",
             router_lan_if="rl0", router_wan_if=r_dev, router_wan_lowest="rw0", wan_if=w_dev,
             nat=nat, tags=list(tags),
         )
@@ -370,7 +422,8 @@ def parse_proc_pppoe(text: str) -> list[PppoeSession]:
 
 def read_proc_pppoe(ns: str) -> list[PppoeSession]:
     """Sessions listed by /proc/net/pppoe in namespace `ns` (the file is per netns)."""
-    return parse_proc_pppoe(sh(["cat", "/proc/net/pppoe"], ns).stdout)
+    with in_netns(ns), open("/proc/thread-self/net/pppoe") as f:
+        return parse_proc_pppoe(f.read())
 
 
 # pppoe-server -k (kernel mode) only works when this file exists; Debian's ppp ships the
@@ -434,9 +487,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
     plugin_link: Path | None = None
     work = tempfile.mkdtemp(prefix=f"{p}-ppp-")
     try:
-        lan, rtr = _lan_side(nss, p)
-        isp = nss.add(f"{p}-isp")
-        veth(rtr, "rw0", isp, "w0")
+        lan, rtr, isp = _three_namespaces(nss, p, "isp")
         r_eth, i_eth = "rw0", "w0"
         if vid is not None:
             r_eth = vlan(rtr, "rw0", vid)
@@ -472,8 +523,10 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
                                 return True
                 return False
 
+            t_up = time.monotonic()
             wait_for("the PPPoE session (pppoe-wan with " + PPPOE_CPE_ADDR + ")",
                      session_up, timeout=up_timeout, interval=0.25)
+            up_seconds = round(time.monotonic() - t_up, 2)
             isp_ppp = wait_for(
                 "the ISP's ppp device",
                 lambda: [lk["ifname"] for lk in ip_json(isp, "link", "show")
@@ -486,6 +539,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
             yield Topology(
                 kind="pppoe", lan_ns=lan, router_ns=rtr, wan_ns=isp,
                 lan_addr=f"{LAN_NET4}.2", wan_addr=PPPOE_ISP_ADDR,
+                router_wan_addr=PPPOE_CPE_ADDR,
                 router_lan_if="rl0", router_wan_if=PPP_IFNAME, router_wan_lowest="rw0",
                 wan_if=isp_ppp, nat=nat,
                 tags=[("802.1Q", vid)] if vid is not None else [],
@@ -494,6 +548,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
                     "router_mac": link_mac(rtr, r_eth), "isp_mac": link_mac(isp, i_eth),
                     "client_log": str(client_log), "server_pidfile": str(pidfile),
                     "local_addr": PPPOE_CPE_ADDR, "peer_addr": PPPOE_ISP_ADDR,
+                    "up_seconds": up_seconds,
                     "server_mode": "kernel" if plugin_link is not None
                     or os.path.exists(SERVER_PLUGIN) else "user",
                 },
@@ -521,11 +576,18 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
 # --------------------------------------------------------------------------- traffic
 
 
-def payload_sha(nbytes: int, seed: int) -> str:
-    """sha256 of the deterministic payload netcheck.py sends for (nbytes, seed)."""
-    import random
-
-    return hashlib.sha256(random.Random(seed).randbytes(nbytes)).hexdigest()
+def _recv_all(conn: socket.socket, deadline: float) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    for _ in range(1_000_000):  # bounded in count as well as time
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deadline passed after {n} bytes")
+        b = conn.recv(65536)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    return n, h.hexdigest()
 
 
 def tcp_exchange(
@@ -536,62 +598,73 @@ def tcp_exchange(
     port: int = 5201,
     timeout: float = 60.0,
 ) -> dict:
-    """One TCP connection from the LAN host to the far host: the client sends
-    `up_bytes`, the server reads them all, then sends `down_bytes` back. Returns both
-    sides' reports (bytes and sha256 each way) plus the expected hashes."""
+    """One TCP connection from the LAN host to the far host, in this process (sockets
+    made in each namespace through setns, I/O in two threads): the client sends
+    `up_bytes` random bytes and shuts down writing; the server reads to EOF, then sends
+    `down_bytes` back and closes. Returns each side's view (bytes, sha256, the peer
+    address the server saw) and the sha256 of what was sent each way."""
+    import threading
+
     server_addr = topo.wan_addr if family == 4 else topo.wan_addr6
-    if server_addr is None:
+    if not server_addr:
         raise ValueError(f"topology {topo.kind} has no IPv{family} address")
-    py = sys.executable
-    srv = subprocess.Popen(
-        ["ip", "netns", "exec", topo.wan_ns, py, str(NETCHECK), "serve", server_addr,
-         str(port), "--down", str(down_bytes), "--seed", "2", "--timeout", str(timeout)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    up, down = os.urandom(up_bytes), os.urandom(down_bytes)
+    deadline = time.monotonic() + timeout
+    with in_netns(topo.wan_ns):
+        srv = socket.socket(af, socket.SOCK_STREAM)
+    with in_netns(topo.lan_ns):
+        cli = socket.socket(af, socket.SOCK_STREAM)
+    server: dict = {}
     try:
-        # the server prints LISTENING once bound; bounded read of that line
-        line = _readline_bounded(srv, timeout=20.0)
-        if line.strip() != "LISTENING":
-            srv.kill()
-            out, err = srv.communicate(timeout=5)
-            raise TopologyError(f"netcheck server did not start: {line!r} {out} {err}")
-        cli = sh([py, str(NETCHECK), "send", server_addr, str(port), "--up", str(up_bytes),
-                  "--seed", "1", "--timeout", str(timeout)], topo.lan_ns,
-                 timeout=timeout + 10, check=False)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((server_addr, port))
+        srv.listen(1)
+        srv.settimeout(timeout)
+
+        def serve() -> None:
+            try:
+                conn, peer = srv.accept()
+                with conn:
+                    conn.settimeout(20.0)
+                    n, sha = _recv_all(conn, deadline)
+                    server.update(peer=peer[0], up_bytes=n, up_sha256=sha)
+                    conn.sendall(down)
+                    conn.shutdown(socket.SHUT_WR)
+                    _recv_all(conn, deadline)  # until the client closes
+            except Exception as e:  # reported by the caller
+                server["error"] = f"{type(e).__name__}: {e}"
+
+        th = threading.Thread(target=serve, name="tcp_exchange-server", daemon=True)
+        th.start()
+        t0 = time.monotonic()
         try:
-            s_out, s_err = srv.communicate(timeout=timeout + 10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            s_out, s_err = srv.communicate(timeout=5)
-        if cli.returncode != 0 or srv.returncode != 0:
-            raise TopologyError(
-                f"TCP exchange failed: client rc={cli.returncode} {cli.stdout} {cli.stderr}; "
-                f"server rc={srv.returncode} {s_out} {s_err}")
-        return {
-            "client": json.loads(cli.stdout.strip().splitlines()[-1]),
-            "server": json.loads(s_out.strip().splitlines()[-1]),
-            "expect_up": payload_sha(up_bytes, 1),
-            "expect_down": payload_sha(down_bytes, 2),
-            "up_bytes": up_bytes,
-            "down_bytes": down_bytes,
-        }
+            cli.settimeout(20.0)
+            cli.connect((server_addr, port))
+            cli.sendall(up)
+            cli.shutdown(socket.SHUT_WR)
+            down_n, down_sha = _recv_all(cli, deadline)
+        except OSError as e:
+            cli.close()
+            th.join(timeout=25.0)
+            raise TopologyError(f"TCP exchange to [{server_addr}]:{port} failed on the client "
+                                f"side: {type(e).__name__}: {e}; server: {server}") from e
+        seconds = time.monotonic() - t0
+        cli.close()
+        th.join(timeout=max(1.0, deadline - time.monotonic()))
+        if th.is_alive() or "error" in server:
+            raise TopologyError(f"TCP exchange: server side did not finish: {server}")
     finally:
-        if srv.poll() is None:
-            srv.kill()
-            srv.wait(timeout=5)
-
-
-def _readline_bounded(proc: subprocess.Popen, timeout: float) -> str:
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            return ""
-        return proc.stdout.readline()
-    finally:
-        sel.close()
+        cli.close()
+        srv.close()
+    return {
+        "client": {"down_bytes": down_n, "down_sha256": down_sha, "seconds": round(seconds, 3)},
+        "server": server,
+        "expect_up": hashlib.sha256(up).hexdigest(),
+        "expect_down": hashlib.sha256(down).hexdigest(),
+        "up_bytes": up_bytes,
+        "down_bytes": down_bytes,
+    }
 
 
 def assert_exchange_intact(res: dict) -> None:
@@ -601,6 +674,14 @@ def assert_exchange_intact(res: dict) -> None:
     assert c["down_bytes"] == res["down_bytes"], (
         f"client got {c['down_bytes']} of {res['down_bytes']}")
     assert c["down_sha256"] == res["expect_down"], "WAN->LAN payload corrupted"
+
+
+def expected_peer(topo: Topology, family: int = 4) -> str:
+    """The source address the far host sees: the router's WAN address with NAT, the
+    LAN host's without."""
+    if family == 4:
+        return topo.router_wan_addr if topo.nat else topo.lan_addr
+    return (topo.router_wan_addr6 if topo.nat else topo.lan_addr6) or ""
 
 
 # --------------------------------------------------------------------------- guest guard

@@ -73,6 +73,9 @@ class FakeIPRoute:
     def get_vlans(self, index: int) -> list[Msg]:
         return []
 
+    def get_rules(self, family: int) -> list[Msg]:
+        return [Msg(FRA_TABLE=254)]
+
     def close(self) -> None:
         pass
 
