@@ -182,8 +182,13 @@ class Agent:
     def attach_all(self) -> None:
         names = list(self.interfaces or self.settings.interfaces)
         if not names:
-            raise OffloadError("no interfaces to offload on: give -i IFACE or set "
-                               "`list interfaces` in the configuration")
+            from .config import network_devices
+
+            names = list(network_devices())  # the lan and wan of /etc/config/network
+        if not names:
+            raise OffloadError("no interfaces to offload on: give -i IFACE, set "
+                               "`list interfaces` in the configuration, or define lan and wan "
+                               "in /etc/config/network")
         wanted = {link.index: (link, dsa) for link, dsa in attach_points(self.resolver, names)}
         for index in list(self.attached):
             if index not in wanted:
