@@ -344,14 +344,20 @@ static __always_inline __u16 csum_apply(__u16 check, __u16 delta)
 	return (__u16)~s;
 }
 
-/* One's complement sum of two deltas; 0xffff (negative zero) becomes 0 so
- * that a no-op delta leaves the checksum bit for bit as it was. */
-static __always_inline __u16 csum_add16(__u16 a, __u16 b)
+/* The kernel's csum_replace_by_diff(): what bpf_l4_csum_replace() does with
+ * a diff on a complete checksum. XDP applies the two L4 deltas one after the
+ * other exactly like this, so that XDP and TC write the same bytes, 0x0000
+ * versus 0xffff included. */
+static __always_inline __u16 csum_replace_by_diff(__u16 check, __u16 diff)
 {
-	__u32 s = (__u32)a + b;
+	__u32 s = ~(__u32)check; /* ~csum_unfold() */
 
+	s += diff;
+	if (s < diff) /* csum_add(): end-around carry */
+		s++;
 	s = (s & 0xffff) + (s >> 16);
-	return s == 0xffff ? 0 : (__u16)s;
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
 }
 
 /* IPv4 addresses, TTL and header checksum; IPv6 addresses and hop limit.
@@ -393,7 +399,7 @@ static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const stru
 {
 	__be16 *ports = data + L4_OFF(p);
 	__u16 *check;
-	__u16 delta;
+	int i;
 
 	if ((void *)(ports + 2) > data_end)
 		return -1;
@@ -404,23 +410,32 @@ static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const stru
 	if (!fix_csum)
 		return 0;
 
-	delta = csum_add16(v->csum_l4_addr, v->csum_l4_port);
 	if (p->key.proto == IPPROTO_TCP) {
 		struct tcphdr *th = data + L4_OFF(p);
 
 		if ((void *)(th + 1) > data_end)
 			return -1;
-		th->check = csum_apply(th->check, delta);
+		check = &th->check;
 	} else {
 		struct udphdr *uh = data + L4_OFF(p);
 
 		if ((void *)(uh + 1) > data_end)
 			return -1;
 		check = &uh->check;
-		if (*check == 0) /* UDP over IPv4 without a checksum stays so */
-			return 0;
-		*check = csum_apply(*check, delta);
-		if (*check == 0)
+	}
+	/* Address part, then port part, each skipped when zero; UDP: a zero
+	 * checksum (none, over IPv4) stays zero and a zero result becomes
+	 * 0xffff, as BPF_F_MARK_MANGLED_0 does in TC. */
+#pragma unroll
+	for (i = 0; i < 2; i++) {
+		__u16 delta = i ? v->csum_l4_port : v->csum_l4_addr;
+
+		if (!delta)
+			continue;
+		if (p->key.proto == IPPROTO_UDP && *check == 0)
+			break;
+		*check = csum_replace_by_diff(*check, delta);
+		if (p->key.proto == IPPROTO_UDP && *check == 0)
 			*check = 0xffff; /* CSUM_MANGLED_0 */
 	}
 	return 0;

@@ -50,3 +50,13 @@ def add(a: int, b: int) -> int:
 def apply(check: int, diff: int) -> int:
     """The checksum after adding ``diff`` (RFC 1624 eqn. 3), as the datapath does."""
     return ~fold(((~check) & 0xFFFF) + diff) & 0xFFFF
+
+
+def replace_by_diff(check: int, diff: int) -> int:
+    """The kernel's csum_replace_by_diff() (what bpf_l4_csum_replace() does
+    with a diff on a complete checksum), in network byte order: the datapath
+    applies each L4 delta this way in XDP and TC alike."""
+    total = 0xFFFF0000 | (~check & 0xFFFF)  # ~csum_unfold(check)
+    total += diff
+    total = (total & 0xFFFFFFFF) + (total >> 32)  # csum_add: end-around carry
+    return ~fold(total) & 0xFFFF

@@ -364,13 +364,19 @@ def rewrite_l3l4(frame: bytes, p: Parsed, v: Verdict) -> bytes:
         b[l4 : l4 + 2] = v.nat_sport.to_bytes(2, "big")  # type: ignore[union-attr]
     if flags & 8:
         b[l4 + 2 : l4 + 4] = v.nat_dport.to_bytes(2, "big")  # type: ignore[union-attr]
-    delta = csum.add(d_addr, d_port)
     at = l4 + (16 if p.proto == socket.IPPROTO_TCP else 6)
     check = int.from_bytes(b[at : at + 2], "big")
-    if p.proto == socket.IPPROTO_TCP:
-        check = csum.apply(check, delta)
-    elif check != 0:  # UDP without a checksum stays without one
-        check = csum.apply(check, delta) or 0xFFFF
+    # The address delta, then the port delta, each the way the kernel's
+    # csum_replace_by_diff() applies it (bpf_l4_csum_replace in TC), skipped
+    # when zero. UDP: no checksum stays none, a zero result becomes 0xffff.
+    for delta in (d_addr, d_port):
+        if not delta:
+            continue
+        if p.proto == socket.IPPROTO_UDP and check == 0:
+            break
+        check = csum.replace_by_diff(check, delta)
+        if p.proto == socket.IPPROTO_UDP and check == 0:
+            check = 0xFFFF
     b[at : at + 2] = check.to_bytes(2, "big")
     return bytes(b)
 

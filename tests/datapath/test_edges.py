@@ -272,8 +272,9 @@ def test_udp_checksum_that_becomes_zero_is_sent_as_ffff(rig: Rig, hook: str) -> 
 @HOOKS
 def test_tcp_checksum_ffff_with_cancelling_deltas(rig: Rig, hook: str) -> None:
     """SNAT plus a source port chosen so that the address and port deltas sum
-    to one's complement zero, on a TCP checksum field of 0xffff: XDP applies
-    the summed delta (a no-op), and TC must write the same bytes."""
+    to one's complement zero, on a TCP checksum field of 0xffff: both hooks
+    apply the two deltas one after the other with the kernel's arithmetic and
+    write the same bytes (here 0x0000, equal to 0xffff in one's complement)."""
     key = model.flow_key(ENCAPS["none"], 4, "tcp")
     nsrc = model.NAT_ADDRS[4][0]
     d_addr = csum.delta(key.src.packed + key.dst.packed, nsrc.packed + key.dst.packed)
