@@ -58,7 +58,7 @@ RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTM_F_CLONED = 0x200
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RECHECK_AFTER_NS = 150_000_000
-RECENT_CT = 4096  # conntrack entries remembered from events
+RECENT_CT = 1024  # conntrack entries remembered from events
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about tuples waiting longer
 STUCK_BUDGET = 256  # at most this many such queries per sweep  # a waiting tuple seen again after this: ask conntrack
 SUMMARY_EVERY_S = 60.0
@@ -135,6 +135,7 @@ class Agent:
         self.interfaces = interfaces
         self.hook = hook
         self.started = time.time()
+        self.pid = os.getpid()
         self.off = _Offsets()
         self.consts = layout().consts
         pin_dir = netns_pin_dir() if pin else None
@@ -146,7 +147,7 @@ class Agent:
         self.ct_events = CtEvents()
         self.rt_events = rt_event_socket()
         self._rt_parser = IPRoute()
-        self.control = ControlServer(self.handle_request)
+        self.control = ControlServer(self.handle_request, fork_for={"status"})
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_event)
         self.attached: dict[int, Attached] = {}
         # wire tuple id -> {key: when it was first seen waiting}
@@ -689,7 +690,7 @@ class Agent:
         c = self.counters
         return {
             "running": True,
-            "pid": os.getpid(),
+            "pid": self.pid,  # the agent's, also when a forked child answers
             "started": self.started,
             "uptime_s": round(time.time() - self.started, 1),
             "interfaces": [{"name": a.link.name, "ifindex": a.link.index, "hook": a.hook}

@@ -10,6 +10,7 @@ request line, one JSON answer line.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +24,11 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlServer:
-    def __init__(self, handler: Handler, address: str = ADDRESS) -> None:
+    def __init__(self, handler: Handler, address: str = ADDRESS,
+                 fork_for: set[str] | None = None) -> None:
         self.handler = handler
+        self.fork_for = fork_for
+        self.children: set[int] = set()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(address)
@@ -38,7 +42,12 @@ class ControlServer:
         return self.sock.fileno()
 
     def serve_one(self) -> None:
-        """Answer one waiting client (called when the socket is readable)."""
+        """Answer one waiting client (called when the socket is readable).
+
+        Read-only requests (``fork_for``, i.e. ``status``) are answered by a
+        forked child: a report on 100,000 flows builds tens of megabytes of
+        Python objects, which would otherwise stay in the agent's heap."""
+        self.reap()
         try:
             conn, _ = self.sock.accept()
         except BlockingIOError:
@@ -46,22 +55,61 @@ class ControlServer:
         with conn:
             conn.settimeout(2.0)
             try:
-                data = b""
-                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                    chunk = conn.recv(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    data += chunk
-                request = json.loads(data or b"{}")
-                if not isinstance(request, dict):
-                    raise ValueError("request must be a JSON object")
-                answer = self.handler(request)
-            except (ValueError, OffloadError) as exc:
-                answer = {"error": str(exc)}
+                request = self._read(conn)
+            except (OSError, ValueError) as exc:
+                self._send(conn, {"error": str(exc)})
+                return
+            if self.fork_for and request.get("cmd") in self.fork_for:
+                try:
+                    pid = os.fork()
+                except OSError:
+                    pid = -1
+                if pid == 0:  # the child answers and leaves without cleanup
+                    code = 1
+                    try:
+                        self._send(conn, self._handle(request))
+                        code = 0
+                    finally:
+                        os._exit(code)
+                if pid > 0:
+                    self.children.add(pid)
+                    return
+            self._send(conn, self._handle(request))
+
+    def _read(self, conn: socket.socket) -> dict[str, Any]:
+        data = b""
+        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+            chunk = conn.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            data += chunk
+        request = json.loads(data or b"{}")
+        if not isinstance(request, dict):
+            raise ValueError("request must be a JSON object")
+        return request
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.handler(request)
+        except (ValueError, OffloadError) as exc:
+            return {"error": str(exc)}
+
+    @staticmethod
+    def _send(conn: socket.socket, answer: dict[str, Any]) -> None:
+        try:
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+
+    def reap(self) -> None:
+        """Collect finished status children."""
+        for pid in list(self.children):
             try:
-                conn.sendall(json.dumps(answer).encode() + b"\n")
-            except OSError:
-                pass
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
 
     def close(self) -> None:
         self.sock.close()
