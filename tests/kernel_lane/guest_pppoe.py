@@ -11,7 +11,6 @@ is the agent's source for the ppp-device -> (session, peer MAC, device) mapping.
 from __future__ import annotations
 
 import platform
-import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from .topology import (
     ip_json,
     link_stats,
     parse_proc_pppoe,
+    pppd_log_session,
     pppoe_topology,
     read_proc_pppoe,
     require_guest,
@@ -45,14 +45,6 @@ def test_parse_proc_pppoe_byte_order():
     s = parse_proc_pppoe(text)
     assert [(x.session_id, x.peer_mac, x.device) for x in s] == [
         (1, "aa:bb:cc:00:00:01", "rw0"), (0x1234, "aa:bb:cc:00:00:02", "rw0.7")]
-
-
-def _session_from_log(path: str) -> int | None:
-    p = Path(path)
-    if not p.exists():
-        return None
-    m = re.search(r"PPP session is (\d+)", p.read_text(errors="replace"))
-    return int(m.group(1)) if m else None
 
 
 # PPPoE straight on Ethernet, NATed (the usual home router) and routed; PPPoE over an
@@ -79,9 +71,8 @@ def test_pppoe_session_tcp_intact(vid, nat):
         assert [(x.session_id, x.peer_mac, x.device) for x in isp] == [
             (s.session_id, px["router_mac"].lower(), px["isp_eth"])], (isp, px)
         assert px["server_mode"] == "kernel", px
-        logged = _session_from_log(px["client_log"])
-        if logged is not None:
-            assert logged == s.session_id, (logged, s)
+        assert pppd_log_session(px["client_log"]) == (s.session_id, PPP_IFNAME), (
+            Path(px["client_log"]).read_text())
 
         before = link_stats(topo.router_ns, PPP_IFNAME)
         res = tcp_exchange(topo, family=4, port=5301)
@@ -95,6 +86,30 @@ def test_pppoe_session_tcp_intact(vid, nat):
         # the Ethernet device under it carried the session frames
         eth = link_stats(topo.router_ns, px["router_eth"])
         assert eth["rx_bytes"] >= res["down_bytes"], eth
+
+
+def test_pppoe_two_sessions_same_device():
+    """Two sessions from one router over one Ethernet device to one ISP (same peer MAC):
+    /proc/net/pppoe lists both with distinct ids, identical MAC and device, so it alone
+    cannot say which ppp device carries which session; pppd's log can (checked here).
+    Traffic routed via the second session uses the second ppp device."""
+    with pppoe_topology(sessions=2, nat=True) as topo:
+        px = topo.pppoe
+        listed = read_proc_pppoe(topo.router_ns)
+        assert sorted(x.session_id for x in listed) == [1, 2], listed
+        assert {(x.peer_mac, x.device) for x in listed} == {
+            (px["isp_mac"].lower(), px["router_eth"])}, listed
+        by_log = {pppd_log_session(ss["log"]) for ss in px["sessions"]}
+        assert by_log == {(1, "pppoe-wan"), (2, "pppoe-wan1")}, by_log
+        assert [ss["addr"] for ss in px["sessions"]] == ["198.18.200.10", "198.18.200.11"]
+
+        w0, w1 = (link_stats(topo.router_ns, n) for n in ("pppoe-wan", "pppoe-wan1"))
+        res = tcp_exchange(topo, port=5311, server_addr=px["second_target"])
+        assert_exchange_intact(res)
+        assert res["server"]["peer"] == "198.18.200.11", res["server"]  # NAT on session 2
+        w0b, w1b = (link_stats(topo.router_ns, n) for n in ("pppoe-wan", "pppoe-wan1"))
+        assert w1b["rx_bytes"] - w1["rx_bytes"] >= res["down_bytes"], (w1, w1b)
+        assert w0b["rx_bytes"] - w0["rx_bytes"] < res["down_bytes"] // 10, (w0, w0b)
 
 
 def test_pppoe_processes_and_namespaces_removed():

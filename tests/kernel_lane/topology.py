@@ -473,18 +473,63 @@ def server_sessions(ns: str) -> list[PppoeSession]:
     return out
 
 
+PPPOE_SECOND_TARGET = "198.18.201.1"  # on the ISP's lo, routed via the 2nd session
+
+
+def _start_pppd(rtr: str, eth: str, ifname: str, log: Path, first: bool) -> subprocess.Popen:
+    args = ["ip", "netns", "exec", rtr, "pppd", "plugin", "pppoe.so", f"nic-{eth}",
+            "noauth", "nodetach", "ifname", ifname, "persist", "maxfail", "1",
+            "noipdefault", "lcp-echo-interval", "10", "lcp-echo-failure", "3",
+            "logfile", str(log)]
+    args.append("defaultroute" if first else "nodefaultroute")
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _ppp_addr(ns: str, ifname: str) -> str | None:
+    for link in ip_json(ns, "-4", "addr", "show"):
+        if link.get("ifname") == ifname:
+            for ai in link.get("addr_info", []):
+                if ai.get("local"):
+                    return ai["local"]
+    return None
+
+
+def pppd_log_session(log: str | Path) -> tuple[int | None, str | None]:
+    """(session id, ppp interface) from a pppd logfile: "PPP session is N" and
+    "Using interface NAME". pppd 2.4.9 exports only MACREMOTE (not the session id) to
+    ip-up scripts; its log has both."""
+    import re
+
+    p = Path(log)
+    if not p.exists():
+        return None, None
+    text = p.read_text(errors="replace")
+    sid = re.search(r"PPP session is (\d+)", text)
+    dev = re.search(r"Using interface (\S+)", text)
+    return (int(sid.group(1)) if sid else None), (dev.group(1) if dev else None)
+
+
 @contextlib.contextmanager
-def pppoe_topology(vid: int | None = None, nat: bool = True,
+def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
                    up_timeout: float = 60.0) -> Iterator[Topology]:
     """LAN - router ==PPPoE== ISP. pppoe-server (kernel mode) in the ISP namespace,
-    pppd with the kernel PPPoE plugin in the router (PPP device `pppoe-wan`, default
-    route through it). With `vid`, PPPoE runs over an 802.1Q VLAN `rw0.<vid>`."""
+    pppd with the kernel PPPoE plugin in the router: PPP device `pppoe-wan` (default
+    route through it). With `vid`, PPPoE runs over an 802.1Q VLAN `rw0.<vid>`.
+
+    `sessions` > 1 starts more pppd clients on the same Ethernet device, one after the
+    other (so session N gets id N and 198.18.200.(9+N)): `pppoe-wan1`, `pppoe-wan2`...;
+    the ISP then also has 198.18.201.1 on lo, routed by the router via `pppoe-wan1`.
+    `topo.pppoe["sessions"]` lists {ifname, addr, log, pppd_pid} per session."""
+    if not 1 <= sessions <= 4:
+        raise ValueError("sessions: 1..4 (pppoe-server -N 4)")
     modprobe("pppoe", "ppp_generic")
     if vid is not None:
         modprobe("8021q")
     p = _prefix()
     nss = Namespaces()
     plugin_link: Path | None = None
+    clients: list[subprocess.Popen] = []
     work = tempfile.mkdtemp(prefix=f"{p}-ppp-")
     try:
         lan, rtr, isp = _three_namespaces(nss, p, "isp")
@@ -501,68 +546,76 @@ def pppoe_topology(vid: int | None = None, nat: bool = True,
         # the ISP namespace and are killed by pid when the namespace is removed.
         sh(["pppoe-server", "-I", i_eth, "-L", PPPOE_ISP_ADDR, "-R", PPPOE_CPE_ADDR,
             "-N", "4", "-O", str(opts), "-k", "-X", str(pidfile)], isp)
-        client_log = Path(work, "pppd.log")
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", rtr, "pppd", "plugin", "pppoe.so", f"nic-{r_eth}",
-             "noauth", "nodetach", "ifname", PPP_IFNAME, "persist", "maxfail", "1",
-             "noipdefault", "defaultroute", "lcp-echo-interval", "10",
-             "lcp-echo-failure", "3", "logfile", str(client_log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            def session_up():
+        t_up = time.monotonic()
+        sess = []
+        for n in range(sessions):
+            ifname = PPP_IFNAME if n == 0 else f"{PPP_IFNAME}{n}"
+            log = Path(work, f"pppd-{ifname}.log")
+            client = _start_pppd(rtr, r_eth, ifname, log, first=(n == 0))
+            clients.append(client)
+
+            def session_up(client=client, ifname=ifname, log=log):
                 if client.poll() is not None:
                     raise TopologyError(
-                        f"pppd exited with {client.returncode}: "
-                        f"{client_log.read_text() if client_log.exists() else ''}")
-                a = ip_json(rtr, "-4", "addr", "show") or []
-                for link in a:
-                    if link.get("ifname") == PPP_IFNAME:
-                        for ai in link.get("addr_info", []):
-                            if ai.get("local") == PPPOE_CPE_ADDR:
-                                return True
-                return False
+                        f"pppd for {ifname} exited with {client.returncode}: "
+                        f"{log.read_text() if log.exists() else ''}")
+                return _ppp_addr(rtr, ifname)
 
-            t_up = time.monotonic()
-            wait_for("the PPPoE session (pppoe-wan with " + PPPOE_CPE_ADDR + ")",
-                     session_up, timeout=up_timeout, interval=0.25)
-            up_seconds = round(time.monotonic() - t_up, 2)
-            isp_ppp = wait_for(
-                "the ISP's ppp device",
-                lambda: [lk["ifname"] for lk in ip_json(isp, "link", "show")
-                         if lk.get("link_type") == "ppp" and "UP" in lk.get("flags", [])],
-                timeout=15.0)[0]
-            if nat:
-                masquerade(rtr, PPP_IFNAME)
-            else:
-                ip(isp, "route", "add", f"{LAN_NET4}.0/24", "dev", isp_ppp)
-            yield Topology(
-                kind="pppoe", lan_ns=lan, router_ns=rtr, wan_ns=isp,
-                lan_addr=f"{LAN_NET4}.2", wan_addr=PPPOE_ISP_ADDR,
-                router_wan_addr=PPPOE_CPE_ADDR,
-                router_lan_if="rl0", router_wan_if=PPP_IFNAME, router_wan_lowest="rw0",
-                wan_if=isp_ppp, nat=nat,
-                tags=[("802.1Q", vid)] if vid is not None else [],
-                pppoe={
-                    "router_eth": r_eth, "isp_eth": i_eth,
-                    "router_mac": link_mac(rtr, r_eth), "isp_mac": link_mac(isp, i_eth),
-                    "client_log": str(client_log), "server_pidfile": str(pidfile),
-                    "local_addr": PPPOE_CPE_ADDR, "peer_addr": PPPOE_ISP_ADDR,
-                    "up_seconds": up_seconds,
-                    "server_mode": "kernel" if plugin_link is not None
-                    or os.path.exists(SERVER_PLUGIN) else "user",
-                },
-                workdir=work,
-            )
-        finally:
+            addr4 = wait_for(f"the PPPoE session on {ifname}", session_up,
+                             timeout=up_timeout, interval=0.25)
+            sess.append({"ifname": ifname, "addr": addr4, "log": str(log),
+                         "pppd_pid": client.pid})
+        up_seconds = round(time.monotonic() - t_up, 2)
+        if sess[0]["addr"] != PPPOE_CPE_ADDR:
+            raise TopologyError(f"first session got {sess[0]['addr']}, not {PPPOE_CPE_ADDR}")
+        def isp_ppp_up() -> list[str]:
+            devs = [lk["ifname"] for lk in ip_json(isp, "link", "show")
+                    if lk.get("link_type") == "ppp" and "UP" in lk.get("flags", [])]
+            return devs if len(devs) >= sessions else []
+
+        isp_ppp = wait_for("the ISP's ppp devices", isp_ppp_up, timeout=15.0)
+        # the ISP's ppp device towards the first session: the one whose peer is .10
+        isp_first = isp_ppp[0]
+        for r in ip_json(isp, "route", "show"):
+            if r.get("dst") == PPPOE_CPE_ADDR and r.get("dev") in isp_ppp:
+                isp_first = r["dev"]
+        if nat:
+            masquerade(rtr, f"{PPP_IFNAME}*")
+        else:
+            ip(isp, "route", "add", f"{LAN_NET4}.0/24", "dev", isp_first)
+        if sessions > 1:
+            ip(isp, "addr", "add", f"{PPPOE_SECOND_TARGET}/32", "dev", "lo")
+            ip(rtr, "route", "add", f"{PPPOE_SECOND_TARGET}/32", "dev", sess[1]["ifname"])
+        yield Topology(
+            kind="pppoe", lan_ns=lan, router_ns=rtr, wan_ns=isp,
+            lan_addr=f"{LAN_NET4}.2", wan_addr=PPPOE_ISP_ADDR,
+            router_wan_addr=PPPOE_CPE_ADDR,
+            router_lan_if="rl0", router_wan_if=PPP_IFNAME, router_wan_lowest="rw0",
+            wan_if=isp_first, nat=nat,
+            tags=[("802.1Q", vid)] if vid is not None else [],
+            pppoe={
+                "router_eth": r_eth, "isp_eth": i_eth,
+                "router_mac": link_mac(rtr, r_eth), "isp_mac": link_mac(isp, i_eth),
+                "client_log": sess[0]["log"], "server_pidfile": str(pidfile),
+                "local_addr": PPPOE_CPE_ADDR, "peer_addr": PPPOE_ISP_ADDR,
+                "sessions": sess, "isp_ppp": isp_ppp,
+                "second_target": PPPOE_SECOND_TARGET if sessions > 1 else None,
+                "up_seconds": up_seconds,
+                "server_mode": "kernel" if plugin_link is not None
+                or os.path.exists(SERVER_PLUGIN) else "user",
+            },
+            workdir=work,
+        )
+    finally:
+        for client in clients:
             if client.poll() is None:
                 client.terminate()
-                try:
-                    client.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    client.kill()
-                    client.wait(timeout=5)
-    finally:
+        for client in clients:
+            try:
+                client.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.wait(timeout=5)
         _checked_close(nss)
         if plugin_link is not None:
             with contextlib.suppress(OSError):
@@ -597,6 +650,7 @@ def tcp_exchange(
     down_bytes: int = 4_000_000,
     port: int = 5201,
     timeout: float = 60.0,
+    server_addr: str | None = None,
 ) -> dict:
     """One TCP connection from the LAN host to the far host, in this process (sockets
     made in each namespace through setns, I/O in two threads): the client sends
@@ -605,10 +659,11 @@ def tcp_exchange(
     address the server saw) and the sha256 of what was sent each way."""
     import threading
 
-    server_addr = topo.wan_addr if family == 4 else topo.wan_addr6
+    if server_addr is None:
+        server_addr = topo.wan_addr if family == 4 else topo.wan_addr6
     if not server_addr:
         raise ValueError(f"topology {topo.kind} has no IPv{family} address")
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    af = socket.AF_INET6 if ":" in server_addr else socket.AF_INET
     up, down = os.urandom(up_bytes), os.urandom(down_bytes)
     deadline = time.monotonic() + timeout
     with in_netns(topo.wan_ns):
