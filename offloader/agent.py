@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 AF_BRIDGE = 7
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+TCP_FIN_WAIT, TCP_CLOSE = 4, 8  # conntrack TCP states FIN_WAIT .. CLOSE: closing
 RTM_F_CLONED = 0x200
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RECHECK_AFTER_NS = 150_000_000
@@ -384,6 +385,15 @@ class Agent:
                 self.held.discard(reply)
                 self.recent_ct.pop(orig, None)
                 self.recent_ct.pop(reply, None)
+                self.waiting.pop(orig, None)
+                self.waiting.pop(reply, None)
+                continue
+            if entry.orig.proto == socket.IPPROTO_TCP and TCP_FIN_WAIT <= entry.tcp_state <= TCP_CLOSE:
+                # Closing (FIN_WAIT .. CLOSE): the kernel must see the rest.
+                # Also catches a flow offloaded from an older event after its
+                # FIN had already gone through.
+                self.dead.add(orig)
+                self.dead.add(reply)
                 self.waiting.pop(orig, None)
                 self.waiting.pop(reply, None)
                 continue
