@@ -13,9 +13,13 @@
 # Environment:
 #   KERNEL_LANE_PYTHON  python whose pip gets virtme-ng (default: python3 on PATH)
 #   KERNEL_LANE_KPKG    exact kernel package to install (default: see pick_kernel)
+#   KERNEL_LANE_CACHE   directory kept between CI runs: the kernel .deb (~70 MB) is
+#                       copied there after download and installed from there next time
+#                       (default: ${XDG_CACHE_HOME:-$HOME/.cache}/ebpf-offloader/kernel-lane)
 set -eu
 
 PREFERRED_KPKG="linux-image-6.1.0-56-amd64"
+CACHE="${KERNEL_LANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ebpf-offloader/kernel-lane}"
 PY="${KERNEL_LANE_PYTHON:-$(command -v python3 || command -v python)}"
 
 log() { printf 'setup-kernel-lane: %s\n' "$*" >&2; }
@@ -60,13 +64,28 @@ if ! have_kernel || [ -n "$need_pkgs" ]; then
             log "no linux-image-6.1.*-amd64 package in the apt sources"; exit 1
         fi
         log "kernel package: $kpkg"
-        need_pkgs="$need_pkgs $kpkg"
+        # shellcheck disable=SC2012
+        cached="$(ls "$CACHE/${kpkg}"_*_amd64.deb 2>/dev/null | sort -V | tail -n 1 || true)"
+        if [ -n "$cached" ]; then
+            log "kernel from cache: $cached"
+            need_pkgs="$need_pkgs $cached"   # apt-get installs a local .deb given by path
+        else
+            need_pkgs="$need_pkgs $kpkg"
+        fi
     fi
     log "installing:$need_pkgs"
     # shellcheck disable=SC2086
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_pkgs
 else
     log "kernel and packages already installed"
+fi
+
+# keep the kernel .deb for the next run (CI: persist $CACHE)
+if mkdir -p "$CACHE" 2>/dev/null; then
+    for deb in /var/cache/apt/archives/linux-image-6.1.0-*-amd64_*_amd64.deb; do
+        case "$deb" in *cloud*|*'*'*) continue ;; esac
+        [ -e "$CACHE/$(basename "$deb")" ] || cp "$deb" "$CACHE/" 2>/dev/null || true
+    done
 fi
 
 if ! "$PY" -c 'import importlib.metadata as m; m.version("virtme-ng")' >/dev/null 2>&1; then
@@ -81,5 +100,6 @@ if ! command -v vng >/dev/null 2>&1 && [ ! -x "$vng_dir/vng" ]; then
     log "vng not found on PATH nor beside $PY"; exit 1
 fi
 
+# shellcheck disable=SC2012
 k="$(ls /boot/vmlinuz-6.1.0-*-amd64 | sort -V | tail -n 1)"
 log "ready: $k, $(command -v qemu-system-x86_64), vng $("$PY" -c 'import importlib.metadata as m; print(m.version("virtme-ng"))')"
