@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KERNEL_GLOB = "/boot/vmlinuz-6.1.0-*-amd64"
 SETUP_CMD = "scripts/setup-kernel-lane.sh"
-DEFAULT_TIMEOUT = float(os.environ.get("KERNEL_LANE_TIMEOUT", "300"))
+DEFAULT_TIMEOUT = float(os.environ.get("KERNEL_LANE_TIMEOUT", "240"))
 
 
 class LaneUnavailable(RuntimeError):
@@ -301,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the shared dir")
-    ap.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                    help="extra pytest args after --, e.g. -- -k qinq")
+    ap.epilog = "extra pytest arguments go after --, e.g. -- -k qinq --durations=5"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
     a = ap.parse_args(argv)
-    extra = [x for x in a.pytest_args if x != "--"]
     try:
         res = run_module(a.module, timeout=a.timeout, pytest_args=extra, kernel=a.kernel,
                          keep=a.keep or None)
