@@ -50,3 +50,60 @@ def test_guest_module(lane_ready, module):
     print(res.report())
     print(f"lane wall time for {module}: {time.monotonic() - t0:.1f}s")
     assert res.passed, "\n" + res.report()
+
+
+# --- the runner's own logic, no boot needed -----------------------------------------
+
+
+def _result(**kw):
+    from .lane import LaneResult
+
+    base = dict(module="m", kernel="k", command=["vng"], vng_rc=0, pytest_rc=0,
+                timed_out=False, boot_seconds=1.0, guest_seconds=1.0, total_seconds=2.0,
+                guest_uname="6.1.0-56-amd64", pytest_log="", console="",
+                counts={"tests": 2, "failures": 0, "errors": 0, "skipped": 0}, cases=[],
+                shared_dir="/tmp/x")
+    base.update(kw)
+    return LaneResult(**base)
+
+
+def test_result_passed_only_when_clean():
+    assert _result().passed
+    assert not _result(pytest_rc=1).passed
+    assert not _result(pytest_rc=None).passed
+    assert not _result(timed_out=True).passed
+    assert not _result(counts={"tests": 0, "failures": 0, "errors": 0, "skipped": 0}).passed
+    assert not _result(counts={"tests": 2, "failures": 0, "errors": 0, "skipped": 1}).passed
+    assert not _result(counts={"tests": 2, "failures": 1, "errors": 0, "skipped": 0}).passed
+    rep = _result(pytest_rc=1, pytest_log="E boom", console="kernel panic").report()
+    assert "E boom" in rep and "kernel panic" in rep
+
+
+def test_parse_junit(tmp_path):
+    from .lane import _parse_junit
+
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="g" name="a"/>'
+        '<testcase classname="g" name="b"><failure message="x"/></testcase>'
+        '<testcase classname="g" name="c"><skipped message="y"/></testcase>'
+        "</testsuite></testsuites>")
+    counts, cases = _parse_junit(tmp_path / "j.xml")
+    assert counts == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
+    assert cases == [("g::a", "passed"), ("g::b", "FAILED"), ("g::c", "SKIPPED")]
+    assert _parse_junit(tmp_path / "missing.xml")[0]["tests"] == 0
+    (tmp_path / "bad.xml").write_text("<testsuite")
+    assert _parse_junit(tmp_path / "bad.xml")[0]["tests"] == 0
+
+
+def test_guest_script_uses_host_python_and_shared_dir(tmp_path):
+    import sys
+
+    from .lane import _guest_script
+
+    script = _guest_script(HERE / "guest_vlan.py", tmp_path, ["-k", "qinq"])
+    assert f"{sys.executable} -m pytest" in script
+    assert f"--junitxml={tmp_path}/junit.xml" in script
+    assert f"> {tmp_path}/pytest.log" in script and f"> {tmp_path}/rc" in script
+    assert "KERNEL_LANE_GUEST=1" in script and "--noconftest" in script
+    assert "-k qinq" in script
