@@ -11,7 +11,9 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,18 +159,25 @@ class Conntrack:
         if self._raw is None:
             self._raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             self._raw.bind((0, 0))
-            self._raw.settimeout(2.0)
+            self._raw.setblocking(False)  # never stall the agent's loop
         return self._raw
 
-    def _drain(self, want_seq: int = -1) -> int:
+    def _drain(self, want_seq: int = -1, wait: float = 1.0) -> int:
         """Read queued acknowledgements; failures of fire-and-forget updates
-        are counted. Returns the error of ``want_seq`` (waiting for it)."""
+        are counted. With ``want_seq``, wait (at most ``wait`` seconds) for
+        that request's answer and return its error (0 for success)."""
         sock = self._writer()
+        deadline = time.monotonic() + wait
         while True:
             try:
-                data = sock.recv(1 << 16, 0 if want_seq >= 0 else socket.MSG_DONTWAIT)
-            except (BlockingIOError, TimeoutError):
-                return 0
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                if want_seq < 0:
+                    return 0
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    raise OffloadError("conntrack did not answer") from None
+                continue
             for msg in ctnetlink.decode(data):
                 if not isinstance(msg, ctnetlink.Ack):
                     continue

@@ -103,6 +103,8 @@ def test_transfer_is_offloaded_and_intact(lab: Topology, proto: str, family: int
     assert data_packets > 0.5 * expected, (data_packets, expected)
     # ... and the kernel's established-traffic counter grew by far less.
     assert est_after - est_before < 0.4 * expected, (est_after - est_before, expected)
+    # The agent's loop never stalled long enough for the fail-safe to engage.
+    assert (lab.status() or {"datapath": {}})["datapath"].get("pass_stale") == 0
 
 
 def test_fin_hands_the_flow_back(lab: Topology) -> None:
@@ -181,6 +183,8 @@ def test_conntrack_refresh_keeps_long_transfer_alive(bpf_object: Any) -> None:
         assert result["seconds"] > 8
         st = topo.status()
         assert st and st["agent"]["conntrack_refreshes"] >= 2
+        # The refreshes never stalled the agent's loop: the heartbeat stayed fresh.
+        assert st["datapath"]["pass_stale"] == 0
 
 
 def test_conntrack_delete_removes_offload(bpf_object: Any) -> None:
