@@ -17,6 +17,7 @@ import pytest
 
 from .topology import (
     PPP_IFNAME,
+    Sniffer,
     assert_exchange_intact,
     expected_peer,
     ip_json,
@@ -75,7 +76,21 @@ def test_pppoe_session_tcp_intact(vid, nat):
             Path(px["client_log"]).read_text())
 
         before = link_stats(topo.router_ns, PPP_IFNAME)
-        res = tcp_exchange(topo, family=4, port=5301)
+        with Sniffer(topo.router_ns, "rw0") as sn:
+            res = tcp_exchange(topo, family=4, port=5301)
+            frames = sn.frames()
+        # on the wire: (VLAN tag,) PPPoE session header with this session id, PPP IPv4,
+        # between the router's and the ISP's MACs: what the datapath will have to write
+        tcp = [f for f in frames if f.ip_proto == 6]
+        assert len(tcp) >= 20, (len(frames), frames[:5])
+        want_tags = ((0x8100, vid),) if vid is not None else ()
+        assert {(f.tags, f.ethertype, f.pppoe_session, f.ppp_proto) for f in tcp} == {
+            (want_tags, 0x8864, s.session_id, 0x0021)}, tcp[:3]
+        rmac, imac = px["router_mac"].lower(), px["isp_mac"].lower()
+        assert {(f.outgoing, f.src, f.dst) for f in tcp} == {(True, rmac, imac),
+                                                             (False, imac, rmac)}
+        # inside the session: NATed to the PPP address, or the LAN host's own
+        assert {f.ip_src for f in tcp if f.outgoing} == {expected_peer(topo)}
         assert_exchange_intact(res)
         assert res["server"]["peer"] == expected_peer(topo), (res["server"], topo)
         print(f"PPPoE session {s.session_id} up in {px['up_seconds']}s "

@@ -14,6 +14,7 @@ import platform
 import pytest
 
 from .topology import (
+    Sniffer,
     assert_exchange_intact,
     expected_peer,
     ip_json,
@@ -39,7 +40,18 @@ def _vlan_info(ns: str, dev: str) -> dict:
 
 def _check(topo, family: int) -> dict:
     before = link_stats(topo.router_ns, topo.router_wan_if)
-    res = tcp_exchange(topo, family=family, port=5200 + family)
+    with Sniffer(topo.router_ns, topo.router_wan_lowest) as sn:
+        res = tcp_exchange(topo, family=family, port=5200 + family)
+        frames = sn.frames()
+    # on the wire of rw0 every frame of the test's TCP flow carries exactly the
+    # configured tag stack (other frames: the devices' own IPv6 link-local chatter)
+    ip_type = 0x0800 if family == 4 else 0x86DD
+    want = tuple((0x8100 if proto == "802.1Q" else 0x88A8, vid) for proto, vid in topo.tags)
+    tcp = [f for f in frames if f.ip_proto == 6]
+    assert len(tcp) >= 20, (len(frames), frames[:5])
+    assert {(f.tags, f.ethertype) for f in tcp} == {(want, ip_type)}, {
+        (f.tags, f.ethertype) for f in tcp}
+    assert {f.outgoing for f in tcp} == {True, False}
     assert_exchange_intact(res)
     assert res["server"]["peer"] == expected_peer(topo, family), (res["server"], topo)
     after = link_stats(topo.router_ns, topo.router_wan_if)

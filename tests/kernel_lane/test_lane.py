@@ -107,3 +107,24 @@ def test_guest_script_uses_host_python_and_shared_dir(tmp_path):
     assert f"> {tmp_path}/pytest.log" in script and f"> {tmp_path}/rc" in script
     assert "KERNEL_LANE_GUEST=1" in script and "--noconftest" in script
     assert "-k qinq" in script
+
+
+def test_parse_frame_tags_and_pppoe():
+    from .topology import TP_STATUS_VLAN_TPID_VALID, TP_STATUS_VLAN_VALID, parse_frame
+
+    dst, src = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+    ip4 = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 198, 18, 1, 2, 198, 18, 2, 2])
+    # QinQ in-band: 88a8 vid 100, 8100 vid 7, IPv4/TCP
+    f = parse_frame(dst + src + bytes.fromhex("88a80064810000070800") + ip4, None, True)
+    assert f.tags == ((0x88A8, 100), (0x8100, 7)) and f.ethertype == 0x0800
+    assert (f.ip_src, f.ip_dst, f.ip_proto, f.outgoing) == ("198.18.1.2", "198.18.2.2", 6, True)
+    # outer tag in skb metadata (PACKET_AUXDATA), inner in-band
+    aux = (TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID, 0, 0, 0, 0, 100, 0x88A8)
+    f = parse_frame(dst + src + bytes.fromhex("810000070800") + ip4, aux, False)
+    assert f.tags == ((0x88A8, 100), (0x8100, 7)) and f.ip_proto == 6
+    # PPPoE session 0x1234, PPP IPv4
+    f = parse_frame(dst + src + bytes.fromhex("8864" "1100" "1234" "002a" "0021") + ip4,
+                    None, False)
+    assert (f.ethertype, f.pppoe_session, f.ppp_proto, f.ip_src) == (
+        0x8864, 0x1234, 0x0021, "198.18.1.2")
+    assert parse_frame(b"short", None, False) is None

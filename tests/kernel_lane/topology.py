@@ -739,6 +739,119 @@ def expected_peer(topo: Topology, family: int = 4) -> str:
     return (topo.router_wan_addr6 if topo.nat else topo.lan_addr6) or ""
 
 
+# --------------------------------------------------------------------------- wire view
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+PACKET_OUTGOING = 4
+TAG_TPIDS = (0x8100, 0x88A8)
+ETH_P_PPP_SES = 0x8864
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One frame as it is on the wire of a device, tags restored (an skb may carry
+    the outer tag in metadata: PACKET_AUXDATA gives it back)."""
+
+    outgoing: bool
+    dst: str
+    src: str
+    tags: tuple[tuple[int, int], ...]  # ((tpid, vid), ...), outer first
+    ethertype: int  # after the tags
+    pppoe_session: int | None = None
+    ppp_proto: int | None = None
+    ip_src: str | None = None  # IPv4/IPv6 inside (also inside PPPoE)
+    ip_dst: str | None = None
+    ip_proto: int | None = None  # 6 = TCP
+
+
+def _mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def parse_frame(data: bytes, aux: tuple | None, outgoing: bool) -> Frame | None:
+    if len(data) < 14:
+        return None
+    tags: list[tuple[int, int]] = []
+    if aux is not None:
+        status, _len, _snap, _mac_off, _net, tci, tpid = aux
+        if status & TP_STATUS_VLAN_VALID:
+            tags.append((tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci & 0xFFF))
+    off = 12
+    et = int.from_bytes(data[off:off + 2], "big")
+    for _ in range(4):
+        if et not in TAG_TPIDS or len(data) < off + 6:
+            break
+        tags.append((et, int.from_bytes(data[off + 2:off + 4], "big") & 0xFFF))
+        off += 4
+        et = int.from_bytes(data[off:off + 2], "big")
+    sid = proto = None
+    l3, l3_off = et, off + 2
+    if et == ETH_P_PPP_SES and len(data) >= off + 10:
+        sid = int.from_bytes(data[off + 4:off + 6], "big")
+        proto = int.from_bytes(data[off + 8:off + 10], "big")
+        l3 = {0x0021: 0x0800, 0x0057: 0x86DD}.get(proto, 0)
+        l3_off = off + 10
+    src = dst = ipp = None
+    if l3 == 0x0800 and len(data) >= l3_off + 20:
+        src = socket.inet_ntop(socket.AF_INET, data[l3_off + 12:l3_off + 16])
+        dst = socket.inet_ntop(socket.AF_INET, data[l3_off + 16:l3_off + 20])
+        ipp = data[l3_off + 9]
+    elif l3 == 0x86DD and len(data) >= l3_off + 40:
+        src = socket.inet_ntop(socket.AF_INET6, data[l3_off + 8:l3_off + 24])
+        dst = socket.inet_ntop(socket.AF_INET6, data[l3_off + 24:l3_off + 40])
+        ipp = data[l3_off + 6]
+    return Frame(outgoing, _mac(data[0:6]), _mac(data[6:12]), tuple(tags), et, sid, proto,
+                 src, dst, ipp)
+
+
+class Sniffer:
+    """A raw packet socket on `dev` in namespace `ns`, opened before the traffic and
+    drained after it (bounded: at most `limit` frames, buffer 8 MB)."""
+
+    def __init__(self, ns: str, dev: str) -> None:
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                      socket.htons(ETH_P_ALL))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        self.sock.bind((dev, 0))
+        self.sock.setblocking(False)
+
+    def frames(self, limit: int = 20000) -> list[Frame]:
+        import struct
+
+        out: list[Frame] = []
+        for _ in range(limit):
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(20))
+            except BlockingIOError:
+                break
+            aux = None
+            for level, typ, cdata in anc:
+                if level == SOL_PACKET and typ == PACKET_AUXDATA and len(cdata) >= 20:
+                    aux = struct.unpack("IIIHHHH", cdata[:20])
+            f = parse_frame(data, aux, addr[2] == PACKET_OUTGOING)
+            if f is not None:
+                out.append(f)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Sniffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- guest guard
 
 
