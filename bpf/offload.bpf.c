@@ -64,6 +64,7 @@ struct ofl_pkt {
 	__u8 hw_tag; /* TC: an outer tag the kernel moved to skb metadata */
 	__u8 pppoe;
 	__u8 dsa_len;
+	__u8 no_l2; /* TC on an L3 device: the packet starts with the IP header */
 };
 
 static __always_inline void ofl_count(__u32 stat)
@@ -82,7 +83,7 @@ static __always_inline void ofl_count(__u32 stat)
  * fragments, not TCP/UDP, IPv6 extension headers) and -1 for the rest.
  */
 static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len, __u8 dsa_proto,
-				     int hw_vid, struct ofl_pkt *p)
+				     int hw_vid, __be16 l3_proto, struct ofl_pkt *p)
 {
 	__u32 off = 12; /* past the MACs */
 	__be16 proto;
@@ -90,6 +91,12 @@ static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len
 
 	__builtin_memset(p, 0, sizeof(*p));
 	p->key.dsa_port = OFL_DSA_PORT_NONE;
+	if (l3_proto) { /* a device without L2 header (ppp, TC): IP at offset 0 */
+		off = 0;
+		proto = l3_proto;
+		p->no_l2 = 1;
+		goto l3;
+	}
 	if (hw_vid >= 0) {
 		p->key.vlan_outer = hw_vid & 0xfff;
 		p->hw_tag = 1;
@@ -165,6 +172,7 @@ static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len
 		off += PPPOE_HLEN;
 	}
 
+l3:
 	p->l3_off = off;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *iph = data + off;
@@ -522,16 +530,18 @@ static __always_inline void ofl_account(struct ofl_flow *flow, __u32 packets, __
 	__sync_fetch_and_add(&flow->bytes, bytes);
 }
 
-static __always_inline __u8 ofl_dsa_of(__u32 ifindex)
+/* The device's settings (DSA tag protocol, no-L2 flag); all zero for most. */
+static __always_inline struct ofl_iface ofl_iface_of(__u32 ifindex)
 {
+	struct ofl_iface none = {};
 	__u32 zero = 0;
 	struct ofl_config *cfg = bpf_map_lookup_elem(&ofl_config, &zero);
 	struct ofl_iface *ifc;
 
-	if (!cfg || !(cfg->flags & OFL_CFG_DSA))
-		return OFL_DSA_NONE;
+	if (!cfg || !(cfg->flags & OFL_CFG_IFACES))
+		return none;
 	ifc = bpf_map_lookup_elem(&ofl_ifaces, &ifindex);
-	return ifc ? ifc->dsa_proto : OFL_DSA_NONE;
+	return ifc ? *ifc : none;
 }
 
 SEC("xdp")
@@ -540,11 +550,15 @@ int ofl_xdp(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ofl_flow *flow;
+	struct ofl_iface ifc;
 	struct ofl_pkt p;
 	int shift, ret;
 
 	ofl_count(OFL_STAT_RX);
-	ret = ofl_parse(data, data_end, data_end - data, ofl_dsa_of(ctx->ingress_ifindex), -1, &p);
+	ifc = ofl_iface_of(ctx->ingress_ifindex);
+	if (ifc.flags & OFL_IF_L3)
+		return XDP_PASS; /* generic XDP on an L3 device: not ours */
+	ret = ofl_parse(data, data_end, data_end - data, ifc.dsa_proto, -1, 0, &p);
 	if (ret) {
 		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
 		return XDP_PASS;
@@ -588,6 +602,7 @@ int ofl_tc(struct __sk_buff *skb)
 	void *data, *data_end;
 	struct ofl_flow *flow;
 	struct ofl_verdict v;
+	struct ofl_iface ifc;
 	struct ofl_pkt p;
 	__u32 seg_len, pull, l2_extra, csum_off, l4_flags;
 	int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
@@ -599,7 +614,9 @@ int ofl_tc(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, pull);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	ret = ofl_parse(data, data_end, skb->len, ofl_dsa_of(skb->ifindex), hw_vid, &p);
+	ifc = ofl_iface_of(skb->ifindex);
+	ret = ofl_parse(data, data_end, skb->len, ifc.dsa_proto, hw_vid,
+			ifc.flags & OFL_IF_L3 ? (__be16)skb->protocol : 0, &p);
 	if (ret) {
 		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
 		return TC_ACT_OK;
@@ -613,7 +630,7 @@ int ofl_tc(struct __sk_buff *skb)
 	if (!flow)
 		return TC_ACT_OK;
 	v = flow->v; /* helpers below invalidate nothing of this copy */
-	if (p.pppoe || p.dsa_len ||
+	if (p.pppoe || p.dsa_len || (p.no_l2 && ofl_l2_len(&v) != ETH_HLEN) ||
 	    (skb->gso_size && (v.pppoe_sid || v.dsa_proto || v.vlan_proto[0]))) {
 		ofl_count(OFL_STAT_PASS_UNSUPPORTED);
 		return TC_ACT_OK;
@@ -640,10 +657,16 @@ int ofl_tc(struct __sk_buff *skb)
 		if (bpf_skb_vlan_pop(skb))
 			return TC_ACT_SHOT;
 	}
-	l2_extra = ofl_l2_len(&v) - 14;
-	if (l2_extra &&
-	    bpf_skb_adjust_room(skb, l2_extra, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
-		return TC_ACT_SHOT;
+	if (p.no_l2) {
+		/* The helper made for this: push a MAC header on an L3 skb. */
+		if (bpf_skb_change_head(skb, ETH_HLEN, 0))
+			return TC_ACT_SHOT;
+	} else {
+		l2_extra = ofl_l2_len(&v) - ETH_HLEN;
+		if (l2_extra && bpf_skb_adjust_room(skb, l2_extra, BPF_ADJ_ROOM_MAC,
+						    BPF_F_ADJ_ROOM_FIXED_GSO))
+			return TC_ACT_SHOT;
+	}
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (ofl_write_l2(data, data_end, &p, &v))

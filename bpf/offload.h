@@ -128,15 +128,17 @@ struct ofl_event {
 _Static_assert(sizeof(struct ofl_event) == 64, "ofl_event layout");
 
 /* Per-device settings, keyed by ifindex (ofl_ifaces). */
+#define OFL_IF_L3 (1U << 0) /* no L2 header on this device (ppp): TC only */
 struct ofl_iface {
 	__u8 dsa_proto; /* frames on this device carry OFL_DSA_* tags */
-	__u8 pad[3];
+	__u8 flags; /* OFL_IF_* */
+	__u8 pad[2];
 };
 _Static_assert(sizeof(struct ofl_iface) == 4, "ofl_iface layout");
 
 /* Global settings, index 0 of ofl_config. */
 #define OFL_CFG_ENABLED (1U << 0) /* offload at all; off: pass everything */
-#define OFL_CFG_DSA (1U << 1) /* some device carries DSA tags: consult ofl_ifaces */
+#define OFL_CFG_IFACES (1U << 1) /* some device has settings in ofl_ifaces */
 struct ofl_config {
 	__u64 heartbeat_ns; /* last agent heartbeat, CLOCK_MONOTONIC */
 	__u64 heartbeat_timeout_ns; /* stale after this: pass everything */

@@ -191,15 +191,19 @@ class Agent:
             raise OffloadError("no interfaces to offload on: give -i IFACE, set "
                                "`list interfaces` in the configuration, or define lan and wan "
                                "in /etc/config/network")
-        wanted = {link.index: (link, dsa) for link, dsa in attach_points(self.resolver, names)}
+        # TC attaches above VLAN, PPPoE and DSA (the kernel decapsulates, and
+        # redirecting into those devices keeps their qdiscs, i.e. SQM);
+        # XDP and auto attach to the lowest devices.
+        points = attach_points(self.resolver, names, full=self.hook != "tc")
+        wanted = {p.link.index: p for p in points}
         for index in list(self.attached):
             if index not in wanted:
                 self._detach(index)
-        for index, (link, dsa) in wanted.items():
-            if dsa:
-                self.dp.set_iface(index, dsa)
+        for index, point in wanted.items():
+            if point.dsa_proto or point.l3:
+                self.dp.set_iface(index, point.dsa_proto, l3=point.l3)
             if index not in self.attached:
-                self.attached[index] = Attached(link, self._attach(link))
+                self.attached[index] = Attached(point.link, self._attach(point.link))
                 self.dp.add_tx_port(index)
         self._excluded_ifindexes = self._zone_devices()
 
@@ -434,8 +438,10 @@ class Agent:
         if why:
             return self._pass(key, tid, why)
         target = nat_target(entry, is_reply)
+        ingress = self.attached.get(key.ifindex)
+        full = ingress is None or ingress.hook != "tc"  # TC may redirect into upper devices
         try:
-            path = self.resolver.resolve(key, target.dst)
+            path = self.resolver.resolve(key, target.dst, full=full)
         except NotYet as exc:
             log.debug("%s: %s, retrying", _fmt(key), exc)
             return "wait"

@@ -295,12 +295,9 @@ class Datapath:
 
     # -- settings -----------------------------------------------------------
     def configure(self, *, enabled: bool = True, heartbeat_timeout: float = 3.0,
-                  renotify: float = 0.2, dsa: bool | None = None) -> None:
+                  renotify: float = 0.2) -> None:
         flags = self.layout.const("OFL_CFG_ENABLED") if enabled else 0
-        if dsa is None:
-            dsa = bool(self._cfg_flags & self.layout.const("OFL_CFG_DSA"))
-        if dsa:
-            flags |= self.layout.const("OFL_CFG_DSA")
+        flags |= self._cfg_flags & self.layout.const("OFL_CFG_IFACES")
         self._cfg_flags = flags
         self._heartbeat_timeout_ns = int(heartbeat_timeout * 1e9)
         self._renotify_ns = int(renotify * 1e9)
@@ -319,13 +316,16 @@ class Datapath:
     def add_tx_port(self, ifindex: int) -> None:
         self.tx_ports.update(ifindex.to_bytes(4, "little"), ifindex.to_bytes(4, "little"))
 
-    def set_iface(self, ifindex: int, dsa_proto: int) -> None:
+    def set_iface(self, ifindex: int, dsa_proto: int = 0, *, l3: bool = False) -> None:
+        """Per-device settings: the DSA tag protocol its frames carry, or
+        ``l3`` for a device without an L2 header (ppp; TC only)."""
         lay = self.layout
         ifc = lay.new("struct ofl_iface")
         ifc.dsa_proto = dsa_proto
+        ifc.flags = lay.const("OFL_IF_L3") if l3 else 0
         self.ifaces.update(ifindex.to_bytes(4, "little"), lay.to_bytes(ifc))
-        if dsa_proto:
-            self._cfg_flags |= lay.const("OFL_CFG_DSA")
+        if dsa_proto or l3:
+            self._cfg_flags |= lay.const("OFL_CFG_IFACES")
             self.heartbeat()
 
     # -- flows ----------------------------------------------------------------

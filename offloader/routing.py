@@ -316,8 +316,14 @@ class Resolver:
                     return bool(info.get("flags", 0) & 0x4)  # BRIDGE_VLAN_INFO_UNTAGGED
         return True
 
-    def resolve(self, key: FlowKey, dst: IPAddress) -> Egress:
-        """Where a packet of ``key`` goes once its destination is ``dst``."""
+    def resolve(self, key: FlowKey, dst: IPAddress, *, full: bool = True) -> Egress:
+        """Where a packet of ``key`` goes once its destination is ``dst``.
+
+        ``full`` (XDP): down to the lowest device, with the whole L2 header
+        (VLAN tags, PPPoE, DSA tag) for the datapath to write. Otherwise (TC):
+        only through plain bridges; the packet is redirected into the VLAN,
+        ppp or DSA device above, whose own transmit path encapsulates it and
+        whose qdisc (SQM) still sees it."""
         ingress = self.ingress(key)
         l3_oif, hop = self.route(ingress.l3_iif, key, dst)
         l3 = self.link(l3_oif)
@@ -329,8 +335,9 @@ class Resolver:
             header = L2Header(dmac=self.neighbour(l3_oif, hop), smac=l3.mac)
         dev = l3
         mtu = l3.mtu
+        steps = self.lower_steps if full else [_plain_bridge_step]
         for _ in range(8):  # bounded: bridge, two VLANs, PPPoE, DSA at most
-            for step in self.lower_steps:
+            for step in steps:
                 lower = step(self, dev, header)
                 if lower is not None:
                     dev, header = lower
@@ -340,7 +347,7 @@ class Resolver:
                 break
         if not dev.up:
             raise ResolveError(f"{dev.name} is down")
-        if dev.is_ppp:
+        if dev.is_ppp and full:
             raise ResolveError(f"cannot tell which PPPoE session {dev.name} carries")
         # VLAN tags and DSA tags do not lower the MTU: Linux lets a VLAN device
         # have its lower device's MTU, and the DSA core enlarges the conduit's.
@@ -400,6 +407,15 @@ def _bridge_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2He
     return port, header
 
 
+def _plain_bridge_step(res: Resolver, dev: Link,
+                       header: L2Header) -> tuple[Link, L2Header] | None:
+    """TC: a bridge without VLAN filtering hands the frame to its port; a
+    VLAN-filtering bridge is left to tag it itself."""
+    if dev.kind != "bridge" or dev.vlan_filtering:
+        return None
+    return res.link(res.fdb_port(dev.index, header.dmac)), header
+
+
 def _vlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
     """A VLAN device adds its tag outside the ones added above it."""
     if dev.kind != "vlan" or not dev.link:
@@ -435,11 +451,22 @@ def _dsa_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Heade
     return conduit, replace(header, dsa_proto=proto, dsa_port=port)
 
 
-def attach_points(res: Resolver, names: list[str]) -> list[tuple[Link, int]]:
-    """The lowest devices under the interfaces the user named, each with the
-    DSA tag protocol its frames carry: bridge -> ports, VLAN -> lower device,
-    ppp -> the PPPoE session's Ethernet device, DSA user port -> conduit."""
-    out: dict[int, tuple[Link, int]] = {}
+@dataclass(frozen=True, slots=True)
+class AttachPoint:
+    link: Link
+    dsa_proto: int = 0  # its frames carry DSA tags of this protocol
+    l3: bool = False  # no L2 header (ppp): TC only
+
+
+def attach_points(res: Resolver, names: list[str], *, full: bool = True) -> list[AttachPoint]:
+    """The devices to attach to under the interfaces the user named.
+
+    ``full`` (XDP): the lowest devices, bridge -> ports, VLAN -> lower
+    device, ppp -> the PPPoE session's Ethernet device, DSA user port ->
+    conduit (marked with its tag protocol). Otherwise (TC): bridge -> ports,
+    every other device itself (a ppp device marked as having no L2 header),
+    so that the kernel has decapsulated the frames before the program runs."""
+    out: dict[int, AttachPoint] = {}
     todo = [res.link_by_name(n) for n in names]
     for _ in range(64):  # bounded walk
         if not todo:
@@ -447,6 +474,8 @@ def attach_points(res: Resolver, names: list[str]) -> list[tuple[Link, int]]:
         dev = todo.pop()
         if dev.kind == "bridge":
             todo.extend(p for p in res.links() if p.master == dev.index)
+        elif not full:
+            out.setdefault(dev.index, AttachPoint(dev, l3=dev.is_ppp))
         elif dev.kind == "vlan" and dev.link:
             todo.append(res.link(dev.link))
         elif dev.is_ppp:
@@ -457,9 +486,9 @@ def attach_points(res: Resolver, names: list[str]) -> list[tuple[Link, int]]:
         elif (dev.kind in ("", "dsa") and dev.link and dev.link != dev.index
               and res.dsa_tagging(res.link(dev.link))):
             conduit = res.link(dev.link)
-            out[conduit.index] = (conduit, max(0, res.dsa_tagging(conduit)))
+            out[conduit.index] = AttachPoint(conduit, dsa_proto=max(0, res.dsa_tagging(conduit)))
         else:
-            out.setdefault(dev.index, (dev, 0))
+            out.setdefault(dev.index, AttachPoint(dev))
     return list(out.values())
 
 

@@ -196,8 +196,26 @@ def test_mtk_ingress_maps_back(mt7621: Resolver) -> None:
 
 
 def test_mtk_attach_points(mt7621: Resolver) -> None:
-    points = {(link.name, dsa) for link, dsa in attach_points(mt7621, ["br-lan", "pppoe-wan"])}
-    assert points == {("eth0", 1)}  # everything rides on the conduit, mtk tagged
+    points = {(p.link.name, p.dsa_proto, p.l3)
+              for p in attach_points(mt7621, ["br-lan", "pppoe-wan"])}
+    assert points == {("eth0", 1, False)}  # everything rides on the conduit, mtk tagged
+    # TC attaches above the encapsulations: the user ports and the ppp device.
+    tc = {(p.link.name, p.dsa_proto, p.l3)
+          for p in attach_points(mt7621, ["br-lan", "pppoe-wan"], full=False)}
+    assert tc == {("lan1", 0, False), ("lan2", 0, False), ("lan3", 0, False),
+                  ("lan4", 0, False), ("pppoe-wan", 0, True)}
+
+
+def test_tc_egress_stops_above_the_encapsulation(mt7621: Resolver) -> None:
+    """TC redirects into the ppp device (its qdisc, SQM, still applies) and
+    into the DSA user port, plain Ethernet headers only."""
+    eg = mt7621.resolve(key(4, "198.18.1.2", "198.51.100.9"),
+                        ipaddress.ip_address("198.51.100.9"), full=False)
+    assert eg.oif == 12 and eg.mtu == 1492
+    assert eg.l2.vlans == () and eg.l2.pppoe_sid == 0 and eg.l2.dsa_proto == 0
+    eg = mt7621.resolve(key(12, "198.51.100.9", "198.51.100.1"),
+                        ipaddress.ip_address("198.18.1.2"), full=False)
+    assert eg.oif == 4 and eg.l2.dsa_proto == 0  # lan2, the user port
 
 
 def test_route_lookup_is_the_kernels_input_lookup(mt7621: Resolver) -> None:
