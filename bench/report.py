@@ -76,7 +76,7 @@ def _plots(r: dict[str, Any]) -> list[str]:
         made.append("bench-tcp.png")
     if "setup" in r:
         s = r["setup"]
-        rows = [("1000 flows @ %g/s" % s["rate_per_s"], s["latency_ms"])]
+        rows = [(f"1000 flows @ {s['rate_per_s']:g}/s", s["latency_ms"])]
         rows += [(f"{int(t['flows'])} @ {int(t['rate'])}/s", t["latency_ms"]) for t in s.get("rate_trials", [])]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for k, color in (("p50", "#2a7"), ("p99", "#27a"), ("max", "#a33")):

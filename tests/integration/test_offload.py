@@ -48,6 +48,12 @@ def _flow(status: dict[str, Any], *, proto: str, dport: int | None = None,
             and (src is None or f["src"] == src)]
 
 
+def _offloaded(topo: Topology, proto: str, sport: int) -> list[dict[str, Any]]:
+    """The offloaded flows of ``proto`` from source port ``sport`` right now."""
+    return [f for f in _flow(topo.status() or {"flows": []}, proto=proto, sport=sport)
+            if f["state"] == "offloaded"]
+
+
 def _wait(pred: Any, timeout: float = 10.0, step: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -195,8 +201,7 @@ def test_conntrack_delete_removes_offload(bpf_object: Any) -> None:
         t, out = _background_transfer(topo, proto="tcp", family=4, size=3_000_000,
                                       rate_pps=500_000, timeout=30, sport=41002)
         try:
-            assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []}, proto="tcp",
-                                                   sport=41002) if f["state"] == "offloaded"])
+            assert _wait(lambda: _offloaded(topo, "tcp", 41002))
             topo.router.sh("conntrack -D -p tcp --sport 41002 >/dev/null 2>&1", check=False)
             assert _wait(lambda: (topo.status() or {"agent": {"torn_down": {}}})["agent"]
                          ["torn_down"].get("conntrack-destroyed", 0) >= 1, timeout=4)
@@ -213,8 +218,7 @@ def test_flush_makes_a_new_drop_rule_effective(bpf_object: Any) -> None:
         t, out = _background_transfer(topo, proto="udp", family=4, size=6_000_000,
                                       rate_pps=1000, timeout=20, sport=41003)
         try:
-            assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []}, proto="udp",
-                                                   sport=41003) if f["state"] == "offloaded"])
+            assert _wait(lambda: _offloaded(topo, "udp", 41003))
             topo.router.sh("nft insert rule inet lab forward udp sport 41003 counter drop")
             time.sleep(1.0)
             before_flush = _bytes_received_so_far(topo)
@@ -245,14 +249,11 @@ def test_sigkill_fail_safe_and_restart(bpf_object: Any) -> None:
         t, out = _background_transfer(topo, proto="tcp", family=4, size=4_000_000,
                                       rate_pps=400_000, timeout=40, sport=41004)
         try:
-            assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []}, proto="tcp",
-                                                   sport=41004) if f["state"] == "offloaded"])
+            assert _wait(lambda: _offloaded(topo, "tcp", 41004))
             topo.stop_agent(sig=signal.SIGKILL)
             time.sleep(4.0)  # past the heartbeat timeout: the datapath passes everything
             topo.start_agent(hook="xdp")
-            assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []}, proto="tcp",
-                                                   sport=41004) if f["state"] == "offloaded"],
-                         timeout=10)
+            assert _wait(lambda: _offloaded(topo, "tcp", 41004), timeout=10)
         finally:
             t.join(timeout=60)
         assert out.get("intact"), out
@@ -287,16 +288,12 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
             t, out = _background_transfer(topo, proto="udp", family=4, size=4_000_000,
                                           rate_pps=1000, timeout=20, sport=41005)
             try:
-                assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []},
-                                                       proto="udp", sport=41005)
-                                      if f["state"] == "offloaded"])
+                assert _wait(lambda: _offloaded(topo, "udp", 41005))
                 assert (pin / "ofl_flows").exists()
                 topo.stop_agent()  # clean stop: detached, maps stay pinned
                 topo.start_agent(hook="xdp", nsenter=True)
                 assert "adopted 1 flows" in topo.read_agent_log()
-                st = topo.status()
-                assert st and [f for f in _flow(st, proto="udp", sport=41005)
-                               if f["state"] == "offloaded"]
+                assert _offloaded(topo, "udp", 41005)  # at once: no new decision needed
             finally:
                 t.join(timeout=30)
             assert out.get("received", 0) > 0
