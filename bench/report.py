@@ -157,8 +157,25 @@ def write(r: dict[str, Any]) -> Path:
         if "bench-tcp.png" in made:
             L.append("\n![tcp](img/bench-tcp.png)\n")
     if "hit_path" in r:
+        h = r["hit_path"]
         L.append("## 3. Hit path (BPF_PROG_TEST_RUN)\n")
-        L.append("```\n" + json.dumps(r["hit_path"], indent=1, default=str) + "\n```\n")
+        if "results" in h:
+            meta = h["meta"]
+            L.append("Cost of one offloaded packet in the program itself, ns (`python -m bench.hitpath`). "
+                     "`chain`: BPF_PROG_TEST_RUN with repeat, the TTL allowing 254 runs per call, "
+                     f"{h['results'][0]['chain_packets']:,} packets per row; `single`: mean of one-run "
+                     "calls (fastest 90%) minus the timer's own overhead "
+                     + ", ".join(f"{k} {v:.1f} ns" for k, v in meta["timer_overhead_ns"].items())
+                     + ". TC cannot chain where its output no longer parses as its input.\n")
+            L.append("| case | hook | ingress > egress | chain ns | single ns |")
+            L.append("|---|---|---|---:|---:|")
+            for x in h["results"]:
+                chain = "-" if x["chain_ns"] is None else f"{x['chain_ns']:.1f}"
+                single = "-" if x["single_ns"] is None else f"{x['single_ns']:.1f}"
+                L.append(f"| {x['case']} | {x['hook']} | {x['ingress']} > {x['egress']} | {chain} | {single} |")
+            L.append("")
+        else:
+            L.append("```\n" + json.dumps(h, indent=1, default=str) + "\n```\n")
     if "setup" in r:
         s = r["setup"]
         lat = s["latency_ms"]
