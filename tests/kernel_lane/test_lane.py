@@ -16,7 +16,7 @@ from .lane import HERE, LaneUnavailable, run_module, unavailable_reason
 
 pytestmark = pytest.mark.kernel_lane
 
-GUEST_MODULES = ["guest_vlan.py", "guest_pppoe.py", "guest_bpf.py"]
+GUEST_MODULES = ["guest_vlan.py", "guest_pppoe.py", "guest_bpf.py", "guest_offload.py"]
 TIMEOUT = float(os.environ.get("KERNEL_LANE_TIMEOUT", "240"))
 
 
