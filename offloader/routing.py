@@ -345,6 +345,12 @@ class Resolver:
                     break
             else:
                 break
+        if full and len(header.vlans) > 1:
+            # An XDP redirect (the kernel's xdp_ok_fwd_dev) takes a frame of at
+            # most MTU + 14 + 4 bytes on the egress device: one tag's worth.
+            # Every further tag in the frame costs 4 bytes of L3 packet, or
+            # full-size QinQ frames are dropped after the redirect.
+            mtu = min(mtu, dev.mtu - 4 * (len(header.vlans) - 1))
         if not dev.up:
             raise ResolveError(f"{dev.name} is down")
         if dev.is_ppp and full:
