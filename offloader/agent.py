@@ -115,6 +115,7 @@ class _Offsets:
 class Attached:
     link: Link
     hook: str  # xdp, xdpgeneric, tc
+    restore: tuple[str, ...] = ()  # device features we turned off, to turn back on
 
 
 @dataclass
@@ -203,22 +204,39 @@ class Agent:
             if point.dsa_proto or point.l3:
                 self.dp.set_iface(index, point.dsa_proto, l3=point.l3)
             if index not in self.attached:
-                self.attached[index] = Attached(point.link, self._attach(point.link))
+                self.attached[index] = self._attach(point.link)
                 self.dp.add_tx_port(index)
         self._excluded_ifindexes = self._zone_devices()
 
-    def _attach(self, link: Link) -> str:
+    def _attach(self, link: Link) -> Attached:
         if self.hook == "tc":
             bpfobj.tc_attach(link.index, self.dp.tc)
-            return "tc"
+            return Attached(link, "tc")
+        restore = self._show_vlan_tags_to_xdp(link)
         if self.hook in ("xdp", "xdpgeneric"):
-            return bpfobj.xdp_attach(link.index, self.dp.xdp, self.hook)
+            return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, self.hook), restore)
         try:  # auto: native XDP where the driver has it, else TC (faster than generic XDP)
-            return bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp")
+            return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp"), restore)
         except AttachError as exc:
             log.info("%s: no native XDP (%s), using TC", link.name, exc)
+            _set_features(link.name, restore, True)
             bpfobj.tc_attach(link.index, self.dp.tc)
-            return "tc"
+            return Attached(link, "tc")
+
+    def _show_vlan_tags_to_xdp(self, link: Link) -> tuple[str, ...]:
+        """A device that strips VLAN tags on receive (rx-vlan-hw-parse) hands
+        XDP the frame without its tag, which would key a VLAN's flows as the
+        lower device's. Where VLAN devices sit on top, turn that off while we
+        are attached (restored on detach); the kernel then parses the tag in
+        software, as it does for any device without the offload."""
+        if not any(d.kind == "vlan" and d.link == link.index for d in self.resolver.links()):
+            return ()
+        names = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
+        changed = _set_features(link.name, names, False)
+        if changed:
+            log.info("%s: VLAN tag stripping off while XDP is attached (%s)", link.name,
+                     ", ".join(changed))
+        return changed
 
     def _detach(self, index: int) -> None:
         att = self.attached.pop(index)
@@ -229,6 +247,7 @@ class Agent:
                 bpfobj.xdp_detach(index, att.hook)
         except AttachError as exc:
             log.warning("detaching from %s: %s", att.link.name, exc)
+        _set_features(att.link.name, att.restore, True)
 
     def _adopt(self) -> None:
         """Keep what a previous run offloaded if conntrack still has it."""
@@ -744,6 +763,36 @@ def _irrelevant(msg: Any) -> bool:
         ip = ipaddress.ip_address(addr)
         return bool(ip.is_link_local or ip.is_multicast)
     return False
+
+
+def _set_features(ifname: str, names: Iterable[str], enable: bool) -> tuple[str, ...]:
+    """Switch ethtool features of a device; returns those that changed.
+    Features a driver does not have, or has fixed, are left alone."""
+    names = tuple(names)
+    if not names:
+        return ()
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        eth = Ethtool()
+    except Exception:  # noqa: BLE001 (no ethtool netlink: nothing to change)
+        return ()
+    changed = []
+    try:
+        feats = eth.get_features(ifname)
+        for name in names:
+            feat = feats.features.get(name)
+            if feat is not None and feat.available and bool(feat.enable) != enable:
+                feat.enable = enable
+                changed.append(name)
+        if changed:
+            eth.set_features(ifname, feats)
+    except Exception as exc:  # noqa: BLE001 (a device that refuses keeps its features)
+        log.warning("%s: cannot switch %s: %s", ifname, ", ".join(names), exc)
+        return ()
+    finally:
+        eth.close()
+    return tuple(changed)
 
 
 def _percentiles(values: deque[float]) -> dict[str, float | int]:

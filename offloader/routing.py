@@ -487,7 +487,11 @@ def attach_points(res: Resolver, names: list[str], *, full: bool = True) -> list
         elif dev.is_ppp:
             session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
             if session is None:
-                raise ResolveError(f"cannot tell which Ethernet device {dev.name} runs on")
+                # Several sessions and no ip-up record: its flows stay with the
+                # kernel rather than the agent refusing to start.
+                log.warning("%s: cannot tell which PPPoE session it carries; not offloaded",
+                            dev.name)
+                continue
             todo.append(res.link_by_name(session.device))
         elif (dev.kind in ("", "dsa") and dev.link and dev.link != dev.index
               and res.dsa_tagging(res.link(dev.link))):

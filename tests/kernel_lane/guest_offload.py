@@ -459,8 +459,20 @@ def _case(topo: Topology, hook: str, name: str, port: int, directions=("up", "do
         assert set(hooks) == want, (hooks, agent.tail())
         assert all(h.startswith(hook) for h in hooks.values()), hooks
         print(f"{name}: agent answered after {agent.ready_s}s, attached {hooks}")
+        if hook == "xdp" and topo.kind in ("vlan", "qinq"):
+            # VLAN devices sit on rw0: the agent turns receive tag stripping
+            # off there while XDP runs (a NIC that strips would hide the tag).
+            assert _rx_vlan_offload(topo.router_ns, topo.router_wan_lowest) == "off"
         for i, d in enumerate(directions):
             check_case(topo, agent, d, port + i)
+    if hook == "xdp" and topo.kind in ("vlan", "qinq"):
+        assert _rx_vlan_offload(topo.router_ns, topo.router_wan_lowest) == "on"  # restored
+
+
+def _rx_vlan_offload(ns: str, dev: str) -> str:
+    out = sh(["ip", "netns", "exec", ns, "ethtool", "-k", dev]).stdout
+    line = next(x for x in out.splitlines() if x.startswith("rx-vlan-offload:"))
+    return line.split()[1]
 
 
 @pytest.fixture(scope="module")
