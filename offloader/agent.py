@@ -355,6 +355,8 @@ class Agent:
         if new.hook != self.hook:
             for index in list(self.attached):
                 self._detach(index)
+        decisive = ("exclude_src", "exclude_dst", "exclude_zones", "offload_udp")
+        rejudge = any(getattr(new, f) != getattr(self.settings, f) for f in decisive)
         self.settings = new
         self.hook = new.hook
         self.interfaces = list(new.interfaces)
@@ -364,6 +366,8 @@ class Agent:
         except OffloadError as exc:
             log.error("re-attach after reload: %s", exc)
         self.dp.configure(enabled=True, heartbeat_timeout=new.heartbeat_timeout)
+        if rejudge:  # what may be offloaded changed: every flow is decided again
+            self.flush("configuration change")
         log.info("configuration reloaded")
 
     load_settings: Callable[[], Settings] | None = None

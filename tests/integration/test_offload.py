@@ -304,3 +304,30 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
                 pin.parent.rmdir()  # only if we created it and nothing else is there
             except OSError:
                 pass
+
+
+def test_sighup_reload_applies_new_exclusions(bpf_object: Any, tmp_path: Path) -> None:
+    """SIGHUP re-reads the file: a source newly excluded is handed back to the
+    kernel and not offloaded again; flows the change does not touch stay."""
+    need_root()
+    cfg = tmp_path / "ebpf-offloader"
+    base = "config offloader 'main'\n\toption enabled '1'\n"
+    cfg.write_text(base)
+    with lab_network() as topo:
+        _senders_plain(topo)
+        topo.start_agent(hook="xdp", extra=["-c", str(cfg)])
+        t, out = _background_transfer(topo, proto="udp", family=4, size=6_000_000,
+                                      rate_pps=1000, timeout=20, sport=41006)
+        try:
+            assert _wait(lambda: _offloaded(topo, "udp", 41006))
+            cfg.write_text(base + "\tlist exclude_src '198.18.1.2/32'\n")
+            assert topo.agent is not None
+            topo.agent.send_signal(signal.SIGHUP)
+            assert _wait(lambda: "configuration reloaded" in topo.read_agent_log(), timeout=5)
+            # Handed back, then decided again: passed, not offloaded.
+            assert _wait(lambda: [f for f in _flow(topo.status() or {"flows": []}, proto="udp",
+                                                   sport=41006) if f["state"] == "passed"])
+            assert not _offloaded(topo, "udp", 41006)
+        finally:
+            t.join(timeout=30)
+        assert out.get("intact"), out
