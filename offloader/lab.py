@@ -84,7 +84,7 @@ class Topology:
     """The lab network. ``nat=False`` routes without NAT (the WAN host gets a
     route back to the LAN)."""
 
-    def __init__(self, *, nat: bool = True, tag: str = "") -> None:
+    def __init__(self, *, nat: bool = True, tag: str = "", wan_macvlan: bool = False) -> None:
         tag = tag or secrets.token_hex(2)
         self.tag = tag
         self.router = Host(f"ofl-{tag}-router")
@@ -93,6 +93,10 @@ class Topology:
         self.wan = Host(f"ofl-{tag}-wan")
         self.hosts = [self.router, self.lan1, self.lan2, self.wan]
         self.nat = nat
+        # With wan_macvlan the router's WAN addresses sit on a macvlan device
+        # (wanm) on top of wan0, as on routers that give the WAN its own MAC.
+        self.wan_macvlan = wan_macvlan
+        self.wan_if = "wanm" if wan_macvlan else "wan0"
         self.agent: subprocess.Popen[str] | None = None
         self.agent_log = ""
 
@@ -106,8 +110,11 @@ class Topology:
         self._veth(self.lan1, "eth0", "lan1p", master="br-lan")
         self._veth(self.lan2, "eth0", "lan2p", master="br-lan")
         self._veth(self.wan, "eth0", "wan0")
+        if self.wan_macvlan:
+            r.sh("ip link add wanm link wan0 type macvlan mode bridge && ip link set wanm up")
+        w = self.wan_if
         r.sh(f"ip addr add {ROUTER_LAN4}/24 dev br-lan && ip addr add {ROUTER_LAN6}/64 dev br-lan nodad"
-             f" && ip addr add {ROUTER_WAN4}/24 dev wan0 && ip addr add {ROUTER_WAN6}/64 dev wan0 nodad")
+             f" && ip addr add {ROUTER_WAN4}/24 dev {w} && ip addr add {ROUTER_WAN6}/64 dev {w} nodad")
         # Per-namespace settings of the router namespace, not global ones.
         r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
         for host, a4, a6, gw4, gw6 in ((self.lan1, LAN1_4, LAN1_6, ROUTER_LAN4, ROUTER_LAN6),
@@ -124,6 +131,7 @@ class Topology:
             self.wan.sh(f"ip route add {LAN4}0/24 via {ROUTER_WAN4} && "
                         f"ip -6 route add {LAN6}/64 via {ROUTER_WAN6}")
         rules = NFT_RULES if self.nat else NFT_RULES.replace("masquerade", "accept")
+        rules = rules.replace('"wan0"', f'"{self.wan_if}"')
         r.sh("nft -f -", input=rules)
         # Neighbours resolved up front so the first flows do not wait on ARP/ND.
         for host, dst4, dst6 in ((self.lan1, ROUTER_LAN4, ROUTER_LAN6),
@@ -180,7 +188,7 @@ class Topology:
         (its own /sys, no BPF filesystem: nothing pinned) or, with
         ``nsenter``, ``nsenter --net`` (the host's mounts: maps pinned under
         /sys/fs/bpf/ebpf-offloader/netns-<inode>)."""
-        argv = [sys.executable, "-m", "offloader.cli", "run", "-i", "br-lan", "-i", "wan0",
+        argv = [sys.executable, "-m", "offloader.cli", "run", "-i", "br-lan", "-i", self.wan_if,
                 "--hook", hook, *(["-v"] if verbose else []), *extra]
         self._agent_out = open(os.devnull, "w")  # noqa: SIM115 (closed in stop_agent)
         self.agent_log_path = f"/tmp/ofl-{self.tag}-agent.log"
@@ -336,8 +344,9 @@ def _transfer(src: Host, dst: Host, target: str, port: int, listen: int, proto: 
 
 
 @contextlib.contextmanager
-def lab_network(*, nat: bool = True, tag: str = "") -> Iterator[Topology]:
-    topo = Topology(nat=nat, tag=tag)
+def lab_network(*, nat: bool = True, tag: str = "",
+                wan_macvlan: bool = False) -> Iterator[Topology]:
+    topo = Topology(nat=nat, tag=tag, wan_macvlan=wan_macvlan)
     try:
         topo.up()
         yield topo

@@ -114,8 +114,10 @@ class Resolver:
         self._routes: dict[tuple[Any, ...], tuple[int, IPAddress]] = {}
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
         self._fdb: dict[tuple[int, bytes, int], int] = {}
+        self._addressed: dict[int, bool] = {}  # device has IP addresses (macvlan ingress)
         self._port_rules: bool | None = None
-        self.lower_steps: list[LowerStep] = [_bridge_step, _vlan_step, _pppoe_step, _dsa_step]
+        self.lower_steps: list[LowerStep] = [_bridge_step, _vlan_step, _macvlan_step, _pppoe_step,
+                                             _dsa_step]
 
     # -- caches ----------------------------------------------------------------
     def link(self, index: int) -> Link:
@@ -147,6 +149,7 @@ class Resolver:
         if routes:
             self._routes.clear()
             self._port_rules = None
+            self._addressed.clear()
         if neigh:
             self._neigh.clear()
             self._fdb.clear()
@@ -206,6 +209,8 @@ class Resolver:
             if not uppers:
                 raise ResolveError(f"no VLAN {vid} device on {dev.name}")
             dev = uppers[0]
+        if not key.vlan_outer and not key.pppoe_sid:
+            dev = self._macvlan_upper(dev)
         if key.pppoe_sid:
             names = [d.name for d in self.links() if d.is_ppp]
             name = pppoe.ppp_of(key.pppoe_sid, dev.name, names, self.pppoe_proc, self.pppoe_run)
@@ -223,6 +228,19 @@ class Resolver:
                     if uppers:
                         dev = uppers[0]
         return Ingress(dev.index)
+
+    def _macvlan_upper(self, dev: Link) -> Link:
+        """The key has no destination MAC, so a frame on a device with macvlan
+        devices on top is taken as the macvlan's when there is exactly one
+        and the lower device has no address of its own (the usual WAN
+        setup); otherwise as the lower device's."""
+        uppers = [d for d in self.links() if d.kind in ("macvlan", "macvtap")
+                  and d.link == dev.index]
+        if len(uppers) != 1:
+            return dev
+        if dev.index not in self._addressed:
+            self._addressed[dev.index] = bool(self.ipr.get_addr(index=dev.index))
+        return dev if self._addressed[dev.index] else uppers[0]
 
     # -- the walk down (egress) ------------------------------------------------------------
     def route(self, iif: int, key: FlowKey, dst: IPAddress) -> tuple[int, IPAddress]:
@@ -432,6 +450,14 @@ def _vlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Head
     return res.link(dev.link), replace(header, vlans=(tag, *header.vlans))
 
 
+def _macvlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
+    """A macvlan device sends out of its lower device with its own MAC (the
+    header's source MAC is already the macvlan's)."""
+    if dev.kind not in ("macvlan", "macvtap") or not dev.link:
+        return None
+    return res.link(dev.link), header
+
+
 def _pppoe_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
     """A ppp device of a PPPoE session: session id, peer MAC, Ethernet device."""
     if not dev.is_ppp:
@@ -482,7 +508,7 @@ def attach_points(res: Resolver, names: list[str], *, full: bool = True) -> list
             todo.extend(p for p in res.links() if p.master == dev.index)
         elif not full:
             out.setdefault(dev.index, AttachPoint(dev, l3=dev.is_ppp))
-        elif dev.kind == "vlan" and dev.link:
+        elif dev.kind in ("vlan", "macvlan", "macvtap") and dev.link:
             todo.append(res.link(dev.link))
         elif dev.is_ppp:
             session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
