@@ -24,8 +24,7 @@ import signal
 import socket
 import struct
 import time
-import zlib
-from collections import deque
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ RTM_F_CLONED = 0x200
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RECHECK_AFTER_NS = 150_000_000
 RECENT_CT = 1024  # conntrack entries remembered from events
+LATENCY_SAMPLES = 20_000  # setup latencies kept for status
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about tuples waiting longer
 STUCK_BUDGET = 256  # at most this many such queries per sweep  # a waiting tuple seen again after this: ask conntrack
 SUMMARY_EVERY_S = 60.0
@@ -96,6 +96,15 @@ class _Offsets:
         self.v_oif = ffi.offsetof("struct ofl_verdict", "oif")
         self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
         self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+        self.key_size = ffi.sizeof("struct ofl_key")
+        # (proto, sport, dport) of a key; (verdict flags, conntrack zone,
+        # last seen, state, seen flags) of a flow: formats built from the
+        # header's offsets, so they follow any change of the layout.
+        self.key_fields = _fields(self.key_size, [(self.k_proto, "B"), (self.k_sport, "!H"),
+                                                  (self.k_sport + 2, "!H")])
+        self.flow_fields = _fields(ffi.sizeof("struct ofl_flow"), [
+            (self.v_flags, "B"), (self.v_zone, "H"), (self.f_last, "Q"), (self.f_state, "I"),
+            (self.f_seen, "I")])
 
     def tuple5(self, raw_key: bytes) -> Tuple5:
         sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
@@ -109,6 +118,20 @@ class _Offsets:
         return wire_id(raw_key[self.k_proto], sport, dport,
                        raw_key[self.k_saddr : self.k_saddr + 16],
                        raw_key[self.k_daddr : self.k_daddr + 16])
+
+
+def _fields(size: int, fields: list[tuple[int, str]]) -> struct.Struct:
+    """A struct.Struct reading ``fields`` ((offset, code), ascending) of a
+    ``size``-byte record, host byte order, padding skipped. A code with a
+    leading "!" is big-endian: read as host order and swapped by the caller
+    only where it matters (ports are only hashed here)."""
+    fmt, pos = "=", 0
+    for offset, code in fields:
+        code = code.lstrip("!")
+        fmt += f"{offset - pos}x{code}" if offset > pos else code
+        pos = offset + struct.calcsize("=" + code)
+    fmt += f"{size - pos}x" if size > pos else ""
+    return struct.Struct(fmt)
 
 
 @dataclass
@@ -165,7 +188,9 @@ class Agent:
         self.recent_ct: dict[bytes, CtEntry] = {}
         self.nexthops: dict[tuple[int, Any], bytes] = {}  # (l3 oif, hop) -> MAC in use
         self.counters = Counters()
-        self.latencies: deque[float] = deque(maxlen=100_000)  # first packet to offloaded, ms
+        # First packet to offloaded, ms: the last LATENCY_SAMPLES as 4-byte floats.
+        self.latencies = array("f")
+        self._latency_next = 0
         self.stop = False
         self.reload_requested = False
         self.sweeps = 0
@@ -480,12 +505,19 @@ class Agent:
         first_seen = self.dp.pending_first_seen(key)
         self.dp.offload(key, verdict)
         if first_seen:
-            self.latencies.append((time.monotonic_ns() - first_seen) / 1e6)
+            self._note_latency((time.monotonic_ns() - first_seen) / 1e6)
         self.nexthops[(path.l3_oif, path.nexthop)] = path.l2.dmac
         self._unwait(tid, key)
         self.counters.offloaded += 1
         log.debug("offload %s -> ifindex %d", _fmt(key), path.oif)
         return "offload"
+
+    def _note_latency(self, ms: float) -> None:
+        if len(self.latencies) < LATENCY_SAMPLES:
+            self.latencies.append(ms)
+        else:  # a ring: overwrite the oldest
+            self.latencies[self._latency_next] = ms
+            self._latency_next = (self._latency_next + 1) % LATENCY_SAMPLES
 
     def _pass(self, key: FlowKey, tid: bytes, why: str) -> str:
         self.dp.mark_pass(key)
@@ -518,38 +550,42 @@ class Agent:
         slices = max(1, int(period / s.sweep_interval))
         this_slice = self.sweeps % slices
         remove: list[bytes] = []
-        refresh: list[tuple[bytes, bytes]] = []
+        refresh: list[tuple[bytes, int, int]] = []  # key, verdict flags, zone
         reasons: dict[str, int] = {}
-        for raw_key, raw in self.dp.flows.items():
-            state, seen = struct.unpack_from("=II", raw, off.f_state)
-            (last,) = struct.unpack_from("=Q", raw, off.f_last)
-            wid = off.wire(raw_key)
-            proto = raw_key[off.k_proto]
-            idle = tcp_idle if proto == socket.IPPROTO_TCP else udp_idle
-            reason = ""
-            if seen:
-                reason = "tcp-flags"
-            elif wid in self.dead:
-                reason = "conntrack-destroyed"
-            elif last and now_ns - last > idle:
-                reason = "idle"
-            if reason:
-                remove.append(raw_key)
-                reasons[reason] = reasons.get(reason, 0) + 1
-                continue
-            if (state == offload_state and last and now_ns - last < period * 1_000_000_000
-                    and zlib.crc32(wid) % slices == this_slice):
-                refresh.append((raw_key, raw))
+        ks = off.key_size
+        dead = self.dead
+        tcp = socket.IPPROTO_TCP
+        active_ns = period * 1_000_000_000
+        for kb, vb, _n in self.dp.flows.batches():
+            # Fields by struct.iter_unpack over the whole batch: the per-flow
+            # work in Python is a handful of comparisons.
+            for i, ((proto, sport, dport), (flags, zone, last, state, seen)) in enumerate(
+                    zip(off.key_fields.iter_unpack(kb), off.flow_fields.iter_unpack(vb),
+                        strict=True)):
+                reason = ""
+                if seen:
+                    reason = "tcp-flags"
+                elif last and now_ns - last > (tcp_idle if proto == tcp else udp_idle):
+                    reason = "idle"
+                elif dead and off.wire(kb[i * ks : (i + 1) * ks]) in dead:
+                    reason = "conntrack-destroyed"
+                if reason:
+                    remove.append(kb[i * ks : (i + 1) * ks])
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                    continue
+                if (state == offload_state and last and now_ns - last < active_ns
+                        and (sport ^ dport) % slices == this_slice):
+                    refresh.append((kb[i * ks : (i + 1) * ks], flags, zone))
         if remove:
             self.dp.flows.delete_batch(remove)
             for reason, n in reasons.items():
                 self.counters.teardown(reason, n)
         self.dead.clear()
         items = []
-        for raw_key, raw in refresh:
+        for raw_key, flags, zone in refresh:
             t = off.tuple5(raw_key)
             timeout = self._ct_timeouts["tcp" if t.proto == socket.IPPROTO_TCP else "udp"]
-            items.append((t, bool(raw[off.v_flags] & reply_flag), self._zone_of(raw), timeout))
+            items.append((t, bool(flags & reply_flag), zone, timeout))
         if items:
             self.counters.refreshed += self.ct.refresh_many(items)
         self._sweep_pending()
@@ -799,7 +835,7 @@ def _set_features(ifname: str, names: Iterable[str], enable: bool) -> tuple[str,
     return tuple(changed)
 
 
-def _percentiles(values: deque[float]) -> dict[str, float | int]:
+def _percentiles(values: array[float]) -> dict[str, float | int]:
     if not values:
         return {"n": 0}
     ordered = sorted(values)

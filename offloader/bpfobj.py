@@ -233,8 +233,9 @@ class Map:
             yield nxt.raw
             prev = ctypes.create_string_buffer(nxt.raw, self.key_size)
 
-    def items(self, batch: int = 1024) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value), read with BPF_MAP_LOOKUP_BATCH."""
+    def batches(self, batch: int = 1024) -> Iterator[tuple[bytes, bytes, int]]:
+        """The whole map as (keys, values, count) chunks from
+        BPF_MAP_LOOKUP_BATCH: ``count`` keys and values laid end to end."""
         keys = ctypes.create_string_buffer(self.key_size * batch)
         vals = ctypes.create_string_buffer(self.value_size * batch)
         token_in: ctypes.Array[ctypes.c_char] | None = None
@@ -248,13 +249,21 @@ class Map:
             )
             if ret < 0 and ret != -2:
                 _check(ret, f"batch lookup in {self.name}", MapError)
-            for i in range(count.value):
-                k = keys.raw[i * self.key_size : (i + 1) * self.key_size]
-                v = vals.raw[i * self.value_size : (i + 1) * self.value_size]
-                yield k, v
+            n = count.value
+            if n:
+                # One copy out of each buffer per batch (.raw copies it whole).
+                yield (ctypes.string_at(keys, n * self.key_size),
+                       ctypes.string_at(vals, n * self.value_size), n)
             if ret == -2:
                 return
             token_in = ctypes.create_string_buffer(token_out.raw, len(token_out))
+
+    def items(self, batch: int = 1024) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value), read with BPF_MAP_LOOKUP_BATCH."""
+        ks, vs = self.key_size, self.value_size
+        for kb, vb, n in self.batches(batch):
+            for i in range(n):
+                yield kb[i * ks : (i + 1) * ks], vb[i * vs : (i + 1) * vs]
 
     def delete_batch(self, keys: list[bytes]) -> int:
         """Delete many keys at once; returns how many the kernel deleted."""
