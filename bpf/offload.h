@@ -52,6 +52,7 @@ _Static_assert(sizeof(struct ofl_key) == 52, "ofl_key layout");
 #define OFL_V_SPORT (1U << 2) /* rewrite the source port to nat_sport */
 #define OFL_V_DPORT (1U << 3) /* rewrite the destination port to nat_dport */
 #define OFL_V_REPLY (1U << 4) /* agent only: the key is conntrack's reply direction */
+#define OFL_V_ASSURED (1U << 5) /* agent only: conntrack had the entry assured */
 
 /*
  * What to do with a flow's packets. The agent computes the checksum deltas

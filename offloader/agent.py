@@ -23,6 +23,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable
@@ -34,7 +35,15 @@ from pyroute2 import IPRoute
 
 from . import bpfobj
 from .config import Settings
-from .conntrack import Conntrack, CtEntry, CtEvents, Tuple5, nat_target, offloadable
+from .conntrack import (
+    IPS_ASSURED,
+    Conntrack,
+    CtEntry,
+    CtEvents,
+    Tuple5,
+    nat_target,
+    offloadable,
+)
 from .control import ControlServer
 from .datapath import Datapath, FlowKey, Verdict, find_object, netns_pin_dir
 from .errors import AttachError, OffloadError, ResolveError
@@ -501,7 +510,8 @@ class Agent:
             return "wait"  # the entry went away meanwhile
         verdict = Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key,
                           nat_src=target.src, nat_dst=target.dst, nat_sport=target.sport,
-                          nat_dport=target.dport, reply=is_reply, zone=entry.zone)
+                          nat_dport=target.dport, reply=is_reply, zone=entry.zone,
+                          assured=bool(entry.status & IPS_ASSURED))
         first_seen = self.dp.pending_first_seen(key)
         self.dp.offload(key, verdict)
         if first_seen:
@@ -546,16 +556,21 @@ class Agent:
         reply_flag = self.consts["OFL_V_REPLY"]
         tcp_idle = s.tcp_timeout * 1_000_000_000
         udp_idle = s.udp_timeout * 1_000_000_000
-        period = self._refresh_period()
-        slices = max(1, int(period / s.sweep_interval))
-        this_slice = self.sweeps % slices
+        assured_flag = self.consts["OFL_V_ASSURED"]
+        # Each flow's conntrack timeout is renewed once per period, a third of
+        # the timeout the kernel itself would set for it (TCP established,
+        # UDP assured or not), spread over the sweeps by a hash of its ports.
+        classes = self._refresh_classes()
+        slices = {c: max(1, int(p / s.sweep_interval)) for c, (_t, p) in classes.items()}
         remove: list[bytes] = []
         refresh: list[tuple[bytes, int, int]] = []  # key, verdict flags, zone
         reasons: dict[str, int] = {}
         ks = off.key_size
         dead = self.dead
+        # Ports as the key struct reads them (host order of network bytes).
+        dead_ports = {(w[0], int.from_bytes(w[1:3], sys.byteorder),
+                       int.from_bytes(w[3:5], sys.byteorder)) for w in dead}
         tcp = socket.IPPROTO_TCP
-        active_ns = period * 1_000_000_000
         for kb, vb, _n in self.dp.flows.batches():
             # Fields by struct.iter_unpack over the whole batch: the per-flow
             # work in Python is a handful of comparisons.
@@ -567,14 +582,19 @@ class Agent:
                     reason = "tcp-flags"
                 elif last and now_ns - last > (tcp_idle if proto == tcp else udp_idle):
                     reason = "idle"
-                elif dead and off.wire(kb[i * ks : (i + 1) * ks]) in dead:
+                elif dead_ports and (proto, sport, dport) in dead_ports and \
+                        off.wire(kb[i * ks : (i + 1) * ks]) in dead:
                     reason = "conntrack-destroyed"
                 if reason:
                     remove.append(kb[i * ks : (i + 1) * ks])
                     reasons[reason] = reasons.get(reason, 0) + 1
                     continue
-                if (state == offload_state and last and now_ns - last < active_ns
-                        and (sport ^ dport) % slices == this_slice):
+                if state != offload_state or not last:
+                    continue
+                cls = "tcp" if proto == tcp else ("udp" if flags & assured_flag else "udp-new")
+                n_slices = slices[cls]
+                if (now_ns - last < classes[cls][1] * 1_000_000_000
+                        and (sport ^ dport) % n_slices == self.sweeps % n_slices):
                     refresh.append((kb[i * ks : (i + 1) * ks], flags, zone))
         if remove:
             self.dp.flows.delete_batch(remove)
@@ -584,8 +604,9 @@ class Agent:
         items = []
         for raw_key, flags, zone in refresh:
             t = off.tuple5(raw_key)
-            timeout = self._ct_timeouts["tcp" if t.proto == socket.IPPROTO_TCP else "udp"]
-            items.append((t, bool(flags & reply_flag), zone, timeout))
+            cls = ("tcp" if t.proto == socket.IPPROTO_TCP
+                   else ("udp" if flags & assured_flag else "udp-new"))
+            items.append((t, bool(flags & reply_flag), zone, classes[cls][0]))
         if items:
             self.counters.refreshed += self.ct.refresh_many(items)
         self._sweep_pending()
@@ -595,11 +616,14 @@ class Agent:
             log.info("flows offloaded %d, passed %d, torn down %s, conntrack refreshes %d",
                      c.offloaded, c.passed, c.torn_down or "none", c.refreshed)
 
-    def _refresh_period(self) -> float:
-        """How often an active flow's conntrack timeout is renewed: a third of
-        the shortest timeout we set, within [1 s, 60 s]."""
-        shortest = min(self._ct_timeouts.values())
-        return max(1.0, min(60.0, shortest / 3))
+    def _refresh_classes(self) -> dict[str, tuple[int, float]]:
+        """Timeout class -> (timeout to set, refresh period): the namespace's
+        own conntrack timeouts (read, never changed), renewed at a third of
+        their length, within [1 s, 60 s]. Unreplied UDP keeps its short
+        timeout: the kernel would not have given it more."""
+        t = self._ct_timeouts
+        return {c: (v, max(1.0, min(60.0, v / 3))) for c, v in
+                (("tcp", t["tcp"]), ("udp", t["udp"]), ("udp-new", t["udp-new"]))}
 
     def _sweep_pending(self) -> None:
         present: set[FlowKey] = set()
@@ -895,7 +919,8 @@ def _ct_timeouts() -> dict[str, int]:
             return default
 
     return {"tcp": read("nf_conntrack_tcp_timeout_established", 432000),
-            "udp": read("nf_conntrack_udp_timeout_stream", 120)}
+            "udp": read("nf_conntrack_udp_timeout_stream", 120),
+            "udp-new": read("nf_conntrack_udp_timeout", 30)}
 
 
 def run_agent(settings: Settings, *, interfaces: list[str], hook: str, object_path: str,

@@ -148,6 +148,7 @@ class Verdict:
     nat_dport: int | None = None
     reply: bool = False  # the key is conntrack's reply direction
     zone: int = 0  # conntrack zone
+    assured: bool = False  # conntrack had the entry assured (its timeout class)
 
     def pack(self, state: int | None = None) -> bytes:
         """The ofl_flow value: verdict, zero counters, ``state``."""
@@ -186,6 +187,8 @@ class Verdict:
             v.nat_dport = socket.htons(new_dport)
         if self.reply:
             flags |= lay.const("OFL_V_REPLY")
+        if self.assured:
+            flags |= lay.const("OFL_V_ASSURED")
         v.flags = flags
         v.ct_zone = self.zone
         addr_delta = csum.delta(k.src.packed + k.dst.packed, new_src.packed + new_dst.packed)
