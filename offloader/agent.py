@@ -33,7 +33,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from . import bpfobj
+from . import bpfobj, ctnetlink
 from .config import Settings
 from .conntrack import (
     IPS_ASSURED,
@@ -115,12 +115,13 @@ class _Offsets:
             (self.v_flags, "B"), (self.v_zone, "H"), (self.f_last, "Q"), (self.f_state, "I"),
             (self.f_seen, "I")])
 
-    def tuple5(self, raw_key: bytes) -> Tuple5:
+    def raw5(self, raw_key: bytes) -> ctnetlink.Raw5:
+        """(proto, src, dst, sport, dport) straight from key bytes, addresses
+        packed (4 or 16 bytes): what the ctnetlink encoder takes."""
         sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
         n = 4 if raw_key[self.k_family] == socket.AF_INET else 16
-        return Tuple5(raw_key[self.k_proto],
-                      ipaddress.ip_address(raw_key[self.k_saddr : self.k_saddr + n]),
-                      ipaddress.ip_address(raw_key[self.k_daddr : self.k_daddr + n]), sport, dport)
+        return (raw_key[self.k_proto], raw_key[self.k_saddr : self.k_saddr + n],
+                raw_key[self.k_daddr : self.k_daddr + n], sport, dport)
 
     def wire(self, raw_key: bytes) -> bytes:
         sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
@@ -601,10 +602,10 @@ class Agent:
             for reason, n in reasons.items():
                 self.counters.teardown(reason, n)
         self.dead.clear()
-        items = []
+        items: list[tuple[Tuple5 | ctnetlink.Raw5, bool, int, int]] = []
         for raw_key, flags, zone in refresh:
-            t = off.tuple5(raw_key)
-            cls = ("tcp" if t.proto == socket.IPPROTO_TCP
+            t = off.raw5(raw_key)
+            cls = ("tcp" if t[0] == socket.IPPROTO_TCP
                    else ("udp" if flags & assured_flag else "udp-new"))
             items.append((t, bool(flags & reply_flag), zone, classes[cls][0]))
         if items:

@@ -204,10 +204,12 @@ class Conntrack:
             raise OffloadError(f"conntrack update failed: {os.strerror(-err)}")
         return True
 
-    def refresh_many(self, items: list[tuple[Tuple5, bool, int, int]], batch: int = 256) -> int:
-        """Set the timeout of many entries ((tuple, is reply, zone, timeout)),
-        ``batch`` messages to a sendmsg() without acknowledgements. Returns
-        how many were sent; failures (entry gone) show in update_failures."""
+    def refresh_many(self, items: list[tuple[Tuple5 | ctnetlink.Raw5, bool, int, int]],
+                     batch: int = 256) -> int:
+        """Set the timeout of many entries ((tuple, is reply, zone, timeout);
+        the tuple as a Tuple5 or already raw), ``batch`` messages to a
+        sendmsg() without acknowledgements. Returns how many were sent;
+        failures (entry gone) show in update_failures."""
         sock = self._writer()
         self._drain()
         sent = 0
@@ -215,7 +217,8 @@ class Conntrack:
             chunk = []
             for t, reply, zone, timeout in items[i : i + batch]:
                 self._seq += 1
-                chunk.append(ctnetlink.encode_update(self._seq, _raw5(t), reply=reply, zone=zone,
+                raw = _raw5(t) if isinstance(t, Tuple5) else t
+                chunk.append(ctnetlink.encode_update(self._seq, raw, reply=reply, zone=zone,
                                                      timeout=timeout))
             sock.send(b"".join(chunk))
             sent += len(chunk)
