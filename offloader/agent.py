@@ -43,6 +43,7 @@ from .conntrack import (
     Tuple5,
     nat_target,
     offloadable,
+    wire_id,
 )
 from .control import ControlServer
 from .datapath import Datapath, FlowKey, Verdict, find_object, netns_pin_dir
@@ -69,14 +70,10 @@ HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RECHECK_AFTER_NS = 150_000_000
 RECENT_CT = 1024  # conntrack entries remembered from events
 LATENCY_SAMPLES = 20_000  # setup latencies kept for status
+DEAD_BEFORE_SWEEP = 8192  # destroyed tuples noted before an early sweep
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about tuples waiting longer
 STUCK_BUDGET = 256  # at most this many such queries per sweep  # a waiting tuple seen again after this: ask conntrack
 SUMMARY_EVERY_S = 60.0
-
-
-def wire_id(proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
-    """Compact identity of a wire tuple, the same from a key or a conntrack tuple."""
-    return bytes((proto,)) + struct.pack("!HH", sport, dport) + src.ljust(16, b"\0") + dst.ljust(16, b"\0")
 
 
 def tuple_id(t: Tuple5) -> bytes:
@@ -436,9 +433,8 @@ class Agent:
 
     def on_ct_events(self, events: Iterable[Any]) -> None:
         for ev in events:
-            entry: CtEntry = ev.entry
-            orig, reply = tuple_id(entry.orig), tuple_id(entry.reply)
             if ev.kind == "destroy":
+                orig, reply = ev.orig_id, ev.reply_id
                 self.zones.pop(orig, None)
                 self.zones.pop(reply, None)
                 self.dead.add(orig)
@@ -449,7 +445,11 @@ class Agent:
                 self.recent_ct.pop(reply, None)
                 self.waiting.pop(orig, None)
                 self.waiting.pop(reply, None)
+                if len(self.dead) > DEAD_BEFORE_SWEEP:
+                    self.sweep()  # a flood of destroys: settle them now, bounded memory
                 continue
+            entry: CtEntry = ev.entry
+            orig, reply = tuple_id(entry.orig), tuple_id(entry.reply)
             if entry.orig.proto == socket.IPPROTO_TCP and TCP_FIN_WAIT <= entry.tcp_state <= TCP_CLOSE:
                 # Closing (FIN_WAIT .. CLOSE): the kernel must see the rest.
                 # Also catches a flow offloaded from an older event after its

@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,24 @@ class CtEntry:
 
 @dataclass(frozen=True, slots=True)
 class CtEvent:
+    """A conntrack event. A destroy carries only the two tuples' wire ids
+    (cheap bytes: an event flood must not build objects the heap keeps)."""
+
     kind: str  # "new", "update", "destroy"
-    entry: CtEntry
+    entry: CtEntry | None
+    orig_id: bytes = b""
+    reply_id: bytes = b""
+
+
+def wire_id(proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+    """Compact identity of a wire tuple, the same from a flow key, a
+    conntrack tuple or a raw ctnetlink tuple."""
+    return (bytes((proto,)) + struct.pack("!HH", sport, dport) + src.ljust(16, b"\0")
+            + dst.ljust(16, b"\0"))
+
+
+def raw_wire_id(t: ctnetlink.Raw5) -> bytes:
+    return wire_id(t[0], t[3], t[4], t[1], t[2])
 
 
 def _tuple(msg: Any, which: str) -> Tuple5 | None:
@@ -267,16 +284,15 @@ class CtEvents:
             for msg in ctnetlink.decode(data):
                 if isinstance(msg, ctnetlink.Ack):
                     continue
+                if msg.msg_type == IPCTNL_MSG_CT_DELETE:
+                    if msg.orig is not None and msg.reply is not None:
+                        out.append(CtEvent("destroy", None, raw_wire_id(msg.orig),
+                                           raw_wire_id(msg.reply)))
+                    continue
                 entry = _entry_from(msg)
                 if entry is None:
                     continue
-                if msg.msg_type == IPCTNL_MSG_CT_DELETE:
-                    kind = "destroy"
-                elif msg.flags & NLM_F_CREATE:
-                    kind = "new"
-                else:
-                    kind = "update"
-                out.append(CtEvent(kind, entry))
+                out.append(CtEvent("new" if msg.flags & NLM_F_CREATE else "update", entry))
         return out
 
     def close(self) -> None:
