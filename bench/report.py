@@ -118,9 +118,11 @@ def write(r: dict[str, Any]) -> Path:
              "machine during the run shares CPU 1 and lowers delivered pps, not the per-CPU-second cost.\n")
     if "router" in r:
         L.append("## 1. Router cost, 64-byte UDP\n")
+        L.append("Each mode ran in three interleaved rounds; the table shows the round with the median "
+                 "packets per router CPU-second, and the last column every round's figure.\n")
         L.append("| mode | delivered pps | router CPU s | pps per router CPU-s | ns per packet | vs slow path | "
-                 "packets netfilter saw | frames handled |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+                 "packets netfilter saw | frames handled | rounds (pps per CPU-s) |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|---|")
         base = r["router"]["slow_path"]["pps_per_router_cpu_s"]
         for m, label in MODES:
             x = r["router"].get(m)
@@ -128,7 +130,8 @@ def write(r: dict[str, Any]) -> Path:
                 continue
             L.append(f"| {label} | {_f(round(x['delivered_pps']))} | {_f(x['router_cpu_s'], 3)} | "
                      f"{_f(round(x['pps_per_router_cpu_s']))} | {_f(x['ns_per_packet'], 0)} | "
-                     f"{x['pps_per_router_cpu_s'] / base:.2f}x | {_f(x['netfilter_forwarded'])} | {FRAMES[m]} |")
+                     f"{x['pps_per_router_cpu_s'] / base:.2f}x | {_f(x['netfilter_forwarded'])} | {FRAMES[m]} | "
+                     + ", ".join(_f(v) for v in x.get("rounds_pps_per_router_cpu_s", [])) + " |")
         if r.get("offload_xdp_vs_ceiling") is not None:
             L.append(f"\nXDP offload reaches {r['offload_xdp_vs_ceiling'] * 100:.0f}% of the ceiling.")
         L.append("\nOn veth, XDP is fed skbs that the sender built: the driver turns each into an xdp_buff "
