@@ -133,7 +133,18 @@ def write(r: dict[str, Any]) -> Path:
                      f"{x['pps_per_router_cpu_s'] / base:.2f}x | {_f(x['netfilter_forwarded'])} | {FRAMES[m]} | "
                      + ", ".join(_f(v) for v in x.get("rounds_pps_per_router_cpu_s", [])) + " |")
         if r.get("offload_xdp_vs_ceiling") is not None:
-            L.append(f"\nXDP offload reaches {r['offload_xdp_vs_ceiling'] * 100:.0f}% of the ceiling.")
+            L.append(f"\nXDP offload reaches {r['offload_xdp_vs_ceiling'] * 100:.0f}% of the ceiling "
+                     "(median rounds).")
+        for m, label in MODES:
+            rounds = (r["router"].get(m) or {}).get("rounds_pps_per_router_cpu_s") or []
+            if len(rounds) > 1 and min(rounds) > 0 and max(rounds) / min(rounds) > 1.5:
+                L.append(f"\n{label}: the rounds differ by {max(rounds) / min(rounds):.1f}x "
+                         f"({', '.join(_f(v) for v in rounds)}). On veth the cost of a packet "
+                         "depends on the state the sender's veth is left in by the attach and "
+                         "detach of the other modes between rounds (XDP on a veth takes software "
+                         "GSO off its peer, and each packet from a peer without XDP headroom is "
+                         "copied into a page), so the rounds, not one figure, are the result. "
+                         "The hit path below is the program's own cost, free of this effect.")
         L.append("\nOn veth, XDP is fed skbs that the sender built: the driver turns each into an xdp_buff "
                  "(a copy when the headroom is short) and the WAN veth turns the frame back into an skb, so "
                  "XDP (ours and the ceiling) costs more per packet than a TC program, which forwards the "
