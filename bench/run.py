@@ -84,6 +84,9 @@ class Agent:
         self.logf.close()
         with contextlib.suppress(OSError):
             os.unlink(self.cfg.name)
+        if not os.environ.get("OFL_KEEP_LOGS"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.logf.name)
 
     def status(self) -> dict[str, Any]:
         st = self.topo.status()
