@@ -19,13 +19,13 @@ import json
 import os
 import platform
 import secrets
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from .topology import (
     assert_exchange_intact,
+    bpffs_session,
     ip_json,
     require_guest,
     sh,
@@ -37,29 +37,10 @@ require_guest()
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OBJECT = Path(os.environ.get("KERNEL_LANE_BPF_OBJECT", REPO / "build" / "offload.bpf.o"))
-BPFFS = Path("/sys/fs/bpf")
-
-
-def _is_bpffs(p: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(p) and line.split()[2] == "bpf" for line in f)
-
-
 @pytest.fixture(scope="module")
 def bpffs():
-    mounted_here = False
-    if not _is_bpffs(BPFFS):
-        sh(["mount", "-t", "bpf", "bpf", str(BPFFS)])
-        mounted_here = True
-    before = set(os.listdir(BPFFS))
-    try:
-        yield BPFFS
-    finally:
-        # remove everything pinned during the module (pin dirs and pinned-by-name maps)
-        for name in set(os.listdir(BPFFS)) - before:
-            subprocess.run(["rm", "-rf", str(BPFFS / name)], check=False, timeout=30)
-        if mounted_here:
-            subprocess.run(["umount", str(BPFFS)], check=False, timeout=30)
+    with bpffs_session() as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,10 @@ from pathlib import Path
 import pytest
 
 from .topology import (
+    BPFFS,
     Sniffer,
     Topology,
+    bpffs_session,
     in_netns,
     ip,
     link_mac,
@@ -61,6 +63,7 @@ from .topology import (
     pppoe_topology,
     qinq_topology,
     read_proc_pppoe,
+    recv_all,
     require_guest,
     sh,
     vlan_topology,
@@ -73,7 +76,6 @@ from offloader.errors import OffloadError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent.parent
 OBJECT = Path(os.environ.get("KERNEL_LANE_BPF_OBJECT", REPO / "build" / "offload.bpf.o"))
-BPFFS = Path("/sys/fs/bpf")
 SHARED = Path(os.environ.get("KERNEL_LANE_SHARED") or tempfile.gettempdir())
 
 SIZE = int(os.environ.get("KERNEL_LANE_OFFLOAD_BYTES", "3000000"))  # per direction
@@ -83,11 +85,6 @@ RATE = float(os.environ.get("KERNEL_LANE_OFFLOAD_RATE", "1500000"))  # bytes/s, 
 # --------------------------------------------------------------------------- fixtures
 
 
-def _is_bpffs(p: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(p) and line.split()[2] == "bpf" for line in f)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def bpffs():
     """bpffs on /sys/fs/bpf (the guest does not mount it); whatever was pinned during
@@ -95,18 +92,8 @@ def bpffs():
     if not OBJECT.exists():
         pytest.fail(f"{OBJECT} does not exist: build the object first "
                     "(cmake -S . -B build && cmake --build build)", pytrace=False)
-    mounted_here = False
-    if not _is_bpffs(BPFFS):
-        sh(["mount", "-t", "bpf", "bpf", str(BPFFS)])
-        mounted_here = True
-    before = set(os.listdir(BPFFS))
-    try:
-        yield BPFFS
-    finally:
-        for name in set(os.listdir(BPFFS)) - before:
-            subprocess.run(["rm", "-rf", str(BPFFS / name)], check=False, timeout=30)
-        if mounted_here:
-            subprocess.run(["umount", str(BPFFS)], check=False, timeout=30)
+    with bpffs_session() as path:
+        yield path
 
 
 # --------------------------------------------------------------------------- agent
@@ -232,20 +219,6 @@ def prepare_hosts(topo: Topology, hook: str) -> None:
         ip(topo.router_ns, "link", "set", "rw0", "mtu", "1504")
 
 
-def _recv_all(conn: socket.socket, deadline: float) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    for _ in range(1_000_000):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"deadline passed after {n} bytes")
-        b = conn.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    return n, h.hexdigest()
-
-
 def _send_paced(conn: socket.socket, data: bytes, rate: float, deadline: float) -> None:
     chunk = 16384
     t0 = time.monotonic()
@@ -283,11 +256,11 @@ def paced_transfer(topo: Topology, direction: str, nbytes: int, rate: float, por
                 with conn:
                     conn.settimeout(20.0)
                     if direction == "up":
-                        out["got"], out["sha"] = _recv_all(conn, deadline)
+                        out["got"], out["sha"] = recv_all(conn, deadline)
                     else:
                         _send_paced(conn, data, rate, deadline)
                         conn.shutdown(socket.SHUT_WR)
-                        _recv_all(conn, deadline)
+                        recv_all(conn, deadline)
             except Exception as e:  # reported below
                 out["server_error"] = f"{type(e).__name__}: {e}"
 
@@ -300,9 +273,9 @@ def paced_transfer(topo: Topology, direction: str, nbytes: int, rate: float, por
             if direction == "up":
                 _send_paced(cli, data, rate, deadline)
                 cli.shutdown(socket.SHUT_WR)
-                _recv_all(cli, deadline)
+                recv_all(cli, deadline)
             else:
-                out["got"], out["sha"] = _recv_all(cli, deadline)
+                out["got"], out["sha"] = recv_all(cli, deadline)
         except OSError as e:
             out["client_error"] = f"{type(e).__name__}: {e}"
         out["seconds"] = round(time.monotonic() - t0, 2)

@@ -629,7 +629,8 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
 # --------------------------------------------------------------------------- traffic
 
 
-def _recv_all(conn: socket.socket, deadline: float) -> tuple[int, str]:
+def recv_all(conn: socket.socket, deadline: float) -> tuple[int, str]:
+    """Read until EOF (bounded in count and time): byte count and SHA-256."""
     h = hashlib.sha256()
     n = 0
     for _ in range(1_000_000):  # bounded in count as well as time
@@ -682,11 +683,11 @@ def tcp_exchange(
                 conn, peer = srv.accept()
                 with conn:
                     conn.settimeout(20.0)
-                    n, sha = _recv_all(conn, deadline)
+                    n, sha = recv_all(conn, deadline)
                     server.update(peer=peer[0], up_bytes=n, up_sha256=sha)
                     conn.sendall(down)
                     conn.shutdown(socket.SHUT_WR)
-                    _recv_all(conn, deadline)  # until the client closes
+                    recv_all(conn, deadline)  # until the client closes
             except Exception as e:  # reported by the caller
                 server["error"] = f"{type(e).__name__}: {e}"
 
@@ -698,7 +699,7 @@ def tcp_exchange(
             cli.connect((server_addr, port))
             cli.sendall(up)
             cli.shutdown(socket.SHUT_WR)
-            down_n, down_sha = _recv_all(cli, deadline)
+            down_n, down_sha = recv_all(cli, deadline)
         except OSError as e:
             cli.close()
             th.join(timeout=25.0)
@@ -865,3 +866,29 @@ def require_guest() -> None:
                     "(python tests/kernel_lane/lane.py <module>)", allow_module_level=True)
     if os.geteuid() != 0:
         pytest.fail("the kernel lane guest must run as root", pytrace=False)
+
+
+BPFFS = Path("/sys/fs/bpf")
+
+
+def is_bpffs(p: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(p) and line.split()[2] == "bpf" for line in f)
+
+
+@contextlib.contextmanager
+def bpffs_session() -> Iterator[Path]:
+    """bpffs on /sys/fs/bpf (the guest does not mount it); whatever is pinned
+    inside the block is removed afterwards, and the mount too if made here."""
+    mounted_here = False
+    if not is_bpffs(BPFFS):
+        sh(["mount", "-t", "bpf", "bpf", str(BPFFS)])
+        mounted_here = True
+    before = set(os.listdir(BPFFS))
+    try:
+        yield BPFFS
+    finally:
+        for name in set(os.listdir(BPFFS)) - before:
+            subprocess.run(["rm", "-rf", str(BPFFS / name)], check=False, timeout=30)
+        if mounted_here:
+            subprocess.run(["umount", str(BPFFS)], check=False, timeout=30)
