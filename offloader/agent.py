@@ -258,10 +258,14 @@ class Agent:
     def _show_vlan_tags_to_xdp(self, link: Link) -> tuple[str, ...]:
         """A device that strips VLAN tags on receive (rx-vlan-hw-parse) hands
         XDP the frame without its tag, which would key a VLAN's flows as the
-        lower device's. Where VLAN devices sit on top, turn that off while we
-        are attached (restored on detach); the kernel then parses the tag in
-        software, as it does for any device without the offload."""
-        if not any(d.kind == "vlan" and d.link == link.index for d in self.resolver.links()):
+        lower device's. Where VLAN devices sit on top, or the device is a port
+        of a VLAN-filtering bridge, turn that off while we are attached
+        (restored on detach); the kernel then parses the tag in software, as
+        it does for any device without the offload."""
+        master = self.resolver.link(link.master) if link.master else None
+        vlan_port = master is not None and master.vlan_filtering
+        if not vlan_port and not any(d.kind == "vlan" and d.link == link.index
+                                     for d in self.resolver.links()):
             return ()
         names = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
         changed = _set_features(link.name, names, False)

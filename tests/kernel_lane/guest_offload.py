@@ -66,6 +66,7 @@ from .topology import (
     recv_all,
     require_guest,
     sh,
+    vlan_bridge_topology,
     vlan_topology,
 )
 
@@ -463,6 +464,15 @@ def qinq():
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
 def test_vlan_offload(vlan, hook):
     _case(vlan, hook, f"vlan-{hook}", 5600 if hook == "xdp" else 5610)
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_vlan_filtering_bridge_offload(hook):
+    """The WAN VLAN on a VLAN-filtering bridge (brw.7 over brw, rw0 a tagged
+    port): XDP finds the port through the bridge's FDB with the VLAN and writes
+    the tag the port needs; TC redirects into brw.7."""
+    with vlan_bridge_topology(vid=7, nat=True) as topo:
+        _case(topo, hook, f"vlan-bridge-{hook}", 5700 if hook == "xdp" else 5710)
 
 
 @pytest.mark.parametrize("hook", ["xdp", "tc"])

@@ -385,6 +385,53 @@ def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False) -> Itera
         _checked_close(nss)
 
 
+@contextlib.contextmanager
+def vlan_bridge_topology(vid: int = 7, nat: bool = False) -> Iterator[Topology]:
+    """As vlan_topology, but the router's WAN veth rw0 is a tagged member of
+    VLAN `vid` on a VLAN-filtering bridge `brw`, and the router's address sits
+    on the bridge's VLAN device `brw.<vid>` (OpenWrt's DSA/bridge-VLAN style)."""
+    modprobe("8021q")
+    p = _prefix()
+    nss = Namespaces()
+    try:
+        lan, rtr, wan = _three_namespaces(nss, p, "wan")
+        r_dev = f"brw.{vid}"
+        ipb(rtr, [
+            "link add brw type bridge vlan_filtering 1",
+            "link set rw0 master brw",
+            "link set brw up",
+            f"link add link brw name {r_dev} type vlan id {vid}",
+            f"link set {r_dev} up",
+            "addr add 198.18.2.1/24 dev " + r_dev,
+            f"addr add 2001:db8:2::1/64 dev {r_dev} nodad",
+            "route add default via 198.18.2.2",
+            "route add ::/0 via 2001:db8:2::2",
+        ])
+        # rw0 carries VLAN vid tagged; the bridge itself is a member so brw.vid hears it.
+        sh(["bridge", "vlan", "add", "dev", "rw0", "vid", str(vid)], rtr)
+        sh(["bridge", "vlan", "add", "dev", "brw", "vid", str(vid), "self"], rtr)
+        w_dev = f"w0.{vid}"
+        w_cmds = [f"link add link w0 name {w_dev} type vlan id {vid}", f"link set {w_dev} up",
+                  f"addr add 198.18.2.2/24 dev {w_dev}",
+                  f"addr add 2001:db8:2::2/64 dev {w_dev} nodad"]
+        if not nat:
+            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.2.1",
+                       f"route add {LAN_NET6}::/64 via 2001:db8:2::1"]
+        ipb(wan, w_cmds)
+        if nat:
+            masquerade(rtr, r_dev)
+        yield Topology(
+            kind="vlan", lan_ns=lan, router_ns=rtr, wan_ns=wan,
+            lan_addr=f"{LAN_NET4}.2", wan_addr="198.18.2.2",
+            lan_addr6=f"{LAN_NET6}::2", wan_addr6="2001:db8:2::2",
+            router_wan_addr="198.18.2.1", router_wan_addr6="2001:db8:2::1",
+            router_lan_if="rl0", router_wan_if=r_dev, router_wan_lowest="rw0", wan_if=w_dev,
+            nat=nat, tags=[("802.1Q", vid)],
+        )
+    finally:
+        _checked_close(nss)
+
+
 def vlan_topology(vid: int = 7, nat: bool = False):
     """Router WAN on an 802.1Q sub-interface `rw0.<vid>`; WAN host on the same VLAN."""
     return tagged_topology([("802.1Q", vid)], nat=nat)
