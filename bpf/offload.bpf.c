@@ -292,14 +292,13 @@ static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 no
  * Steps 2 to 4. Returns the flow to forward, or NULL to pass the packet.
  * `seg_len` is the L3 length of one segment (GSO packets in TC).
  */
-static __always_inline struct ofl_flow *ofl_decide(struct ofl_pkt *p, __u32 seg_len)
+static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg, struct ofl_pkt *p,
+						   __u32 seg_len)
 {
-	__u32 zero = 0;
-	struct ofl_config *cfg = bpf_map_lookup_elem(&ofl_config, &zero);
 	struct ofl_flow *flow;
 	__u64 now;
 
-	if (!cfg || !(cfg->flags & OFL_CFG_ENABLED))
+	if (!(cfg->flags & OFL_CFG_ENABLED))
 		return NULL;
 	now = bpf_ktime_get_ns();
 	if (now - cfg->heartbeat_ns > cfg->heartbeat_timeout_ns) {
@@ -530,15 +529,21 @@ static __always_inline void ofl_account(struct ofl_flow *flow, __u32 packets, __
 	__sync_fetch_and_add(&flow->bytes, bytes);
 }
 
+/* The global settings, looked up once per packet by each entry point. */
+static __always_inline const struct ofl_config *ofl_config_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&ofl_config, &zero);
+}
+
 /* The device's settings (DSA tag protocol, no-L2 flag); all zero for most. */
-static __always_inline struct ofl_iface ofl_iface_of(__u32 ifindex)
+static __always_inline struct ofl_iface ofl_iface_of(const struct ofl_config *cfg, __u32 ifindex)
 {
 	struct ofl_iface none = {};
-	__u32 zero = 0;
-	struct ofl_config *cfg = bpf_map_lookup_elem(&ofl_config, &zero);
 	struct ofl_iface *ifc;
 
-	if (!cfg || !(cfg->flags & OFL_CFG_IFACES))
+	if (!(cfg->flags & OFL_CFG_IFACES))
 		return none;
 	ifc = bpf_map_lookup_elem(&ofl_ifaces, &ifindex);
 	return ifc ? *ifc : none;
@@ -549,13 +554,17 @@ int ofl_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
+	const struct ofl_config *cfg;
 	struct ofl_flow *flow;
 	struct ofl_iface ifc;
 	struct ofl_pkt p;
 	int shift, ret;
 
 	ofl_count(OFL_STAT_RX);
-	ifc = ofl_iface_of(ctx->ingress_ifindex);
+	cfg = ofl_config_get();
+	if (!cfg)
+		return XDP_PASS;
+	ifc = ofl_iface_of(cfg, ctx->ingress_ifindex);
 	if (ifc.flags & OFL_IF_L3)
 		return XDP_PASS; /* generic XDP on an L3 device: not ours */
 	ret = ofl_parse(data, data_end, data_end - data, ifc.dsa_proto, -1, 0, &p);
@@ -564,7 +573,7 @@ int ofl_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	p.key.ifindex = ctx->ingress_ifindex;
-	flow = ofl_decide(&p, p.l3_len);
+	flow = ofl_decide(cfg, &p, p.l3_len);
 	if (!flow)
 		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&ofl_tx_ports, &flow->v.oif)) {
@@ -601,6 +610,7 @@ int ofl_tc(struct __sk_buff *skb)
 {
 	void *data, *data_end;
 	struct ofl_flow *flow;
+	const struct ofl_config *cfg;
 	struct ofl_verdict v;
 	struct ofl_iface ifc;
 	struct ofl_pkt p;
@@ -614,7 +624,10 @@ int ofl_tc(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, pull);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	ifc = ofl_iface_of(skb->ifindex);
+	cfg = ofl_config_get();
+	if (!cfg)
+		return TC_ACT_OK;
+	ifc = ofl_iface_of(cfg, skb->ifindex);
 	ret = ofl_parse(data, data_end, skb->len, ifc.dsa_proto, hw_vid,
 			ifc.flags & OFL_IF_L3 ? (__be16)skb->protocol : 0, &p);
 	if (ret) {
@@ -626,7 +639,7 @@ int ofl_tc(struct __sk_buff *skb)
 	seg_len = p.l3_len;
 	if (skb->gso_size)
 		seg_len = p.l3l4_hlen + skb->gso_size;
-	flow = ofl_decide(&p, seg_len);
+	flow = ofl_decide(cfg, &p, seg_len);
 	if (!flow)
 		return TC_ACT_OK;
 	v = flow->v; /* helpers below invalidate nothing of this copy */

@@ -43,6 +43,7 @@ from .conntrack import (
     Tuple5,
     nat_target,
     offloadable,
+    raw_wire_id,
     wire_id,
 )
 from .control import ControlServer
@@ -50,9 +51,14 @@ from .datapath import Datapath, FlowKey, Verdict, find_object, netns_pin_dir
 from .errors import AttachError, OffloadError, ResolveError
 from .layout import layout
 from .routing import (
+    NUD_VALID,
     RTM_DELLINK,
     RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_F_CLONED,
     RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
     Link,
     NotYet,
     Resolver,
@@ -63,9 +69,7 @@ from .routing import (
 log = logging.getLogger(__name__)
 
 AF_BRIDGE = 7
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 TCP_FIN_WAIT, TCP_CLOSE = 4, 8  # conntrack TCP states FIN_WAIT .. CLOSE: closing
-RTM_F_CLONED = 0x200
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RECHECK_AFTER_NS = 150_000_000
 RECENT_CT = 1024  # conntrack entries remembered from events
@@ -94,12 +98,10 @@ class _Offsets:
         self.k_sport = ffi.offsetof("struct ofl_key", "sport")
         self.k_saddr = ffi.offsetof("struct ofl_key", "saddr")
         self.k_daddr = ffi.offsetof("struct ofl_key", "daddr")
-        self.f_packets = ffi.offsetof("struct ofl_flow", "packets")
         self.f_last = ffi.offsetof("struct ofl_flow", "last_seen_ns")
         self.f_state = ffi.offsetof("struct ofl_flow", "state")
         self.f_seen = ffi.offsetof("struct ofl_flow", "seen")
         self.v_dmac = ffi.offsetof("struct ofl_verdict", "dmac")
-        self.v_oif = ffi.offsetof("struct ofl_verdict", "oif")
         self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
         self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
         self.key_size = ffi.sizeof("struct ofl_key")
@@ -121,10 +123,7 @@ class _Offsets:
                 raw_key[self.k_daddr : self.k_daddr + n], sport, dport)
 
     def wire(self, raw_key: bytes) -> bytes:
-        sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
-        return wire_id(raw_key[self.k_proto], sport, dport,
-                       raw_key[self.k_saddr : self.k_saddr + 16],
-                       raw_key[self.k_daddr : self.k_daddr + 16])
+        return raw_wire_id(self.raw5(raw_key))
 
 
 def _fields(size: int, fields: list[tuple[int, str]]) -> struct.Struct:
@@ -670,7 +669,7 @@ class Agent:
                 kind = msg["header"]["type"]
                 if kind in (RTM_NEWLINK, RTM_DELLINK):
                     flush_all |= self._on_link(msg, kind == RTM_DELLINK)
-                elif kind in (28, RTM_DELNEIGH):
+                elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
                     self._on_neigh(msg, kind == RTM_DELNEIGH)
                 elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["flags"] & RTM_F_CLONED:
                     continue  # a route cache entry (IPv6 creates them on lookups)
@@ -720,7 +719,7 @@ class Agent:
             return
         lladdr = msg.get("NDA_LLADDR")
         new = bytes.fromhex(lladdr.replace(":", "")) if lladdr else b""
-        bad_state = not (msg["state"] & 0xDE)  # not REACHABLE/STALE/DELAY/PROBE/NOARP/PERMANENT
+        bad_state = not (msg["state"] & NUD_VALID)
         if deleted or new != used or bad_state:
             del self.nexthops[ck]
             self.flush_where_dmac(used, "neighbour change")
@@ -740,7 +739,7 @@ class Agent:
         rules apply to them."""
         if hold:
             off = self.off
-            self.held.update(off.wire(k) for k in self.dp.flows.keys())  # noqa: SIM118 (a BPF map)
+            self.held.update(off.wire(k) for k in self.dp.flows.all_keys())
         n = self.dp.flows.clear()
         self.dp.pending.clear()
         self.waiting.clear()

@@ -30,14 +30,12 @@ from .errors import AttachError, BpfError, MapError, ObjectLoadError
 
 log = logging.getLogger(__name__)
 
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 BPF_TC_INGRESS = 1
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
-PIN_ROOT = Path("/sys/fs/bpf")
 BPF_FS_MAGIC = 0xCAFE4A11
 
 _PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
@@ -278,9 +276,14 @@ class Map:
             return count.value + sum(self.delete(k) for k in keys[count.value + 1 :])
         return count.value
 
+    def all_keys(self) -> list[bytes]:
+        """Every key, read a batch at a time (keys() costs a syscall per key)."""
+        ks = self.key_size
+        return [kb[i * ks : (i + 1) * ks] for kb, _vb, n in self.batches() for i in range(n)]
+
     def clear(self) -> int:
         """Delete every entry."""
-        return self.delete_batch(list(self.keys()))
+        return self.delete_batch(self.all_keys())
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,6 @@ class BpfObject:
             err = ctypes.get_errno()
             raise ObjectLoadError(f"cannot open BPF object {self.path}", errno=err, log=lib.take_messages())
         self._obj: int | None = ptr
-        self.loaded = False
 
     def _map_ptr(self, name: str) -> int:
         ptr = libbpf().lib.bpf_object__find_map_by_name(self._ptr, name.encode())
@@ -359,7 +361,6 @@ class BpfObject:
         if ret < 0:
             raise ObjectLoadError(f"cannot load BPF object {self.path}", errno=-ret,
                                   log=lib.take_messages())
-        self.loaded = True
 
     def map(self, name: str) -> Map:
         ptr = self._map_ptr(name)

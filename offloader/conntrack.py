@@ -2,7 +2,8 @@
 
 Queries go through pyroute2's NFCTSocket; events come from a raw
 NETLINK_NETFILTER socket bound to the NEW, UPDATE and DESTROY groups (the
-synchronous NFCTSocket has no bind()), parsed with pyroute2's marshal.
+synchronous NFCTSocket has no bind()), decoded by offloader/ctnetlink.py;
+updates on the hot paths (refreshes, the liberal flag) go out raw too.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ IPS_DYING = 1 << 9
 IPS_OFFLOAD = 1 << 14
 IPS_HW_OFFLOAD = 1 << 15
 TCP_CONNTRACK_ESTABLISHED = 3
-IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

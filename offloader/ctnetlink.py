@@ -47,6 +47,7 @@ CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
 CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
 CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
@@ -77,7 +78,7 @@ def encode_update(seq: int, t: Raw5, *, reply: bool, zone: int = 0, timeout: int
     if timeout is not None:
         body += _attr(CTA_TIMEOUT, struct.pack("!I", timeout))
     if liberal:
-        be_liberal = struct.pack("BB", 0x08, 0x08)  # IP_CT_TCP_FLAG_BE_LIBERAL, mask
+        be_liberal = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)  # flags, mask
         tcp = (_attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, be_liberal)
                + _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, be_liberal))
         body += _attr(CTA_PROTOINFO, _attr(CTA_PROTOINFO_TCP, tcp, True), True)

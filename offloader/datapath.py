@@ -26,8 +26,6 @@ from .layout import Layout, layout
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
 DSA_PROTOS = {"none": 0, "mtk": 1, "qca": 2}
 MAP_NAMES = ("ofl_flows", "ofl_pending", "ofl_events", "ofl_tx_ports", "ofl_ifaces", "ofl_config",
              "ofl_stats")
@@ -127,11 +125,6 @@ class L2Header:
     pppoe_sid: int = 0
     dsa_proto: int = 0  # DSA_PROTOS value
     dsa_port: int = 0
-
-    def overhead(self) -> int:
-        """Bytes of encapsulation beyond plain Ethernet that count against the MTU
-        of the device under it (VLAN tags and PPPoE; a DSA tag does not)."""
-        return 4 * len(self.vlans) + (8 if self.pppoe_sid else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ integration tests' network.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -98,7 +97,6 @@ class Topology:
         self.wan_macvlan = wan_macvlan
         self.wan_if = "wanm" if wan_macvlan else "wan0"
         self.agent: subprocess.Popen[str] | None = None
-        self.agent_log = ""
 
     # -- building -------------------------------------------------------------
     def up(self) -> None:
@@ -428,7 +426,3 @@ def run_lab(*, seconds: float = 5.0, hook: str = "xdp") -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
