@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,13 +13,45 @@ ROOT = Path(__file__).resolve().parent.parent
 OBJECT = ROOT / "build" / "offload.bpf.o"
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _skip_reason(longrepr: Any) -> str:
+    # A skip's longrepr is (path, lineno, "Skipped: why").
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_if_skipped_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
     # With CI=true a skipped test is a failure: tests that need root, BPF or
-    # namespaces must run there, never vanish silently.
-    if (os.environ.get("CI") == "true" and report.skipped and report.when in ("setup", "call")
-            and not hasattr(report, "wasxfail")):
+    # namespaces must run there, never vanish silently. The report is changed
+    # before anyone has seen it, so pytest counts and summarises a failure.
+    # xfail reports (skipped with ``wasxfail``) keep their outcome.
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
-        report.longrepr = f"skipped under CI=true: {report.longrepr}"
+        report.longrepr = f"skipped under CI=true: {_skip_reason(report.longrepr)}"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
+                                                                     pytest.TestReport]:
+    report = yield
+    _fail_if_skipped_in_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_make_collect_report(
+        collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                  pytest.CollectReport]:
+    # A module-level skip (pytest.skip(allow_module_level=True), importorskip)
+    # would hide every test in the module.
+    report = yield
+    _fail_if_skipped_in_ci(report)
+    return report
 
 
 def need_root() -> None:
