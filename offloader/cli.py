@@ -23,16 +23,16 @@ from typing import Any
 
 from .config import (
     DEFAULT_CONFIG_PATH,
+    HOOKS,
     Settings,
     apply_overrides,
+    describe_options,
     format_settings,
     load_settings,
 )
 from .errors import AgentNotRunning, ConfigError, ObjectLoadError, OffloadError
 
 log = logging.getLogger("offloader")
-
-HOOKS = ("auto", "xdp", "xdpgeneric", "tc")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                             "of netfilter.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent in the foreground until SIGTERM/SIGINT")
+    run = sub.add_parser("run", help="run the agent in the foreground until SIGTERM/SIGINT",
+                         epilog="options for -o, with their defaults:\n" + describe_options(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("-c", "--config", metavar="FILE",
                      help=f"uci configuration file (default {DEFAULT_CONFIG_PATH} if present)")
     run.add_argument("-i", "--interface", action="append", default=[], metavar="IFACE",

@@ -5,12 +5,19 @@ The agent parses them itself (no libuci binding) so that the same code runs on
 a router, on a Debian lab box and in the unit tests.
 
     parse_uci()        text -> [UciSection]: the generic uci syntax
-    load_settings()    /etc/config/ebpf-offloader -> Settings, every value checked
     Settings           frozen, keyword-only; validates on construction, so a
                        CLI override `dataclasses.replace(s, hook="tc")` is
-                       checked too
+                       checked too. Each field is one uci option, described
+                       once by its Option entry (OPTIONS, in field order)
+    load_settings()    /etc/config/ebpf-offloader -> Settings, every value checked
+    apply_overrides()  `-o OPTION=VALUE` pairs on top of Settings
+    redecide_needed()  whether a new Settings makes the agent decide every flow again
     network_devices()  the devices of /etc/config/network's lan and wan
     zone_networks()    the networks of fw4 zones named in exclude_zone
+
+A new option is one field of Settings (its `_option(...)` entry), one row in
+docs/configuration.md and a test; parsing, overrides, output and the reload
+rule follow from the entry.
 
 Every problem is a ConfigError that names the file, the line and the option,
 and nothing is half-applied: load_settings() returns a whole Settings or raises.
@@ -25,7 +32,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from offloader.errors import ConfigError
 
@@ -97,69 +104,122 @@ class UciSection:
         return result
 
 
+_BLANKS = " \t\r\f\v"
+
+
 class _Tokenizer:
     """Splits one uci line into words, the way libuci's parser does.
 
     Words are separated by blanks; single quotes take everything literally,
     double quotes and bare words honour backslash escapes; quoted and bare parts
     that touch form one word (`a'b c'` is `ab c`); `#` where a word would start
-    begins a comment.
+    begins a comment. A cursor (`pos`) walks the line; each helper moves it
+    past what it read.
     """
 
     def __init__(self, text: str, file: str, line: int) -> None:
         self.text = text
         self.file = file
         self.line = line
+        self.pos = 0
 
     def _error(self, message: str) -> ConfigError:
         return ConfigError(message, file=self.file, line=self.line)
 
     def words(self) -> list[str]:
-        text = self.text
+        text, n = self.text, len(self.text)
         words: list[str] = []
-        i, n = 0, len(text)
+        self.pos = 0
         while True:
-            while i < n and text[i] in " \t\r\f\v":
-                i += 1
-            if i >= n or text[i] == "#":
+            while self.pos < n and text[self.pos] in _BLANKS:
+                self.pos += 1
+            if self.pos >= n or text[self.pos] == "#":
                 return words
-            if text[i] == ";":
+            if text[self.pos] == ";":
                 raise self._error("';' statement separators are not supported, use one per line")
-            word: list[str] = []
-            while i < n and text[i] not in " \t\r\f\v":
-                ch = text[i]
-                if ch == "'":
-                    end = text.find("'", i + 1)
-                    if end < 0:
-                        raise self._error("unterminated single quote")
-                    word.append(text[i + 1 : end])
-                    i = end + 1
-                elif ch == '"':
-                    i += 1
-                    while True:
-                        if i >= n:
-                            raise self._error("unterminated double quote")
-                        ch = text[i]
-                        if ch == '"':
-                            i += 1
-                            break
-                        if ch == "\\":
-                            if i + 1 >= n:
-                                raise self._error("unterminated double quote")
-                            word.append(text[i + 1])
-                            i += 2
-                        else:
-                            word.append(ch)
-                            i += 1
-                elif ch == "\\":
-                    if i + 1 >= n:
-                        raise self._error("backslash at the end of the line")
-                    word.append(text[i + 1])
-                    i += 2
-                else:
-                    word.append(ch)
-                    i += 1
-            words.append("".join(word))
+            words.append(self._word())
+
+    def _word(self) -> str:
+        text, n = self.text, len(self.text)
+        parts: list[str] = []
+        while self.pos < n and text[self.pos] not in _BLANKS:
+            ch = text[self.pos]
+            if ch == "'":
+                parts.append(self._single_quoted())
+            elif ch == '"':
+                parts.append(self._double_quoted())
+            elif ch == "\\":
+                parts.append(self._escaped("backslash at the end of the line"))
+            else:
+                parts.append(ch)
+                self.pos += 1
+        return "".join(parts)
+
+    def _single_quoted(self) -> str:
+        end = self.text.find("'", self.pos + 1)
+        if end < 0:
+            raise self._error("unterminated single quote")
+        part = self.text[self.pos + 1 : end]
+        self.pos = end + 1
+        return part
+
+    def _double_quoted(self) -> str:
+        text, n = self.text, len(self.text)
+        parts: list[str] = []
+        self.pos += 1
+        while True:
+            if self.pos >= n:
+                raise self._error("unterminated double quote")
+            ch = text[self.pos]
+            if ch == '"':
+                self.pos += 1
+                return "".join(parts)
+            if ch == "\\":
+                parts.append(self._escaped("unterminated double quote"))
+            else:
+                parts.append(ch)
+                self.pos += 1
+
+    def _escaped(self, at_end: str) -> str:
+        """The character after the backslash at `pos`; `at_end` if there is none."""
+        if self.pos + 1 >= len(self.text):
+            raise self._error(at_end)
+        ch = self.text[self.pos + 1]
+        self.pos += 2
+        return ch
+
+
+def _config_section(args: list[str], file: str, lineno: int) -> UciSection:
+    """The section a `config TYPE [NAME]` line opens."""
+    if not args or len(args) > 2:
+        raise ConfigError("'config' takes a section type and an optional name",
+                          file=file, line=lineno)
+    if not _NAME_RE.match(args[0]):
+        raise ConfigError(f"invalid section type {args[0]!r}", file=file, line=lineno)
+    name = args[1] if len(args) == 2 else None
+    if name is not None and not _NAME_RE.match(name):
+        raise ConfigError(f"invalid section name {name!r} (letters, digits and '_' only)",
+                          file=file, line=lineno)
+    return UciSection(type=args[0], name=name, line=lineno)
+
+
+def _entry(keyword: str, args: list[str], file: str, lineno: int) -> UciEntry:
+    """The entry an `option NAME VALUE` or `list NAME VALUE` line gives."""
+    if not args:
+        raise ConfigError(f"'{keyword}' without a name", file=file, line=lineno)
+    name = args[0]
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"invalid option name {name!r} (letters, digits and '_' only)",
+                          file=file, line=lineno)
+    if len(args) == 1:
+        raise ConfigError(f"'{keyword}' without a value", file=file, line=lineno, option=name)
+    if len(args) > 2:
+        raise ConfigError(
+            f"{len(args) - 1} values where one is expected (quote values with blanks)",
+            file=file, line=lineno, option=name,
+        )
+    kind: Literal["option", "list"] = "option" if keyword == "option" else "list"
+    return UciEntry(kind=kind, name=name, value=args[1], line=lineno)
 
 
 def parse_uci(text: str, file: str) -> list[UciSection]:
@@ -170,50 +230,26 @@ def parse_uci(text: str, file: str) -> list[UciSection]:
     is a ConfigError carrying `file` and the 1-based line number.
     """
     sections: list[UciSection] = []
-    current: UciSection | None = None
     for lineno, raw in enumerate(text.splitlines(), start=1):
         words = _Tokenizer(raw, file, lineno).words()
         if not words:
             continue
         keyword, args = words[0], words[1:]
-
-        def fail(message: str, option: str = "", line: int = lineno) -> ConfigError:
-            return ConfigError(message, file=file, line=line, option=option)
-
         if keyword == "package":
             if len(args) != 1:
-                raise fail("'package' takes exactly one name")
-            continue
-        if keyword == "config":
-            if not args or len(args) > 2:
-                raise fail("'config' takes a section type and an optional name")
-            if not _NAME_RE.match(args[0]):
-                raise fail(f"invalid section type {args[0]!r}")
-            name = args[1] if len(args) == 2 else None
-            if name is not None and not _NAME_RE.match(name):
-                raise fail(f"invalid section name {name!r} (letters, digits and '_' only)")
-            current = UciSection(type=args[0], name=name, line=lineno)
-            sections.append(current)
-            continue
-        if keyword in ("option", "list"):
-            if current is None:
-                raise fail(f"'{keyword}' before the first 'config' line")
-            if not args:
-                raise fail(f"'{keyword}' without a name")
-            name = args[0]
-            if not _NAME_RE.match(name):
-                raise fail(f"invalid option name {name!r} (letters, digits and '_' only)")
-            if len(args) == 1:
-                raise fail(f"'{keyword}' without a value", option=name)
-            if len(args) > 2:
-                raise fail(
-                    f"{len(args) - 1} values where one is expected (quote values with blanks)",
-                    option=name,
-                )
-            kind: Literal["option", "list"] = "option" if keyword == "option" else "list"
-            current.entries.append(UciEntry(kind=kind, name=name, value=args[1], line=lineno))
-            continue
-        raise fail(f"unknown keyword {keyword!r} (expected config, option or list)")
+                raise ConfigError("'package' takes exactly one name", file=file, line=lineno)
+        elif keyword == "config":
+            sections.append(_config_section(args, file, lineno))
+        elif keyword in ("option", "list"):
+            if not sections:
+                raise ConfigError(f"'{keyword}' before the first 'config' line",
+                                  file=file, line=lineno)
+            sections[-1].entries.append(_entry(keyword, args, file, lineno))
+        else:
+            raise ConfigError(
+                f"unknown keyword {keyword!r} (expected config, option or list)",
+                file=file, line=lineno,
+            )
     return sections
 
 
@@ -232,147 +268,8 @@ def read_uci(path: str) -> list[UciSection]:
 
 
 # --------------------------------------------------------------------------
-# Settings
-
-
-def _num(value: float) -> str:
-    """A number as a person writes it: 4194304, 0.5."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _check_range(option: str, value: object, lo: float, hi: float, kind: type) -> None:
-    what = "an integer" if kind is int else "a number"
-    accepted = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, accepted) or not math.isfinite(value):
-        raise ConfigError(
-            f"must be {what} from {_num(lo)} to {_num(hi)}, not {value!r}", option=option
-        )
-    if not lo <= value <= hi:
-        raise ConfigError(
-            f"{_num(value)} is out of range: must be {_num(lo)} to {_num(hi)}", option=option
-        )
-
-
-def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", option=option)
-
-
-def _check_names(option: str, value: object, pattern: re.Pattern[str], what: str) -> None:
-    if not isinstance(value, tuple):
-        raise ConfigError(f"must be a tuple of {what}s, not {type(value).__name__}", option=option)
-    seen: set[str] = set()
-    for item in value:
-        if not isinstance(item, str) or not pattern.match(item) or item in (".", ".."):
-            raise ConfigError(f"{item!r} is not a valid {what}", option=option)
-        if item in seen:
-            raise ConfigError(f"{item!r} is given twice", option=option)
-        seen.add(item)
-
-
-def _check_networks(option: str, value: object) -> None:
-    if not isinstance(value, tuple):
-        raise ConfigError(f"must be a tuple of networks, not {type(value).__name__}", option=option)
-    for item in value:
-        if not isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            raise ConfigError(f"{item!r} is not an IPv4 or IPv6 network", option=option)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """The effective configuration; every field is checked when it is built.
-
-    Field names are the uci option names, except `exclude_zones` (uci: the
-    list `exclude_zone`). Build with keywords; derive with dataclasses.replace().
-    """
-
-    enabled: bool = False
-    hook: str = "auto"
-    interfaces: tuple[str, ...] = ()
-    max_flows: int = 65536
-    pending_flows: int = 8192
-    sweep_interval: float = 1.0
-    tcp_timeout: int = 300
-    udp_timeout: int = 60
-    offload_udp: str = "yes"
-    exclude_src: tuple[IPNetwork, ...] = ()
-    exclude_dst: tuple[IPNetwork, ...] = ()
-    exclude_zones: tuple[str, ...] = ()
-    log_level: str = "info"
-    heartbeat_timeout: float = 3.0
-    object: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"must be a boolean, not {self.enabled!r}", option="enabled")
-        _check_choice("hook", self.hook, HOOKS)
-        _check_names("interfaces", self.interfaces, _IFNAME_RE, "interface name")
-        _check_range("max_flows", self.max_flows, 1024, 4194304, int)
-        _check_range("pending_flows", self.pending_flows, 256, 1048576, int)
-        _check_range("sweep_interval", self.sweep_interval, 0.1, 60, float)
-        _check_range("tcp_timeout", self.tcp_timeout, 1, 86400, int)
-        _check_range("udp_timeout", self.udp_timeout, 1, 86400, int)
-        _check_choice("offload_udp", self.offload_udp, OFFLOAD_UDP_MODES)
-        _check_networks("exclude_src", self.exclude_src)
-        _check_networks("exclude_dst", self.exclude_dst)
-        _check_names("exclude_zone", self.exclude_zones, _ZONE_RE, "zone name")
-        _check_choice("log_level", self.log_level, LOG_LEVELS)
-        _check_range("heartbeat_timeout", self.heartbeat_timeout, 0.5, 60, float)
-        if not isinstance(self.object, str) or "\0" in self.object:
-            raise ConfigError(f"{self.object!r} is not a path", option="object")
-        # Keep the declared types exact: an int where a float is declared.
-        for name in ("sweep_interval", "heartbeat_timeout"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    def to_dict(self) -> dict[str, builtins.object]:
-        """JSON-able, keyed by uci option name (lists as lists, networks as strings)."""
-        return {
-            "enabled": self.enabled,
-            "hook": self.hook,
-            "interfaces": list(self.interfaces),
-            "max_flows": self.max_flows,
-            "pending_flows": self.pending_flows,
-            "sweep_interval": self.sweep_interval,
-            "tcp_timeout": self.tcp_timeout,
-            "udp_timeout": self.udp_timeout,
-            "offload_udp": self.offload_udp,
-            "exclude_src": [str(n) for n in self.exclude_src],
-            "exclude_dst": [str(n) for n in self.exclude_dst],
-            "exclude_zone": list(self.exclude_zones),
-            "log_level": self.log_level,
-            "heartbeat_timeout": self.heartbeat_timeout,
-            "object": self.object,
-        }
-
-
-# uci option name -> Settings field name, where they differ.
-_FIELD_OF_OPTION = {"exclude_zone": "exclude_zones"}
-_OPTION_OF_FIELD = {v: k for k, v in _FIELD_OF_OPTION.items()}
-
-
-def format_settings(s: Settings) -> str:
-    """The settings for a person: one `option value` per line, names aligned."""
-    shown: dict[str, str] = {}
-    for name, value in s.to_dict().items():
-        if isinstance(value, bool):
-            text = "1" if value else "0"
-        elif isinstance(value, list):
-            text = " ".join(str(v) for v in value)
-        else:
-            text = str(value)
-        shown[name] = text
-    if not s.interfaces:
-        shown["interfaces"] = "(none: the devices of network lan and wan)"
-    for name in ("exclude_src", "exclude_dst", "exclude_zone"):
-        shown[name] = shown[name] or "(none)"
-    if not s.object:
-        shown["object"] = "(none: the default locations)"
-    width = max(len(name) for name in shown)
-    return "\n".join(f"{name:<{width}}  {text}" for name, text in shown.items()) + "\n"
-
-
-# --------------------------------------------------------------------------
-# From uci values to Settings
+# From uci text to values: one converter per kind of value. Each takes one
+# uci value (for a list option: one item) and raises ValueError saying why not.
 
 
 def _to_bool(text: str) -> bool:
@@ -411,28 +308,307 @@ def _to_network(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IPv4 or IPv6 address or CIDR network") from None
 
 
-_Single = Callable[[str], object]
-# uci option -> converter; single options take one `option`, list options any
-# number of `list` lines (or one `option` with blank-separated values).
-_SINGLE_OPTIONS: dict[str, _Single] = {
-    "enabled": _to_bool,
-    "hook": _to_word,
-    "max_flows": _to_int,
-    "pending_flows": _to_int,
-    "sweep_interval": _to_float,
-    "tcp_timeout": _to_int,
-    "udp_timeout": _to_int,
-    "offload_udp": _to_word,
-    "log_level": _to_word,
-    "heartbeat_timeout": _to_float,
-    "object": _to_path,
-}
-_LIST_OPTIONS: dict[str, _Single] = {
-    "interfaces": _to_word,
-    "exclude_src": _to_network,
-    "exclude_dst": _to_network,
-    "exclude_zone": _to_word,
-}
+# --------------------------------------------------------------------------
+# Checks of Python values: each returns the value to keep (an int given for a
+# float becomes a float) or raises ValueError saying what is wrong.
+
+_Check = Callable[[Any], object]
+
+
+def _num(value: float) -> str:
+    """A number as a person writes it: 4194304, 0.5."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _is_boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be a boolean, not {value!r}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> _Check:
+    def check(value: object) -> object:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _in_range(lo: float, hi: float, kind: type[int] | type[float]) -> _Check:
+    what = "an integer" if kind is int else "a number"
+    accepted = (int,) if kind is int else (int, float)
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, accepted) or not math.isfinite(value):
+            raise ValueError(f"must be {what} from {_num(lo)} to {_num(hi)}, not {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{_num(value)} is out of range: must be {_num(lo)} to {_num(hi)}")
+        return kind(value)
+
+    return check
+
+
+def _names(pattern: re.Pattern[str], what: str) -> _Check:
+    def check(value: object) -> object:
+        if not isinstance(value, tuple):
+            raise ValueError(f"must be a tuple of {what}s, not {type(value).__name__}")
+        seen: set[str] = set()
+        for item in value:
+            if not isinstance(item, str) or not pattern.match(item) or item in (".", ".."):
+                raise ValueError(f"{item!r} is not a valid {what}")
+            if item in seen:
+                raise ValueError(f"{item!r} is given twice")
+            seen.add(item)
+        return value
+
+    return check
+
+
+def _networks(value: object) -> object:
+    if not isinstance(value, tuple):
+        raise ValueError(f"must be a tuple of networks, not {type(value).__name__}")
+    for item in value:
+        if not isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            raise ValueError(f"{item!r} is not an IPv4 or IPv6 network")
+    return value
+
+
+def _is_path(value: object) -> object:
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError(f"{value!r} is not a path")
+    return value
+
+
+# --------------------------------------------------------------------------
+# The option schema and Settings
+
+
+@dataclass(frozen=True)
+class Option:
+    """One uci option, described once. Parsing the uci section, `-o`
+    overrides, Settings' checks, to_dict(), format_settings(), the reload rule
+    and the docs test all read this entry."""
+
+    name: str  # the uci option name
+    field: str  # the Settings field that holds it
+    default: object
+    convert: Callable[[str], object]  # one uci value (a list option: one item) -> Python
+    check: _Check  # the Python value -> the value kept; ValueError says what is wrong
+    many: bool  # a list option: `list` lines, or one `option` with blank-separated values
+    redecides: bool  # a change makes the agent decide every flow again
+    doc: str  # one line for people
+    empty: str  # what format_settings() shows when the value is empty
+
+    @property
+    def default_text(self) -> str:
+        """The default as it is written in a uci file ("" when empty)."""
+        return _uci_text(self.default)
+
+    def json_value(self, value: Any) -> object:
+        """`value` of this option as JSON takes it (lists, networks as strings)."""
+        if self.many:
+            return [item if isinstance(item, str) else str(item) for item in value]
+        return value
+
+
+def _uci_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return _num(value)
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+_T = TypeVar("_T")
+_OPTION_KEY = "uci_option"
+
+
+def _option(
+    default: _T,
+    convert: Callable[[str], object],
+    check: _Check,
+    *,
+    doc: str,
+    uci: str = "",
+    many: bool = False,
+    redecides: bool = False,
+    empty: str = "(none)",
+) -> _T:
+    """A Settings field that is a uci option (named like the field unless
+    `uci` says otherwise); OPTIONS collects them."""
+    spec = Option(name=uci, field="", default=default, convert=convert, check=check, many=many,
+                  redecides=redecides, doc=doc, empty=empty)
+    return field(default=default, metadata={_OPTION_KEY: spec})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The effective configuration; every field is checked when it is built.
+
+    Each field is one uci option, described by its `_option(...)` entry below;
+    field names are the uci option names, except `exclude_zones` (uci: the
+    list `exclude_zone`). Build with keywords; derive with dataclasses.replace().
+    """
+
+    enabled: bool = _option(
+        False, _to_bool, _is_boolean,
+        doc="whether the OpenWrt service starts the agent (`run` itself ignores it)")
+    hook: str = _option(
+        "auto", _to_word, _one_of(HOOKS),
+        doc="where the datapath attaches: auto, xdp, xdpgeneric or tc")
+    interfaces: tuple[str, ...] = _option(
+        (), _to_word, _names(_IFNAME_RE, "interface name"), many=True,
+        empty="(none: the devices of network lan and wan)",
+        doc="the devices to attach to; none: those of network lan and wan")
+    max_flows: int = _option(
+        65536, _to_int, _in_range(1024, 4194304, int),
+        doc="size of the map of offloaded flows")
+    pending_flows: int = _option(
+        8192, _to_int, _in_range(256, 1048576, int),
+        doc="size of the LRU map of new connections waiting for a decision")
+    sweep_interval: float = _option(
+        1.0, _to_float, _in_range(0.1, 60, float),
+        doc="seconds between the agent's walks of the flow map")
+    tcp_timeout: int = _option(
+        300, _to_int, _in_range(1, 86400, int),
+        doc="seconds without packets before an offloaded TCP flow goes back to the kernel")
+    udp_timeout: int = _option(
+        60, _to_int, _in_range(1, 86400, int),
+        doc="seconds without packets before an offloaded UDP flow goes back to the kernel")
+    offload_udp: str = _option(
+        "yes", _to_word, _one_of(OFFLOAD_UDP_MODES), redecides=True,
+        doc="offload UDP: yes, assured (once conntrack saw replies) or no")
+    exclude_src: tuple[IPNetwork, ...] = _option(
+        (), _to_network, _networks, many=True, redecides=True,
+        doc="never offload connections from these addresses or networks")
+    exclude_dst: tuple[IPNetwork, ...] = _option(
+        (), _to_network, _networks, many=True, redecides=True,
+        doc="never offload connections to these addresses or networks")
+    exclude_zones: tuple[str, ...] = _option(
+        (), _to_word, _names(_ZONE_RE, "zone name"), uci="exclude_zone", many=True,
+        redecides=True,
+        doc="never offload connections through these fw4 zones")
+    log_level: str = _option(
+        "info", _to_word, _one_of(LOG_LEVELS),
+        doc="what the agent logs: debug, info, warning or error")
+    heartbeat_timeout: float = _option(
+        3.0, _to_float, _in_range(0.5, 60, float),
+        doc="seconds without the agent's heartbeat before the datapath passes everything")
+    object: str = _option(
+        "", _to_path, _is_path, empty="(none: the default locations)",
+        doc="the BPF object to load; empty: the default locations")
+
+    def __post_init__(self) -> None:
+        for option in OPTIONS:
+            try:
+                kept = option.check(getattr(self, option.field))
+            except ValueError as exc:
+                raise ConfigError(str(exc), option=option.name) from None
+            object.__setattr__(self, option.field, kept)
+
+    def to_dict(self) -> dict[str, builtins.object]:
+        """JSON-able, keyed by uci option name (lists as lists, networks as strings)."""
+        return {o.name: o.json_value(getattr(self, o.field)) for o in OPTIONS}
+
+
+def _schema() -> tuple[Option, ...]:
+    options = []
+    for f in fields(Settings):
+        spec: Option = f.metadata[_OPTION_KEY]
+        options.append(replace(spec, name=spec.name or f.name, field=f.name))
+    return tuple(options)
+
+
+# Every uci option, in the order of Settings' fields (and of the output).
+OPTIONS: tuple[Option, ...] = _schema()
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def settings_field_option(field_name: str) -> str:
+    """The uci option name of a Settings field (for messages about CLI overrides)."""
+    for option in OPTIONS:
+        if option.field == field_name:
+            return option.name
+    raise KeyError(field_name)
+
+
+def redecide_needed(old: Settings, new: Settings) -> bool:
+    """Whether going from `old` to `new` changes what may be offloaded, so
+    that the agent must decide every flow again (on SIGHUP)."""
+    return any(
+        getattr(old, o.field) != getattr(new, o.field) for o in OPTIONS if o.redecides
+    )
+
+
+def format_settings(s: Settings) -> str:
+    """The settings for a person: one `option value` per line, names aligned."""
+    shown: dict[str, str] = {}
+    values = s.to_dict()
+    for option in OPTIONS:
+        value = values[option.name]
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, list):
+            text = " ".join(str(v) for v in value)
+        else:
+            text = str(value)
+        shown[option.name] = text or option.empty
+    width = max(len(name) for name in shown)
+    return "\n".join(f"{name:<{width}}  {text}" for name, text in shown.items()) + "\n"
+
+
+def describe_options() -> str:
+    """One line per option, `name=DEFAULT  what it does`, for `--help`."""
+    shown = [(f"{o.name}={o.default_text}", o.doc) for o in OPTIONS]
+    width = max(len(name) for name, _ in shown)
+    return "\n".join(f"  {name:<{width}}  {doc}" for name, doc in shown)
+
+
+# --------------------------------------------------------------------------
+# From a uci section or the command line to Settings
+
+
+def _entry_error(message: str, entry: UciEntry, file: str) -> ConfigError:
+    return ConfigError(message, file=file, line=entry.line, option=entry.name)
+
+
+def _single_value(option: Option, entries: list[UciEntry], file: str) -> object:
+    """A single option's value: one `option` line."""
+    listed = next((e for e in entries if e.kind == "list"), None)
+    if listed is not None:
+        raise _entry_error("is a single value: use 'option', not 'list'", listed, file)
+    if len(entries) > 1:
+        raise _entry_error(f"given again (first on line {entries[0].line})", entries[1], file)
+    try:
+        return option.convert(entries[0].value)
+    except ValueError as exc:
+        raise _entry_error(str(exc), entries[0], file) from None
+
+
+def _list_value(option: Option, entries: list[UciEntry], file: str) -> tuple[object, ...]:
+    """A list option's items: `list` lines, or one `option` with blank-separated values."""
+    options = [e for e in entries if e.kind == "option"]
+    if options and len(entries) > 1:
+        other = entries[1] if entries[0] is options[0] else entries[0]
+        raise _entry_error(
+            "use either one 'option' with blank-separated values or 'list' lines",
+            other if other.line > options[0].line else options[0],
+            file,
+        )
+    items: list[object] = []
+    for entry in entries:
+        if entry.kind == "list" and not entry.value.strip():
+            raise _entry_error("empty list value", entry, file)
+        parts = entry.value.split() if entry.kind == "option" else [entry.value]
+        for part in parts:
+            try:
+                items.append(option.convert(part))
+            except ValueError as exc:
+                raise _entry_error(str(exc), entry, file) from None
+    return tuple(items)
 
 
 def _settings_from_section(section: UciSection, file: str) -> Settings:
@@ -441,52 +617,18 @@ def _settings_from_section(section: UciSection, file: str) -> Settings:
         by_name.setdefault(entry.name, []).append(entry)
 
     values: dict[str, object] = {}
-    line_of: dict[str, int] = {}
     for name, entries in by_name.items():
-        first, last = entries[0], entries[-1]
-        line_of[name] = first.line
-
-        def fail(message: str, entry: UciEntry, name: str = name) -> ConfigError:
-            return ConfigError(message, file=file, line=entry.line, option=name)
-
-        if name in _SINGLE_OPTIONS:
-            listed = next((e for e in entries if e.kind == "list"), None)
-            if listed is not None:
-                raise fail("is a single value: use 'option', not 'list'", listed)
-            if len(entries) > 1:
-                raise fail(f"given again (first on line {first.line})", entries[1])
-            try:
-                values[name] = _SINGLE_OPTIONS[name](last.value)
-            except ValueError as exc:
-                raise fail(str(exc), last) from None
-        elif name in _LIST_OPTIONS:
-            options = [e for e in entries if e.kind == "option"]
-            if options and len(entries) > 1:
-                other = entries[1] if entries[0] is options[0] else entries[0]
-                raise fail(
-                    "use either one 'option' with blank-separated values or 'list' lines",
-                    other if other.line > options[0].line else options[0],
-                )
-            items: list[object] = []
-            for entry in entries:
-                parts = entry.value.split() if entry.kind == "option" else [entry.value]
-                if entry.kind == "list" and not entry.value.strip():
-                    raise fail("empty list value", entry)
-                for part in parts:
-                    try:
-                        items.append(_LIST_OPTIONS[name](part))
-                    except ValueError as exc:
-                        raise fail(str(exc), entry) from None
-            values[name] = tuple(items)
-        else:
-            known = ", ".join(sorted([*_SINGLE_OPTIONS, *_LIST_OPTIONS]))
-            raise fail(f"unknown option (known: {known})", first)
-
-    kwargs = {_FIELD_OF_OPTION.get(k, k): v for k, v in values.items()}
+        option = _BY_NAME.get(name)
+        if option is None:
+            known = ", ".join(sorted(_BY_NAME))
+            raise _entry_error(f"unknown option (known: {known})", entries[0], file)
+        read = _list_value if option.many else _single_value
+        values[option.field] = read(option, entries, file)
     try:
-        return Settings(**kwargs)  # type: ignore[arg-type]
+        return Settings(**values)  # type: ignore[arg-type]
     except ConfigError as exc:
-        line = line_of.get(exc.option, section.line)
+        given = by_name.get(exc.option)
+        line = given[0].line if given else section.line
         raise ConfigError(exc.reason, file=file, line=line, option=exc.option) from None
 
 
@@ -526,11 +668,33 @@ def load_settings(path: str | None = None) -> Settings:
     return _settings_from_section(main, path)
 
 
-def settings_field_option(field_name: str) -> str:
-    """The uci option name of a Settings field (for messages about CLI overrides)."""
-    if field_name not in {f.name for f in fields(Settings)}:
-        raise KeyError(field_name)
-    return _OPTION_OF_FIELD.get(field_name, field_name)
+def apply_overrides(settings: Settings, pairs: Iterable[str]) -> Settings:
+    """Settings with ``option=value`` pairs from the command line applied,
+    converted and checked like the file's options. A list option given more
+    than once collects its values; given at all, it replaces the file's list."""
+    singles: dict[str, object] = {}
+    lists: dict[str, list[object]] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError("expected OPTION=VALUE", file="command line", option=name)
+        option = _BY_NAME.get(name)
+        try:
+            if option is None:
+                raise ValueError("unknown option")
+            if option.many:
+                items = lists.setdefault(option.field, [])
+                items.extend(option.convert(v) for v in text.split() if v)
+            else:
+                singles[option.field] = option.convert(text)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file="command line", option=name) from None
+    changes = {**singles, **{f: tuple(items) for f, items in lists.items()}}
+    try:
+        return replace(settings, **changes)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, file="command line", option=exc.option) from None
 
 
 # --------------------------------------------------------------------------
@@ -603,32 +767,3 @@ def zone_networks(
             networks.extend(section.values("network"))
     return _unique(networks)
 
-
-def apply_overrides(settings: Settings, pairs: Iterable[str]) -> Settings:
-    """Settings with ``option=value`` pairs from the command line applied,
-    converted and checked like the file's options. A list option given more
-    than once collects its values; given at all, it replaces the file's list."""
-    singles: dict[str, object] = {}
-    lists: dict[str, list[object]] = {}
-    for pair in pairs:
-        option, sep, text = pair.partition("=")
-        option = option.strip()
-        if not sep:
-            raise ConfigError("expected OPTION=VALUE", file="command line", option=option)
-        try:
-            if option in _SINGLE_OPTIONS:
-                singles[option] = _SINGLE_OPTIONS[option](text)
-            elif option in _LIST_OPTIONS:
-                lists.setdefault(option, []).extend(
-                    _LIST_OPTIONS[option](v) for v in text.split() if v)
-            else:
-                raise ValueError("unknown option")
-        except ValueError as exc:
-            raise ConfigError(str(exc), file="command line", option=option) from None
-    changes: dict[str, object] = dict(singles)
-    for option, values in lists.items():
-        changes["exclude_zones" if option == "exclude_zone" else option] = tuple(values)
-    try:
-        return replace(settings, **changes)  # type: ignore[arg-type]
-    except ConfigError as exc:
-        raise ConfigError(exc.reason, file="command line", option=exc.option) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -617,10 +618,105 @@ def test_zone_networks_missing_file(tmp_path: Path) -> None:
         zone_networks(str(tmp_path / "firewall"), ("lan",))
 
 
-def test_every_option_is_documented() -> None:
+def options_table() -> dict[str, list[str]]:
+    """The rows of docs/configuration.md's Options table, by option name."""
     doc = (REPO / "docs" / "configuration.md").read_text()
-    for name, value in Settings().to_dict().items():
-        row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}` |")), None)
-        assert row is not None, f"docs/configuration.md has no row for {name}"
-        shown = "0" if value is False else "none" if value == [] else str(value).rstrip("0")
-        assert shown.rstrip(".") in row or (name == "object" and "empty" in row), row
+    table = doc.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, list[str]] = {}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_every_option_is_documented() -> None:
+    rows = options_table()
+    assert set(rows) == {o.name for o in config.OPTIONS}, "docs table and schema differ"
+    for option in config.OPTIONS:
+        text = option.default_text
+        documented = f"`{text}`" if text else "none" if option.many else "empty"
+        assert rows[option.name][1] == documented, rows[option.name]
+
+
+def test_docs_name_the_options_that_redecide_every_flow() -> None:
+    doc = " ".join((REPO / "docs" / "configuration.md").read_text().split())
+    found = re.search(r"A change to (.*?) changes what may be offloaded", doc)
+    assert found is not None
+    named = set(re.findall(r"`(\w+)`", found.group(1)))
+    assert named == {o.name for o in config.OPTIONS if o.redecides}
+
+
+# --------------------------------------------------------------------------
+# The option schema and what follows from it
+
+
+NET = ipaddress.ip_network("198.18.0.0/15")
+# A valid value other than the default, for every Settings field.
+CHANGED: dict[str, object] = {
+    "enabled": True, "hook": "tc", "interfaces": ("eth0",), "max_flows": 2048,
+    "pending_flows": 512, "sweep_interval": 2.0, "tcp_timeout": 10, "udp_timeout": 10,
+    "offload_udp": "assured", "exclude_src": (NET,), "exclude_dst": (NET,),
+    "exclude_zones": ("guest",), "log_level": "debug", "heartbeat_timeout": 5.0,
+    "object": "/x.o",
+}  # fmt: skip
+# What may be offloaded depends on these; the agent decides every flow again.
+REDECIDING = {"offload_udp", "exclude_src", "exclude_dst", "exclude_zones"}
+
+
+def test_schema_describes_every_field_once() -> None:
+    assert [o.field for o in config.OPTIONS] == [f.name for f in dataclasses.fields(Settings)]
+    assert list(Settings().to_dict()) == [o.name for o in config.OPTIONS]
+    assert set(CHANGED) == {o.field for o in config.OPTIONS}
+    for option in config.OPTIONS:
+        assert getattr(Settings(), option.field) == option.default
+        assert option.doc and "\n" not in option.doc
+        assert config.settings_field_option(option.field) == option.name
+
+
+@pytest.mark.parametrize("name", CHANGED)
+def test_redecide_needed_only_for_what_may_be_offloaded(name: str) -> None:
+    old = Settings()
+    new = dataclasses.replace(old, **{name: CHANGED[name]})  # type: ignore[arg-type]
+    assert new != old
+    assert config.redecide_needed(old, new) is (name in REDECIDING)
+    assert config.redecide_needed(new, old) is (name in REDECIDING)
+    assert config.redecide_needed(new, dataclasses.replace(new)) is False
+
+
+def test_overrides_convert_and_check_like_the_file() -> None:
+    base = Settings(interfaces=("br-lan",), exclude_src=(NET,))
+    s = config.apply_overrides(base, [
+        "max_flows=131072", "enabled=yes", "interfaces=eth0 eth1", "interfaces=wan",
+        "exclude_src=", "exclude_zone=guest",
+    ])  # fmt: skip
+    assert s == dataclasses.replace(
+        base, max_flows=131072, enabled=True, interfaces=("eth0", "eth1", "wan"),
+        exclude_src=(), exclude_zones=("guest",),
+    )  # fmt: skip
+    assert config.apply_overrides(base, []) == base
+
+
+@pytest.mark.parametrize(
+    ("pair", "option", "message"),
+    [
+        ("max_flows", "max_flows", "command line: max_flows: expected OPTION=VALUE"),
+        ("max_flow=1", "max_flow", "command line: max_flow: unknown option"),
+        ("exclude_zones=guest", "exclude_zones", "command line: exclude_zones: unknown option"),
+        ("hook=warp", "hook", "command line: hook: 'warp' is not one of auto, xdp, xdpgeneric, tc"),
+        ("tcp_timeout=x", "tcp_timeout", "command line: tcp_timeout: 'x' is not an integer"),
+        ("interfaces=a a", "interfaces", "command line: interfaces: 'a' is given twice"),
+    ],
+)
+def test_bad_override_names_the_option(pair: str, option: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.apply_overrides(Settings(), [pair])
+    assert (info.value.file, info.value.option, str(info.value)) == ("command line", option, message)
+
+
+def test_describe_options_shows_each_option_with_its_default() -> None:
+    lines = config.describe_options().splitlines()
+    assert len(lines) == len(config.OPTIONS)
+    for line, option in zip(lines, config.OPTIONS, strict=True):
+        assert line.split()[0] == f"{option.name}={option.default_text}"
+        assert line.endswith(option.doc)
