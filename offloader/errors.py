@@ -8,6 +8,8 @@
     |   +-- MapError             a map operation failed
     +-- ResolveError             no usable next hop for a flow
     +-- AgentNotRunning          status/flush found no agent in this network namespace
+    +-- ControlRefused           the agent refused this user (not root, not in control_group)
+    +-- ControlAddressHeld       a process other than a root agent holds the control address
 """
 
 from __future__ import annotations
@@ -63,3 +65,11 @@ class ResolveError(OffloadError):
 
 class AgentNotRunning(OffloadError):
     """No agent answers in this network namespace."""
+
+
+class ControlRefused(OffloadError):
+    """The agent answers only root (and its control group); this user is neither."""
+
+
+class ControlAddressHeld(OffloadError):
+    """The control address is held by a process that is not an agent running as root."""
