@@ -617,9 +617,15 @@ def request(cmd: str, timeout: float = 10.0, address: str = ADDRESS, *, root_uid
             raise ControlAddressHeld(f"the control address is held by {holder}, not a root agent")
         chunks: list[bytes] = []
         try:
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused at once: its one line is waiting to be read
             while True:
-                chunk = sock.recv(1 << 20)
+                try:
+                    chunk = sock.recv(1 << 20)
+                except ConnectionResetError:
+                    break  # closed with our request unread (a refusal): data came first
                 if not chunk:
                     break
                 chunks.append(chunk)
