@@ -59,6 +59,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_]+\Z")
 _IFNAME_RE = re.compile(r"[^/:\s]{1,15}\Z")
 # fw4 zone names (fw4 allows at most 11 characters; be a little lenient).
 _ZONE_RE = re.compile(r"[A-Za-z0-9_.+-]{1,32}\Z")
+# Group names as shadow-utils and BusyBox addgroup accept them.
+_GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 
 
 # --------------------------------------------------------------------------
@@ -374,6 +376,12 @@ def _networks(value: object) -> object:
     return value
 
 
+def _group_name(value: object) -> object:
+    if not isinstance(value, str) or (value and not _GROUP_RE.match(value)):
+        raise ValueError(f"{value!r} is not a group name")
+    return value
+
+
 def _is_path(value: object) -> object:
     if not isinstance(value, str) or "\0" in value:
         raise ValueError(f"{value!r} is not a path")
@@ -500,6 +508,9 @@ class Settings:
     object: str = _option(
         "", _to_path, _is_path, empty="(none: the default locations)",
         doc="the BPF object to load; empty: the default locations")
+    control_group: str = _option(
+        "", _to_word, _group_name, empty="(none: root only)",
+        doc="besides root, members of this group may use status and flush")
 
     def __post_init__(self) -> None:
         for option in OPTIONS:

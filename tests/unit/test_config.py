@@ -315,7 +315,7 @@ def test_to_dict_is_json_keyed_by_uci_names(tmp_path: Path) -> None:
     assert set(d) == {
         "enabled", "hook", "interfaces", "max_flows", "pending_flows", "sweep_interval",
         "tcp_timeout", "udp_timeout", "offload_udp", "exclude_src", "exclude_dst",
-        "exclude_zone", "log_level", "heartbeat_timeout", "object",
+        "exclude_zone", "log_level", "heartbeat_timeout", "object", "control_group",
     }  # fmt: skip
     assert d["enabled"] is True
     assert d["interfaces"] == ["br-lan", "wan"]
@@ -335,7 +335,7 @@ def test_format_settings_one_option_per_line(tmp_path: Path) -> None:
     text = format_settings(load_settings(write(tmp_path, FULL)))
     lines = text.splitlines()
     assert text.endswith("\n")
-    assert len(lines) == 15
+    assert len(lines) == len(config.OPTIONS)
     pairs = dict(line.split(None, 1) for line in lines)
     assert pairs["enabled"] == "1"
     assert pairs["hook"] == "tc"
@@ -658,7 +658,7 @@ CHANGED: dict[str, object] = {
     "pending_flows": 512, "sweep_interval": 2.0, "tcp_timeout": 10, "udp_timeout": 10,
     "offload_udp": "assured", "exclude_src": (NET,), "exclude_dst": (NET,),
     "exclude_zones": ("guest",), "log_level": "debug", "heartbeat_timeout": 5.0,
-    "object": "/x.o",
+    "object": "/x.o", "control_group": "network",
 }  # fmt: skip
 # What may be offloaded depends on these; the agent decides every flow again.
 REDECIDING = {"offload_udp", "exclude_src", "exclude_dst", "exclude_zones"}
@@ -720,3 +720,14 @@ def test_describe_options_shows_each_option_with_its_default() -> None:
     for line, option in zip(lines, config.OPTIONS, strict=True):
         assert line.split()[0] == f"{option.name}={option.default_text}"
         assert line.endswith(option.doc)
+
+
+@pytest.mark.parametrize("value", ["network", "_rpc", "ebpf-offloader", ""])
+def test_control_group_takes_group_names(value: str) -> None:
+    assert config.apply_overrides(Settings(), [f"control_group={value}"]).control_group == value
+
+
+@pytest.mark.parametrize("value", ["1abc", "a b", "a:b", "x" * 33])
+def test_control_group_refuses_what_is_not_a_group_name(value: str) -> None:
+    with pytest.raises(ConfigError, match="control_group: .* is not a group name"):
+        Settings(control_group=value)
