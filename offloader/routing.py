@@ -6,9 +6,12 @@ DNAT, protocol and ports), finds the neighbour's MAC, and walks from the
 route's output device down to the device the datapath transmits on:
 
     route oif --(bridge: FDB lookup of the neighbour MAC)--> bridge port
-              --(lower layers: VLAN, PPPoE, DSA, see issue 5)--> lowest device
+              --(lower layers: VLAN, PPPoE, DSA)--> lowest device
 
-Link, route and neighbour facts are cached and dropped on RTNETLINK events.
+How each kind of device is passed (down, up, and where hooks attach) is
+described once, in offloader/devstack.py; this module supplies the facts
+(links, routes, neighbours, FDB, sysfs) and caches them, dropped on
+RTNETLINK events.
 """
 
 from __future__ import annotations
@@ -17,65 +20,71 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+    rtypes,
+)
+from pyroute2.netlink.rtnl.ifinfmsg import BRIDGE_VLAN_INFO_UNTAGGED, IFF_UP
+from pyroute2.netlink.rtnl.ndmsg import (
+    NUD_DELAY,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    NUD_PROBE,
+    NUD_REACHABLE,
+    NUD_STALE,
+)
+from pyroute2.protocols import ETH_P_8021Q
 
 from . import pppoe
 from .datapath import DSA_PROTOS, FlowKey, L2Header
+from .devstack import AttachPoint, Link, Rx, dsa_tag_len, walk_attach, walk_down, walk_up
 from .errors import ResolveError
+from .layout import layout
 
 log = logging.getLogger(__name__)
 
-RTN_UNICAST = 1
-ARPHRD_PPP = 512
-ETH_P_8021Q = 0x8100
+__all__ = [
+    "AF_BRIDGE", "NUD_VALID", "RTM_DELLINK", "RTM_DELNEIGH", "RTM_DELROUTE", "RTM_F_CLONED",
+    "RTM_NEWLINK", "RTM_NEWNEIGH", "RTM_NEWROUTE", "AttachPoint", "Egress", "Ingress", "Link",
+    "NotYet", "Resolver", "attach_points", "rt_event_socket",
+]
+
+AF_BRIDGE = socket.AF_BRIDGE  # FDB entries in RTM_NEWNEIGH/RTM_DELNEIGH
+RTN_UNICAST = rtypes["RTN_UNICAST"]
 SYSFS_NET = Path("/sys/class/net")
-NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
-RTMGRP_LINK = 0x1
-RTMGRP_NEIGH = 0x4
-RTMGRP_IPV4_IFADDR = 0x10
-RTMGRP_IPV4_ROUTE = 0x40
-RTMGRP_IPV4_RULE = 0x80
-RTMGRP_IPV6_IFADDR = 0x100
-RTMGRP_IPV6_ROUTE = 0x400
+NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
 RT_GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
              | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE)
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTM_F_CLONED = 0x200  # a route cache entry
+RTM_F_CLONED = 0x200  # a route cache entry (uapi rtnetlink.h; pyroute2 has no name for it)
+PPPOE_HLEN = 8  # PPPoE session header and PPP protocol (RFC 2516)
+VLAN_HLEN = 4
+# An XDP redirect (xdp_ok_fwd_dev() in the kernel) takes a frame of at most
+# MTU + 14 + 4 bytes: one VLAN tag's worth of L2 beyond Ethernet.
+XDP_L2_SLACK = VLAN_HLEN
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class NotYet(ResolveError):
     """Resolution cannot finish now but may later (neighbour or FDB entry missing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    index: int
-    name: str
-    kind: str  # "" for a plain device, else IFLA_INFO_KIND (bridge, veth, vlan, ppp, ...)
-    master: int
-    mac: bytes
-    mtu: int
-    up: bool
-    link: int  # IFLA_LINK: lower device of a VLAN or DSA user port, 0 if none
-    ifi_type: int = 1  # ARPHRD_*: 1 Ethernet, 512 PPP
-    vlan_id: int = 0  # a VLAN device's id
-    vlan_proto: int = 0  # a VLAN device's TPID (0x8100, 0x88a8)
-    vlan_filtering: bool = False  # a bridge that filters by VLAN
-    pvid: int = 0  # a VLAN-filtering bridge's own (untagged) VLAN
-
-    @property
-    def is_ppp(self) -> bool:
-        return self.ifi_type == ARPHRD_PPP
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +106,6 @@ class Ingress:
     l3_iif: int
 
 
-# A lower step takes the device reached so far and the L2 header built so far
-# and returns the device one level down with the header it adds, or None when
-# the device is not of its kind. Order: bridge, VLAN, PPPoE, DSA.
-LowerStep = Callable[["Resolver", Link, L2Header], "tuple[Link, L2Header] | None"]
-
-
 class Resolver:
     def __init__(self, ipr: IPRoute | None = None, *, sysfs: Path = SYSFS_NET,
                  pppoe_proc: Path = pppoe.PROC, pppoe_run: Path = pppoe.RUN_DIR) -> None:
@@ -117,8 +120,6 @@ class Resolver:
         self._fdb: dict[tuple[int, bytes, int], int] = {}
         self._addressed: dict[int, bool] = {}  # device has IP addresses (macvlan ingress)
         self._port_rules: bool | None = None
-        self.lower_steps: list[LowerStep] = [_bridge_step, _vlan_step, _macvlan_step, _pppoe_step,
-                                             _dsa_step]
 
     # -- caches ----------------------------------------------------------------
     def link(self, index: int) -> Link:
@@ -189,59 +190,30 @@ class Resolver:
             return int(text[1:])
         return None
 
+    def addressed(self, dev: Link) -> bool:
+        """Whether ``dev`` has IP addresses of its own."""
+        if dev.index not in self._addressed:
+            self._addressed[dev.index] = bool(self.ipr.get_addr(index=dev.index))
+        return self._addressed[dev.index]
+
+    # -- PPPoE sessions (/proc/net/pppoe and the ip-up records) ---------------------
+    def pppoe_session(self, ppp: Link) -> pppoe.Session | None:
+        return pppoe.session_of(ppp.name, self.pppoe_proc, self.pppoe_run)
+
+    def ppp_of(self, sid: int, dev: Link) -> Link | None:
+        names = [d.name for d in self.links() if d.is_ppp]
+        name = pppoe.ppp_of(sid, dev.name, names, self.pppoe_proc, self.pppoe_run)
+        return None if name is None else self.link_by_name(name)
+
     # -- the walk up (ingress) ----------------------------------------------------------
     def ingress(self, key: FlowKey) -> Ingress:
         """The L3 device a frame with ``key``'s ingress attributes reaches:
         lowest device -> DSA user port -> VLAN device(s) -> ppp -> bridge."""
-        dev = self.link(key.ifindex)
-        if key.dsa_port != 0xFF:
-            users = [d for d in self.links() if d.link == dev.index and d.index != dev.index
-                     and self.dsa_port(d) == key.dsa_port]
-            if not users:
-                raise ResolveError(f"no DSA user port {key.dsa_port} on {dev.name}")
-            dev = users[0]
-        for vid in (key.vlan_outer, key.vlan_inner):
-            if not vid:
-                continue
-            if dev.master and self.link(dev.master).vlan_filtering:
-                break  # the bridge takes the tag; its VLAN device is the L3 one
-            uppers = [d for d in self.links() if d.kind == "vlan" and d.link == dev.index
-                      and d.vlan_id == vid]
-            if not uppers:
-                raise ResolveError(f"no VLAN {vid} device on {dev.name}")
-            dev = uppers[0]
-        if not key.vlan_outer and not key.pppoe_sid:
-            dev = self._macvlan_upper(dev)
-        if key.pppoe_sid:
-            names = [d.name for d in self.links() if d.is_ppp]
-            name = pppoe.ppp_of(key.pppoe_sid, dev.name, names, self.pppoe_proc, self.pppoe_run)
-            if name is None:
-                raise ResolveError(f"no ppp device for PPPoE session {key.pppoe_sid} on {dev.name}")
-            dev = self.link_by_name(name)
-        if dev.master:
-            master = self.link(dev.master)
-            if master.kind == "bridge":
-                dev = master
-                vid = key.vlan_outer or master.pvid
-                if master.vlan_filtering and vid:
-                    uppers = [d for d in self.links() if d.kind == "vlan"
-                              and d.link == master.index and d.vlan_id == vid]
-                    if uppers:
-                        dev = uppers[0]
-        return Ingress(dev.index)
-
-    def _macvlan_upper(self, dev: Link) -> Link:
-        """The key has no destination MAC, so a frame on a device with macvlan
-        devices on top is taken as the macvlan's when there is exactly one
-        and the lower device has no address of its own (the usual WAN
-        setup); otherwise as the lower device's."""
-        uppers = [d for d in self.links() if d.kind in ("macvlan", "macvtap")
-                  and d.link == dev.index]
-        if len(uppers) != 1:
-            return dev
-        if dev.index not in self._addressed:
-            self._addressed[dev.index] = bool(self.ipr.get_addr(index=dev.index))
-        return dev if self._addressed[dev.index] else uppers[0]
+        none = layout().const("OFL_DSA_PORT_NONE")
+        rx = Rx(dsa_port=None if key.dsa_port == none else key.dsa_port,
+                tags=tuple(v for v in (key.vlan_outer, key.vlan_inner) if v),
+                pppoe_sid=key.pppoe_sid)
+        return Ingress(walk_up(self, self.link(key.ifindex), rx).index)
 
     # -- the walk down (egress) ------------------------------------------------------------
     def route(self, iif: int, key: FlowKey, dst: IPAddress) -> tuple[int, IPAddress]:
@@ -332,7 +304,7 @@ class Resolver:
             spec = m.get("IFLA_AF_SPEC")
             for name, info in (spec["attrs"] if spec else []):
                 if name == "IFLA_BRIDGE_VLAN_INFO" and info.get("vid") == vid:
-                    return bool(info.get("flags", 0) & 0x4)  # BRIDGE_VLAN_INFO_UNTAGGED
+                    return bool(info.get("flags", 0) & BRIDGE_VLAN_INFO_UNTAGGED)
         return True
 
     def resolve(self, key: FlowKey, dst: IPAddress, *, full: bool = True) -> Egress:
@@ -348,35 +320,15 @@ class Resolver:
         l3 = self.link(l3_oif)
         if not l3.up:
             raise ResolveError(f"{l3.name} is down")
-        if l3.is_ppp:  # point to point: the PPPoE step finds the peer's MAC
+        if l3.no_l2:  # point to point: the PPPoE step finds the peer's MAC
             header = L2Header(dmac=b"\0" * 6, smac=b"\0" * 6)
         else:
             header = L2Header(dmac=self.neighbour(l3_oif, hop), smac=l3.mac)
-        dev = l3
-        mtu = l3.mtu
-        steps = self.lower_steps if full else [_plain_bridge_step]
-        for _ in range(8):  # bounded: bridge, two VLANs, PPPoE, DSA at most
-            for step in steps:
-                lower = step(self, dev, header)
-                if lower is not None:
-                    dev, header = lower
-                    mtu = min(mtu, dev.mtu - (8 if header.pppoe_sid and not dev.is_ppp else 0))
-                    break
-            else:
-                break
-        if full and len(header.vlans) > 1:
-            # An XDP redirect (the kernel's xdp_ok_fwd_dev) takes a frame of at
-            # most MTU + 14 + 4 bytes on the egress device: one tag's worth.
-            # Every further tag in the frame costs 4 bytes of L3 packet, or
-            # full-size QinQ frames are dropped after the redirect.
-            mtu = min(mtu, dev.mtu - 4 * (len(header.vlans) - 1))
+        path = walk_down(self, l3, header, full=full)
+        dev, header = path[-1]
         if not dev.up:
             raise ResolveError(f"{dev.name} is down")
-        if dev.is_ppp and full:
-            raise ResolveError(f"cannot tell which PPPoE session {dev.name} carries")
-        # VLAN tags and DSA tags do not lower the MTU: Linux lets a VLAN device
-        # have its lower device's MTU, and the DSA core enlarges the conduit's.
-        return Egress(oif=dev.index, l2=header, mtu=mtu, l3_oif=l3_oif, nexthop=hop)
+        return Egress(oif=dev.index, l2=header, mtu=_path_mtu(path), l3_oif=l3_oif, nexthop=hop)
 
     def close(self) -> None:
         self.ipr.close()
@@ -400,7 +352,7 @@ def _link_from(msg: Any) -> Link:
         master=msg.get("IFLA_MASTER") or 0,
         mac=bytes.fromhex(mac.replace(":", "")) if len(mac) == 17 else b"\0" * 6,
         mtu=msg.get("IFLA_MTU") or 1500,
-        up=bool(msg["flags"] & 1),
+        up=bool(msg["flags"] & IFF_UP),
         # A veth's IFLA_LINK names its peer, in another namespace when
         # IFLA_LINK_NETNSID is there: not a lower device of ours.
         link=0 if msg.get("IFLA_LINK_NETNSID") is not None or kind == "veth"
@@ -413,82 +365,22 @@ def _link_from(msg: Any) -> Link:
     )
 
 
-def _bridge_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A bridge sends to the port its FDB has the destination MAC on; a
-    VLAN-filtering bridge tags the frame unless the port sends the VLAN untagged."""
-    if dev.kind == "vlan" and dev.link:
-        lower = res.link(dev.link)
-        if lower.kind == "bridge" and lower.vlan_filtering:
-            port = res.link(res.fdb_port(lower.index, header.dmac, dev.vlan_id))
-            if not res.port_vlan_untagged(port.index, dev.vlan_id):
-                header = replace(header, vlans=((dev.vlan_proto, dev.vlan_id), *header.vlans))
-            return port, header
-    if dev.kind != "bridge":
-        return None
-    vid = dev.pvid if dev.vlan_filtering else 0
-    port = res.link(res.fdb_port(dev.index, header.dmac, vid))
-    if vid and not res.port_vlan_untagged(port.index, vid):
-        header = replace(header, vlans=((ETH_P_8021Q, vid), *header.vlans))
-    return port, header
-
-
-def _plain_bridge_step(res: Resolver, dev: Link,
-                       header: L2Header) -> tuple[Link, L2Header] | None:
-    """TC: a bridge without VLAN filtering hands the frame to its port; a
-    VLAN-filtering bridge is left to tag it itself."""
-    if dev.kind != "bridge" or dev.vlan_filtering:
-        return None
-    return res.link(res.fdb_port(dev.index, header.dmac)), header
-
-
-def _vlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A VLAN device adds its tag outside the ones added above it."""
-    if dev.kind != "vlan" or not dev.link:
-        return None
-    if len(header.vlans) >= 2:
-        raise ResolveError(f"{dev.name}: more than two VLAN tags")
-    tag = (dev.vlan_proto or ETH_P_8021Q, dev.vlan_id)
-    return res.link(dev.link), replace(header, vlans=(tag, *header.vlans))
-
-
-def _macvlan_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A macvlan device sends out of its lower device with its own MAC (the
-    header's source MAC is already the macvlan's)."""
-    if dev.kind not in ("macvlan", "macvtap") or not dev.link:
-        return None
-    return res.link(dev.link), header
-
-
-def _pppoe_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A ppp device of a PPPoE session: session id, peer MAC, Ethernet device."""
-    if not dev.is_ppp:
-        return None
-    session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
-    if session is None:
-        raise ResolveError(f"cannot tell which PPPoE session {dev.name} carries")
-    eth = res.link_by_name(session.device)
-    return eth, replace(header, dmac=session.peer, smac=eth.mac, pppoe_sid=session.sid)
-
-
-def _dsa_step(res: Resolver, dev: Link, header: L2Header) -> tuple[Link, L2Header] | None:
-    """A DSA user port sends through its conduit with the switch's tag."""
-    if not dev.link or dev.link == dev.index or header.dsa_proto or dev.kind not in ("", "dsa"):
-        return None
-    conduit = res.link(dev.link)
-    proto = res.dsa_tagging(conduit)
-    if proto == 0:
-        return None
-    port = res.dsa_port(dev)
-    if proto < 0 or port is None:
-        raise ResolveError(f"{dev.name}: DSA tag protocol not supported by the datapath")
-    return conduit, replace(header, dsa_proto=proto, dsa_port=port)
-
-
-@dataclass(frozen=True, slots=True)
-class AttachPoint:
-    link: Link
-    dsa_proto: int = 0  # its frames carry DSA tags of this protocol
-    l3: bool = False  # no L2 header (ppp): TC only
+def _path_mtu(path: list[tuple[Link, L2Header]]) -> int:
+    """The largest L3 packet the path takes: the smallest MTU on the way down
+    (below a PPPoE session, less its 8-byte header), and at the lowest device
+    what its frame limit leaves. VLAN tags and switch tags do not count
+    otherwise: a VLAN device has its lower device's MTU, and the DSA core
+    raises the conduit's MTU for its tag."""
+    mtu = path[0][0].mtu
+    for dev, hdr in path[1:]:
+        mtu = min(mtu, dev.mtu - (PPPOE_HLEN if hdr.pppoe_sid and not dev.is_ppp else 0))
+    lowest, hdr = path[-1]
+    beyond_eth = (dsa_tag_len(hdr.dsa_proto, tagged=bool(hdr.vlans)) + VLAN_HLEN * len(hdr.vlans)
+                  + (PPPOE_HLEN if hdr.pppoe_sid else 0))
+    # Only XDP writes more than one tag's worth (TC stops above VLAN, PPPoE and
+    # DSA devices, whose own transmit paths check): a QinQ frame of a
+    # 1500-byte packet is 1522 bytes, dropped after the redirect at MTU 1500.
+    return min(mtu, lowest.mtu + XDP_L2_SLACK - beyond_eth)
 
 
 def attach_points(res: Resolver, names: list[str], *, full: bool = True) -> list[AttachPoint]:
@@ -499,34 +391,7 @@ def attach_points(res: Resolver, names: list[str], *, full: bool = True) -> list
     conduit (marked with its tag protocol). Otherwise (TC): bridge -> ports,
     every other device itself (a ppp device marked as having no L2 header),
     so that the kernel has decapsulated the frames before the program runs."""
-    out: dict[int, AttachPoint] = {}
-    todo = [res.link_by_name(n) for n in names]
-    for _ in range(64):  # bounded walk
-        if not todo:
-            break
-        dev = todo.pop()
-        if dev.kind == "bridge":
-            todo.extend(p for p in res.links() if p.master == dev.index)
-        elif not full:
-            out.setdefault(dev.index, AttachPoint(dev, l3=dev.is_ppp))
-        elif dev.kind in ("vlan", "macvlan", "macvtap") and dev.link:
-            todo.append(res.link(dev.link))
-        elif dev.is_ppp:
-            session = pppoe.session_of(dev.name, res.pppoe_proc, res.pppoe_run)
-            if session is None:
-                # Several sessions and no ip-up record: its flows stay with the
-                # kernel rather than the agent refusing to start.
-                log.warning("%s: cannot tell which PPPoE session it carries; not offloaded",
-                            dev.name)
-                continue
-            todo.append(res.link_by_name(session.device))
-        elif (dev.kind in ("", "dsa") and dev.link and dev.link != dev.index
-              and res.dsa_tagging(res.link(dev.link))):
-            conduit = res.link(dev.link)
-            out[conduit.index] = AttachPoint(conduit, dsa_proto=max(0, res.dsa_tagging(conduit)))
-        else:
-            out.setdefault(dev.index, AttachPoint(dev))
-    return list(out.values())
+    return walk_attach(res, [res.link_by_name(n) for n in names], full=full)
 
 
 def rt_event_socket() -> socket.socket:
