@@ -155,8 +155,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = effective()
     _setup_logging(settings.log_level, args.verbose, args.syslog)
-    run_agent(settings, interfaces=list(settings.interfaces), hook=settings.hook,
-              object_path=settings.object, load_settings=effective)
+    run_agent(settings, load_settings=effective)
     return 0
 
 

@@ -16,37 +16,46 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import NFCTSocket
+from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_CREATE
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+from pyroute2.netlink.nfnetlink import (
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NFNLGRP_CONNTRACK_UPDATE,
+)
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IPCTNL_MSG_CT_DELETE,
+    IPS_ASSURED,
+    IPS_DST_NAT,
+    IPS_SRC_NAT,
+    TCP_CONNTRACK_CLOSE,
+    TCP_CONNTRACK_FIN_WAIT,
+    NFCTAttrTuple,
+)
 
 from . import ctnetlink
 from .errors import OffloadError
 
 log = logging.getLogger(__name__)
 
-NETLINK_NETFILTER = 12
-CT_GROUPS = 0x7  # NFNLGRP_CONNTRACK_NEW | _UPDATE | _DESTROY
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_DELETE = 2
-NLM_F_CREATE = 0x400
+# Constants from their owner: pyroute2's netlink modules (uapi values).
+CT_GROUPS = (1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
+             | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+IPS_HW_OFFLOAD = 1 << 15  # ip_conntrack_status (uapi nf_conntrack_common.h); pyroute2 lacks it
 
-# ip_conntrack_status bits (uapi nf_conntrack_common.h)
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-IPS_CONFIRMED = 1 << 3
-IPS_SRC_NAT = 1 << 4
-IPS_DST_NAT = 1 << 5
-IPS_SEQ_ADJUST = 1 << 6
-IPS_DYING = 1 << 9
-IPS_OFFLOAD = 1 << 14
-IPS_HW_OFFLOAD = 1 << 15
-TCP_CONNTRACK_ESTABLISHED = 3
+
+def tcp_closing(state: int) -> bool:
+    """Conntrack's TCP states FIN_WAIT .. CLOSE (enum tcp_conntrack): closing."""
+    return bool(TCP_CONNTRACK_FIN_WAIT <= state <= TCP_CONNTRACK_CLOSE)
+
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,10 @@ class CtEntry:
     zone: int
     helper: bool
     timeout: int
+
+    @property
+    def assured(self) -> bool:
+        return bool(self.status & IPS_ASSURED)
 
     @property
     def nat(self) -> bool:
@@ -221,7 +234,7 @@ class Conntrack:
             raise OffloadError(f"conntrack update failed: {os.strerror(-err)}")
         return True
 
-    def refresh_many(self, items: list[tuple[Tuple5 | ctnetlink.Raw5, bool, int, int]],
+    def refresh_many(self, items: Sequence[tuple[Tuple5 | ctnetlink.Raw5, bool, int, int]],
                      batch: int = 256) -> int:
         """Set the timeout of many entries ((tuple, is reply, zone, timeout);
         the tuple as a Tuple5 or already raw), ``batch`` messages to a
@@ -314,29 +327,6 @@ def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
     if orig is None or reply is None:
         return None
     return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout)
-
-
-def offloadable(entry: CtEntry, *, offload_udp: str) -> str:
-    """Why ``entry`` may not be offloaded ('' when it may)."""
-    if entry.status & IPS_DYING:
-        return "dying"
-    if not entry.status & IPS_CONFIRMED:
-        return "unconfirmed"
-    if entry.helper:
-        return "helper"
-    if entry.status & IPS_SEQ_ADJUST:
-        return "seq-adjust"
-    if entry.status & (IPS_OFFLOAD | IPS_HW_OFFLOAD):
-        return "in an nf flowtable"
-    if entry.orig.proto == socket.IPPROTO_TCP:
-        if entry.tcp_state != TCP_CONNTRACK_ESTABLISHED:
-            return "wait"  # not yet (or no longer) established
-        return ""
-    if offload_udp == "no":
-        return "udp disabled"
-    if offload_udp == "assured" and not entry.status & IPS_ASSURED:
-        return "wait"
-    return ""
 
 
 def nat_target(entry: CtEntry, reply: bool) -> Tuple5:

@@ -21,15 +21,13 @@ import socket
 import struct
 from collections.abc import Iterator
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
-IPCTNL_MSG_CT_DELETE = 2
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLA_F_NESTED = 0x8000
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IP_CT_TCP_FLAG_BE_LIBERAL,
+    IPCTNL_MSG_CT_NEW,
+)
+
 NLA_TYPE_MASK = 0x3FFF
 
 CTA_TUPLE_ORIG = 1
@@ -47,7 +45,6 @@ CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
 CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
 CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
-IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")

@@ -1,0 +1,153 @@
+"""Attaching the datapath to devices, and putting them back as they were.
+
+Per device and hook: XDP (native, generic) or TC clsact; with ``auto``,
+native XDP where the driver has it, else TC. While XDP is attached, receive
+VLAN tag stripping is turned off where a VLAN sits on the device (XDP cannot
+see a stripped tag); detaching restores what was changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import bpfobj
+from .datapath import Datapath
+from .errors import AttachError, OffloadError
+from .routing import Link, Resolver, attach_points
+
+log = logging.getLogger(__name__)
+
+VLAN_PARSE_FEATURES = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
+
+
+@dataclass
+class Attached:
+    link: Link
+    hook: str  # xdp, xdpgeneric, tc
+    restore: tuple[str, ...] = ()  # device features we turned off, to turn back on
+
+
+class Attacher:
+    """The devices the datapath is attached to, by ifindex."""
+
+    def __init__(self, dp: Datapath, resolver: Resolver) -> None:
+        self.dp = dp
+        self.resolver = resolver
+        self.attached: dict[int, Attached] = {}
+
+    def hook_of(self, ifindex: int) -> str | None:
+        att = self.attached.get(ifindex)
+        return att.hook if att else None
+
+    def names(self) -> dict[int, str]:
+        return {i: a.link.name for i, a in self.attached.items()}
+
+    def attach_all(self, names: list[str], hook: str) -> None:
+        """Attach to ``names`` (down to what each hook needs), detach from
+        devices no longer wanted."""
+        if not names:
+            raise OffloadError("no interfaces to offload on: give -i IFACE, set "
+                               "`list interfaces` in the configuration, or define lan and wan "
+                               "in /etc/config/network")
+        # TC attaches above VLAN, PPPoE and DSA (the kernel decapsulates, and
+        # redirecting into those devices keeps their qdiscs, i.e. SQM);
+        # XDP and auto attach to the lowest devices.
+        points = attach_points(self.resolver, names, full=hook != "tc")
+        wanted = {p.link.index: p for p in points}
+        for index in list(self.attached):
+            if index not in wanted:
+                self.detach(index)
+        for index, point in wanted.items():
+            if point.dsa_proto or point.l3:
+                self.dp.set_iface(index, point.dsa_proto, l3=point.l3)
+            if index not in self.attached:
+                self.attached[index] = self._attach(point.link, hook)
+                self.dp.add_tx_port(index)
+
+    def _attach(self, link: Link, hook: str) -> Attached:
+        if hook == "tc":
+            bpfobj.tc_attach(link.index, self.dp.tc)
+            return Attached(link, "tc")
+        restore = self._show_vlan_tags_to_xdp(link)
+        if hook in ("xdp", "xdpgeneric"):
+            try:
+                return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, hook), restore)
+            except AttachError:
+                set_features(link.name, restore, True)
+                raise
+        try:  # auto: native XDP where the driver has it, else TC (faster than generic XDP)
+            return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp"), restore)
+        except AttachError as exc:
+            log.info("%s: no native XDP (%s), using TC", link.name, exc)
+            set_features(link.name, restore, True)
+            bpfobj.tc_attach(link.index, self.dp.tc)
+            return Attached(link, "tc")
+
+    def _show_vlan_tags_to_xdp(self, link: Link) -> tuple[str, ...]:
+        """A device that strips VLAN tags on receive (rx-vlan-hw-parse) hands
+        XDP the frame without its tag, which would key a VLAN's flows as the
+        lower device's. Where VLAN devices sit on top, or the device is a port
+        of a VLAN-filtering bridge, turn that off while we are attached
+        (restored on detach); the kernel then parses the tag in software, as
+        it does for any device without the offload."""
+        master = self.resolver.link(link.master) if link.master else None
+        vlan_port = master is not None and master.vlan_filtering
+        if not vlan_port and not any(d.kind == "vlan" and d.link == link.index
+                                     for d in self.resolver.links()):
+            return ()
+        changed = set_features(link.name, VLAN_PARSE_FEATURES, False)
+        if changed:
+            log.info("%s: VLAN tag stripping off while XDP is attached (%s)", link.name,
+                     ", ".join(changed))
+        return changed
+
+    def detach(self, index: int) -> None:
+        att = self.attached.pop(index)
+        try:
+            if att.hook == "tc":
+                bpfobj.tc_detach(index)
+            else:
+                bpfobj.xdp_detach(index, att.hook)
+        except AttachError as exc:
+            log.warning("detaching from %s: %s", att.link.name, exc)
+        set_features(att.link.name, att.restore, True)
+
+    def detach_all(self) -> None:
+        for index in list(self.attached):
+            self.detach(index)
+
+    def gone(self, index: int) -> None:
+        """The device was deleted: nothing to detach any more."""
+        self.attached.pop(index, None)
+
+
+def set_features(ifname: str, names: Iterable[str], enable: bool) -> tuple[str, ...]:
+    """Switch ethtool features of a device; returns those that changed.
+    Features a driver does not have, or has fixed, are left alone."""
+    names = tuple(names)
+    if not names:
+        return ()
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        eth = Ethtool()
+    except Exception:  # noqa: BLE001 (no ethtool netlink: nothing to change)
+        return ()
+    changed = []
+    try:
+        feats = eth.get_features(ifname)
+        for name in names:
+            feat = feats.features.get(name)
+            if feat is not None and feat.available and bool(feat.enable) != enable:
+                feat.enable = enable
+                changed.append(name)
+        if changed:
+            eth.set_features(ifname, feats)
+    except Exception as exc:  # noqa: BLE001 (a device that refuses keeps its features)
+        log.warning("%s: cannot switch %s: %s", ifname, ", ".join(names), exc)
+        return ()
+    finally:
+        eth.close()
+    return tuple(changed)

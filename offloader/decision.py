@@ -1,0 +1,110 @@
+"""What the agent decides about a flow, and why: one enum per question.
+
+``Decision``  what became of a tuple the datapath reported (offload, pass, wait)
+``PassReason`` why a connection stays with the kernel for good
+``Teardown``   why an offloaded flow was handed back to the kernel
+
+The agent's counters, ``status`` and the tables in docs/design.md are keyed
+by these members, so a new reason has exactly one home. ``offloadable`` is
+the conntrack gate (pure: an entry in, a decision or a reason out);
+``Exclusions`` is the configuration's say.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DYING,
+    IPS_OFFLOAD,
+    IPS_SEQ_ADJUST,
+    TCP_CONNTRACK_ESTABLISHED,
+)
+
+from .conntrack import IPS_HW_OFFLOAD, CtEntry, IPAddress, IPNetwork, tcp_closing
+
+
+class Decision(enum.Enum):
+    OFFLOAD = "offload"
+    PASS = "pass"
+    WAIT = "wait"  # not decidable yet: asked again on the next event or packet
+
+
+class PassReason(enum.StrEnum):
+    """Why a tuple was marked pass (the kernel keeps it until it ends)."""
+
+    DYING = "dying"
+    UNCONFIRMED = "unconfirmed"
+    HELPER = "helper"
+    SEQ_ADJUST = "seq-adjust"
+    FLOWTABLE = "in an nf flowtable"
+    UDP_DISABLED = "udp disabled"
+    HANDED_BACK = "handed back by flush"
+    EXCLUDED = "excluded by configuration"
+    NO_PATH = "no path"  # the resolver could not reach the lowest device
+    MAP_FULL = "flow map full"
+
+
+class Teardown(enum.StrEnum):
+    """Why offloaded flows went back to the kernel (status: agent.torn_down)."""
+
+    TCP_FLAGS = "tcp-flags"  # the datapath saw FIN, RST or SYN
+    IDLE = "idle"
+    CT_DESTROYED = "conntrack-destroyed"  # DESTROY event, or a closing TCP state
+    CT_GONE = "conntrack-gone"  # a refresh or a reconcile found no entry
+    NETWORK = "route or link change"
+    FDB = "fdb change"
+    NEIGHBOUR = "neighbour change"
+    FLUSH_COMMAND = "flush command"
+    CONFIG = "configuration change"
+
+
+def offloadable(entry: CtEntry, *, offload_udp: str) -> Decision | PassReason:
+    """The conntrack gate: ``Decision.OFFLOAD`` when ``entry`` may be
+    offloaded, ``Decision.WAIT`` when not yet, or why never."""
+    if entry.status & IPS_DYING:
+        return PassReason.DYING
+    if not entry.status & IPS_CONFIRMED:
+        return PassReason.UNCONFIRMED
+    if entry.helper:
+        return PassReason.HELPER
+    if entry.status & IPS_SEQ_ADJUST:
+        return PassReason.SEQ_ADJUST
+    if entry.status & (IPS_OFFLOAD | IPS_HW_OFFLOAD):
+        return PassReason.FLOWTABLE
+    if entry.orig.proto == socket.IPPROTO_TCP:
+        if entry.tcp_state != TCP_CONNTRACK_ESTABLISHED:
+            return Decision.WAIT  # not yet (or no longer) established
+        return Decision.OFFLOAD
+    if offload_udp == "no":
+        return PassReason.UDP_DISABLED
+    if offload_udp == "assured" and not entry.status & IPS_ASSURED:
+        return Decision.WAIT
+    return Decision.OFFLOAD
+
+
+def closing(entry: CtEntry) -> bool:
+    """A TCP connection in FIN_WAIT .. CLOSE: the kernel must see the rest."""
+    return entry.orig.proto == socket.IPPROTO_TCP and tcp_closing(entry.tcp_state)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """What the configuration keeps away from offload: source and
+    destination networks, and the devices of excluded firewall zones."""
+
+    src: tuple[IPNetwork, ...] = ()
+    dst: tuple[IPNetwork, ...] = ()
+    ifindexes: frozenset[int] = field(default_factory=frozenset)
+
+    def excludes(self, src: IPAddress, dst_after_nat: IPAddress, ifindexes: Iterable[int]) -> bool:
+        if any(src in net for net in self.src if net.version == src.version):
+            return True
+        if any(dst_after_nat in net for net in self.dst if net.version == dst_after_nat.version):
+            return True
+        return any(i in self.ifindexes for i in ifindexes)

@@ -1,0 +1,167 @@
+"""What the agent remembers about connections between events.
+
+The flow table itself lives in the BPF maps. Python keeps, per connection
+direction (its wire id, see ``conntrack.wire_id``):
+
+  waiting  the keys the datapath reported and no decision settled yet,
+           with when each was last looked at (bounded by the pending map)
+  zones    the conntrack zone an event named (queries need it)
+  recent   the last conntrack NEW/UPDATE entries (bounded): an event read
+           before the ring record of the connection's first packet
+  dead     directions conntrack destroyed or closed since the last sweep
+  held     directions handed back by ``flush`` (a firewall reload): the
+           kernel keeps them until they end
+
+Every transition is a method, and a connection's two directions always
+move together.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from .conntrack import CtEntry, Tuple5, wire_id
+from .datapath import FlowKey
+
+RECHECK_AFTER_NS = 150_000_000  # a waiting key seen again after this: ask conntrack
+RECENT_CT = 1024  # conntrack entries remembered from events
+DEAD_BEFORE_SWEEP = 8192  # destroyed directions noted before an early sweep
+STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about keys waiting longer
+STUCK_BUDGET = 256  # at most this many such queries per sweep
+
+
+def key_tuple(key: FlowKey) -> Tuple5:
+    return Tuple5(key.proto, key.src, key.dst, key.sport, key.dport)
+
+
+def tuple_id(t: Tuple5) -> bytes:
+    return wire_id(t.proto, t.sport, t.dport, t.src.packed, t.dst.packed)
+
+
+def key_id(key: FlowKey) -> bytes:
+    return tuple_id(key_tuple(key))
+
+
+class Seen(enum.Enum):
+    """What a ring record asks of the agent."""
+
+    NOTHING = 0  # already waiting, asked recently
+    NEW = 1  # first report of this key: wait (or decide with a recent event)
+    RECHECK = 2  # still undecided after a while: ask conntrack directly
+
+
+class FlowState:
+    def __init__(self, *, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._waiting: dict[bytes, dict[FlowKey, int]] = {}
+        self._zones: dict[bytes, int] = {}
+        self._recent: dict[bytes, CtEntry] = {}
+        self._dead: set[bytes] = set()
+        self._held: set[bytes] = set()
+
+    # -- the datapath reports a key ------------------------------------------------
+    def seen(self, key: FlowKey, now_ns: int) -> tuple[Seen, CtEntry | None]:
+        """Note a key from the ring; with NEW, the conntrack entry an event
+        already brought for its connection, if any."""
+        tid = key_id(key)
+        keys = self._waiting.setdefault(tid, {})
+        since = keys.get(key)
+        if since is None:
+            keys[key] = now_ns
+            if len(self._waiting) > self.max_waiting:
+                self._waiting.pop(next(iter(self._waiting)))
+            return Seen.NEW, self._recent.get(tid)
+        if now_ns - since >= RECHECK_AFTER_NS:
+            keys[key] = now_ns
+            return Seen.RECHECK, None
+        return Seen.NOTHING, None
+
+    def decided(self, key: FlowKey) -> None:
+        """``key`` was offloaded or passed: it waits no more."""
+        tid = key_id(key)
+        keys = self._waiting.get(tid)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._waiting[tid]
+
+    def is_waiting(self, key: FlowKey) -> bool:
+        return key in self._waiting.get(key_id(key), {})
+
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    # -- conntrack says --------------------------------------------------------------
+    def updated(self, entry: CtEntry, orig: bytes, reply: bytes) -> list[tuple[FlowKey, bool]]:
+        """A NEW/UPDATE event: remember it; the waiting keys it may settle,
+        each with whether it is the reply direction."""
+        if entry.zone:
+            self._zones[orig] = self._zones[reply] = entry.zone
+        self._recent[orig] = self._recent[reply] = entry
+        while len(self._recent) > RECENT_CT:
+            self._recent.pop(next(iter(self._recent)))
+        return [(key, is_reply) for tid, is_reply in ((orig, False), (reply, True))
+                for key in list(self._waiting.get(tid, {}))]
+
+    def closing(self, orig: bytes, reply: bytes) -> None:
+        """The connection is closing: its flows go at the next sweep, and
+        nothing of it waits for a decision any more."""
+        self._dead.update((orig, reply))
+        self._waiting.pop(orig, None)
+        self._waiting.pop(reply, None)
+
+    def forget(self, orig: bytes, reply: bytes) -> bool:
+        """Conntrack destroyed the connection: forget both directions, and
+        note them dead for the sweep. True when enough dead directions have
+        piled up that a sweep should run now (bounded memory)."""
+        for tid in (orig, reply):
+            self._zones.pop(tid, None)
+            self._held.discard(tid)
+            self._recent.pop(tid, None)
+            self._waiting.pop(tid, None)
+            self._dead.add(tid)
+        return len(self._dead) > DEAD_BEFORE_SWEEP
+
+    def zone(self, tid: bytes) -> int:
+        return self._zones.get(tid, 0)
+
+    def take_dead(self) -> set[bytes]:
+        """The dead directions since the last call (the sweep removes their flows)."""
+        dead, self._dead = self._dead, set()
+        return dead
+
+    # -- flush ---------------------------------------------------------------------------
+    def hold(self, tids: Iterable[bytes]) -> None:
+        self._held.update(tids)
+
+    def is_held(self, tid: bytes) -> bool:
+        return tid in self._held
+
+    def clear_waiting(self) -> None:
+        self._waiting.clear()
+
+    # -- the sweep's safety net ------------------------------------------------------
+    def sync_pending(self, present: Iterable[FlowKey], now_ns: int) -> list[FlowKey]:
+        """Match the waiting keys to what the pending map holds: keys whose
+        ring record was lost start waiting, keys evicted or decided stop.
+        Returns the keys waiting longer than STUCK_AFTER_NS (at most
+        STUCK_BUDGET, re-stamped), to be asked about directly."""
+        here: set[FlowKey] = set()
+        for key in present:
+            here.add(key)
+            keys = self._waiting.setdefault(key_id(key), {})
+            keys.setdefault(key, now_ns)
+        stuck: list[FlowKey] = []
+        for tid in list(self._waiting):
+            keys = self._waiting[tid]
+            for key in [k for k in keys if k not in here]:
+                del keys[key]
+            if not keys:
+                del self._waiting[tid]
+                continue
+            for key, since in keys.items():
+                if now_ns - since > STUCK_AFTER_NS and len(stuck) < STUCK_BUDGET:
+                    keys[key] = now_ns
+                    stuck.append(key)
+        return stuck

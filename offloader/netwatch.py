@@ -1,0 +1,144 @@
+"""RTNETLINK events, turned into the flows they invalidate.
+
+The watcher reads what the kernel says changed (links, addresses, routes,
+rules, neighbours, bridge FDB entries), drops the resolver's cached facts
+that the change touches, and answers with ``Changes``: which flows the loop
+must hand back. It never touches the maps itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+)
+
+from .decision import Teardown
+from .routing import NUD_VALID, RTM_F_CLONED, Resolver
+
+log = logging.getLogger(__name__)
+
+RT_TABLE_LOCAL = 255
+READ_BUDGET = 64  # datagrams per wake-up: the loop stays responsive under a storm
+
+
+@dataclass
+class Changes:
+    """What the loop must do after a batch of events."""
+
+    flush_all: bool = False  # routes, rules, addresses, a link that changed: decide again
+    links_gone: set[int] = field(default_factory=set)  # ifindexes deleted
+    macs: dict[bytes, Teardown] = field(default_factory=dict)  # flows to this MAC must go
+
+
+class NetWatcher:
+    def __init__(self, sock: socket.socket, resolver: Resolver, parser: Any) -> None:
+        self.sock = sock
+        self.resolver = resolver
+        self.parser = parser  # anything with .marshal.parse (an IPRoute)
+        # (L3 output device, next hop) -> the MAC offloaded flows use
+        self.nexthops: dict[tuple[int, Any], bytes] = {}
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def used(self, l3_oif: int, hop: Any, mac: bytes) -> None:
+        """An offloaded flow goes to ``hop`` on ``l3_oif`` with ``mac``."""
+        self.nexthops[(l3_oif, hop)] = mac
+
+    def forget_nexthops(self) -> None:
+        self.nexthops.clear()
+
+    def read(self) -> Changes:
+        out = Changes()
+        for _ in range(READ_BUDGET):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                out.flush_all = True  # ENOBUFS: we missed changes
+                break
+            for msg in self.parser.marshal.parse(data):
+                self.on_message(msg, out)
+        return out
+
+    def on_message(self, msg: Any, out: Changes) -> None:
+        kind = msg["header"]["type"]
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            out.flush_all |= self._on_link(msg, kind == RTM_DELLINK, out)
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            self._on_neigh(msg, kind == RTM_DELNEIGH, out)
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["flags"] & RTM_F_CLONED:
+            return  # a route cache entry (IPv6 creates them on lookups)
+        elif not irrelevant(msg):  # routes, rules, addresses
+            self.resolver.forget(routes=True)
+            out.flush_all = True
+            log.debug("network change: %s", msg.get("event", kind))
+
+    def _on_link(self, msg: Any, deleted: bool, out: Changes) -> bool:
+        index = msg["index"]
+        cached = self.resolver.cached_link(index)
+        if deleted:
+            out.links_gone.add(index)
+        if cached is None:
+            return False
+        self.resolver.forget(links=True, routes=True)
+        if deleted:
+            return True
+        fresh = self.resolver.link(index)
+        return (fresh.up, fresh.mtu, fresh.mac, fresh.master) != (
+            cached.up, cached.mtu, cached.mac, cached.master)
+
+    def _on_neigh(self, msg: Any, deleted: bool, out: Changes) -> None:
+        if msg["family"] == socket.AF_BRIDGE:
+            self._on_fdb(msg, deleted, out)
+            return
+        dst = msg.get("NDA_DST")
+        if not dst:
+            return
+        hop = ipaddress.ip_address(dst)
+        ck = (msg["ifindex"], hop)
+        used = self.nexthops.get(ck)
+        self.resolver.forget_neigh(msg["ifindex"], hop)
+        if used is None:
+            return
+        lladdr = msg.get("NDA_LLADDR")
+        new = bytes.fromhex(lladdr.replace(":", "")) if lladdr else b""
+        if deleted or new != used or not msg["state"] & NUD_VALID:
+            del self.nexthops[ck]
+            out.macs[used] = Teardown.NEIGHBOUR
+
+    def _on_fdb(self, msg: Any, deleted: bool, out: Changes) -> None:
+        """A bridge FDB entry: a host moved to another port (roaming), or left."""
+        mac = msg.get("NDA_LLADDR")
+        if not mac:
+            return
+        raw = bytes.fromhex(mac.replace(":", ""))
+        port = msg["ifindex"]
+        cached = self.resolver.fdb_ports(raw)
+        if deleted or any(p != port for p in cached):
+            self.resolver.forget_fdb(raw)
+            out.macs[raw] = Teardown.FDB
+
+
+def irrelevant(msg: Any) -> bool:
+    """Route and address events that cannot change a forwarding decision:
+    IPv6 link-local and multicast ones, the local table's."""
+    if msg.get("RTA_TABLE") == RT_TABLE_LOCAL:
+        return True
+    addr = msg.get("RTA_DST") or msg.get("IFA_ADDRESS")
+    if addr and ":" in addr:
+        ip = ipaddress.ip_address(addr)
+        return bool(ip.is_link_local or ip.is_multicast)
+    return False

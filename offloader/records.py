@@ -1,0 +1,79 @@
+"""Raw flow-map records, read without building objects.
+
+The sweep walks every entry of the flow map once a tick; building a
+``FlowEntry`` per entry would cost more than the rest of the sweep. These
+offsets and ``struct`` formats come from the shared header through cffi, so
+they follow any change of its layout.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from . import ctnetlink
+from .conntrack import raw_wire_id
+from .layout import layout
+
+
+class Records:
+    """Byte offsets into raw ``struct ofl_key`` / ``struct ofl_flow`` bytes."""
+
+    def __init__(self) -> None:
+        ffi = layout().ffi
+        consts = layout().consts
+        self.state_offload = consts["OFL_STATE_OFFLOAD"]
+        self.flag_reply = consts["OFL_V_REPLY"]
+        self.flag_assured = consts["OFL_V_ASSURED"]
+        self.k_proto = ffi.offsetof("struct ofl_key", "proto")
+        self.k_family = ffi.offsetof("struct ofl_key", "family")
+        self.k_sport = ffi.offsetof("struct ofl_key", "sport")
+        self.k_saddr = ffi.offsetof("struct ofl_key", "saddr")
+        self.k_daddr = ffi.offsetof("struct ofl_key", "daddr")
+        self.f_last = ffi.offsetof("struct ofl_flow", "last_seen_ns")
+        self.f_state = ffi.offsetof("struct ofl_flow", "state")
+        self.f_seen = ffi.offsetof("struct ofl_flow", "seen")
+        self.v_dmac = ffi.offsetof("struct ofl_verdict", "dmac")
+        self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
+        self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+        self.key_size = ffi.sizeof("struct ofl_key")
+        self.flow_size = ffi.sizeof("struct ofl_flow")
+        # (proto, sport, dport) of a key; (verdict flags, conntrack zone,
+        # last seen, state, seen flags) of a flow.
+        self.key_fields = struct_of(self.key_size, [
+            (self.k_proto, "B"), (self.k_sport, "!H"), (self.k_sport + 2, "!H")])
+        self.flow_fields = struct_of(self.flow_size, [
+            (self.v_flags, "B"), (self.v_zone, "H"), (self.f_last, "Q"), (self.f_state, "I"),
+            (self.f_seen, "I")])
+
+    def raw5(self, raw_key: bytes) -> ctnetlink.Raw5:
+        """(proto, src, dst, sport, dport) straight from key bytes, addresses
+        packed (4 or 16 bytes): what the ctnetlink encoder takes."""
+        sport, dport = struct.unpack_from("!HH", raw_key, self.k_sport)
+        n = 4 if raw_key[self.k_family] == socket.AF_INET else 16
+        return (raw_key[self.k_proto], raw_key[self.k_saddr : self.k_saddr + n],
+                raw_key[self.k_daddr : self.k_daddr + n], sport, dport)
+
+    def wire(self, raw_key: bytes) -> bytes:
+        """The connection-direction id of a key (see conntrack.wire_id)."""
+        return raw_wire_id(self.raw5(raw_key))
+
+    def zone(self, raw_flow: bytes) -> int:
+        return int.from_bytes(raw_flow[self.v_zone : self.v_zone + 2], "little")
+
+    def dmac(self, raw_flow: bytes) -> bytes:
+        return raw_flow[self.v_dmac : self.v_dmac + 6]
+
+
+def struct_of(size: int, fields: list[tuple[int, str]]) -> struct.Struct:
+    """A struct.Struct reading ``fields`` ((offset, code), ascending) of a
+    ``size``-byte record, host byte order, padding skipped. A code with a
+    leading "!" is big-endian: read as host order and swapped by the caller
+    only where it matters (ports are only compared here)."""
+    fmt, pos = "=", 0
+    for offset, code in fields:
+        code = code.lstrip("!")
+        fmt += f"{offset - pos}x{code}" if offset > pos else code
+        pos = offset + struct.calcsize("=" + code)
+    fmt += f"{size - pos}x" if size > pos else ""
+    return struct.Struct(fmt)

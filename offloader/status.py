@@ -1,0 +1,146 @@
+"""What the agent counts, and the report ``ebpf-offloader status`` prints.
+
+The report is built by a forked child of the agent (see control.py), from
+the maps and from what the agent already knows: it sends nothing on the
+agent's netlink sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .datapath import Datapath, FlowKey
+from .decision import PassReason, Teardown
+from .layout import layout
+
+LATENCY_SAMPLES = 20_000  # setup latencies kept for status
+
+
+@dataclass
+class Counters:
+    offloaded: int = 0
+    passed: Counter[PassReason] = field(default_factory=Counter)
+    torn_down: Counter[Teardown] = field(default_factory=Counter)
+    events: int = 0  # ring-buffer records read
+
+    def report(self) -> dict[str, Any]:
+        return {"offloaded": self.offloaded, "passed": sum(self.passed.values()),
+                "passed_by_reason": {str(r): n for r, n in self.passed.items()},
+                "torn_down": {str(r): n for r, n in self.torn_down.items()},
+                "ring_events": self.events}
+
+
+class Latencies:
+    """First packet to offloaded, in ms: the last LATENCY_SAMPLES as 4-byte floats."""
+
+    def __init__(self, size: int = LATENCY_SAMPLES) -> None:
+        self.size = size
+        self.values = array("f")
+        self._next = 0
+
+    def note(self, ms: float) -> None:
+        if len(self.values) < self.size:
+            self.values.append(ms)
+        else:  # a ring: overwrite the oldest
+            self.values[self._next] = ms
+            self._next = (self._next + 1) % self.size
+
+    def percentiles(self) -> dict[str, float | int]:
+        if not self.values:
+            return {"n": 0}
+        ordered = sorted(self.values)
+
+        def pick(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+        return {"n": len(ordered), "p50": pick(0.5), "p99": pick(0.99),
+                "max": round(ordered[-1], 3)}
+
+
+@dataclass
+class AgentFacts:
+    """What the report says about the agent itself."""
+
+    pid: int
+    started: float
+    interfaces: list[dict[str, Any]]  # {name, ifindex, hook}
+    agent: dict[str, Any]  # counters
+    latency: dict[str, float | int]
+
+
+def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
+                 limit: int = 0) -> dict[str, Any]:
+    """The whole report; ``flows`` sorted by bytes, the first ``limit`` only
+    when given (counts always cover every flow)."""
+    now_ns = time.monotonic_ns()
+    offload_state = layout().consts["OFL_STATE_OFFLOAD"]
+    flows: list[dict[str, Any]] = []
+    for e in dp.flow_entries():
+        offloaded = e.state == offload_state
+        row = flow_row(e.key, "offloaded" if offloaded else "passed", e.packets, e.nbytes, name_of)
+        row["last_seen_s"] = round((now_ns - e.last_seen_ns) / 1e9, 3) if e.last_seen_ns else None
+        if offloaded:
+            row["out_dev"] = name_of(e.oif)
+            row["nat"] = nat_of(e.raw)
+        flows.append(row)
+    for key, _first, packets, nbytes in dp.pending_entries():
+        flows.append(flow_row(key, "pending", packets, nbytes, name_of))
+    flows.sort(key=lambda r: r["bytes"], reverse=True)
+    counts = _count_states(f["state"] for f in flows)
+    return {
+        "running": True,
+        "pid": facts.pid,  # the agent's, also when a forked child answers
+        "started": facts.started,
+        "uptime_s": round(time.time() - facts.started, 1),
+        "interfaces": facts.interfaces,
+        "counts": counts,
+        "agent": facts.agent,
+        "datapath": dp.stats(),
+        "setup_latency_ms": facts.latency,
+        "pinned": str(dp.pin_dir) if dp.pin_dir else None,
+        "flows": flows[:limit] if limit else flows,
+    }
+
+
+def _count_states(states: Iterable[str]) -> dict[str, int]:
+    c = Counter(states)
+    return {"offloaded": c["offloaded"], "passed": c["passed"], "pending": c["pending"],
+            "total": sum(c.values())}
+
+
+def flow_row(key: FlowKey, state: str, packets: int, nbytes: int,
+             name_of: Callable[[int], str]) -> dict[str, Any]:
+    return {
+        "family": "ipv4" if key.family == socket.AF_INET else "ipv6",
+        "proto": {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto)),
+        "src": str(key.src), "dst": str(key.dst), "sport": key.sport, "dport": key.dport,
+        "state": state, "packets": packets, "bytes": nbytes,
+        "in_dev": name_of(key.ifindex),
+        "vlan": [v for v in (key.vlan_outer, key.vlan_inner) if v],
+        "pppoe_sid": key.pppoe_sid or None,
+    }
+
+
+def nat_of(raw: bytes) -> dict[str, Any] | None:
+    """The NAT rewrite an offloaded flow's verdict carries, for people."""
+    lay = layout()
+    v = lay.from_bytes("struct ofl_flow", raw).v
+    saddr, daddr = bytes(lay.ffi.buffer(v.nat_saddr)), bytes(lay.ffi.buffer(v.nat_daddr))
+    n = 16 if any(saddr[4:]) or any(daddr[4:]) else 4
+    out: dict[str, Any] = {}
+    if v.flags & lay.const("OFL_V_SNAT"):
+        out["src"] = str(ipaddress.ip_address(saddr[:n]))
+    if v.flags & lay.const("OFL_V_DNAT"):
+        out["dst"] = str(ipaddress.ip_address(daddr[:n]))
+    if v.flags & lay.const("OFL_V_SPORT"):
+        out["sport"] = socket.ntohs(v.nat_sport)
+    if v.flags & lay.const("OFL_V_DPORT"):
+        out["dport"] = socket.ntohs(v.nat_dport)
+    return out or None
