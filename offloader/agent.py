@@ -9,13 +9,9 @@ Inputs, all on one selector, no threads:
   signals          SIGTERM/SIGINT stop, SIGHUP reloads the configuration
   timers           heartbeat (the datapath's fail-safe), sweep
 
-The parts say what should happen and the loop does it: ``FlowState``
-(flowstate.py) remembers connections between events, ``offloadable``
-(decision.py) is the conntrack gate, the ``Sweeper`` (sweep.py) classifies
-the flow map, the ``NetWatcher`` (netwatch.py) turns RTNETLINK events into
-flows to hand back, the ``Attacher`` (attach.py) owns the attachments and
-status.py builds the report. ``run_agent`` opens every collaborator, the
-single-agent lock first, and closes whatever it opened.
+The parts say what should happen; the loop does it (see docs/design.md,
+"Where a change belongs"). ``run_agent`` opens every collaborator through
+parts.py, the single-agent lock first, and closes whatever it opened.
 """
 
 from __future__ import annotations
@@ -29,24 +25,29 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
-
-from pyroute2 import IPRoute
 
 from . import bpfobj
 from .attach import Attacher
-from .config import Settings, network_devices, redecide_needed, zone_networks
-from .conntrack import Conntrack, CtEntry, CtEvents, nat_target
-from .control import ControlServer
-from .datapath import Datapath, FlowKey, Verdict, find_object, netns_pin_dir
-from .decision import Decision, Exclusions, PassReason, Teardown, closing, offloadable
+from .config import Settings, network_devices, redecide_needed
+from .conntrack import CtEntry, nat_target
+from .datapath import FlowKey
+from .decision import (
+    Decision,
+    Exclusions,
+    PassReason,
+    Teardown,
+    closing,
+    offloadable,
+    verdict_for,
+)
 from .errors import OffloadError, ResolveError
 from .flowstate import FlowState, Seen, key_id, key_tuple, tuple_id
 from .layout import layout
-from .netwatch import Changes, NetWatcher
+from .netwatch import Changes
+from .parts import Parts, open_parts
 from .records import Records
-from .routing import NotYet, Resolver, rt_event_socket
+from .routing import NotYet
 from .status import AgentFacts, Counters, Latencies, build_status
 from .sweep import Sweeper, SweepPlan, conntrack_timeouts
 
@@ -54,18 +55,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 SUMMARY_EVERY_S = 60.0
-
-
-@dataclass
-class Parts:
-    """The agent's collaborators, opened by ``run_agent``."""
-
-    control: ControlServer
-    dp: Datapath
-    resolver: Resolver
-    ct: Conntrack
-    ct_events: CtEvents
-    net: NetWatcher
 
 
 class Agent:
@@ -101,19 +90,11 @@ class Agent:
                                                 self.attacher.attached.values()) or "nothing")
 
     def attach(self) -> None:
+        s = self.settings
         # Default: the lan and wan devices of /etc/config/network.
-        names = list(self.settings.interfaces) or list(network_devices())
-        self.attacher.attach_all(names, self.settings.hook)
-        self.exclusions = Exclusions(src=self.settings.exclude_src, dst=self.settings.exclude_dst,
-                                     ifindexes=frozenset(self._zone_devices()))
-
-    def _zone_devices(self) -> Iterable[int]:
-        if not self.settings.exclude_zones:
-            return
-        nets = zone_networks(zones=self.settings.exclude_zones)
-        for name in network_devices(interfaces=nets):
-            with contextlib.suppress(ResolveError):
-                yield self.resolver.link_by_name(name).index
+        self.attacher.attach_all(list(s.interfaces) or list(network_devices()), s.hook)
+        self.exclusions = Exclusions(src=s.exclude_src, dst=s.exclude_dst,
+                                     ifindexes=self.attacher.zone_devices(s.exclude_zones))
 
     def _adopt(self) -> None:
         """Keep what a previous run offloaded if conntrack still has it."""
@@ -144,9 +125,7 @@ class Agent:
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
             sel = stack.enter_context(selectors.DefaultSelector())
-            wake_r, wake_w = socket.socketpair()
-            stack.enter_context(wake_r)
-            stack.enter_context(wake_w)
+            wake_r, wake_w = (stack.enter_context(s) for s in socket.socketpair())
             wake_r.setblocking(False)
             wake_w.setblocking(False)
             old_fd = signal.set_wakeup_fd(wake_w.fileno())
@@ -283,12 +262,8 @@ class Agent:
         if key.proto == socket.IPPROTO_TCP and not self.ct.set_liberal(key_tuple(key), is_reply,
                                                                        entry.zone):
             return Decision.WAIT  # the entry went away meanwhile
-        verdict = Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key,
-                          nat_src=target.src, nat_dst=target.dst, nat_sport=target.sport,
-                          nat_dport=target.dport, reply=is_reply, zone=entry.zone,
-                          assured=entry.assured)
         first_seen = self.dp.pending_first_seen(key)
-        self.dp.offload(key, verdict)
+        self.dp.offload(key, verdict_for(key, path, target, entry, is_reply))
         if first_seen:
             self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
@@ -378,16 +353,7 @@ class Agent:
                            interfaces=[{"name": a.link.name, "ifindex": a.link.index,
                                         "hook": a.hook} for a in self.attacher.attached.values()],
                            latency=self.latencies.percentiles())
-        return build_status(self.dp, facts, self._name, limit)
-
-    def _name(self, index: int) -> str:
-        """A device's name from what is known (no netlink query: a forked
-        status child must not talk on the agent's sockets)."""
-        name = self.attacher.names().get(index)
-        if name is None:
-            cached = self.resolver.cached_link(index)
-            name = cached.name if cached else str(index)
-        return name
+        return build_status(self.dp, facts, self.attacher.name_of, limit)
 
 
 def _guarded(call: Callable[[], object]) -> None:
@@ -406,29 +372,6 @@ def _drain(sock: socket.socket) -> None:
 def _fmt(key: FlowKey) -> str:
     proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
     return f"{proto} {key.src}:{key.sport} > {key.dst}:{key.dport} on {key.ifindex}"
-
-
-def open_parts(stack: contextlib.ExitStack, settings: Settings,
-               handler: Callable[[dict[str, Any]], dict[str, Any]], *, pin: bool = True) -> Parts:
-    """Open every collaborator, the control socket first: it is the
-    single-agent lock, taken before anything pinned or attached is touched.
-    Each is closed by ``stack``, also when a later one fails."""
-    control = ControlServer(handler, fork_for={"status"})
-    stack.callback(control.close)
-    dp = Datapath(find_object(settings.object), max_flows=settings.max_flows,
-                  pending_flows=settings.pending_flows, pin_dir=netns_pin_dir() if pin else None)
-    stack.callback(dp.close)
-    resolver = Resolver(IPRoute())
-    stack.callback(resolver.close)
-    ct = Conntrack()
-    stack.callback(ct.close)
-    ct_events = CtEvents()
-    stack.callback(ct_events.close)
-    rt_sock = rt_event_socket()
-    stack.callback(rt_sock.close)
-    parser = IPRoute()
-    stack.callback(parser.close)
-    return Parts(control, dp, resolver, ct, ct_events, NetWatcher(rt_sock, resolver, parser))
 
 
 def run_agent(settings: Settings, *, load_settings: Callable[[], Settings] | None = None,

@@ -8,13 +8,15 @@ see a stripped tag); detaching restores what was changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import bpfobj
+from .config import network_devices, zone_networks
 from .datapath import Datapath
-from .errors import AttachError, OffloadError
+from .errors import AttachError, OffloadError, ResolveError
 from .routing import Link, Resolver, attach_points
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,12 @@ class Attacher:
         att = self.attached.get(ifindex)
         return att.hook if att else None
 
-    def names(self) -> dict[int, str]:
-        return {i: a.link.name for i, a in self.attached.items()}
+    def name_of(self, index: int) -> str:
+        """A device's name from what is known, without a netlink query (a
+        forked status child must not talk on the agent's sockets)."""
+        att = self.attached.get(index)
+        cached = att.link if att else self.resolver.cached_link(index)
+        return cached.name if cached else str(index)
 
     def attach_all(self, names: list[str], hook: str) -> None:
         """Attach to ``names`` (down to what each hook needs), detach from
@@ -113,6 +119,16 @@ class Attacher:
         except AttachError as exc:
             log.warning("detaching from %s: %s", att.link.name, exc)
         set_features(att.link.name, att.restore, True)
+
+    def zone_devices(self, zones: tuple[str, ...]) -> frozenset[int]:
+        """The ifindexes of the devices of these firewall zones' networks."""
+        if not zones:
+            return frozenset()
+        out = set()
+        for name in network_devices(interfaces=zone_networks(zones=zones)):
+            with contextlib.suppress(ResolveError):
+                out.add(self.resolver.link_by_name(name).index)
+        return frozenset(out)
 
     def detach_all(self) -> None:
         for index in list(self.attached):

@@ -26,7 +26,9 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     TCP_CONNTRACK_ESTABLISHED,
 )
 
-from .conntrack import IPS_HW_OFFLOAD, CtEntry, IPAddress, IPNetwork, tcp_closing
+from .conntrack import IPS_HW_OFFLOAD, CtEntry, IPAddress, IPNetwork, Tuple5, tcp_closing
+from .datapath import FlowKey, Verdict
+from .routing import Egress
 
 
 class Decision(enum.Enum):
@@ -47,7 +49,6 @@ class PassReason(enum.StrEnum):
     HANDED_BACK = "handed back by flush"
     EXCLUDED = "excluded by configuration"
     NO_PATH = "no path"  # the resolver could not reach the lowest device
-    MAP_FULL = "flow map full"
 
 
 class Teardown(enum.StrEnum):
@@ -56,7 +57,6 @@ class Teardown(enum.StrEnum):
     TCP_FLAGS = "tcp-flags"  # the datapath saw FIN, RST or SYN
     IDLE = "idle"
     CT_DESTROYED = "conntrack-destroyed"  # DESTROY event, or a closing TCP state
-    CT_GONE = "conntrack-gone"  # a refresh or a reconcile found no entry
     NETWORK = "route or link change"
     FDB = "fdb change"
     NEIGHBOUR = "neighbour change"
@@ -108,3 +108,12 @@ class Exclusions:
         if any(dst_after_nat in net for net in self.dst if net.version == dst_after_nat.version):
             return True
         return any(i in self.ifindexes for i in ifindexes)
+
+
+def verdict_for(key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry,
+                is_reply: bool) -> Verdict:
+    """The verdict that forwards ``key`` along ``path``, rewritten to
+    ``target`` (its tuple after NAT)."""
+    return Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key, nat_src=target.src,
+                   nat_dst=target.dst, nat_sport=target.sport, nat_dport=target.dport,
+                   reply=is_reply, zone=entry.zone, assured=entry.assured)

@@ -1,0 +1,136 @@
+"""Flow-state transitions: waiting, conntrack updates, destroy of either
+direction, holds, the pending-map safety net, and the bounds."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from pyroute2.netlink.nfnetlink.nfctsocket import IPS_CONFIRMED, TCP_CONNTRACK_ESTABLISHED
+
+from offloader.conntrack import CtEntry, Tuple5
+from offloader.datapath import FlowKey
+from offloader.flowstate import (
+    DEAD_BEFORE_SWEEP,
+    RECENT_CT,
+    RECHECK_AFTER_NS,
+    STUCK_AFTER_NS,
+    STUCK_BUDGET,
+    FlowState,
+    Seen,
+    key_id,
+    tuple_id,
+)
+
+ip = ipaddress.ip_address
+
+
+def key(sport: int = 40000, ifindex: int = 2, *, reply: bool = False) -> FlowKey:
+    if reply:
+        return FlowKey(3, socket.AF_INET, 6, ip("198.19.2.2"), ip("198.19.0.1"), 443, sport)
+    return FlowKey(ifindex, socket.AF_INET, 6, ip("198.18.1.2"), ip("198.19.2.2"), sport, 443)
+
+
+def entry(sport: int = 40000, zone: int = 0) -> CtEntry:
+    return CtEntry(Tuple5(6, ip("198.18.1.2"), ip("198.19.2.2"), sport, 443),
+                   Tuple5(6, ip("198.19.2.2"), ip("198.19.0.1"), 443, sport),
+                   IPS_CONFIRMED, TCP_CONNTRACK_ESTABLISHED, zone, False, 60)
+
+
+def ids(e: CtEntry) -> tuple[bytes, bytes]:
+    return tuple_id(e.orig), tuple_id(e.reply)
+
+
+def test_first_report_waits_then_rechecks_after_a_while() -> None:
+    fs = FlowState(max_waiting=16)
+    assert fs.seen(key(), 0) == (Seen.NEW, None)
+    assert fs.is_waiting(key())
+    assert fs.seen(key(), RECHECK_AFTER_NS - 1) == (Seen.NOTHING, None)
+    assert fs.seen(key(), RECHECK_AFTER_NS) == (Seen.RECHECK, None)
+    fs.decided(key())
+    assert not fs.is_waiting(key()) and fs.waiting_count() == 0
+
+
+def test_an_event_read_before_the_ring_record_is_used() -> None:
+    fs = FlowState(max_waiting=16)
+    e = entry()
+    assert fs.updated(e, *ids(e)) == []  # nothing waits yet
+    assert fs.seen(key(), 0) == (Seen.NEW, e)
+
+
+def test_update_settles_both_directions_and_remembers_the_zone() -> None:
+    fs = FlowState(max_waiting=16)
+    e = entry(zone=7)
+    fs.seen(key(), 0)
+    fs.seen(key(reply=True), 0)
+    got = fs.updated(e, *ids(e))
+    assert sorted(got, key=lambda kr: kr[1]) == [(key(), False), (key(reply=True), True)]
+    assert fs.zone(key_id(key())) == 7 and fs.zone(key_id(key(reply=True))) == 7
+
+
+def test_destroy_of_either_direction_forgets_the_connection() -> None:
+    fs = FlowState(max_waiting=16)
+    e = entry(zone=7)
+    orig, reply = ids(e)
+    fs.seen(key(), 0)
+    fs.updated(e, orig, reply)
+    fs.hold([orig, reply])
+    assert fs.forget(orig, reply) is False
+    assert not fs.is_waiting(key())
+    assert fs.zone(orig) == 0 and fs.zone(reply) == 0
+    assert not fs.is_held(orig) and not fs.is_held(reply)
+    assert fs.seen(key(), 1) == (Seen.NEW, None)  # the recent entry went too
+    assert fs.take_dead() == {orig, reply}
+    assert fs.take_dead() == set()
+
+
+def test_closing_marks_dead_and_stops_waiting_but_keeps_the_zone() -> None:
+    fs = FlowState(max_waiting=16)
+    e = entry(zone=3)
+    orig, reply = ids(e)
+    fs.updated(e, orig, reply)
+    fs.seen(key(), 0)
+    fs.closing(orig, reply)
+    assert not fs.is_waiting(key())
+    assert fs.take_dead() == {orig, reply}
+    assert fs.zone(orig) == 3
+
+
+def test_many_destroys_ask_for_an_early_sweep() -> None:
+    fs = FlowState(max_waiting=16)
+    asked = [fs.forget(b"o%d" % i, b"r%d" % i) for i in range(DEAD_BEFORE_SWEEP // 2 + 1)]
+    assert not any(asked[:-1]) and asked[-1]
+
+
+def test_bounds() -> None:
+    fs = FlowState(max_waiting=4)
+    for port in range(10):
+        fs.seen(key(port), 0)
+    assert fs.waiting_count() == 4
+    assert fs.is_waiting(key(9)) and not fs.is_waiting(key(0))  # the oldest go first
+    for port in range(RECENT_CT + 10):
+        e = entry(port)
+        fs.updated(e, *ids(e))
+    assert fs.seen(key(RECENT_CT + 9, ifindex=5), 0)[1] is not None
+    assert fs.seen(key(0, ifindex=5), 0)[1] is None  # forgotten: bounded
+
+
+def test_sync_pending_adopts_lost_records_drops_evicted_and_reports_stuck() -> None:
+    fs = FlowState(max_waiting=1000)
+    fs.seen(key(1), 0)
+    fs.seen(key(2), 0)
+    # key(2) left the pending map (decided elsewhere or evicted); key(3)'s
+    # ring record was lost.
+    assert fs.sync_pending([key(1), key(3)], 10) == []
+    assert fs.is_waiting(key(1)) and fs.is_waiting(key(3)) and not fs.is_waiting(key(2))
+    stuck = fs.sync_pending([key(1), key(3)], STUCK_AFTER_NS + 1)
+    assert stuck == [key(1)]  # key(3) started waiting at 10
+    assert fs.sync_pending([key(1), key(3)], STUCK_AFTER_NS + 2) == []  # re-stamped
+
+
+def test_stuck_queries_are_bounded() -> None:
+    fs = FlowState(max_waiting=10_000)
+    keys = [key(p) for p in range(STUCK_BUDGET + 50)]
+    fs.sync_pending(keys, 0)
+    assert len(fs.sync_pending(keys, STUCK_AFTER_NS + 1)) == STUCK_BUDGET
+    assert len(fs.sync_pending(keys, STUCK_AFTER_NS + 2)) == 50

@@ -1,0 +1,161 @@
+"""The sweep's classification from map bytes alone, and the Sweeper against
+a fake flow map (no BPF, no root)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from offloader.conntrack import raw_wire_id
+from offloader.datapath import FlowKey, L2Header, Verdict, pass_value
+from offloader.decision import Teardown
+from offloader.errors import MapError
+from offloader.layout import layout
+from offloader.records import Records
+from offloader.sweep import RefreshClass, Sweeper, SweepPlan, SweepResult, classify
+
+ip = ipaddress.ip_address
+NS = 1_000_000_000
+NOW = 1_000 * NS
+REC = Records()
+TIMEOUTS = {RefreshClass.TCP: 432000, RefreshClass.UDP: 120, RefreshClass.UDP_NEW: 30}
+
+
+def key(proto: int = 6, sport: int = 40000) -> FlowKey:
+    return FlowKey(2, socket.AF_INET, proto, ip("198.18.1.2"), ip("198.19.2.2"), sport, 443)
+
+
+def flow(k: FlowKey, *, last: int = NOW - NS, seen: int = 0, assured: bool = True,
+         reply: bool = False, zone: int = 0, state: int | None = None) -> bytes:
+    lay = layout()
+    raw = Verdict(oif=3, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, key=k, reply=reply,
+                  zone=zone, assured=assured).pack(state)
+    f = lay.from_bytes("struct ofl_flow", raw)
+    f.last_seen_ns = last
+    f.seen = seen
+    return lay.to_bytes(f)
+
+
+def plan(sweep_no: int = 0, dead: set[bytes] | None = None, interval: float = 1.0) -> SweepPlan:
+    return SweepPlan(now_ns=NOW, sweep_no=sweep_no, tcp_idle_ns=300 * NS, udp_idle_ns=60 * NS,
+                     timeouts=TIMEOUTS, interval_s=interval, dead=dead or set())
+
+
+def slot(sport: int, dport: int, slices: int) -> int:
+    """The sweep a flow's refresh falls in: its ports as the key's bytes read
+    in host order (the sweep only hashes them)."""
+    return (socket.htons(sport) ^ socket.htons(dport)) % slices
+
+
+def run(entries: list[tuple[FlowKey, bytes]], p: SweepPlan) -> SweepResult:
+    kb = b"".join(k.pack() for k, _ in entries)
+    vb = b"".join(v for _, v in entries)
+    return classify(kb, vb, p, REC)
+
+
+def test_tcp_flags_hand_the_flow_back() -> None:
+    r = run([(key(), flow(key(), seen=1))], plan())
+    assert r.remove == [key().pack()] and r.reasons == {Teardown.TCP_FLAGS: 1}
+
+
+@pytest.mark.parametrize("proto, idle_s, gone", [
+    (6, 299, False), (6, 301, True), (17, 59, False), (17, 61, True)])
+def test_idle_per_protocol(proto: int, idle_s: int, gone: bool) -> None:
+    k = key(proto)
+    r = run([(k, flow(k, last=NOW - idle_s * NS))], plan())
+    assert (r.reasons == {Teardown.IDLE: 1}) is gone
+
+
+def test_destroyed_connections_go_others_stay() -> None:
+    dead_key, live_key = key(sport=1000), key(sport=1001)
+    dead = {raw_wire_id(REC.raw5(dead_key.pack()))}
+    r = run([(dead_key, flow(dead_key)), (live_key, flow(live_key))], plan(dead=dead))
+    assert r.remove == [dead_key.pack()] and r.reasons == {Teardown.CT_DESTROYED: 1}
+
+
+def test_never_seen_flow_is_not_refreshed_nor_idled() -> None:
+    # last_seen 0: the datapath never forwarded a packet of it yet.
+    k = key(17)
+    r = run([(k, flow(k, last=0))], plan())
+    assert r.remove == [] and r.refresh == []
+
+
+def test_pass_entries_are_not_refreshed() -> None:
+    k = key()
+    r = run([(k, pass_value())], plan())
+    assert r.refresh == [] and r.remove == []
+
+
+@pytest.mark.parametrize("proto, assured, cls", [
+    (6, True, RefreshClass.TCP), (17, True, RefreshClass.UDP), (17, False, RefreshClass.UDP_NEW)])
+def test_refresh_class_and_slice(proto: int, assured: bool, cls: RefreshClass) -> None:
+    k = key(proto, sport=40000)
+    p = plan()
+    slices = p.slices(cls)
+    due = slot(40000, 443, slices)
+    found = [n for n in range(slices)
+             if run([(k, flow(k, assured=assured, reply=True, zone=4))], plan(sweep_no=n)).refresh]
+    assert found == [due]  # exactly once per period
+    (ref,) = run([(k, flow(k, assured=assured, reply=True, zone=4))], plan(sweep_no=due)).refresh
+    assert (ref.cls, ref.reply, ref.zone, ref.raw_key) == (cls, True, 4, k.pack())
+
+
+def test_a_flow_idle_longer_than_the_period_is_not_refreshed() -> None:
+    k = key(17)
+    p = plan(sweep_no=slot(40000, 443, plan().slices(RefreshClass.UDP_NEW)))
+    r = run([(k, flow(k, assured=False, last=NOW - 11 * NS))], p)  # UDP_NEW period: 10 s
+    assert r.refresh == [] and r.remove == []
+
+
+def test_periods_are_a_third_of_the_timeout_within_bounds() -> None:
+    p = plan()
+    assert p.period_s(RefreshClass.TCP) == 60.0
+    assert p.period_s(RefreshClass.UDP) == 40.0
+    assert p.period_s(RefreshClass.UDP_NEW) == 10.0
+    assert SweepPlan(NOW, 0, 1, 1, {c: 1 for c in RefreshClass}, 1.0).period_s(
+        RefreshClass.TCP) == 1.0
+
+
+class FakeMap:
+    def __init__(self, entries: list[tuple[FlowKey, bytes]], fail: bool = False) -> None:
+        self.entries = {k.pack(): v for k, v in entries}
+        self.fail = fail
+
+    def batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+        if self.fail:
+            raise MapError("lookup batch of ofl_flows", errno=22)
+        items = list(self.entries.items())
+        yield b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
+
+    def delete_batch(self, keys: list[bytes]) -> int:
+        for k in keys:
+            self.entries.pop(k, None)
+        return len(keys)
+
+
+def test_sweeper_deletes_and_refreshes() -> None:
+    gone, kept = key(sport=1), key(sport=2)
+    fm = FakeMap([(gone, flow(gone, seen=1)), (kept, flow(kept))])
+    sent: list[object] = []
+
+    def refresh(items: list[tuple[tuple[int, bytes, bytes, int, int], bool, int, int]]) -> int:
+        sent.extend(items)
+        return len(items)
+
+    sw = Sweeper(fm, refresh, REC)
+    p = plan(sweep_no=slot(2, 443, plan().slices(RefreshClass.TCP)))
+    result = sw.run(p)
+    assert list(fm.entries) == [kept.pack()]
+    assert result.reasons == {Teardown.TCP_FLAGS: 1}
+    assert sent == [((6, kept.src.packed, kept.dst.packed, 2, 443), False, 0, 432000)]
+    assert sw.refreshed == 1
+
+
+def test_a_failed_pass_is_logged_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    sw = Sweeper(FakeMap([], fail=True), lambda items: 0, REC)
+    result = sw.run(plan())
+    assert sw.failures == 1 and result.remove == []
+    assert "sweep failed" in caplog.text
