@@ -181,6 +181,10 @@ class Agent:
         except OffloadError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
+        try:
+            self.parts.control.set_group(new.control_group or None)
+        except OffloadError as exc:
+            log.error("control_group: %s", exc)
         if new.hook != self.settings.hook:
             self.attacher.detach_all()
         rejudge = redecide_needed(self.settings, new)

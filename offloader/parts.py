@@ -40,7 +40,7 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     """Open every collaborator, the control socket first: it is the
     single-agent lock, taken before anything pinned or attached is touched.
     Each is closed by ``stack``, also when a later one fails."""
-    control = ControlServer(handler, fork_for={"status"})
+    control = ControlServer(handler, fork_for={"status"}, group=settings.control_group or None)
     stack.callback(control.close)
     dp = Datapath(find_object(settings.object), max_flows=settings.max_flows,
                   pending_flows=settings.pending_flows, pin_dir=netns_pin_dir() if pin else None)
