@@ -17,6 +17,7 @@ parts.py, the single-agent lock first, and closes whatever it opened.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -41,7 +42,7 @@ from .decision import (
     offloadable,
     verdict_for,
 )
-from .errors import OffloadError, ResolveError
+from .errors import MapError, OffloadError, ResolveError
 from .flowstate import FlowState, Seen, key_id, key_tuple, tuple_id
 from .layout import layout
 from .netwatch import Changes
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 SUMMARY_EVERY_S = 60.0
+MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key refused for a full map is asked about again after
 
 
 class Agent:
@@ -80,6 +82,8 @@ class Agent:
         self.reload_requested = False
         self._ring_batch: list[FlowKey] = []
         self._last_summary = time.monotonic()
+        self._full_logged = -SUMMARY_EVERY_S
+        self._evictable: list[bytes] = []  # pass entries seen by the last sweep
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -267,7 +271,9 @@ class Agent:
                                                                        entry.zone):
             return Decision.WAIT  # the entry went away meanwhile
         first_seen = self.dp.pending_first_seen(key)
-        self.dp.offload(key, verdict_for(key, path, target, entry, is_reply))
+        verdict = verdict_for(key, path, target, entry, is_reply)
+        if not self._store(key, lambda: self.dp.offload(key, verdict), evict=True):
+            return Decision.WAIT
         if first_seen:
             self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
@@ -277,11 +283,41 @@ class Agent:
         return Decision.OFFLOAD
 
     def _pass(self, key: FlowKey, why: PassReason) -> Decision:
-        self.dp.mark_pass(key)
+        if not self._store(key, lambda: self.dp.mark_pass(key), evict=False):
+            return Decision.WAIT
         self.state.decided(key)
         self.counters.passed[why] += 1
         log.debug("pass %s: %s", _fmt(key), why)
         return Decision.PASS
+
+    def _store(self, key: FlowKey, write: Callable[[], None], *, evict: bool) -> bool:
+        """Write ``key``'s entry into the flow map. When the map is full, an
+        offloadable flow takes the room of a pass entry (those come back as
+        pending and are passed again when there is room); otherwise the key
+        stays pending, with the kernel, and is asked about again later."""
+        for attempt in range(2):
+            try:
+                write()
+                return True
+            except MapError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+            if attempt or not evict or not self._evict_pass_entry():
+                break
+        self.counters.map_full += 1
+        self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
+        if time.monotonic() - self._full_logged >= SUMMARY_EVERY_S:
+            self._full_logged = time.monotonic()
+            log.warning("flow map full (%d entries): new connections stay with the kernel "
+                        "(max_flows; %d refused so far)", self.dp.flows.max_entries,
+                        self.counters.map_full)
+        return False
+
+    def _evict_pass_entry(self) -> bool:
+        while self._evictable:
+            if self.dp.flows.delete(self._evictable.pop()):
+                return True
+        return False
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
@@ -296,6 +332,7 @@ class Agent:
                          dead=self.state.take_dead())
         result = self.sweeper.run(plan)
         self.counters.torn_down.update(result.reasons)
+        self._evictable = result.pass_keys
         now = time.monotonic_ns()
         present = (key for key, _first, _packets, _bytes in self.dp.pending_entries())
         for key in self.state.sync_pending(present, now):

@@ -86,6 +86,10 @@ class FlowState:
             if not keys:
                 del self._waiting[tid]
 
+    def defer(self, key: FlowKey, until_ns: int) -> None:
+        """Keep ``key`` waiting, not to be asked about before ``until_ns``."""
+        self._waiting.setdefault(key_id(key), {})[key] = until_ns - RECHECK_AFTER_NS
+
     def is_waiting(self, key: FlowKey) -> bool:
         return key in self._waiting.get(key_id(key), {})
 

@@ -29,12 +29,13 @@ class Counters:
     passed: Counter[PassReason] = field(default_factory=Counter)
     torn_down: Counter[Teardown] = field(default_factory=Counter)
     events: int = 0  # ring-buffer records read
+    map_full: int = 0  # decisions the full flow map could not take
 
     def report(self) -> dict[str, Any]:
         return {"offloaded": self.offloaded, "passed": sum(self.passed.values()),
                 "passed_by_reason": {str(r): n for r, n in self.passed.items()},
                 "torn_down": {str(r): n for r, n in self.torn_down.items()},
-                "ring_events": self.events}
+                "ring_events": self.events, "map_full_refused": self.map_full}
 
 
 class Latencies:
@@ -94,6 +95,7 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
         flows.append(flow_row(key, "pending", packets, nbytes, name_of))
     flows.sort(key=lambda r: r["bytes"], reverse=True)
     counts = _count_states(f["state"] for f in flows)
+    used = counts["offloaded"] + counts["passed"]
     return {
         "running": True,
         "pid": facts.pid,  # the agent's, also when a forked child answers
@@ -101,6 +103,8 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
         "uptime_s": round(time.time() - facts.started, 1),
         "interfaces": facts.interfaces,
         "counts": counts,
+        "flows_max": dp.flows.max_entries,
+        "flows_used": used,
         "agent": facts.agent,
         "datapath": dp.stats(),
         "setup_latency_ms": facts.latency,

@@ -35,6 +35,7 @@ from .records import Records
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
+PASS_KEYS_KEPT = 4096  # pass entries remembered as room for offloadable flows
 
 
 class RefreshClass(enum.Enum):
@@ -97,6 +98,7 @@ class SweepResult:
     remove: list[bytes] = field(default_factory=list)  # raw keys to delete
     reasons: Counter[Teardown] = field(default_factory=Counter)
     refresh: list[Refresh] = field(default_factory=list)
+    pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
     entries: int = 0
 
 
@@ -129,7 +131,11 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
             out.remove.append(raw_key)
             out.reasons[reason] += 1
             continue
-        if state != rec.state_offload or not last:
+        if state != rec.state_offload:
+            if len(out.pass_keys) < PASS_KEYS_KEPT:
+                out.pass_keys.append(raw_key)
+            continue
+        if not last:
             continue
         if proto == tcp:
             cls = RefreshClass.TCP
