@@ -37,19 +37,24 @@
 #define PPP_IP 0x0021
 #define PPP_IPV6 0x0057
 #define PPPOE_HLEN 8 /* ver/type, code, session, length, PPP protocol */
-#define MTK_HLEN 4
-#define QCA_HLEN 2
 /* TCP flags in byte 13 of the header (uapi TCP_FLAG_* are __be32 words). */
 #define TH_FIN 0x01
 #define TH_SYN 0x02
 #define TH_RST 0x04
 #define IP_MF_OFFSET 0x3fff /* MF flag and fragment offset */
-/* Longest L2 header we write: MACs, mtk tag, two VLAN tags, ethertype, PPPoE. */
-#define L2_MAX (12 + MTK_HLEN + 8 + 2 + PPPOE_HLEN)
+#define CSUM_MANGLED_0 0xffff /* the kernel's: a UDP checksum that came out as 0 */
+/* Longest L2 header we write: MACs, a 4-byte switch tag, two VLAN tags,
+ * ethertype, PPPoE. */
+#define L2_MAX (2 * ETH_ALEN + 4 + 8 + 2 + PPPOE_HLEN)
 /* The verifier forgets the range of offsets kept on the stack; these masks
  * restate it (L3 starts by byte 34, L4 by byte 74) and change nothing. */
 #define L3_OFF(p) ((p)->l3_off & 0x3f)
 #define L4_OFF(p) ((p)->l4_off & 0x7f)
+
+/* Which hook runs the shared worker (a constant at each entry point, so the
+ * compiler keeps only that hook's code). */
+#define OFL_HOOK_XDP 0
+#define OFL_HOOK_TC 1
 
 /* What parsing found; offsets are from the start of the frame. */
 struct ofl_pkt {
@@ -63,7 +68,7 @@ struct ofl_pkt {
 	__u8 n_tags; /* VLAN tags in the frame's data */
 	__u8 hw_tag; /* TC: an outer tag the kernel moved to skb metadata */
 	__u8 pppoe;
-	__u8 dsa_len;
+	__u8 dsa; /* the frame came with a switch tag */
 	__u8 no_l2; /* TC on an L3 device: the packet starts with the IP header */
 };
 
@@ -76,172 +81,281 @@ static __always_inline void ofl_count(__u32 stat)
 }
 
 /*
- * Step 1. `hw_vid` is the VLAN id of a tag already stripped into skb
- * metadata (TC only, -1 if none); it is the outermost tag.
- * Returns 0 when the frame is one we can offload; otherwise -2 for an IP
- * packet the datapath leaves to the kernel on purpose (IPv4 options or
- * fragments, not TCP/UDP, IPv6 extension headers) and -1 for the rest.
+ * Step 1, parsing, walks a cursor over the frame: one helper per header, each
+ * checking its bounds, moving the cursor past the header and returning 0 or
+ * the ofl_stat reason to pass the frame to the kernel.
+ *
+ * The position is an offset from `data`, not a packet pointer: the verifier
+ * keeps an exact range for a small scalar across the helpers.
  */
-static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len, __u8 dsa_proto,
-				     int hw_vid, __be16 l3_proto, struct ofl_pkt *p)
-{
-	__u32 off = 12; /* past the MACs */
-	__be16 proto;
-	int i;
+struct ofl_cursor {
+	void *data;
+	void *end;
+	__u32 off; /* where the next header starts */
+};
 
-	__builtin_memset(p, 0, sizeof(*p));
-	p->key.dsa_port = OFL_DSA_PORT_NONE;
-	if (l3_proto) { /* a device without L2 header (ppp, TC): IP at offset 0 */
-		off = 0;
-		proto = l3_proto;
-		p->no_l2 = 1;
-		goto l3;
+/* The next `len` (a constant) bytes as a header, the cursor moved past them;
+ * NULL when the frame ends first. */
+static __always_inline void *ofl_cursor_take(struct ofl_cursor *c, __u32 len)
+{
+	void *h = c->data + c->off;
+
+	if (h + len > c->end)
+		return NULL;
+	c->off += len;
+	return h;
+}
+
+static __always_inline int ofl_tpid_is_vlan(__be16 tpid)
+{
+	return tpid == bpf_htons(ETH_P_8021Q) || tpid == bpf_htons(ETH_P_8021AD);
+}
+
+/*
+ * Switch tags: every protocol's length and placement here, its bytes in
+ * ofl_parse_switch_tag() (ingress) and ofl_dsa_write() (egress). The egress
+ * length may depend on the frame's outer TPID (`tpid`, 0 when untagged).
+ */
+#define OFL_DSA_RX 0 /* from the switch's CPU port: the kernel's *_tag_rcv() */
+#define OFL_DSA_TX 1 /* to it: *_tag_xmit() */
+
+static __always_inline __u32 ofl_dsa_len(__u8 proto, int dir, __be16 tpid)
+{
+	switch (proto) {
+	case OFL_DSA_MTK:
+		return OFL_DSA_MTK_LEN;
+	case OFL_DSA_QCA:
+		return OFL_DSA_QCA_LEN;
 	}
+	return 0;
+}
+
+/* Whether the tag comes before the destination MAC instead of after the
+ * source MAC. */
+static __always_inline int ofl_dsa_front(__u8 proto)
+{
+	return 0;
+}
+
+/* The tag of a frame from the switch: its source port goes into the key. */
+static __always_inline int ofl_parse_switch_tag(struct ofl_cursor *c, __u8 proto,
+						struct ofl_pkt *p)
+{
+	__u8 *tag;
+
+	switch (proto) {
+	case OFL_DSA_MTK:
+		/* mtk_tag_rcv(): source port in bits 2:0 of the second byte */
+		tag = ofl_cursor_take(c, ofl_dsa_len(OFL_DSA_MTK, OFL_DSA_RX, 0));
+		if (!tag)
+			return OFL_STAT_PASS_L2;
+		p->key.dsa_port = tag[1] & 0x7;
+		break;
+	case OFL_DSA_QCA:
+		/* qca_tag_rcv(): version 2 in bits 15:14; the port in bits 2:0.
+		 * Only type 0 (a normal frame) here: the kernel itself consumes
+		 * management replies and MIB frames (types 1, 2). */
+		tag = ofl_cursor_take(c, ofl_dsa_len(OFL_DSA_QCA, OFL_DSA_RX, 0));
+		if (!tag)
+			return OFL_STAT_PASS_L2;
+		if ((tag[0] >> 6) != 2 || (((tag[0] << 8) | tag[1]) >> 6 & 0x1f) != 0)
+			return OFL_STAT_PASS_L2;
+		p->key.dsa_port = tag[1] & 0x7;
+		break;
+	default:
+		return 0;
+	}
+	p->dsa = 1;
+	return 0;
+}
+
+/* [switch tag] dmac smac [switch tag] ethertype. `hw_vid` is the VLAN id of
+ * a tag already stripped into skb metadata (TC only, -1 if none): it is the
+ * outermost. */
+static __always_inline int ofl_parse_eth(struct ofl_cursor *c, __u8 dsa_proto, int hw_vid,
+					 struct ofl_pkt *p, __be16 *proto)
+{
+	__be16 *type;
+	int ret;
+
 	if (hw_vid >= 0) {
 		p->key.vlan_outer = hw_vid & 0xfff;
 		p->hw_tag = 1;
 	}
-
-	if (dsa_proto == OFL_DSA_MTK) {
-		__u8 *tag = data + off;
-
-		if ((void *)(tag + MTK_HLEN) > data_end)
-			return -1;
-		p->key.dsa_port = tag[1] & 0x7; /* MTK_HDR_RECV_SOURCE_PORT_MASK */
-		p->dsa_len = MTK_HLEN;
-		off += MTK_HLEN;
-	} else if (dsa_proto == OFL_DSA_QCA) {
-		__u8 *tag = data + off;
-		__u16 hdr;
-
-		if ((void *)(tag + QCA_HLEN) > data_end)
-			return -1;
-		hdr = (tag[0] << 8) | tag[1];
-		/* version 2, type 0 (a normal frame, not a management reply) */
-		if ((hdr >> 14) != 2 || ((hdr >> 6) & 0x1f) != 0)
-			return -1;
-		p->key.dsa_port = hdr & 0x7;
-		p->dsa_len = QCA_HLEN;
-		off += QCA_HLEN;
+	if (ofl_dsa_front(dsa_proto)) {
+		ret = ofl_parse_switch_tag(c, dsa_proto, p);
+		if (ret)
+			return ret;
 	}
+	if (!ofl_cursor_take(c, 2 * ETH_ALEN))
+		return OFL_STAT_PASS_L2;
+	if (!ofl_dsa_front(dsa_proto)) {
+		ret = ofl_parse_switch_tag(c, dsa_proto, p);
+		if (ret)
+			return ret;
+	}
+	type = ofl_cursor_take(c, sizeof(*type));
+	if (!type)
+		return OFL_STAT_PASS_L2;
+	*proto = *type;
+	return 0;
+}
 
-	if (data + off + 2 > data_end)
-		return -1;
-	proto = *(__be16 *)(data + off);
-	off += 2;
+/* Up to two 802.1Q/802.1ad tags in all, a metadata tag included; a third:
+ * pass. */
+static __always_inline int ofl_parse_vlans(struct ofl_cursor *c, struct ofl_pkt *p,
+					   __be16 *proto)
+{
+	int i;
 
 #pragma unroll
 	for (i = 0; i < 2; i++) {
-		__be16 *vh = data + off;
+		__be16 *vh;
 
-		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+		if (!ofl_tpid_is_vlan(*proto))
 			break;
-		if ((void *)(vh + 2) > data_end)
-			return -1;
+		vh = ofl_cursor_take(c, 4); /* TCI, encapsulated protocol */
+		if (!vh)
+			return OFL_STAT_PASS_L2;
 		if (p->hw_tag && i == 1)
-			return -1; /* a third tag */
-		if (p->hw_tag || i == 1) {
+			return OFL_STAT_PASS_L2; /* a third tag */
+		if (p->hw_tag || i == 1)
 			p->key.vlan_inner = bpf_ntohs(vh[0]) & 0xfff;
-		} else {
-			p->key.vlan_outer = bpf_ntohs(vh[0]) & 0xfff;
-		}
-		proto = vh[1];
-		p->n_tags++;
-		off += 4;
-	}
-	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
-		return -1;
-
-	if (proto == bpf_htons(ETH_P_PPP_SES)) {
-		__u8 *ph = data + off;
-		__u16 ppp;
-
-		if ((void *)(ph + PPPOE_HLEN) > data_end)
-			return -1;
-		if (ph[0] != 0x11 || ph[1] != 0) /* version 1, type 1, session data */
-			return -1;
-		p->key.pppoe_sid = (ph[2] << 8) | ph[3];
-		ppp = (ph[6] << 8) | ph[7];
-		if (ppp == PPP_IP)
-			proto = bpf_htons(ETH_P_IP);
-		else if (ppp == PPP_IPV6)
-			proto = bpf_htons(ETH_P_IPV6);
 		else
-			return -1;
-		p->pppoe = 1;
-		off += PPPOE_HLEN;
+			p->key.vlan_outer = bpf_ntohs(vh[0]) & 0xfff;
+		*proto = vh[1];
+		p->n_tags++;
 	}
+	if (ofl_tpid_is_vlan(*proto))
+		return OFL_STAT_PASS_L2;
+	return 0;
+}
 
-l3:
-	p->l3_off = off;
+/* A PPPoE session frame carrying IPv4 or IPv6; other PPP protocols and
+ * discovery frames: pass. */
+static __always_inline int ofl_parse_pppoe(struct ofl_cursor *c, struct ofl_pkt *p,
+					   __be16 *proto)
+{
+	__u8 *ph;
+	__u16 ppp;
+
+	if (*proto != bpf_htons(ETH_P_PPP_SES))
+		return 0;
+	ph = ofl_cursor_take(c, PPPOE_HLEN);
+	if (!ph)
+		return OFL_STAT_PASS_L2;
+	if (ph[0] != 0x11 || ph[1] != 0) /* version 1, type 1, session data */
+		return OFL_STAT_PASS_L2;
+	p->key.pppoe_sid = (ph[2] << 8) | ph[3];
+	ppp = (ph[6] << 8) | ph[7];
+	if (ppp == PPP_IP)
+		*proto = bpf_htons(ETH_P_IP);
+	else if (ppp == PPP_IPV6)
+		*proto = bpf_htons(ETH_P_IPV6);
+	else
+		return OFL_STAT_PASS_L2;
+	p->pppoe = 1;
+	return 0;
+}
+
+/* IPv4 without options or fragments, IPv6 (an extension header shows as a
+ * next header that is not TCP/UDP: ofl_parse_l4() passes it). The whole L3
+ * packet must be in the frame (`frame_len`; truncated: pass). */
+static __always_inline int ofl_parse_ip(struct ofl_cursor *c, __be16 proto, __u32 frame_len,
+					struct ofl_pkt *p)
+{
+	p->l3_off = c->off;
 	if (proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *iph = data + off;
+		struct iphdr *iph = ofl_cursor_take(c, sizeof(*iph));
 
-		if ((void *)(iph + 1) > data_end)
-			return -1;
-		if (iph->version != 4)
-			return -1;
+		if (!iph || iph->version != 4)
+			return OFL_STAT_PASS_L2;
 		if (iph->ihl != 5) /* options: kernel */
-			return -2;
+			return OFL_STAT_PASS_L3;
 		if (iph->frag_off & bpf_htons(IP_MF_OFFSET))
-			return -2;
+			return OFL_STAT_PASS_L3;
 		p->l3_len = bpf_ntohs(iph->tot_len);
 		if (p->l3_len < sizeof(*iph))
-			return -1;
+			return OFL_STAT_PASS_L2;
 		p->key.family = OFL_AF_INET;
 		p->key.proto = iph->protocol;
 		p->key.saddr[0] = iph->saddr;
 		p->key.daddr[0] = iph->daddr;
 		p->ttl = iph->ttl;
-		off += sizeof(*iph);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + off;
+		struct ipv6hdr *ip6 = ofl_cursor_take(c, sizeof(*ip6));
 
-		if ((void *)(ip6 + 1) > data_end)
-			return -1;
-		if (ip6->version != 6)
-			return -1;
+		if (!ip6 || ip6->version != 6)
+			return OFL_STAT_PASS_L2;
 		p->l3_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		p->key.family = OFL_AF_INET6;
-		p->key.proto = ip6->nexthdr; /* extension headers: not TCP/UDP, kernel */
+		p->key.proto = ip6->nexthdr;
 		__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
 		p->ttl = ip6->hop_limit;
-		off += sizeof(*ip6);
 	} else {
-		return -1;
+		return OFL_STAT_PASS_L2;
 	}
-
-	/* The whole L3 packet must be in the frame (truncated: kernel). */
 	if (p->l3_off + p->l3_len > frame_len)
-		return -1;
+		return OFL_STAT_PASS_L2;
+	return 0;
+}
 
-	p->l4_off = off;
+/* TCP or UDP: ports, TCP flags, header lengths. */
+static __always_inline int ofl_parse_l4(struct ofl_cursor *c, struct ofl_pkt *p)
+{
+	p->l4_off = c->off;
 	if (p->key.proto == IPPROTO_TCP) {
-		struct tcphdr *th = data + off;
+		struct tcphdr *th = ofl_cursor_take(c, sizeof(*th));
 
-		if ((void *)(th + 1) > data_end)
-			return -1;
-		if (th->doff < 5)
-			return -1;
+		if (!th || th->doff < 5)
+			return OFL_STAT_PASS_L2;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		p->l3l4_hlen = off - p->l3_off + th->doff * 4;
+		p->l3l4_hlen = p->l4_off - p->l3_off + th->doff * 4;
 	} else if (p->key.proto == IPPROTO_UDP) {
-		struct udphdr *uh = data + off;
+		struct udphdr *uh = ofl_cursor_take(c, sizeof(*uh));
 
-		if ((void *)(uh + 1) > data_end)
-			return -1;
+		if (!uh)
+			return OFL_STAT_PASS_L2;
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
-		p->l3l4_hlen = off - p->l3_off + sizeof(*uh);
+		p->l3l4_hlen = p->l4_off - p->l3_off + sizeof(*uh);
 	} else {
-		return -2; /* not TCP/UDP, or an IPv6 extension header */
+		return OFL_STAT_PASS_L3; /* not TCP/UDP, or an IPv6 extension header */
 	}
 	if (p->l3l4_hlen > p->l3_len)
-		return -1;
+		return OFL_STAT_PASS_L2;
 	return 0;
+}
+
+/* The whole walk. `l3_proto` is set on a device without L2 header (ppp, TC
+ * only): the packet starts with the IP header. */
+static __always_inline int ofl_parse(void *data, void *data_end, __u32 frame_len, __u8 dsa_proto,
+				     int hw_vid, __be16 l3_proto, struct ofl_pkt *p)
+{
+	struct ofl_cursor c = { .data = data, .end = data_end, .off = 0 };
+	__be16 proto = l3_proto;
+	int ret;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	p->key.dsa_port = OFL_DSA_PORT_NONE;
+	if (l3_proto) {
+		p->no_l2 = 1;
+	} else {
+		ret = ofl_parse_eth(&c, dsa_proto, hw_vid, p, &proto);
+		if (!ret)
+			ret = ofl_parse_vlans(&c, p, &proto);
+		if (!ret)
+			ret = ofl_parse_pppoe(&c, p, &proto);
+		if (ret)
+			return ret;
+	}
+	ret = ofl_parse_ip(&c, proto, frame_len, p);
+	if (ret)
+		return ret;
+	return ofl_parse_l4(&c, p);
 }
 
 static __always_inline void ofl_notify(const struct ofl_key *key, __u64 now)
@@ -400,13 +514,50 @@ static __always_inline int ofl_rewrite_l3(void *data, void *data_end, const stru
 	return 0;
 }
 
-/* Ports, and (XDP, where every checksum is complete) the L4 checksum. */
+/*
+ * Where the TCP/UDP checksum sits and how it changes, for both hooks (cilium's
+ * csum_l4_offset_and_flags() is the model). UDP: BPF_F_MARK_MANGLED_0, the
+ * kernel's rule that a checksum of 0 (none, over IPv4) stays 0 and a result
+ * of 0 is sent as CSUM_MANGLED_0.
+ */
+struct ofl_csum_l4 {
+	__u32 off; /* from the start of the L4 header */
+	__u64 flags; /* for bpf_l4_csum_replace() */
+};
+
+static __always_inline struct ofl_csum_l4 ofl_csum_l4_offset_and_flags(__u8 proto)
+{
+	struct ofl_csum_l4 cs = { .off = offsetof(struct tcphdr, check) };
+
+	if (proto == IPPROTO_UDP) {
+		cs.off = offsetof(struct udphdr, check);
+		cs.flags = BPF_F_MARK_MANGLED_0;
+	}
+	return cs;
+}
+
+/* What bpf_l4_csum_replace(skb, off, 0, diff, flags) does to a complete
+ * checksum, for XDP, which has no such helper: XDP and TC write the same
+ * bytes, 0x0000 versus 0xffff included. */
+static __always_inline void ofl_csum_l4_replace(__u16 *check, __u16 diff, __u64 flags)
+{
+	if (!diff)
+		return;
+	if ((flags & BPF_F_MARK_MANGLED_0) && !*check)
+		return;
+	*check = csum_replace_by_diff(*check, diff);
+	if ((flags & BPF_F_MARK_MANGLED_0) && !*check)
+		*check = CSUM_MANGLED_0;
+}
+
+/* Ports, and (XDP, where every checksum is complete) the L4 checksum: the
+ * address part, then the port part. */
 static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const struct ofl_pkt *p,
 					  const struct ofl_verdict *v, int fix_csum)
 {
+	struct ofl_csum_l4 cs = ofl_csum_l4_offset_and_flags(p->key.proto);
 	__be16 *ports = data + L4_OFF(p);
 	__u16 *check;
-	int i;
 
 	if ((void *)(ports + 2) > data_end)
 		return -1;
@@ -417,45 +568,46 @@ static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const stru
 	if (!fix_csum)
 		return 0;
 
-	if (p->key.proto == IPPROTO_TCP) {
-		struct tcphdr *th = data + L4_OFF(p);
-
-		if ((void *)(th + 1) > data_end)
-			return -1;
-		check = &th->check;
-	} else {
-		struct udphdr *uh = data + L4_OFF(p);
-
-		if ((void *)(uh + 1) > data_end)
-			return -1;
-		check = &uh->check;
-	}
-	/* Address part, then port part, each skipped when zero; UDP: a zero
-	 * checksum (none, over IPv4) stays zero and a zero result becomes
-	 * 0xffff, as BPF_F_MARK_MANGLED_0 does in TC. */
-#pragma unroll
-	for (i = 0; i < 2; i++) {
-		__u16 delta = i ? v->csum_l4_port : v->csum_l4_addr;
-
-		if (!delta)
-			continue;
-		if (p->key.proto == IPPROTO_UDP && *check == 0)
-			break;
-		*check = csum_replace_by_diff(*check, delta);
-		if (p->key.proto == IPPROTO_UDP && *check == 0)
-			*check = 0xffff; /* CSUM_MANGLED_0 */
-	}
+	check = data + L4_OFF(p) + cs.off;
+	if ((void *)(check + 1) > data_end)
+		return -1;
+	ofl_csum_l4_replace(check, v->csum_l4_addr, cs.flags);
+	ofl_csum_l4_replace(check, v->csum_l4_port, cs.flags);
 	return 0;
 }
 
+/* Write the switch tag for the output port (the kernel's *_tag_xmit()) into
+ * a header whose other parts are written already. */
+static __always_inline void ofl_dsa_write(__u8 *h, const struct ofl_verdict *v)
+{
+	__u8 bit = 1 << (v->dsa_port & 0x7);
+
+	switch (v->dsa_proto) {
+	case OFL_DSA_MTK:
+		/* mtk_tag_xmit(): TPID kind of a following tag, port bitmap */
+		h[12] = 0;
+		if (v->vlan_proto[0] == bpf_htons(ETH_P_8021Q))
+			h[12] = 1;
+		else if (v->vlan_proto[0] == bpf_htons(ETH_P_8021AD))
+			h[12] = 2;
+		h[13] = bit & 0x3f;
+		h[14] = 0;
+		h[15] = 0;
+		break;
+	case OFL_DSA_QCA:
+		/* qca_tag_xmit(): version 2, from CPU, port bitmap */
+		h[12] = 0x80;
+		h[13] = 0x80 | (bit & 0x7f);
+		break;
+	}
+}
+
+/* The egress L2 header's length: [switch tag] MACs [switch tag] [tags] type
+ * [PPPoE]. */
 static __always_inline __u32 ofl_l2_len(const struct ofl_verdict *v)
 {
-	__u32 len = 14;
+	__u32 len = ETH_HLEN + ofl_dsa_len(v->dsa_proto, OFL_DSA_TX, v->vlan_proto[0]);
 
-	if (v->dsa_proto == OFL_DSA_MTK)
-		len += MTK_HLEN;
-	else if (v->dsa_proto == OFL_DSA_QCA)
-		len += QCA_HLEN;
 	if (v->vlan_proto[0])
 		len += 4;
 	if (v->vlan_proto[1])
@@ -470,30 +622,15 @@ static __always_inline int ofl_write_l2(void *data, void *data_end, const struct
 					const struct ofl_verdict *v)
 {
 	__u8 *h = data;
-	__u32 off = 12;
+	__u32 tag_len = ofl_dsa_len(v->dsa_proto, OFL_DSA_TX, v->vlan_proto[0]);
+	__u32 mac = ofl_dsa_front(v->dsa_proto) ? tag_len : 0;
+	__u32 off = 2 * ETH_ALEN + tag_len;
 	__be16 l3_proto = p->key.family == OFL_AF_INET ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
 
 	if ((void *)(h + L2_MAX) > data_end) /* an L3 header always follows */
 		return -1;
-	__builtin_memcpy(h, v->dmac, 6);
-	__builtin_memcpy(h + 6, v->smac, 6);
-	if (v->dsa_proto == OFL_DSA_MTK) {
-		/* tag_mtk.c xmit: TPID kind of a following tag, port bitmap */
-		h[12] = 0;
-		if (v->vlan_proto[0] == bpf_htons(ETH_P_8021Q))
-			h[12] = 1;
-		else if (v->vlan_proto[0] == bpf_htons(ETH_P_8021AD))
-			h[12] = 2;
-		h[13] = (1 << (v->dsa_port & 0x7)) & 0x3f;
-		h[14] = 0;
-		h[15] = 0;
-		off += MTK_HLEN;
-	} else if (v->dsa_proto == OFL_DSA_QCA) {
-		/* tag_qca.c xmit: version 2, from CPU, port bitmap */
-		h[12] = 0x80;
-		h[13] = 0x80 | ((1 << (v->dsa_port & 0x7)) & 0x7f);
-		off += QCA_HLEN;
-	}
+	__builtin_memcpy(h + mac, v->dmac, ETH_ALEN);
+	__builtin_memcpy(h + mac + ETH_ALEN, v->smac, ETH_ALEN);
 	if (v->vlan_proto[0]) {
 		__builtin_memcpy(h + off, &v->vlan_proto[0], 2);
 		__builtin_memcpy(h + off + 2, &v->vlan_tci[0], 2);
@@ -520,6 +657,7 @@ static __always_inline int ofl_write_l2(void *data, void *data_end, const struct
 	} else {
 		__builtin_memcpy(h + off, &l3_proto, 2);
 	}
+	ofl_dsa_write(h, v);
 	return 0;
 }
 
@@ -529,7 +667,7 @@ static __always_inline void ofl_account(struct ofl_flow *flow, __u32 packets, __
 	__sync_fetch_and_add(&flow->bytes, bytes);
 }
 
-/* The global settings, looked up once per packet by each entry point. */
+/* The global settings, looked up once per packet. */
 static __always_inline const struct ofl_config *ofl_config_get(void)
 {
 	__u32 zero = 0;
@@ -549,101 +687,55 @@ static __always_inline struct ofl_iface ofl_iface_of(const struct ofl_config *cf
 	return ifc ? *ifc : none;
 }
 
-SEC("xdp")
-int ofl_xdp(struct xdp_md *ctx)
+/* Step 5 in XDP: rewrite in place, move the head to the egress header's
+ * length, redirect through the devmap. */
+static __always_inline int ofl_xdp_forward(struct xdp_md *ctx, const struct ofl_pkt *p,
+					   struct ofl_flow *flow)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	const struct ofl_config *cfg;
-	struct ofl_flow *flow;
-	struct ofl_iface ifc;
-	struct ofl_pkt p;
-	int shift, ret;
+	int shift;
 
-	ofl_count(OFL_STAT_RX);
-	cfg = ofl_config_get();
-	if (!cfg)
-		return XDP_PASS;
-	ifc = ofl_iface_of(cfg, ctx->ingress_ifindex);
-	if (ifc.flags & OFL_IF_L3)
-		return XDP_PASS; /* generic XDP on an L3 device: not ours */
-	ret = ofl_parse(data, data_end, data_end - data, ifc.dsa_proto, -1, 0, &p);
-	if (ret) {
-		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
-		return XDP_PASS;
-	}
-	p.key.ifindex = ctx->ingress_ifindex;
-	flow = ofl_decide(cfg, &p, p.l3_len);
-	if (!flow)
-		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&ofl_tx_ports, &flow->v.oif)) {
 		ofl_count(OFL_STAT_REDIRECT_FAIL);
 		return XDP_PASS;
 	}
-
-	if (ofl_rewrite_l3(data, data_end, &p, &flow->v) ||
-	    ofl_rewrite_l4(data, data_end, &p, &flow->v, 1))
+	if (ofl_rewrite_l3(data, data_end, p, &flow->v) ||
+	    ofl_rewrite_l4(data, data_end, p, &flow->v, 1))
 		return XDP_ABORTED; /* unreachable: parse checked these bounds */
 
-	shift = (int)p.l3_off - (int)ofl_l2_len(&flow->v);
+	shift = (int)p->l3_off - (int)ofl_l2_len(&flow->v);
 	if (shift && bpf_xdp_adjust_head(ctx, shift))
 		return XDP_ABORTED;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (ofl_write_l2(data, data_end, &p, &flow->v))
+	if (ofl_write_l2(data, data_end, p, &flow->v))
 		return XDP_ABORTED;
 
-	ofl_account(flow, 1, p.l3_len);
+	ofl_account(flow, 1, p->l3_len);
 	ofl_count(OFL_STAT_REDIRECT);
 	return bpf_redirect_map(&ofl_tx_ports, flow->v.oif, 0);
 }
 
 /*
- * TC: the skb may be GSO (forwarded whole, MTU checked per segment) and may
- * carry CHECKSUM_PARTIAL, so L4 checksums go through bpf_l4_csum_replace(),
- * which knows the skb's checksum state. L2 changes go through the VLAN and
- * adjust_room helpers, which only work on an skb whose protocol is IP or
- * IPv6 once the tags are popped: PPPoE or DSA on ingress is left to XDP.
+ * Step 5 in TC: the skb may be GSO (forwarded whole, MTU checked per segment)
+ * and may carry CHECKSUM_PARTIAL, so L4 checksums go through
+ * bpf_l4_csum_replace(), which knows the skb's checksum state. L2 changes go
+ * through the VLAN and adjust_room helpers, which only work on an skb whose
+ * protocol is IP or IPv6 once the tags are popped: PPPoE or DSA on ingress is
+ * left to XDP.
  */
-SEC("tc")
-int ofl_tc(struct __sk_buff *skb)
+static __always_inline int ofl_tc_forward(struct __sk_buff *skb, const struct ofl_pkt *p,
+					  struct ofl_flow *flow)
 {
-	void *data, *data_end;
-	struct ofl_flow *flow;
-	const struct ofl_config *cfg;
-	struct ofl_verdict v;
-	struct ofl_iface ifc;
-	struct ofl_pkt p;
-	__u32 seg_len, pull, l2_extra, csum_off, l4_flags;
-	int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
-	int i, ret;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ofl_verdict v = flow->v; /* helpers below invalidate nothing of this copy */
+	struct ofl_csum_l4 cs = ofl_csum_l4_offset_and_flags(p->key.proto);
+	__u32 l2_extra, csum_off;
+	int i;
 
-	ofl_count(OFL_STAT_RX);
-	pull = skb->len < 128 ? skb->len : 128;
-	if ((long)skb->data_end - (long)skb->data < pull)
-		bpf_skb_pull_data(skb, pull);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	cfg = ofl_config_get();
-	if (!cfg)
-		return TC_ACT_OK;
-	ifc = ofl_iface_of(cfg, skb->ifindex);
-	ret = ofl_parse(data, data_end, skb->len, ifc.dsa_proto, hw_vid,
-			ifc.flags & OFL_IF_L3 ? (__be16)skb->protocol : 0, &p);
-	if (ret) {
-		ofl_count(ret == -2 ? OFL_STAT_PASS_L3 : OFL_STAT_PASS_L2);
-		return TC_ACT_OK;
-	}
-	p.key.ifindex = skb->ifindex;
-
-	seg_len = p.l3_len;
-	if (skb->gso_size)
-		seg_len = p.l3l4_hlen + skb->gso_size;
-	flow = ofl_decide(cfg, &p, seg_len);
-	if (!flow)
-		return TC_ACT_OK;
-	v = flow->v; /* helpers below invalidate nothing of this copy */
-	if (p.pppoe || p.dsa_len || (p.no_l2 && ofl_l2_len(&v) != ETH_HLEN) ||
+	if (p->pppoe || p->dsa || (p->no_l2 && ofl_l2_len(&v) != ETH_HLEN) ||
 	    (skb->gso_size && (v.pppoe_sid || v.dsa_proto || v.vlan_proto[0]))) {
 		ofl_count(OFL_STAT_PASS_UNSUPPORTED);
 		return TC_ACT_OK;
@@ -651,26 +743,24 @@ int ofl_tc(struct __sk_buff *skb)
 
 	/* L3 and ports by direct access; the IPv4 header checksum is always
 	 * complete, so it is updated here too. */
-	if (ofl_rewrite_l3(data, data_end, &p, &v) || ofl_rewrite_l4(data, data_end, &p, &v, 0))
+	if (ofl_rewrite_l3(data, data_end, p, &v) || ofl_rewrite_l4(data, data_end, p, &v, 0))
 		return TC_ACT_SHOT;
 
-	csum_off = p.l4_off + (p.key.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-							  : offsetof(struct udphdr, check));
-	l4_flags = p.key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	csum_off = p->l4_off + cs.off;
 	if (v.csum_l4_addr &&
-	    bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_addr, l4_flags | BPF_F_PSEUDO_HDR))
+	    bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_addr, cs.flags | BPF_F_PSEUDO_HDR))
 		return TC_ACT_SHOT;
-	if (v.csum_l4_port && bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_port, l4_flags))
+	if (v.csum_l4_port && bpf_l4_csum_replace(skb, csum_off, 0, v.csum_l4_port, cs.flags))
 		return TC_ACT_SHOT;
 
 	/* Down to Ethernet + L3, then grow to the egress header. */
 	for (i = 0; i < 2; i++) {
-		if (i >= p.n_tags + p.hw_tag)
+		if (i >= p->n_tags + p->hw_tag)
 			break;
 		if (bpf_skb_vlan_pop(skb))
 			return TC_ACT_SHOT;
 	}
-	if (p.no_l2) {
+	if (p->no_l2) {
 		/* The helper made for this: push a MAC header on an L3 skb. */
 		if (bpf_skb_change_head(skb, ETH_HLEN, 0))
 			return TC_ACT_SHOT;
@@ -682,12 +772,88 @@ int ofl_tc(struct __sk_buff *skb)
 	}
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (ofl_write_l2(data, data_end, &p, &v))
+	if (ofl_write_l2(data, data_end, p, &v))
 		return TC_ACT_SHOT;
 
-	ofl_account(flow, skb->gso_segs ? skb->gso_segs : 1, p.l3_len);
+	ofl_account(flow, skb->gso_segs ? skb->gso_segs : 1, p->l3_len);
 	ofl_count(OFL_STAT_REDIRECT);
 	return bpf_redirect(v.oif, 0);
+}
+
+/* Step 1 for either hook. TC: the headers may not all be in the skb's
+ * linear part; up to 128 bytes (more than any header stack we take) are
+ * pulled first. */
+static __always_inline int ofl_parse_ctx(void *ctx, const int hook, const struct ofl_iface *ifc,
+					 struct ofl_pkt *p)
+{
+	if (hook == OFL_HOOK_TC) {
+		struct __sk_buff *skb = ctx;
+		int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
+		__be16 l3_proto = ifc->flags & OFL_IF_L3 ? (__be16)skb->protocol : 0;
+		__u32 pull = skb->len < 128 ? skb->len : 128;
+
+		if ((long)skb->data_end - (long)skb->data < pull)
+			bpf_skb_pull_data(skb, pull);
+		return ofl_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len,
+				 ifc->dsa_proto, hw_vid, l3_proto, p);
+	} else {
+		struct xdp_md *xdp = ctx;
+		void *data = (void *)(long)xdp->data;
+		void *data_end = (void *)(long)xdp->data_end;
+
+		return ofl_parse(data, data_end, data_end - data, ifc->dsa_proto, -1, 0, p);
+	}
+}
+
+/* The shared worker: steps 1 to 5 for one frame. */
+static __always_inline int ofl_forward(void *ctx, const int hook)
+{
+	const int pass = hook == OFL_HOOK_TC ? TC_ACT_OK : XDP_PASS;
+	struct __sk_buff *skb = ctx;
+	struct xdp_md *xdp = ctx;
+	const struct ofl_config *cfg;
+	struct ofl_flow *flow;
+	struct ofl_iface ifc;
+	struct ofl_pkt p;
+	__u32 ifindex, seg_len;
+	int ret;
+
+	ofl_count(OFL_STAT_RX);
+	cfg = ofl_config_get();
+	if (!cfg)
+		return pass;
+	ifindex = hook == OFL_HOOK_TC ? skb->ifindex : xdp->ingress_ifindex;
+	ifc = ofl_iface_of(cfg, ifindex);
+	if (hook == OFL_HOOK_XDP && (ifc.flags & OFL_IF_L3))
+		return pass; /* generic XDP on an L3 device: not ours */
+	ret = ofl_parse_ctx(ctx, hook, &ifc, &p);
+	if (ret) {
+		ofl_count(ret);
+		return pass;
+	}
+	p.key.ifindex = ifindex;
+
+	seg_len = p.l3_len;
+	if (hook == OFL_HOOK_TC && skb->gso_size)
+		seg_len = p.l3l4_hlen + skb->gso_size;
+	flow = ofl_decide(cfg, &p, seg_len);
+	if (!flow)
+		return pass;
+	if (hook == OFL_HOOK_TC)
+		return ofl_tc_forward(skb, &p, flow);
+	return ofl_xdp_forward(xdp, &p, flow);
+}
+
+SEC("xdp")
+int ofl_xdp(struct xdp_md *ctx)
+{
+	return ofl_forward(ctx, OFL_HOOK_XDP);
+}
+
+SEC("tc")
+int ofl_tc(struct __sk_buff *skb)
+{
+	return ofl_forward(skb, OFL_HOOK_TC);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

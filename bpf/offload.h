@@ -19,11 +19,19 @@
 #define OFL_AF_INET 2
 #define OFL_AF_INET6 10
 
-/* No DSA tag / no DSA port. */
+/*
+ * Switch (DSA) tag protocols a conduit's frames carry. The name after
+ * OFL_DSA_ is the kernel's, lower-cased, as /sys/class/net/<conduit>/dsa/tagging
+ * shows it (the agent maps one to the other by that rule). Each tag's bytes
+ * follow the kernel's tagger in net/dsa/tag_<name>.c; the lengths are the
+ * tag's bytes on the wire (ingress = *_tag_rcv(), egress = *_tag_xmit()).
+ */
 #define OFL_DSA_NONE 0
-#define OFL_DSA_MTK 1 /* 4-byte tag after the source MAC (tag_mtk.c) */
-#define OFL_DSA_QCA 2 /* 2-byte tag after the source MAC (tag_qca.c) */
-#define OFL_DSA_PORT_NONE 0xff
+#define OFL_DSA_MTK 1 /* after the source MAC */
+#define OFL_DSA_QCA 2 /* after the source MAC */
+#define OFL_DSA_MTK_LEN 4
+#define OFL_DSA_QCA_LEN 2
+#define OFL_DSA_PORT_NONE 0xff /* no DSA source port in a key */
 
 /*
  * Flow key: one direction of one connection as the datapath sees it on the

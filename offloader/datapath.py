@@ -26,7 +26,10 @@ from .layout import Layout, layout
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-DSA_PROTOS = {"none": 0, "mtk": 1, "qca": 2}
+# Switch tag protocols the datapath parses, by sysfs dsa/tagging name ("mtk",
+# "qca", ...; "none" is 0), and the key's "no DSA port", both from the header.
+DSA_PROTOS = layout().dsa_protos()
+DSA_PORT_NONE = layout().const("OFL_DSA_PORT_NONE")
 MAP_NAMES = ("ofl_flows", "ofl_pending", "ofl_events", "ofl_tx_ports", "ofl_ifaces", "ofl_config",
              "ofl_stats")
 OBJECT_SEARCH = (
@@ -78,7 +81,7 @@ class FlowKey:
     vlan_outer: int = 0
     vlan_inner: int = 0
     pppoe_sid: int = 0
-    dsa_port: int = 0xFF
+    dsa_port: int = DSA_PORT_NONE
 
     def pack(self) -> bytes:
         lay = layout()

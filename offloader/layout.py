@@ -12,8 +12,10 @@ from __future__ import annotations
 import ast
 import operator
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import cffi
@@ -33,6 +35,7 @@ typedef uint16_t __be16; typedef uint32_t __be32;
 """
 
 _DEFINE = re.compile(r"^#define\s+(OFL_\w+)\s+(.+?)\s*(?:/\*.*)?$")
+_DSA_PROTO = re.compile(r"OFL_DSA_([A-Z0-9]+)")  # not OFL_DSA_PORT_NONE, OFL_DSA_MTK_LEN
 _ASSERT = re.compile(r"_Static_assert\(sizeof\(struct (\w+)\) == (\d+)")
 _BINOPS: dict[type, Any] = {
     ast.LShift: operator.lshift,
@@ -97,6 +100,12 @@ class Layout:
                 raise OffloadError(f"{path}: struct {name} is {got} bytes to cffi, header says {size}")
         for match in re.finditer(r"enum (\w+)\s*{", raw):
             self.consts.update(self.ffi.typeof(f"enum {match.group(1)}").relements)
+
+    def dsa_protos(self) -> Mapping[str, int]:
+        """Switch tag protocols by the kernel's name (sysfs ``dsa/tagging``):
+        ``OFL_DSA_<NAME>`` is the protocol ``<name>``, ``none`` included."""
+        return MappingProxyType({m.group(1).lower(): value for name, value in self.consts.items()
+                                 if (m := _DSA_PROTO.fullmatch(name))})
 
     def const(self, name: str) -> int:
         """A ``#define`` constant or an enum value of the header."""

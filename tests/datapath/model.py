@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from offloader import csum
-from offloader.datapath import FlowKey, L2Header, Verdict
+from offloader.datapath import DSA_PORT_NONE, DSA_PROTOS, FlowKey, L2Header, Verdict
 
 XDP = "xdp"
 TC = "tc"
@@ -33,8 +33,9 @@ ETH_P_8021AD = 0x88A8
 ETH_P_PPP_SES = 0x8864
 PPP_IP = 0x0021
 PPP_IPV6 = 0x0057
-DSA_NONE, DSA_MTK, DSA_QCA = 0, 1, 2
-DSA_PORT_NONE = 0xFF
+# Protocol numbers are the header's (the datapath's ofl_ifaces/verdict values);
+# the tag bytes below are written from the kernel's taggers, not from the C.
+DSA_NONE, DSA_MTK, DSA_QCA = (DSA_PROTOS[name] for name in ("none", "mtk", "qca"))
 STATE_OFFLOAD, STATE_PASS = 1, 2
 SEEN_FIN, SEEN_RST, SEEN_SYN = 1, 2, 4
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
