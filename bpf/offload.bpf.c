@@ -123,6 +123,10 @@ static __always_inline __u32 ofl_dsa_len(__u8 proto, int dir, __be16 tpid)
 {
 	switch (proto) {
 	case OFL_DSA_MTK:
+		/* mtk_tag_rcv() strips 4 bytes from every frame; mtk_tag_xmit()
+		 * pushes nothing on a frame already tagged 802.1Q/802.1ad */
+		if (dir == OFL_DSA_TX && ofl_tpid_is_vlan(tpid))
+			return 0;
 		return OFL_DSA_MTK_LEN;
 	case OFL_DSA_QCA:
 		return OFL_DSA_QCA_LEN;
@@ -577,22 +581,27 @@ static __always_inline int ofl_rewrite_l4(void *data, void *data_end, const stru
 }
 
 /* Write the switch tag for the output port (the kernel's *_tag_xmit()) into
- * a header whose other parts are written already. */
+ * a header whose other parts are written already: mtk's tag may take the
+ * place of the outer TPID. */
 static __always_inline void ofl_dsa_write(__u8 *h, const struct ofl_verdict *v)
 {
 	__u8 bit = 1 << (v->dsa_port & 0x7);
 
 	switch (v->dsa_proto) {
 	case OFL_DSA_MTK:
-		/* mtk_tag_xmit(): TPID kind of a following tag, port bitmap */
-		h[12] = 0;
-		if (v->vlan_proto[0] == bpf_htons(ETH_P_8021Q))
-			h[12] = 1;
-		else if (v->vlan_proto[0] == bpf_htons(ETH_P_8021AD))
-			h[12] = 2;
+		/* mtk_tag_xmit(): on a frame tagged 802.1Q or 802.1ad the tag
+		 * takes the outer TPID's two bytes, (kind 1 or 2, port bitmap),
+		 * and the outer TCI stays; otherwise (0, bitmap, 0, 0) is pushed */
 		h[13] = bit & 0x3f;
-		h[14] = 0;
-		h[15] = 0;
+		if (v->vlan_proto[0] == bpf_htons(ETH_P_8021Q)) {
+			h[12] = 1; /* MTK_HDR_XMIT_TAGGED_TPID_8100 */
+		} else if (v->vlan_proto[0] == bpf_htons(ETH_P_8021AD)) {
+			h[12] = 2; /* MTK_HDR_XMIT_TAGGED_TPID_88A8 */
+		} else {
+			h[12] = 0; /* MTK_HDR_XMIT_UNTAGGED */
+			h[14] = 0;
+			h[15] = 0;
+		}
 		break;
 	case OFL_DSA_QCA:
 		/* qca_tag_xmit(): version 2, from CPU, port bitmap */

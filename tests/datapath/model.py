@@ -115,18 +115,28 @@ def build_frame(encap: Encap, l3: bytes, *, dmac: bytes = b"\x02\0\0\0\0\x01",
     return dmac + smac + ingress_dsa_tag(encap) + _tags_and_type(encap, l3) + l3 + trailer
 
 
+MTK_TAGGED_KIND = {ETH_P_8021Q: 1, ETH_P_8021AD: 2}  # tag_mtk.c MTK_HDR_XMIT_TAGGED_TPID_*
+
+
 def egress_l2(l2: L2Header, family: int, l3_len: int) -> bytes:
     """The L2 header a verdict writes: dmac smac [DSA] [tag0] [tag1] type|PPPoE."""
     out = l2.dmac + l2.smac
     port = l2.dsa_port & 7
+    tags = b"".join(tpid.to_bytes(2, "big") + tci.to_bytes(2, "big") for tpid, tci in l2.vlans)
     if l2.dsa_proto == DSA_MTK:
-        first = l2.vlans[0][0] if l2.vlans else 0
-        kind = {ETH_P_8021Q: 1, ETH_P_8021AD: 2}.get(first, 0)
-        out += bytes([kind, (1 << port) & 0x3F, 0, 0])
+        # mtk_tag_xmit(): a frame whose protocol is 802.1Q or 802.1ad keeps its
+        # length; the outer TPID's two bytes become (kind, port bitmap) and the
+        # outer TCI stays. Any other frame gets (0, bitmap, 0, 0) pushed.
+        kind = MTK_TAGGED_KIND.get(l2.vlans[0][0]) if l2.vlans else None
+        bitmap = (1 << port) & 0x3F
+        if kind is None:
+            out += bytes([0, bitmap, 0, 0])
+        else:
+            tags = bytes([kind, bitmap]) + tags[2:]
     elif l2.dsa_proto == DSA_QCA:
+        # qca_tag_xmit(): version 2 (bits 15:14), from CPU (bit 7), port bitmap
         out += (0x8000 | 0x80 | ((1 << port) & 0x7F)).to_bytes(2, "big")
-    for tpid, tci in l2.vlans:
-        out += tpid.to_bytes(2, "big") + tci.to_bytes(2, "big")
+    out += tags
     if l2.pppoe_sid:
         out += ETH_P_PPP_SES.to_bytes(2, "big") + pppoe_header(l2.pppoe_sid, l3_len, family)
     else:

@@ -85,11 +85,51 @@ DSA_VLAN_EGRESS = [
 
 @pytest.mark.parametrize("hook", [XDP, TC])
 @pytest.mark.parametrize("egress", DSA_VLAN_EGRESS, ids=lambda e: e.name)
-def test_dsa_tag_before_vlan(rig: Rig, hook: str, egress: model.Encap) -> None:
-    """mtk's first byte names the TPID of the tag that follows; ports past the
-    bitmap's width give an empty bitmap."""
+def test_dsa_tag_with_vlan_egress(rig: Rig, hook: str, egress: model.Encap) -> None:
+    """A switch tag on a tagged egress frame, against the model; ports past
+    the bitmap's width give an empty bitmap."""
     key = model.flow_key(ENCAPS["none"], 4, "udp")
     rig.offload(key, model.make_verdict(key, egress, "snat_port"))
     want, got = rig.check(hook, _frame("none", 4, "udp"))
     assert want.action == model.REDIRECT
     assert model.checksum_problems(got.frame, want.l3_off) == []
+
+
+MACS = (model.DMAC_OUT + model.SMAC_OUT).hex()
+# Egress headers after the MACs, byte for byte as net/dsa/tag_mtk.c
+# mtk_tag_xmit() builds them: on a frame already tagged 802.1Q (kind 1) or
+# 802.1ad (kind 2) nothing is pushed, the outer TPID becomes (kind, port
+# bitmap) and the outer TCI stays; other frames get 00 <bitmap> 00 00 pushed.
+# No kernel here has a DSA driver: these bytes are read from the tagger's code.
+MTK_TAGGED_WIRE = {
+    "mtk_dot1q_port1": (
+        model.Encap("x", vlans=((model.ETH_P_8021Q, 0x2005),), dsa_proto=model.DSA_MTK,
+                    dsa_port=1),
+        "01 02 2005 0800"),
+    "mtk_qinq_port4": (
+        model.Encap("x", vlans=((model.ETH_P_8021AD, 100), (model.ETH_P_8021Q, 7)),
+                    dsa_proto=model.DSA_MTK, dsa_port=4),
+        "02 10 0064 8100 0007 0800"),
+    "mtk_vlan_pppoe_port0": (
+        model.Encap("x", vlans=((model.ETH_P_8021Q, 7),), pppoe_sid=0x0042,
+                    dsa_proto=model.DSA_MTK, dsa_port=0),
+        "01 01 0007 8864 1100 0042 {plen} 0021"),
+    "mtk_tpid_9100_is_untagged": (
+        model.Encap("x", vlans=((0x9100, 9),), dsa_proto=model.DSA_MTK, dsa_port=2),
+        "00 04 0000 9100 0009 0800"),
+    "mtk_untagged_port3": (ENCAPS["mtk"], "00 08 0000 0800"),
+}
+
+
+@pytest.mark.parametrize("hook", [XDP, TC])
+@pytest.mark.parametrize("name", MTK_TAGGED_WIRE)
+def test_mtk_tag_on_the_wire(rig: Rig, hook: str, name: str) -> None:
+    egress, wire = MTK_TAGGED_WIRE[name]
+    key = model.flow_key(ENCAPS["none"], 4, "udp")
+    rig.offload(key, model.make_verdict(key, egress))
+    l3 = model.l3_packet(4, "udp")
+    want, got = rig.check(hook, _frame("none", 4, "udp"))
+    header = bytes.fromhex(MACS + wire.format(plen=f"{len(l3) + 2:04x}").replace(" ", ""))
+    assert want.action == model.REDIRECT
+    assert got.frame[: len(header)] == header
+    assert want.l3_off == len(header)
