@@ -47,7 +47,7 @@
  * ethertype, PPPoE. */
 #define L2_MAX (2 * ETH_ALEN + 4 + 8 + 2 + PPPOE_HLEN)
 /* The verifier forgets the range of offsets kept on the stack; these masks
- * restate it (L3 starts by byte 34, L4 by byte 74) and change nothing. */
+ * restate it (L3 starts by byte 38, L4 by byte 78) and change nothing. */
 #define L3_OFF(p) ((p)->l3_off & 0x3f)
 #define L4_OFF(p) ((p)->l4_off & 0x7f)
 
@@ -130,6 +130,10 @@ static __always_inline __u32 ofl_dsa_len(__u8 proto, int dir, __be16 tpid)
 		return OFL_DSA_MTK_LEN;
 	case OFL_DSA_QCA:
 		return OFL_DSA_QCA_LEN;
+	case OFL_DSA_GSWIP:
+		/* gswip_tag_rcv() strips an 8-byte header, gswip_tag_xmit()
+		 * pushes a 4-byte one */
+		return dir == OFL_DSA_TX ? OFL_DSA_GSWIP_TX_LEN : OFL_DSA_GSWIP_RX_LEN;
 	}
 	return 0;
 }
@@ -138,7 +142,7 @@ static __always_inline __u32 ofl_dsa_len(__u8 proto, int dir, __be16 tpid)
  * source MAC. */
 static __always_inline int ofl_dsa_front(__u8 proto)
 {
-	return 0;
+	return proto == OFL_DSA_GSWIP;
 }
 
 /* The tag of a frame from the switch: its source port goes into the key. */
@@ -165,6 +169,13 @@ static __always_inline int ofl_parse_switch_tag(struct ofl_cursor *c, __u8 proto
 		if ((tag[0] >> 6) != 2 || (((tag[0] << 8) | tag[1]) >> 6 & 0x1f) != 0)
 			return OFL_STAT_PASS_L2;
 		p->key.dsa_port = tag[1] & 0x7;
+		break;
+	case OFL_DSA_GSWIP:
+		/* gswip_tag_rcv(): source port in bits 6:4 of byte 7 */
+		tag = ofl_cursor_take(c, ofl_dsa_len(OFL_DSA_GSWIP, OFL_DSA_RX, 0));
+		if (!tag)
+			return OFL_STAT_PASS_L2;
+		p->key.dsa_port = (tag[7] >> 4) & 0x7;
 		break;
 	default:
 		return 0;
@@ -607,6 +618,14 @@ static __always_inline void ofl_dsa_write(__u8 *h, const struct ofl_verdict *v)
 		/* qca_tag_xmit(): version 2, from CPU, port bitmap */
 		h[12] = 0x80;
 		h[13] = 0x80 | (bit & 0x7f);
+		break;
+	case OFL_DSA_GSWIP:
+		/* gswip_tag_xmit(): source CPU, destination group ELAN, port map
+		 * enabled and selected, port bitmap in bits 6:1, DPID enabled */
+		h[0] = 2;
+		h[1] = 0;
+		h[2] = 0xc0;
+		h[3] = ((bit << 1) & 0x7e) | 1;
 		break;
 	}
 }

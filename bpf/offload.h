@@ -29,8 +29,11 @@
 #define OFL_DSA_NONE 0
 #define OFL_DSA_MTK 1 /* after the source MAC */
 #define OFL_DSA_QCA 2 /* after the source MAC */
-#define OFL_DSA_MTK_LEN 4
+#define OFL_DSA_GSWIP 3 /* before the destination MAC */
+#define OFL_DSA_MTK_LEN 4 /* egress: 0 on a frame tagged 802.1Q/802.1ad */
 #define OFL_DSA_QCA_LEN 2
+#define OFL_DSA_GSWIP_RX_LEN 8
+#define OFL_DSA_GSWIP_TX_LEN 4
 #define OFL_DSA_PORT_NONE 0xff /* no DSA source port in a key */
 
 /*

@@ -35,7 +35,7 @@ PPP_IP = 0x0021
 PPP_IPV6 = 0x0057
 # Protocol numbers are the header's (the datapath's ofl_ifaces/verdict values);
 # the tag bytes below are written from the kernel's taggers, not from the C.
-DSA_NONE, DSA_MTK, DSA_QCA = (DSA_PROTOS[name] for name in ("none", "mtk", "qca"))
+DSA_NONE, DSA_MTK, DSA_QCA, DSA_GSWIP = (DSA_PROTOS[n] for n in ("none", "mtk", "qca", "gswip"))
 STATE_OFFLOAD, STATE_PASS = 1, 2
 SEEN_FIN, SEEN_RST, SEEN_SYN = 1, 2, 4
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
@@ -78,12 +78,16 @@ ENCAPS: dict[str, Encap] = {
         Encap("vlan_pppoe", vlans=((ETH_P_8021Q, 7),), pppoe_sid=0x0042),
         Encap("mtk", dsa_proto=DSA_MTK, dsa_port=3),
         Encap("qca", dsa_proto=DSA_QCA, dsa_port=2),
+        Encap("gswip", dsa_proto=DSA_GSWIP, dsa_port=4),
     )
 }
 
 
 def ingress_dsa_tag(encap: Encap) -> bytes:
-    """The tag a switch puts on a frame it sends to the CPU port."""
+    """The tag a switch puts on a frame it sends to the CPU port (gswip's
+    goes before the destination MAC, the others' after the source MAC)."""
+    if encap.dsa_proto == DSA_GSWIP:
+        return bytes(7) + bytes([(encap.dsa_port & 7) << 4])  # tag_gswip.c rcv: byte 7, bits 6:4
     if encap.dsa_proto == DSA_MTK:
         return bytes([0x00, encap.dsa_port & 7, 0x00, 0x00])  # tag_mtk.c rcv: port in bits 2:0
     if encap.dsa_proto == DSA_QCA:
@@ -112,7 +116,10 @@ def _tags_and_type(encap: Encap, l3: bytes) -> bytes:
 def build_frame(encap: Encap, l3: bytes, *, dmac: bytes = b"\x02\0\0\0\0\x01",
                 smac: bytes = b"\x02\0\0\0\0\x02", trailer: bytes = b"") -> bytes:
     """An ingress frame: MACs, the encapsulation, the L3 packet, any trailer."""
-    return dmac + smac + ingress_dsa_tag(encap) + _tags_and_type(encap, l3) + l3 + trailer
+    tag = ingress_dsa_tag(encap)
+    if encap.dsa_proto == DSA_GSWIP:
+        return tag + dmac + smac + _tags_and_type(encap, l3) + l3 + trailer
+    return dmac + smac + tag + _tags_and_type(encap, l3) + l3 + trailer
 
 
 MTK_TAGGED_KIND = {ETH_P_8021Q: 1, ETH_P_8021AD: 2}  # tag_mtk.c MTK_HDR_XMIT_TAGGED_TPID_*
@@ -136,6 +143,11 @@ def egress_l2(l2: L2Header, family: int, l3_len: int) -> bytes:
     elif l2.dsa_proto == DSA_QCA:
         # qca_tag_xmit(): version 2 (bits 15:14), from CPU (bit 7), port bitmap
         out += (0x8000 | 0x80 | ((1 << port) & 0x7F)).to_bytes(2, "big")
+    elif l2.dsa_proto == DSA_GSWIP:
+        # gswip_tag_xmit(): 4 bytes before the destination MAC: source port
+        # CPU (2), destination group ELAN (0), port map enable and select,
+        # the port bitmap in bits 6:1 of byte 3 with DPID enable (bit 0)
+        out = bytes([2, 0, 0xC0, (((1 << port) << 1) & 0x7E) | 1]) + out
     out += tags
     if l2.pppoe_sid:
         out += ETH_P_PPP_SES.to_bytes(2, "big") + pppoe_header(l2.pppoe_sid, l3_len, family)
@@ -196,7 +208,10 @@ def parse(frame: bytes, dsa_proto: int) -> Parsed:
     else that does not parse is pass_l2."""
     off = 12
     dsa_port, dsa_len = DSA_PORT_NONE, 0
-    if dsa_proto == DSA_MTK:
+    if dsa_proto == DSA_GSWIP:
+        _need(frame, 8, "gswip header")
+        dsa_port, dsa_len = (frame[7] >> 4) & 7, 8
+    elif dsa_proto == DSA_MTK:
         _need(frame, off + 4, "mtk tag")
         dsa_port, dsa_len = frame[off + 1] & 7, 4
     elif dsa_proto == DSA_QCA:

@@ -320,7 +320,7 @@ def test_tc_gso_pops_ingress_vlan(rig: Rig) -> None:
     assert want.action == REDIRECT
 
 
-@pytest.mark.parametrize("egress", ["dot1q", "qinq", "pppoe", "vlan_pppoe", "mtk", "qca"])
+@pytest.mark.parametrize("egress", ["dot1q", "qinq", "pppoe", "vlan_pppoe", "mtk", "qca", "gswip"])
 def test_tc_gso_with_egress_encapsulation_passes(rig: Rig, egress: str) -> None:
     offloaded(rig, l4="tcp", egress=ENCAPS[egress])
     want, got = rig.check(TC, _gso_frame(), gso_size=1448, gso_segs=3)
@@ -333,7 +333,7 @@ def test_xdp_has_no_gso_exemption(rig: Rig) -> None:
     assert_passed(rig, XDP, _gso_frame(), "pass_mtu")
 
 
-@pytest.mark.parametrize("ingress", ["pppoe", "vlan_pppoe", "mtk", "qca"])
+@pytest.mark.parametrize("ingress", ["pppoe", "vlan_pppoe", "mtk", "qca", "gswip"])
 def test_tc_declines_pppoe_and_dsa_ingress(rig: Rig, ingress: str) -> None:
     offloaded(rig, encap=ENCAPS[ingress])
     frame = model.build_frame(ENCAPS[ingress], model.l3_packet(4, "udp"))
@@ -355,5 +355,10 @@ def test_key_carries_every_ingress_tag(rig: Rig) -> None:
     offloaded(rig, encap=ENCAPS["mtk"])
     port5 = Encap("mtk5", dsa_proto=model.DSA_MTK, dsa_port=5)
     want, _ = rig.check(XDP, model.build_frame(port5, model.l3_packet(4, "udp")))
+    assert want.stat == "new"
+    rig.reset(dsa_proto=model.DSA_GSWIP)
+    offloaded(rig, encap=ENCAPS["gswip"])
+    port2 = Encap("gswip2", dsa_proto=model.DSA_GSWIP, dsa_port=2)
+    want, _ = rig.check(XDP, model.build_frame(port2, model.l3_packet(4, "udp")))
     assert want.stat == "new"
     assert socket.AF_INET in {k.family for k in rig.take_events()}

@@ -80,6 +80,10 @@ DSA_VLAN_EGRESS = [
                 dsa_proto=model.DSA_MTK, dsa_port=0),
     model.Encap("qca_dot1q", vlans=((model.ETH_P_8021Q, 0xE00F),), dsa_proto=model.DSA_QCA,
                 dsa_port=7),
+    model.Encap("gswip_qinq", vlans=((model.ETH_P_8021AD, 5), (model.ETH_P_8021Q, 6)),
+                dsa_proto=model.DSA_GSWIP, dsa_port=6),
+    model.Encap("gswip_pppoe", vlans=((model.ETH_P_8021Q, 5),), pppoe_sid=9,
+                dsa_proto=model.DSA_GSWIP, dsa_port=1),
 ]
 
 
@@ -133,3 +137,48 @@ def test_mtk_tag_on_the_wire(rig: Rig, hook: str, name: str) -> None:
     assert want.action == model.REDIRECT
     assert got.frame[: len(header)] == header
     assert want.l3_off == len(header)
+
+
+# Lantiq GSWIP, byte for byte as net/dsa/tag_gswip.c builds and reads it (no
+# kernel here has a DSA driver; the bytes are taken from the tagger's code).
+# gswip_tag_xmit() pushes 4 bytes in front of the destination MAC, tagged
+# frame or not: 02 (source: CPU) 00 (destination group ELAN) c0 (port map
+# enable | select) and the port bitmap in bits 6:1 of byte 3 with bit 0 set.
+# gswip_tag_rcv() strips 8 bytes in front of the destination MAC and takes
+# the source port from bits 6:4 of byte 7.
+GSWIP_WIRE = {
+    "gswip_port0": (model.Encap("x", dsa_proto=model.DSA_GSWIP, dsa_port=0),
+                    "0200c003" + MACS + "0800"),
+    "gswip_port4_dot1q": (model.Encap("x", vlans=((model.ETH_P_8021Q, 7),),
+                                      dsa_proto=model.DSA_GSWIP, dsa_port=4),
+                          "0200c021" + MACS + "81000007 0800"),
+    "gswip_port6_beyond_the_map": (model.Encap("x", dsa_proto=model.DSA_GSWIP, dsa_port=6),
+                                   "0200c001" + MACS + "0800"),
+}
+
+
+@pytest.mark.parametrize("hook", [XDP, TC])
+@pytest.mark.parametrize("name", GSWIP_WIRE)
+def test_gswip_tag_on_the_wire(rig: Rig, hook: str, name: str) -> None:
+    egress, wire = GSWIP_WIRE[name]
+    key = model.flow_key(ENCAPS["none"], 4, "udp")
+    rig.offload(key, model.make_verdict(key, egress))
+    want, got = rig.check(hook, _frame("none", 4, "udp"))
+    header = bytes.fromhex(wire.replace(" ", ""))
+    assert want.action == model.REDIRECT
+    assert got.frame[: len(header)] == header and want.l3_off == len(header)
+
+
+def test_gswip_ingress_header_is_stripped_and_its_port_keyed(rig: Rig) -> None:
+    """An 8-byte gswip header with source port 5 in byte 7 (0x50), then
+    dmac smac 0800 IPv4: keyed on port 5 and forwarded without the header."""
+    rig.set_dsa(model.DSA_GSWIP)
+    l3 = model.l3_packet(4, "udp")
+    frame = bytes.fromhex("00000000000000 50") + bytes.fromhex(MACS) + b"\x08\x00" + l3
+    key = model.flow_key(model.Encap("p5", dsa_proto=model.DSA_GSWIP, dsa_port=5), 4, "udp")
+    assert key.dsa_port == 5
+    rig.offload(key, model.make_verdict(key, ENCAPS["none"]))
+    want, got = rig.check(XDP, frame)
+    assert want.action == model.REDIRECT
+    assert got.frame[12:14] == b"\x08\x00" and got.frame[14:] != l3  # TTL, checksum changed
+    assert len(got.frame) == len(frame) - 8

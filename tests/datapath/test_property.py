@@ -57,6 +57,8 @@ def _ip_of(family: int) -> st.SearchStrategy[str]:
 def dsa_tags(draw: st.DrawFn, proto: int, sane: bool) -> bytes:
     if proto == model.DSA_MTK:
         return draw(st.binary(min_size=4, max_size=4))
+    if proto == model.DSA_GSWIP:
+        return draw(st.binary(min_size=8, max_size=8))
     if proto == model.DSA_QCA:
         good = 0x8000 | draw(st.integers(0, 7)) << 11 | draw(st.integers(0, 7)) << 3 \
             | draw(st.integers(0, 7))
@@ -113,8 +115,9 @@ def l3_packets(draw: st.DrawFn, family: int, sane: bool) -> tuple[bytes, bool]:
 def cases(draw: st.DrawFn, sane: bool = False) -> Case:
     family = draw(st.sampled_from([4, 6]))
     l3, valid = draw(l3_packets(family, sane))
-    frame_dsa = draw(st.sampled_from([0] * 6 + [model.DSA_MTK, model.DSA_QCA]))
-    l2 = draw(st.binary(min_size=12, max_size=12)) + draw(dsa_tags(frame_dsa, sane))
+    frame_dsa = draw(st.sampled_from([0] * 6 + [model.DSA_MTK, model.DSA_QCA, model.DSA_GSWIP]))
+    macs, tag = draw(st.binary(min_size=12, max_size=12)), draw(dsa_tags(frame_dsa, sane))
+    l2 = tag + macs if frame_dsa == model.DSA_GSWIP else macs + tag
     for _ in range(draw(st.sampled_from([0, 1, 2] if sane else [0] * 4 + [1] * 4 + [2] * 4 + [3]))):
         l2 += draw(TPIDS).to_bytes(2, "big") + draw(U16).to_bytes(2, "big")
     if draw(st.integers(0, 4)) == 0:
@@ -145,7 +148,8 @@ def cases(draw: st.DrawFn, sane: bool = False) -> Case:
     egress = L2Header(
         dmac=draw(st.binary(min_size=6, max_size=6)), smac=draw(st.binary(min_size=6, max_size=6)),
         vlans=egress_vlans, pppoe_sid=draw(st.sampled_from([0, 0, draw(st.integers(1, 0xFFFF))])),
-        dsa_proto=draw(st.sampled_from([0, 0, 0, model.DSA_MTK, model.DSA_QCA])),
+        dsa_proto=draw(st.sampled_from([0, 0, 0, model.DSA_MTK, model.DSA_QCA,
+                                        model.DSA_GSWIP])),
         dsa_port=draw(st.integers(0, 7)),
     )
     nat: dict[str, object] = {}
@@ -163,7 +167,8 @@ def cases(draw: st.DrawFn, sane: bool = False) -> Case:
         gso_size, gso_segs = draw(st.integers(1, 2000)), draw(st.integers(1, 64))
     return Case(
         frame=frame, intended=intended,
-        dsa_proto=draw(mostly(frame_dsa, 0, 1, 2, weight=20, sane=sane)),  # type: ignore[arg-type]
+        dsa_proto=draw(mostly(frame_dsa, *model.DSA_PROTOS.values(), weight=20,  # type: ignore[arg-type]
+                              sane=sane)),
         hook=hook, gso_size=gso_size, gso_segs=gso_segs,
         install=draw(mostly("offload", "pass", "none", weight=8, sane=sane)),  # type: ignore[arg-type]
         egress=egress,
