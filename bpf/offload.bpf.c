@@ -10,9 +10,11 @@
  *   2. fail-safe: agent heartbeat stale or offload disabled: pass;
  *   3. flow map miss: note the tuple in the small LRU pending map, tell the
  *      agent through the ring buffer, pass;
- *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted);
+ *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted;
+ *      last_seen is not stamped, so such a flow can idle out);
  *   5. rewrite L3/L4 (NAT with precomputed checksum deltas, TTL), rewrite
- *      the L2 header for the output device, count, redirect.
+ *      the L2 header for the output device, count, stamp last_seen,
+ *      redirect.
  *
  * Only uapi headers: no kernel-type relocations, so the object loads on
  * kernels without BTF (stock OpenWrt images).
@@ -70,6 +72,7 @@ struct ofl_pkt {
 	__u8 pppoe;
 	__u8 dsa; /* the frame came with a switch tag */
 	__u8 no_l2; /* TC on an L3 device: the packet starts with the IP header */
+	__u64 now; /* bpf_ktime_get_ns() of the lookup, stamped when forwarded */
 };
 
 static __always_inline void ofl_count(__u32 stat)
@@ -440,8 +443,9 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 		ofl_note_pending(&p->key, now, cfg, p->l3_len);
 		return NULL;
 	}
-	flow->last_seen_ns = now; /* for the agent's idle timeout, also of passed flows */
 	if (flow->state != OFL_STATE_OFFLOAD) {
+		/* a flow decided as pass stays decided while its traffic lasts */
+		flow->last_seen_ns = now;
 		ofl_count(OFL_STAT_PASS_VERDICT);
 		return NULL;
 	}
@@ -466,6 +470,7 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 		ofl_count(OFL_STAT_PASS_MTU);
 		return NULL;
 	}
+	p->now = now;
 	return flow;
 }
 
@@ -689,10 +694,15 @@ static __always_inline int ofl_write_l2(void *data, void *data_end, const struct
 	return 0;
 }
 
-static __always_inline void ofl_account(struct ofl_flow *flow, __u32 packets, __u32 bytes)
+/* Count a forwarded packet and stamp last_seen for the agent's idle timeout.
+ * Only here: an offloaded flow whose packets are all passed (over the MTU,
+ * TTL, a hook that cannot rewrite them) must be able to idle out. */
+static __always_inline void ofl_account(struct ofl_flow *flow, const struct ofl_pkt *p,
+					__u32 packets)
 {
 	__sync_fetch_and_add(&flow->packets, packets);
-	__sync_fetch_and_add(&flow->bytes, bytes);
+	__sync_fetch_and_add(&flow->bytes, p->l3_len);
+	flow->last_seen_ns = p->now;
 }
 
 /* The global settings, looked up once per packet. */
@@ -740,7 +750,7 @@ static __always_inline int ofl_xdp_forward(struct xdp_md *ctx, const struct ofl_
 	if (ofl_write_l2(data, data_end, p, &flow->v))
 		return XDP_ABORTED;
 
-	ofl_account(flow, 1, p->l3_len);
+	ofl_account(flow, p, 1);
 	ofl_count(OFL_STAT_REDIRECT);
 	return bpf_redirect_map(&ofl_tx_ports, flow->v.oif, 0);
 }
@@ -803,14 +813,18 @@ static __always_inline int ofl_tc_forward(struct __sk_buff *skb, const struct of
 	if (ofl_write_l2(data, data_end, p, &v))
 		return TC_ACT_SHOT;
 
-	ofl_account(flow, skb->gso_segs ? skb->gso_segs : 1, p->l3_len);
+	ofl_account(flow, p, skb->gso_segs ? skb->gso_segs : 1);
 	ofl_count(OFL_STAT_REDIRECT);
 	return bpf_redirect(v.oif, 0);
 }
 
-/* Step 1 for either hook. TC: the headers may not all be in the skb's
- * linear part; up to 128 bytes (more than any header stack we take) are
- * pulled first. */
+/*
+ * Step 1 for either hook. TC: the headers may not all be in the skb's linear
+ * part. Only a frame that does not parse from it is pulled (at most 128
+ * bytes, more than any header stack we take) and parsed again: packets whose
+ * headers are linear, which is nearly all, are never copied, whether they
+ * are passed or forwarded (the rewrite touches only parsed bytes).
+ */
 static __always_inline int ofl_parse_ctx(void *ctx, const int hook, const struct ofl_iface *ifc,
 					 struct ofl_pkt *p)
 {
@@ -819,9 +833,13 @@ static __always_inline int ofl_parse_ctx(void *ctx, const int hook, const struct
 		int hw_vid = skb->vlan_present ? (int)(skb->vlan_tci & 0xfff) : -1;
 		__be16 l3_proto = ifc->flags & OFL_IF_L3 ? (__be16)skb->protocol : 0;
 		__u32 pull = skb->len < 128 ? skb->len : 128;
+		int ret;
 
-		if ((long)skb->data_end - (long)skb->data < pull)
-			bpf_skb_pull_data(skb, pull);
+		ret = ofl_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len,
+				ifc->dsa_proto, hw_vid, l3_proto, p);
+		if (ret != OFL_STAT_PASS_L2 || (long)skb->data_end - (long)skb->data >= pull)
+			return ret;
+		bpf_skb_pull_data(skb, pull);
 		return ofl_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len,
 				 ifc->dsa_proto, hw_vid, l3_proto, p);
 	} else {

@@ -105,6 +105,70 @@ def test_mtu_boundary(rig: Rig, hook: str, family: int) -> None:
     assert want.action == REDIRECT
 
 
+# -- last_seen: stamped when a packet is forwarded, not when a hit is passed ----
+def _last_seen(rig: Rig) -> int:
+    [entry] = list(rig.dp.flow_entries())
+    return entry.last_seen_ns
+
+
+PASSED_HITS = {  # reason: (TTL, TCP flags, MTU less than the packet)
+    "pass_ttl": (1, "A", False),
+    "pass_tcp_flags": (64, "FA", False),
+    "pass_mtu": (64, "A", True),
+}
+
+
+@HOOKS
+@pytest.mark.parametrize("why", PASSED_HITS)
+def test_a_passed_hit_does_not_stamp_last_seen(rig: Rig, hook: str, why: str) -> None:
+    """An offloaded flow whose packets are all passed (TTL, TCP flags, over
+    the MTU) must be able to idle out: the agent's sweep removes flows whose
+    last_seen is older than the timeout, so a passed hit leaves it alone."""
+    ttl, flags, small_mtu = PASSED_HITS[why]
+    l3 = model.l3_packet(4, "tcp", ttl=ttl, tcp_flags=flags)
+    offloaded(rig, l4="tcp", mtu=len(l3) - 1 if small_mtu else 1500)
+    before = _last_seen(rig)
+    assert_passed(rig, hook, model.build_frame(ENCAPS["none"], l3), why)
+    assert _last_seen(rig) == before
+
+
+@pytest.mark.parametrize("ingress", ["pppoe", "mtk"])
+def test_a_hit_tc_cannot_rewrite_does_not_stamp_last_seen(rig: Rig, ingress: str) -> None:
+    offloaded(rig, encap=ENCAPS[ingress])
+    before = _last_seen(rig)
+    assert_passed(rig, TC, model.build_frame(ENCAPS[ingress], model.l3_packet(4, "udp")),
+                  "pass_unsupported")
+    assert _last_seen(rig) == before
+
+
+def test_a_redirect_xdp_cannot_make_does_not_stamp_last_seen(rig: Rig) -> None:
+    offloaded(rig)
+    rig.dp.tx_ports.delete((1).to_bytes(4, "little"))
+    before = _last_seen(rig)
+    assert rig.run(XDP, model.build_frame(ENCAPS["none"], model.l3_packet(4, "udp"))).retval == 2
+    assert _last_seen(rig) == before
+
+
+@HOOKS
+def test_a_forwarded_packet_stamps_last_seen(rig: Rig, hook: str) -> None:
+    offloaded(rig)
+    before = _last_seen(rig)
+    want, _ = rig.check(hook, model.build_frame(ENCAPS["none"], model.l3_packet(4, "udp")))
+    assert want.action == REDIRECT
+    assert _last_seen(rig) > before
+
+
+@HOOKS
+def test_a_flow_decided_as_pass_is_stamped(rig: Rig, hook: str) -> None:
+    """A pass verdict is remembered while the flow's traffic lasts (its
+    entry idles out only when the traffic stops)."""
+    rig.mark_pass(model.flow_key(ENCAPS["none"], 4, "udp"))
+    before = _last_seen(rig)
+    assert_passed(rig, hook, model.build_frame(ENCAPS["none"], model.l3_packet(4, "udp")),
+                  "pass_verdict")
+    assert _last_seen(rig) > before
+
+
 # -- L3 the datapath leaves to the kernel --------------------------------------
 def _v4(**ip: object) -> bytes:
     return bytes(IP(src=V4[0], dst=V4[1], **ip) / UDP(sport=model.SPORT, dport=model.DPORT)

@@ -112,12 +112,13 @@ def attached(lab: Lab, hook: str) -> Iterator[None]:
                 tc_detach(lab.r0)
 
 
-def offload(lab: Lab, proto: int, sport: int, dport: int, **tags: int) -> FlowKey:
+def offload(lab: Lab, proto: int, sport: int, dport: int, *, mtu: int = 1500,
+            **tags: int) -> FlowKey:
     key = FlowKey(ifindex=lab.r0, family=socket.AF_INET, proto=proto,
                   src=ipaddress.ip_address(A_IP), dst=ipaddress.ip_address(B_IP),
                   sport=sport, dport=dport, **tags)
     verdict = Verdict(oif=lab.r1, l2=L2Header(dmac=lab.b.mac("b0"), smac=lab.r.mac("r1")),
-                      mtu=1500, key=key)
+                      mtu=mtu, key=key)
     with inside(lab.r):  # the devmap resolves the output ifindex in this namespace
         lab.dp.offload(key, verdict)
     return key
@@ -276,3 +277,31 @@ def test_tagged_ingress_forwarded_untagged(lab: Lab, hook: str, encap: str) -> N
     want = hashlib.sha256(b"".join(payloads)).hexdigest()
     assert out.strip() == f"{len(frames)} {want}", err
     assert packets_of(lab.dp, key) == len(frames)
+
+
+@pytest.mark.parametrize("tso", [False, True], ids=["segments", "gso"])
+def test_tc_passed_hits_leave_the_stream_to_the_kernel(lab: Lab, tso: bool) -> None:
+    """An offloaded TCP flow whose every packet is over its MTU (40: not even
+    a bare ACK fits), at TC ingress: skbs with the headers in the linear part
+    and the payload in pages (with TSO on the sender: whole GSO packets). The
+    pass path leaves them as they came: the kernel forwards the stream
+    intact, nothing is redirected, and the flow's last_seen is never stamped,
+    so the agent can idle it out. (Whether a pull copied the skb cannot be
+    seen from here; the program pulls only frames it cannot parse.)"""
+    sport, dport = (44000 + tso, 8000 + tso)
+    key = offload(lab, socket.IPPROTO_TCP, sport, dport, mtu=40)
+    before = lab.dp.stats()
+    if tso:
+        lab.a.run("ethtool -K a0 tx on tso on gso on")
+    try:
+        with attached(lab, TC):
+            data, received = transfer(lab, "tcp", sport, dport, seed=13)
+    finally:
+        if tso:
+            lab.a.run("ethtool -K a0 tx off")
+    assert received == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+    moved = {k: v - before[k] for k, v in lab.dp.stats().items()}
+    assert moved["redirect"] == 0
+    assert moved["pass_mtu"] > 0 and moved["pass_tcp_flags"] >= 2  # SYN, FIN
+    [entry] = [e for e in lab.dp.flow_entries() if e.key == key]
+    assert (entry.packets, entry.last_seen_ns) == (0, 0)
