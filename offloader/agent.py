@@ -17,7 +17,6 @@ parts.py, the single-agent lock first, and closes whatever it opened.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -42,11 +41,12 @@ from .decision import (
     offloadable,
     verdict_for,
 )
-from .errors import MapError, OffloadError, ResolveError
+from .errors import OffloadError, ResolveError
 from .flowstate import FlowState, Seen, key_id, key_tuple, tuple_id
-from .layout import layout
+from .flowtable import FlowTable
 from .netwatch import Changes
 from .parts import Parts, open_parts
+from .reconcile import Reconciler, adopt
 from .records import Records
 from .routing import NotYet
 from .status import AgentFacts, Counters, Latencies, build_status
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 SUMMARY_EVERY_S = 60.0
-MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key refused for a full map is asked about again after
+MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
 
 
 class Agent:
@@ -70,9 +70,10 @@ class Agent:
         self.rec = Records()
         self.attacher = Attacher(self.dp, self.resolver)
         self.state = FlowState(max_waiting=settings.pending_flows)
-        self.sweeper = Sweeper(self.dp.flows, self.ct.refresh_many, self.rec)
+        self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec)
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_record)
         self.counters = Counters()
+        self.table = FlowTable(self.dp, self.counters)
         self.latencies = Latencies()
         self.exclusions = Exclusions()
         self.timeouts = conntrack_timeouts()
@@ -82,14 +83,16 @@ class Agent:
         self.reload_requested = False
         self._ring_batch: list[FlowKey] = []
         self._last_summary = time.monotonic()
-        self._full_logged = -SUMMARY_EVERY_S
-        self._evictable: list[bytes] = []  # pass entries seen by the last sweep
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._sel: selectors.BaseSelector = selectors.DefaultSelector()
+        self._reconciler: Reconciler | None = None
+        self._overflows_seen = 0
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
         self.dp.configure(enabled=True, heartbeat_timeout=self.settings.heartbeat_timeout)
         self.attach()
-        self._adopt()
+        adopt(self.dp, self.ct, self.rec)
         log.info("offloading on %s", ", ".join(f"{a.link.name} ({a.hook})" for a in
                                                 self.attacher.attached.values()) or "nothing")
 
@@ -99,22 +102,6 @@ class Agent:
         self.attacher.attach_all(list(s.interfaces) or list(network_devices()), s.hook)
         self.exclusions = Exclusions(src=s.exclude_src, dst=s.exclude_dst,
                                      ifindexes=self.attacher.zone_devices(s.exclude_zones))
-
-    def _adopt(self) -> None:
-        """Keep what a previous run offloaded if conntrack still has it."""
-        stale = []
-        adopted = 0
-        for entry in self.dp.flow_entries():
-            if self.ct.get(key_tuple(entry.key), self.rec.zone(entry.raw)) is None:
-                stale.append(entry.key)
-            else:
-                adopted += 1
-                if entry.state == layout().consts["OFL_STATE_OFFLOAD"]:
-                    self.dp.add_tx_port(entry.oif)
-        if stale:
-            self.dp.remove(stale)
-        if adopted or stale:
-            log.info("adopted %d flows from a previous run, dropped %d stale", adopted, len(stale))
 
     def shutdown(self) -> None:
         """Stop offloading: the datapath passes everything, programs detach."""
@@ -128,7 +115,7 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
-            sel = stack.enter_context(selectors.DefaultSelector())
+            stack.enter_context(self._sel)
             wake_r, wake_w = (stack.enter_context(s) for s in socket.socketpair())
             wake_r.setblocking(False)
             wake_w.setblocking(False)
@@ -136,24 +123,28 @@ class Agent:
             stack.callback(signal.set_wakeup_fd, old_fd)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
-            handlers: dict[int, Callable[[], None]] = {
-                self.ring.fd: self._on_ring,
-                self.parts.ct_events.fileno(): lambda: self.on_ct_events(self.parts.ct_events.read()),
-                self.net.fileno(): lambda: self.apply(self.net.read()),
-                self.parts.control.fileno(): self.parts.control.serve_one,
-                wake_r.fileno(): lambda: _drain(wake_r),
-            }
             # Ring first: a tuple is noted as waiting before the conntrack
-            # event that makes it offloadable is read (dict order).
-            for fd in handlers:
-                sel.register(fd, selectors.EVENT_READ)
-            self._loop(sel, handlers)
+            # event that makes it offloadable is read (handlers run in order).
+            self._watch(self.ring.fd, self._on_ring)
+            self._watch(self.parts.ct_events.fileno(), self._on_ct_readable)
+            self._watch(self.net.fileno(), lambda: self.apply(self.net.read()))
+            self._watch(self.parts.control.fileno(), self.parts.control.serve_one)
+            self._watch(wake_r.fileno(), lambda: _drain(wake_r))
+            stack.callback(self._stop_reconcile)
+            self._loop()
 
-    def _loop(self, sel: selectors.BaseSelector, handlers: dict[int, Callable[[], None]]) -> None:
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self._handlers[fd] = handler
+        self._sel.register(fd, selectors.EVENT_READ)
+
+    def _unwatch(self, fd: int) -> None:
+        self._sel.unregister(fd)
+        del self._handlers[fd]
+
+    def _loop(self) -> None:
         heartbeat_every = self.settings.heartbeat_timeout / HEARTBEAT_FRACTION
         next_heartbeat = 0.0
         next_sweep = time.monotonic() + self.settings.sweep_interval
-        order = list(handlers)
         while not self.stop:
             now = time.monotonic()
             if now >= next_heartbeat:
@@ -163,10 +154,10 @@ class Agent:
                 self.sweep()
                 next_sweep = now + self.settings.sweep_interval
             timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
-            ready = {key.fd for key, _ in sel.select(timeout)}
-            for fd in order:
+            ready = {key.fd for key, _ in self._sel.select(timeout)}
+            for fd, handler in list(self._handlers.items()):
                 if fd in ready:
-                    _guarded(handlers[fd])
+                    _guarded(handler)
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -223,6 +214,38 @@ class Agent:
                 # settle it (agent restarted, event lost): ask directly.
                 self.decide(key)
 
+    def _on_ct_readable(self) -> None:
+        events = self.parts.ct_events
+        self.on_ct_events(events.read())
+        if events.overflows != self._overflows_seen:
+            self._overflows_seen = events.overflows
+            self._start_reconcile()
+
+    def _start_reconcile(self) -> None:
+        """Events were lost: cross the flow map off against a conntrack dump
+        (one already running may have listed entries destroyed since: start over)."""
+        self._stop_reconcile()
+        self._reconciler = Reconciler.of(self.dp.flows.all_keys(), self.rec)
+        self._watch(self._reconciler.fileno(), self._on_reconcile)
+
+    def _on_reconcile(self) -> None:
+        assert self._reconciler is not None
+        gone = None
+        try:
+            gone = self._reconciler.read()
+        finally:
+            if gone is not None or not self._reconciler.running:
+                self._stop_reconcile()
+        if gone is not None:
+            self.counters.torn_down[Teardown.CT_GONE] += self.dp.flows.delete_batch(gone)
+            self.counters.reconciles += 1
+
+    def _stop_reconcile(self) -> None:
+        if self._reconciler is not None:
+            self._unwatch(self._reconciler.fileno())
+            self._reconciler.close()
+            self._reconciler = None
+
     def on_ct_events(self, events: Iterable[Any]) -> None:
         for ev in events:
             if ev.kind == "destroy":
@@ -267,12 +290,16 @@ class Agent:
             return self._pass(key, PassReason.NO_PATH)
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
             return self._pass(key, PassReason.EXCLUDED)
-        if key.proto == socket.IPPROTO_TCP and not self.ct.set_liberal(key_tuple(key), is_reply,
-                                                                       entry.zone):
-            return Decision.WAIT  # the entry went away meanwhile
+        if key.proto == socket.IPPROTO_TCP:
+            tag = key.pack()
+            self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
+            if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
+                self.ct.gone.remove(tag)
+                return Decision.WAIT
         first_seen = self.dp.pending_first_seen(key)
         verdict = verdict_for(key, path, target, entry, is_reply)
-        if not self._store(key, lambda: self.dp.offload(key, verdict), evict=True):
+        if not self.table.offload(key, verdict):
+            self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
         if first_seen:
             self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
@@ -283,41 +310,13 @@ class Agent:
         return Decision.OFFLOAD
 
     def _pass(self, key: FlowKey, why: PassReason) -> Decision:
-        if not self._store(key, lambda: self.dp.mark_pass(key), evict=False):
+        if not self.table.mark_pass(key):
+            self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
         self.state.decided(key)
         self.counters.passed[why] += 1
         log.debug("pass %s: %s", _fmt(key), why)
         return Decision.PASS
-
-    def _store(self, key: FlowKey, write: Callable[[], None], *, evict: bool) -> bool:
-        """Write ``key``'s entry into the flow map. When the map is full, an
-        offloadable flow takes the room of a pass entry (those come back as
-        pending and are passed again when there is room); otherwise the key
-        stays pending, with the kernel, and is asked about again later."""
-        for attempt in range(2):
-            try:
-                write()
-                return True
-            except MapError as exc:
-                if exc.errno != errno.E2BIG:
-                    raise
-            if attempt or not evict or not self._evict_pass_entry():
-                break
-        self.counters.map_full += 1
-        self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
-        if time.monotonic() - self._full_logged >= SUMMARY_EVERY_S:
-            self._full_logged = time.monotonic()
-            log.warning("flow map full (%d entries): new connections stay with the kernel "
-                        "(max_flows; %d refused so far)", self.dp.flows.max_entries,
-                        self.counters.map_full)
-        return False
-
-    def _evict_pass_entry(self) -> bool:
-        while self._evictable:
-            if self.dp.flows.delete(self._evictable.pop()):
-                return True
-        return False
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
@@ -332,7 +331,7 @@ class Agent:
                          dead=self.state.take_dead())
         result = self.sweeper.run(plan)
         self.counters.torn_down.update(result.reasons)
-        self._evictable = result.pass_keys
+        self.table.evictable = result.pass_keys
         now = time.monotonic_ns()
         present = (key for key, _first, _packets, _bytes in self.dp.pending_entries())
         for key in self.state.sync_pending(present, now):

@@ -271,9 +271,10 @@ class Map:
         count = c_uint32(len(keys))
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
         ret = libbpf().lib.bpf_map_delete_batch(self.fd, buf, ctypes.byref(count), ctypes.byref(opts))
-        if ret < 0 and ret != -2:
-            # A key gone in between stops the batch: finish one by one.
-            return count.value + sum(self.delete(k) for k in keys[count.value + 1 :])
+        if ret < 0:
+            # A key missing (ENOENT: gone in between, e.g. an LRU eviction)
+            # stops the batch there: finish one by one, that key included.
+            return count.value + sum(self.delete(k) for k in keys[count.value :])
         return count.value
 
     def all_keys(self) -> list[bytes]:

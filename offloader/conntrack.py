@@ -11,11 +11,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
-import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +158,8 @@ class Conntrack:
         self._raw: socket.socket | None = None
         self._seq = 0
         self.update_failures = 0
+        self.gone: list[bytes] = []
+        self._inflight: dict[int, bytes] = {}  # sequence number -> tag, until answered
 
     def _sock(self, family: int) -> Any:
         if family not in self._socks:
@@ -192,68 +191,80 @@ class Conntrack:
             self._raw.setblocking(False)  # never stall the agent's loop
         return self._raw
 
-    def _drain(self, want_seq: int = -1, wait: float = 1.0) -> int:
-        """Read queued acknowledgements; failures of fire-and-forget updates
-        are counted. With ``want_seq``, wait (at most ``wait`` seconds) for
-        that request's answer and return its error (0 for success)."""
+    def _drain(self) -> None:
+        """Read what the kernel answered. It handles each message inside the
+        sendmsg() call, so the answers to what was just sent are queued by
+        now: nothing here waits. An update that failed because the entry is
+        gone (ENOENT) puts its tag on ``gone``; other failures are counted."""
         sock = self._writer()
-        deadline = time.monotonic() + wait
         while True:
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
-                if want_seq < 0:
-                    return 0
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([sock], [], [], left)[0]:
-                    raise OffloadError("conntrack did not answer") from None
-                continue
+                break
+            except OSError as exc:  # ENOBUFS: answers lost, the next sweep retries
+                log.debug("conntrack answers lost: %s", exc)
+                self.update_failures += 1
+                break
             for msg in ctnetlink.decode(data):
                 if not isinstance(msg, ctnetlink.Ack):
                     continue
-                if msg.seq == want_seq:
-                    return msg.error
-                if msg.error:
+                tag = self._inflight.pop(msg.seq, None)
+                if msg.error == -errno.ENOENT and tag is not None:
+                    self.gone.append(tag)
+                elif msg.error:
                     self.update_failures += 1
+        self._inflight.clear()
 
-    def set_liberal(self, t: Tuple5, reply: bool, zone: int) -> bool:
+    def _send(self, messages: list[tuple[bytes, bytes | None]]) -> None:
+        """Send (message, tag) pairs in one sendmsg() and read the answers."""
+        for msg, tag in messages:
+            if tag is not None:
+                self._inflight[struct.unpack_from("=I", msg, 8)[0]] = tag
+        try:
+            self._writer().send(b"".join(m for m, _ in messages))
+        except OSError as exc:
+            self._inflight.clear()
+            raise OffloadError(f"conntrack update failed: {exc}") from exc
+        self._drain()
+
+    def set_liberal(self, t: Tuple5, reply: bool, zone: int, tag: bytes) -> None:
         """Make conntrack's TCP window tracking liberal for this connection,
         both directions, as nf_flow_table does for the flows it offloads: the
         kernel no longer sees the offloaded direction's segments, so without
         it the other direction's ACKs look out of window, turn INVALID, miss
-        their NAT and draw a RST. Per connection; no sysctl changes. False
-        when the entry is gone."""
+        their NAT and draw a RST. Per connection; no sysctl changes. When the
+        entry is gone, ``tag`` (the flow's key) lands on ``gone``."""
         self._seq += 1
         msg = ctnetlink.encode_update(self._seq, _raw5(t), reply=reply, zone=zone, liberal=True,
                                       ack=True)
-        self._writer().send(msg)
-        err = self._drain(self._seq)
-        if err == -errno.ENOENT:
-            return False
-        if err:
-            raise OffloadError(f"conntrack update failed: {os.strerror(-err)}")
-        return True
+        self._send([(msg, tag)])
 
     def refresh_many(self, items: Sequence[tuple[Tuple5 | ctnetlink.Raw5, bool, int, int]],
-                     batch: int = 256) -> int:
+                     tags: Sequence[bytes] | None = None, batch: int = 256) -> int:
         """Set the timeout of many entries ((tuple, is reply, zone, timeout);
         the tuple as a Tuple5 or already raw), ``batch`` messages to a
-        sendmsg() without acknowledgements. Returns how many were sent;
-        failures (entry gone) show in update_failures."""
-        sock = self._writer()
+        sendmsg() without acknowledgements. Returns how many were sent. An
+        entry found gone puts its tag (``tags[i]``, the flow's key) on
+        ``gone``; other failures show in update_failures."""
         self._drain()
         sent = 0
         for i in range(0, len(items), batch):
-            chunk = []
-            for t, reply, zone, timeout in items[i : i + batch]:
+            chunk: list[tuple[bytes, bytes | None]] = []
+            for n, (t, reply, zone, timeout) in enumerate(items[i : i + batch], start=i):
                 self._seq += 1
                 raw = _raw5(t) if isinstance(t, Tuple5) else t
-                chunk.append(ctnetlink.encode_update(self._seq, raw, reply=reply, zone=zone,
-                                                     timeout=timeout))
-            sock.send(b"".join(chunk))
+                chunk.append((ctnetlink.encode_update(self._seq, raw, reply=reply, zone=zone,
+                                                      timeout=timeout),
+                              tags[n] if tags is not None else None))
+            self._send(chunk)
             sent += len(chunk)
-            self._drain()
         return sent
+
+    def take_gone(self) -> list[bytes]:
+        """Tags of updates whose entry conntrack no longer had."""
+        gone, self.gone = self.gone, []
+        return gone
 
     def close(self) -> None:
         for s in self._socks.values():
@@ -295,7 +306,7 @@ class CtEvents:
                     continue
                 raise
             for msg in ctnetlink.decode(data):
-                if isinstance(msg, ctnetlink.Ack):
+                if not isinstance(msg, ctnetlink.Decoded):
                     continue
                 if msg.msg_type == IPCTNL_MSG_CT_DELETE:
                     if msg.orig is not None and msg.reply is not None:

@@ -21,10 +21,19 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
+from pyroute2.netlink import (
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import (
     IP_CT_TCP_FLAG_BE_LIBERAL,
+    IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW,
 )
 
@@ -136,6 +145,25 @@ class Decoded:
         self.timeout = 0
 
 
+class Done:
+    """The end of a dump (NLMSG_DONE); ``interrupted`` when the table changed
+    during it (NLM_F_DUMP_INTR: entries may have been missed)."""
+
+    __slots__ = ("seq", "interrupted")
+
+    def __init__(self, seq: int, interrupted: bool) -> None:
+        self.seq = seq
+        self.interrupted = interrupted
+
+
+def encode_dump(seq: int, family: int) -> bytes:
+    """A request for every conntrack entry of ``family`` (all zones)."""
+    payload = _NFGENMSG.pack(family, 0, 0)
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                          0) + payload
+
+
 class Ack:
     """An NLMSG_ERROR: ``error`` is 0 (an acknowledgement) or a negative errno."""
 
@@ -146,8 +174,8 @@ class Ack:
         self.error = error
 
 
-def decode(data: bytes) -> Iterator[Decoded | Ack]:
-    """The conntrack messages and acknowledgements in a netlink datagram."""
+def decode(data: bytes) -> Iterator[Decoded | Ack | Done]:
+    """The conntrack messages, acknowledgements and dump ends in a netlink datagram."""
     pos = 0
     while pos + _NLMSGHDR.size <= len(data):
         length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
@@ -157,28 +185,39 @@ def decode(data: bytes) -> Iterator[Decoded | Ack]:
         if kind == NLMSG_ERROR:
             (err,) = struct.unpack_from("=i", data, pos + _NLMSGHDR.size)
             yield Ack(seq, err)
+        elif kind == NLMSG_DONE:
+            yield Done(seq, bool(flags & NLM_F_DUMP_INTR))
         elif kind >> 8 == NFNL_SUBSYS_CTNETLINK:
-            msg = Decoded(kind & 0xFF, flags)
-            top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
-            if CTA_TUPLE_ORIG in top:
-                msg.orig = _tuple(data, top[CTA_TUPLE_ORIG])
-            if CTA_TUPLE_REPLY in top:
-                msg.reply = _tuple(data, top[CTA_TUPLE_REPLY])
-            if CTA_STATUS in top:
-                msg.status = struct.unpack_from("!I", data, top[CTA_STATUS][0])[0]
-            if CTA_TIMEOUT in top:
-                msg.timeout = struct.unpack_from("!I", data, top[CTA_TIMEOUT][0])[0]
-            if CTA_ZONE in top:
-                msg.zone = struct.unpack_from("!H", data, top[CTA_ZONE][0])[0]
-            msg.helper = CTA_HELP in top
-            if CTA_PROTOINFO in top:
-                info = _attrs(data, *top[CTA_PROTOINFO])
-                if CTA_PROTOINFO_TCP in info:
-                    tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
-                    if CTA_PROTOINFO_TCP_STATE in tcp:
-                        msg.tcp_state = data[tcp[CTA_PROTOINFO_TCP_STATE][0]]
-            yield msg
+            yield _decoded(data, pos, end, kind, flags)
         pos += (length + 3) & ~3
+
+
+def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int) -> Decoded:
+    msg = Decoded(kind & 0xFF, flags)
+    top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
+    if CTA_TUPLE_ORIG in top:
+        msg.orig = _tuple(data, top[CTA_TUPLE_ORIG])
+    if CTA_TUPLE_REPLY in top:
+        msg.reply = _tuple(data, top[CTA_TUPLE_REPLY])
+    if CTA_STATUS in top:
+        msg.status = struct.unpack_from("!I", data, top[CTA_STATUS][0])[0]
+    if CTA_TIMEOUT in top:
+        msg.timeout = struct.unpack_from("!I", data, top[CTA_TIMEOUT][0])[0]
+    if CTA_ZONE in top:
+        msg.zone = struct.unpack_from("!H", data, top[CTA_ZONE][0])[0]
+    msg.helper = CTA_HELP in top
+    if CTA_PROTOINFO in top:
+        msg.tcp_state = _tcp_state(data, top[CTA_PROTOINFO])
+    return msg
+
+
+def _tcp_state(data: bytes, protoinfo: tuple[int, int]) -> int:
+    info = _attrs(data, *protoinfo)
+    if CTA_PROTOINFO_TCP in info:
+        tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
+        if CTA_PROTOINFO_TCP_STATE in tcp:
+            return data[tcp[CTA_PROTOINFO_TCP_STATE][0]]
+    return -1
 
 
 def address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -57,6 +57,7 @@ class Teardown(enum.StrEnum):
     TCP_FLAGS = "tcp-flags"  # the datapath saw FIN, RST or SYN
     IDLE = "idle"
     CT_DESTROYED = "conntrack-destroyed"  # DESTROY event, or a closing TCP state
+    CT_GONE = "conntrack-gone"  # a refresh or a reconcile found no entry (an event was lost)
     NETWORK = "route or link change"
     FDB = "fdb change"
     NEIGHBOUR = "neighbour change"

@@ -8,6 +8,7 @@ second start changes nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,9 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     stack.callback(resolver.close)
     ct = Conntrack()
     stack.callback(ct.close)
-    ct_events = CtEvents()
+    # The event socket's buffer; EBPF_OFFLOADER_CT_RCVBUF shrinks it (a
+    # test hook: it makes an event storm overflow it).
+    ct_events = CtEvents(int(os.environ.get("EBPF_OFFLOADER_CT_RCVBUF", 4 << 20)))
     stack.callback(ct_events.close)
     rt_sock = rt_event_socket()
     stack.callback(rt_sock.close)

@@ -30,12 +30,14 @@ class Counters:
     torn_down: Counter[Teardown] = field(default_factory=Counter)
     events: int = 0  # ring-buffer records read
     map_full: int = 0  # decisions the full flow map could not take
+    reconciles: int = 0  # flow map crossed off against a conntrack dump (events lost)
 
     def report(self) -> dict[str, Any]:
         return {"offloaded": self.offloaded, "passed": sum(self.passed.values()),
                 "passed_by_reason": {str(r): n for r, n in self.passed.items()},
                 "torn_down": {str(r): n for r, n in self.torn_down.items()},
-                "ring_events": self.events, "map_full_refused": self.map_full}
+                "ring_events": self.events, "map_full_refused": self.map_full,
+                "conntrack_reconciles": self.reconciles}
 
 
 class Latencies:

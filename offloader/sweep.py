@@ -22,7 +22,7 @@ import logging
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -154,15 +154,20 @@ class FlowMap(Protocol):
     def delete_batch(self, keys: list[bytes]) -> int: ...
 
 
-RefreshMany = Callable[[list[tuple[ctnetlink.Raw5, bool, int, int]]], int]
+class Keepalive(Protocol):
+    """Conntrack's side: renew timeouts, and say which entries were gone."""
+
+    def refresh_many(self, items: Sequence[tuple[ctnetlink.Raw5, bool, int, int]],
+                     tags: Sequence[bytes] | None = None) -> int: ...
+    def take_gone(self) -> list[bytes]: ...
 
 
 class Sweeper:
-    """Handed the flow map and conntrack's refresh; runs one pass a tick."""
+    """Handed the flow map and conntrack's keep-alive; runs one pass a tick."""
 
-    def __init__(self, flows: FlowMap, refresh_many: RefreshMany, rec: Records) -> None:
+    def __init__(self, flows: FlowMap, ct: Keepalive, rec: Records) -> None:
         self.flows = flows
-        self.refresh_many = refresh_many
+        self.ct = ct
         self.rec = rec
         self.passes = 0
         self.failures = 0
@@ -179,7 +184,13 @@ class Sweeper:
             items = [(self.rec.raw5(r.raw_key), r.reply, r.zone, plan.timeouts[r.cls])
                      for r in result.refresh]
             if items:
-                self.refreshed += self.refresh_many(items)
+                self.refreshed += self.ct.refresh_many(items, [r.raw_key for r in result.refresh])
+            # A refresh that found no entry: conntrack forgot the connection
+            # (its DESTROY event was lost): the flow must not bypass the
+            # firewall any longer.
+            gone = self.ct.take_gone()
+            if gone:
+                result.reasons[Teardown.CT_GONE] += self.flows.delete_batch(gone)
         except (OffloadError, OSError) as exc:
             self.failures += 1
             log.warning("sweep failed (will retry): %s", exc)

@@ -1,0 +1,64 @@
+"""Writing decisions into the flow map, and what happens when it is full.
+
+The flow map is a preallocated hash of ``max_flows`` entries. When it is
+full, an offloadable flow takes the room of a pass entry (pass entries only
+save the kernel a ring notification; the connection comes back as pending
+and is passed again when there is room). When no pass entry is left, the
+tuple stays pending, so the kernel keeps forwarding it: a full map costs
+offload, never connectivity. Refusals are counted, and logged once a minute.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+from .datapath import Datapath, FlowKey, Verdict
+from .errors import MapError
+from .status import Counters
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 60.0
+
+
+class FlowTable:
+    def __init__(self, dp: Datapath, counters: Counters) -> None:
+        self.dp = dp
+        self.counters = counters
+        self.evictable: list[bytes] = []  # pass entries the last sweep saw
+        self._logged = -LOG_EVERY_S
+
+    def offload(self, key: FlowKey, verdict: Verdict) -> bool:
+        """Write the verdict; False when the full map had no room for it."""
+        return self._store(lambda: self.dp.offload(key, verdict), evict=True)
+
+    def mark_pass(self, key: FlowKey) -> bool:
+        """Mark ``key`` pass; False when the map is full (it stays pending)."""
+        return self._store(lambda: self.dp.mark_pass(key), evict=False)
+
+    def _store(self, write: Callable[[], None], *, evict: bool) -> bool:
+        for attempt in range(2):
+            try:
+                write()
+                return True
+            except MapError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+            if attempt or not evict or not self._evict_pass_entry():
+                break
+        self.counters.map_full += 1
+        if time.monotonic() - self._logged >= LOG_EVERY_S:
+            self._logged = time.monotonic()
+            log.warning("flow map full (%d entries): new connections stay with the kernel "
+                        "(raise max_flows; %d refused so far)", self.dp.flows.max_entries,
+                        self.counters.map_full)
+        return False
+
+    def _evict_pass_entry(self) -> bool:
+        while self.evictable:
+            if self.dp.flows.delete(self.evictable.pop()):
+                return True
+        return False

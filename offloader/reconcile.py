@@ -1,0 +1,115 @@
+"""Reconcile the flow map with conntrack after conntrack events were lost.
+
+When the event socket overflows (ENOBUFS) some DESTROY events are gone, and
+the flows of those connections would keep bypassing the firewall. The
+reconciler takes the flow map's keys at that moment, dumps conntrack (every
+family and zone) on its own non-blocking socket, a budget of datagrams per
+wake-up, and crosses off every flow whose connection the dump shows. What
+is left at the end has no conntrack entry: those flows go.
+
+The cost is bounded: one pass over the flow map's keys and one dump. A
+connection created during the dump is not in the snapshot, so it is never
+judged; an entry the dump missed (NLM_F_DUMP_INTR under churn) only costs
+its flow a re-offload.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+
+from pyroute2.netlink import NETLINK_NETFILTER
+
+from . import ctnetlink
+from .conntrack import Conntrack, raw_wire_id
+from .datapath import Datapath
+from .flowstate import key_tuple
+from .layout import layout
+from .records import Records
+
+log = logging.getLogger(__name__)
+
+READ_BUDGET = 64  # datagrams per wake-up
+
+
+class Reconciler:
+    def __init__(self, snapshot: Iterable[tuple[bytes, bytes]], seq: int = 1) -> None:
+        """``snapshot``: (wire id, raw key) of every flow in the map now."""
+        self.by_wire: dict[bytes, list[bytes]] = {}
+        for wire, raw_key in snapshot:
+            self.by_wire.setdefault(wire, []).append(raw_key)
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.families = [socket.AF_INET, socket.AF_INET6]
+        self.seq = seq
+        self.interrupted = False
+        self.running = True
+        self._request()
+
+    @classmethod
+    def of(cls, raw_keys: Iterable[bytes], rec: Records) -> Reconciler:
+        """Start reconciling the flows with these keys."""
+        keys = list(raw_keys)
+        log.info("conntrack events lost: reconciling %d flows with conntrack", len(keys))
+        return cls((rec.wire(k), k) for k in keys)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _request(self) -> None:
+        self.sock.send(ctnetlink.encode_dump(self.seq, self.families[0]))
+
+    def read(self) -> list[bytes] | None:
+        """Read what is queued; the raw keys of flows without a conntrack
+        entry once the dump is complete, else None."""
+        for _ in range(READ_BUDGET):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return None
+            except OSError:
+                self.running = False  # ENOBUFS: the dump is incomplete, nothing judged
+                raise
+            for msg in ctnetlink.decode(data):
+                if isinstance(msg, ctnetlink.Decoded):
+                    for t in (msg.orig, msg.reply):
+                        if t is not None:
+                            self.by_wire.pop(raw_wire_id(t), None)
+                elif isinstance(msg, ctnetlink.Done):
+                    self.interrupted |= msg.interrupted
+                    self.families.pop(0)
+                    if self.families:
+                        self.seq += 1
+                        self._request()
+                    else:
+                        self.running = False
+                        gone = [k for keys in self.by_wire.values() for k in keys]
+                        log.info("reconciled with conntrack: %d flows had no entry", len(gone))
+                        return gone
+                elif msg.error:
+                    self.running = False
+                    raise OSError(-msg.error, "conntrack dump refused")
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def adopt(dp: Datapath, ct: Conntrack, rec: Records) -> None:
+    """At start: keep what a previous run offloaded if conntrack still has it."""
+    stale = []
+    adopted = 0
+    for entry in dp.flow_entries():
+        if ct.get(key_tuple(entry.key), rec.zone(entry.raw)) is None:
+            stale.append(entry.key)
+        else:
+            adopted += 1
+            if entry.state == layout().consts["OFL_STATE_OFFLOAD"]:
+                dp.add_tx_port(entry.oif)
+    if stale:
+        dp.remove(stale)
+    if adopted or stale:
+        log.info("adopted %d flows from a previous run, dropped %d stale", adopted, len(stale))
