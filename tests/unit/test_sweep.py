@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -136,26 +136,53 @@ class FakeMap:
         return len(keys)
 
 
+class FakeConntrack:
+    """Conntrack's keep-alive side: records refreshes; ``missing`` keys
+    answer as gone (ENOENT), as the kernel does for a forgotten entry."""
+
+    def __init__(self, missing: set[bytes] | None = None) -> None:
+        self.sent: list[object] = []
+        self.missing = missing or set()
+        self.gone: list[bytes] = []
+
+    def refresh_many(self, items: Sequence[tuple[tuple[int, bytes, bytes, int, int], bool, int,
+                                                 int]],
+                     tags: Sequence[bytes] | None = None) -> int:
+        self.sent.extend(items)
+        self.gone.extend(t for t in tags or () if t in self.missing)
+        return len(items)
+
+    def take_gone(self) -> list[bytes]:
+        gone, self.gone = self.gone, []
+        return gone
+
+
 def test_sweeper_deletes_and_refreshes() -> None:
     gone, kept = key(sport=1), key(sport=2)
     fm = FakeMap([(gone, flow(gone, seen=1)), (kept, flow(kept))])
-    sent: list[object] = []
-
-    def refresh(items: list[tuple[tuple[int, bytes, bytes, int, int], bool, int, int]]) -> int:
-        sent.extend(items)
-        return len(items)
-
-    sw = Sweeper(fm, refresh, REC)
+    ct = FakeConntrack()
+    sw = Sweeper(fm, ct, REC)
     p = plan(sweep_no=slot(2, 443, plan().slices(RefreshClass.TCP)))
     result = sw.run(p)
     assert list(fm.entries) == [kept.pack()]
     assert result.reasons == {Teardown.TCP_FLAGS: 1}
-    assert sent == [((6, kept.src.packed, kept.dst.packed, 2, 443), False, 0, 432000)]
+    assert ct.sent == [((6, kept.src.packed, kept.dst.packed, 2, 443), False, 0, 432000)]
     assert sw.refreshed == 1
 
 
+def test_a_refresh_that_finds_no_entry_tears_the_flow_down() -> None:
+    lost, kept = key(sport=2), key(sport=3)
+    fm = FakeMap([(lost, flow(lost, last=NOW - NS // 2)), (kept, flow(kept, last=NOW - NS // 2))])
+    sw = Sweeper(fm, FakeConntrack(missing={lost.pack()}), REC)
+    # Both flows fall due in the same sweep (one slice: a 1 s timeout).
+    p = SweepPlan(NOW, 0, 300 * NS, 60 * NS, {c: 1 for c in RefreshClass}, 1.0)
+    result = sw.run(p)
+    assert result.reasons == {Teardown.CT_GONE: 1}
+    assert list(fm.entries) == [kept.pack()]
+
+
 def test_a_failed_pass_is_logged_never_raised(caplog: pytest.LogCaptureFixture) -> None:
-    sw = Sweeper(FakeMap([], fail=True), lambda items: 0, REC)
+    sw = Sweeper(FakeMap([], fail=True), FakeConntrack(), REC)
     result = sw.run(plan())
     assert sw.failures == 1 and result.remove == []
     assert "sweep failed" in caplog.text
