@@ -42,7 +42,7 @@ from .decision import (
     verdict_for,
 )
 from .errors import OffloadError, ResolveError
-from .flowstate import FlowState, Seen, key_id, key_tuple, tuple_id
+from .flowstate import FlowState, Seen, describe, key_id, key_tuple, tuple_id
 from .flowtable import FlowTable
 from .netwatch import Changes
 from .parts import Parts, open_parts
@@ -73,7 +73,7 @@ class Agent:
         self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec)
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_record)
         self.counters = Counters()
-        self.table = FlowTable(self.dp, self.counters)
+        self.table = FlowTable(self.dp, self.counters, self.rec)
         self.latencies = Latencies()
         self.exclusions = Exclusions()
         self.timeouts = conntrack_timeouts()
@@ -208,11 +208,12 @@ class Agent:
             if seen is Seen.NEW and recent is not None:
                 # Conntrack's event for this connection was read before the
                 # ring record arrived: decide with it now.
-                self.decide(key, (recent, recent.orig != key_tuple(key)))
+                _guarded(functools.partial(self.decide, key,
+                                           (recent, recent.orig != key_tuple(key))))
             elif seen is Seen.RECHECK:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly.
-                self.decide(key)
+                _guarded(functools.partial(self.decide, key))
 
     def _on_ct_readable(self) -> None:
         events = self.parts.ct_events
@@ -225,16 +226,14 @@ class Agent:
         """Events were lost: cross the flow map off against a conntrack dump
         (one already running may have listed entries destroyed since: start over)."""
         self._stop_reconcile()
-        self._reconciler = Reconciler.of(self.dp.flows.all_keys(), self.rec)
-        self._watch(self._reconciler.fileno(), self._on_reconcile)
+        rec = self._reconciler = Reconciler.of(self.dp.flows.all_keys(), self.rec)
+        self._watch(rec.fileno(), functools.partial(self._on_reconcile, rec))
 
-    def _on_reconcile(self) -> None:
-        assert self._reconciler is not None
-        gone = None
+    def _on_reconcile(self, rec: Reconciler) -> None:
         try:
-            gone = self._reconciler.read()
+            gone = rec.read()
         finally:
-            if gone is not None or not self._reconciler.running:
+            if not rec.running:
                 self._stop_reconcile()
         if gone is not None:
             self.counters.torn_down[Teardown.CT_GONE] += self.dp.flows.delete_batch(gone)
@@ -277,16 +276,20 @@ class Agent:
             return self._pass(key, gate)
         if gate is Decision.WAIT:
             return gate
+        return self._offload(key, entry, is_reply)
+
+    def _offload(self, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
+        """Resolve the path of an offloadable ``key`` and write its verdict."""
         target = nat_target(entry, is_reply)
         # TC may redirect into upper devices; XDP goes to the lowest.
         full = self.attacher.hook_of(key.ifindex) != "tc"
         try:
             path = self.resolver.resolve(key, target.dst, full=full)
         except NotYet as exc:
-            log.debug("%s: %s, retrying", _fmt(key), exc)
+            log.debug("%s: %s, retrying", describe(key), exc)
             return Decision.WAIT
         except ResolveError as exc:
-            log.debug("%s: %s", _fmt(key), exc)
+            log.debug("%s: %s", describe(key), exc)
             return self._pass(key, PassReason.NO_PATH)
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
             return self._pass(key, PassReason.EXCLUDED)
@@ -297,8 +300,7 @@ class Agent:
                 self.ct.gone.remove(tag)
                 return Decision.WAIT
         first_seen = self.dp.pending_first_seen(key)
-        verdict = verdict_for(key, path, target, entry, is_reply)
-        if not self.table.offload(key, verdict):
+        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply)):
             self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
         if first_seen:
@@ -306,7 +308,7 @@ class Agent:
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
         self.state.decided(key)
         self.counters.offloaded += 1
-        log.debug("offload %s -> ifindex %d", _fmt(key), path.oif)
+        log.debug("offload %s -> ifindex %d", describe(key), path.oif)
         return Decision.OFFLOAD
 
     def _pass(self, key: FlowKey, why: PassReason) -> Decision:
@@ -315,7 +317,7 @@ class Agent:
             return Decision.WAIT
         self.state.decided(key)
         self.counters.passed[why] += 1
-        log.debug("pass %s: %s", _fmt(key), why)
+        log.debug("pass %s: %s", describe(key), why)
         return Decision.PASS
 
     # -- the sweep -----------------------------------------------------------------------
@@ -324,12 +326,10 @@ class Agent:
         refresh conntrack for flows that carried traffic, pick up pending
         tuples whose ring event was lost."""
         s = self.settings
-        plan = SweepPlan(now_ns=time.monotonic_ns(), sweep_no=self.sweeper.passes + 1,
-                         tcp_idle_ns=s.tcp_timeout * 1_000_000_000,
-                         udp_idle_ns=s.udp_timeout * 1_000_000_000,
-                         timeouts=self.timeouts, interval_s=s.sweep_interval,
-                         dead=self.state.take_dead())
-        result = self.sweeper.run(plan)
+        result = self.sweeper.run(SweepPlan.at(
+            time.monotonic_ns(), self.sweeper.passes + 1, tcp_idle_s=s.tcp_timeout,
+            udp_idle_s=s.udp_timeout, timeouts=self.timeouts, interval_s=s.sweep_interval,
+            dead=self.state.take_dead()))
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
         now = time.monotonic_ns()
@@ -338,10 +338,7 @@ class Agent:
             _guarded(functools.partial(self.decide, key))
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = time.monotonic()
-            c = self.counters
-            log.info("flows offloaded %d, passed %d, torn down %s, conntrack refreshes %d",
-                     c.offloaded, sum(c.passed.values()), dict(c.torn_down) or "none",
-                     self.sweeper.refreshed)
+            log.info("%s, conntrack refreshes %d", self.counters.summary(), self.sweeper.refreshed)
 
     # -- handing flows back --------------------------------------------------------------
     def apply(self, changes: Changes) -> None:
@@ -356,8 +353,7 @@ class Agent:
             self.flush_where_dmac(mac, reason)
 
     def flush_where_dmac(self, mac: bytes, reason: Teardown) -> int:
-        keys = [k for k, v in self.dp.flows.items() if self.rec.dmac(v) == mac]
-        n = self.dp.flows.delete_batch(keys)
+        n = self.table.remove_where_dmac(mac)
         self.counters.torn_down[reason] += n
         return n
 
@@ -367,9 +363,8 @@ class Agent:
         that were offloaded stay with the kernel until they end, so that new
         rules apply to them."""
         if hold:
-            self.state.hold(self.rec.wire(k) for k in self.dp.flows.all_keys())
-        n = self.dp.flows.clear()
-        self.dp.pending.clear()
+            self.state.hold(self.table.wire_ids())
+        n = self.table.clear()
         self.state.clear_waiting()
         self.net.forget_nexthops()
         self.counters.torn_down[reason] += n
@@ -389,10 +384,8 @@ class Agent:
         agent.update(conntrack_refreshes=self.sweeper.refreshed,
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
-        facts = AgentFacts(pid=self.pid, started=self.started, agent=agent,
-                           interfaces=[{"name": a.link.name, "ifindex": a.link.index,
-                                        "hook": a.hook} for a in self.attacher.attached.values()],
-                           latency=self.latencies.percentiles())
+        facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,
+                           self.latencies.percentiles())
         return build_status(self.dp, facts, self.attacher.name_of, limit)
 
 
@@ -407,11 +400,6 @@ def _guarded(call: Callable[[], object]) -> None:
 def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError):
         sock.recv(64)
-
-
-def _fmt(key: FlowKey) -> str:
-    proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
-    return f"{proto} {key.src}:{key.sport} > {key.dst}:{key.dport} on {key.ifindex}"
 
 
 def run_agent(settings: Settings, *, load_settings: Callable[[], Settings] | None = None,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from . import bpfobj
 from .config import network_devices, zone_networks
@@ -42,6 +43,11 @@ class Attacher:
     def hook_of(self, ifindex: int) -> str | None:
         att = self.attached.get(ifindex)
         return att.hook if att else None
+
+    def report(self) -> list[dict[str, Any]]:
+        """The attachments, for status."""
+        return [{"name": a.link.name, "ifindex": a.link.index, "hook": a.hook}
+                for a in self.attached.values()]
 
     def name_of(self, index: int) -> str:
         """A device's name from what is known, without a netlink query (a

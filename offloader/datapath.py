@@ -146,8 +146,8 @@ class Verdict:
     zone: int = 0  # conntrack zone
     assured: bool = False  # conntrack had the entry assured (its timeout class)
 
-    def pack(self, state: int | None = None) -> bytes:
-        """The ofl_flow value: verdict, zero counters, ``state``."""
+    def pack(self, state: int | None = None, last_seen_ns: int = 0) -> bytes:
+        """The ofl_flow value: verdict, zero counters, ``state``, last seen."""
         lay = layout()
         f = lay.new("struct ofl_flow")
         v = f.v
@@ -196,6 +196,7 @@ class Verdict:
         v.csum_l4_addr = _be16(addr_delta)
         v.csum_l4_port = _be16(port_delta)
         f.state = lay.const("OFL_STATE_OFFLOAD") if state is None else state
+        f.last_seen_ns = last_seen_ns
         return lay.to_bytes(f)
 
 
@@ -330,7 +331,8 @@ class Datapath:
     # -- flows ----------------------------------------------------------------
     def offload(self, key: FlowKey, verdict: Verdict) -> None:
         self.add_tx_port(verdict.oif)
-        self.flows.update(key.pack(), verdict.pack())
+        # Stamped now, so a flow that never carries a packet still idles out.
+        self.flows.update(key.pack(), verdict.pack(last_seen_ns=time.monotonic_ns()))
         self.pending.delete(key.pack())
 
     def pending_first_seen(self, key: FlowKey) -> int:

@@ -43,6 +43,12 @@ def key_id(key: FlowKey) -> bytes:
     return tuple_id(key_tuple(key))
 
 
+def describe(key: FlowKey) -> str:
+    """A key for people (logs)."""
+    proto = {6: "tcp", 17: "udp"}.get(key.proto, str(key.proto))
+    return f"{proto} {key.src}:{key.sport} > {key.dst}:{key.dport} on {key.ifindex}"
+
+
 class Seen(enum.Enum):
     """What a ring record asks of the agent."""
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .datapath import Datapath, FlowKey, Verdict
 from .errors import MapError
+from .records import Records
 from .status import Counters
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,10 @@ LOG_EVERY_S = 60.0
 
 
 class FlowTable:
-    def __init__(self, dp: Datapath, counters: Counters) -> None:
+    def __init__(self, dp: Datapath, counters: Counters, rec: Records) -> None:
         self.dp = dp
         self.counters = counters
+        self.rec = rec
         self.evictable: list[bytes] = []  # pass entries the last sweep saw
         self._logged = -LOG_EVERY_S
 
@@ -38,6 +40,22 @@ class FlowTable:
     def mark_pass(self, key: FlowKey) -> bool:
         """Mark ``key`` pass; False when the map is full (it stays pending)."""
         return self._store(lambda: self.dp.mark_pass(key), evict=False)
+
+    def remove_where_dmac(self, mac: bytes) -> int:
+        """Remove the flows sent to ``mac``; how many went."""
+        rec = self.rec
+        return self.dp.flows.delete_batch([k for k, v in self.dp.flows.items()
+                                           if rec.dmac(v) == mac])
+
+    def wire_ids(self) -> list[bytes]:
+        """The connection-direction id of every flow in the map."""
+        return [self.rec.wire(k) for k in self.dp.flows.all_keys()]
+
+    def clear(self) -> int:
+        """Remove every flow and pending tuple; how many flows went."""
+        n = self.dp.flows.clear()
+        self.dp.pending.clear()
+        return n
 
     def _store(self, write: Callable[[], None], *, evict: bool) -> bool:
         for attempt in range(2):

@@ -32,6 +32,10 @@ class Counters:
     map_full: int = 0  # decisions the full flow map could not take
     reconciles: int = 0  # flow map crossed off against a conntrack dump (events lost)
 
+    def summary(self) -> str:
+        return (f"flows offloaded {self.offloaded}, passed {sum(self.passed.values())}, "
+                f"torn down {dict(self.torn_down) or 'none'}")
+
     def report(self) -> dict[str, Any]:
         return {"offloaded": self.offloaded, "passed": sum(self.passed.values()),
                 "passed_by_reason": {str(r): n for r, n in self.passed.items()},

@@ -85,6 +85,12 @@ class SweepPlan:
     interval_s: float  # seconds between sweeps
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
 
+    @classmethod
+    def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
+           timeouts: dict[RefreshClass, int], interval_s: float, dead: set[bytes]) -> SweepPlan:
+        return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
+                   interval_s, dead)
+
     def period_s(self, cls: RefreshClass) -> float:
         """Each class is renewed at a third of its timeout, within [1 s, 60 s]."""
         return max(1.0, min(60.0, self.timeouts[cls] / 3))

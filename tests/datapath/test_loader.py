@@ -4,12 +4,14 @@ attach/detach of both hooks."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import select
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from offloader import bpfobj
-from offloader.datapath import Datapath, FlowKey
+from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
 from offloader.errors import AttachError, MapError, ObjectLoadError
 from tests.nsutil import namespaces, veth
 
@@ -92,6 +94,33 @@ def test_batch_lookup_and_delete(dp: Datapath) -> None:
     assert len(list(dp.flows.keys())) == 500
     assert dp.flows.clear() == 500
     assert dp.flows.lookup(key(1).pack()) is None
+
+
+def test_batch_delete_goes_on_past_a_missing_key(dp: Datapath) -> None:
+    # A key gone in between (a concurrent delete, an LRU eviction) makes the
+    # kernel stop the batch with ENOENT: the keys after it must go too.
+    for i in range(10):
+        dp.mark_pass(key(i))
+    dp.flows.delete(key(3).pack())
+    assert dp.flows.delete_batch([key(i).pack() for i in range(10)]) == 9
+    assert list(dp.flows.keys()) == []
+
+
+def test_an_offloaded_flow_is_stamped_when_written(dp: Datapath) -> None:
+    # Stamped at write time: one that never carries a packet still idles out.
+    before = time.monotonic_ns()
+    v = Verdict(oif=1, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, key=key(1))
+    dp.offload(key(1), v)
+    (entry,) = list(dp.flow_entries())
+    assert before <= entry.last_seen_ns <= time.monotonic_ns()
+
+
+def test_a_full_flow_map_says_so(dp: Datapath) -> None:
+    for i in range(2048):
+        dp.mark_pass(key(i))
+    with pytest.raises(MapError) as exc:
+        dp.mark_pass(key(5000))
+    assert exc.value.errno == errno.E2BIG  # what the agent's flow table looks for
 
 
 def test_map_errors_say_which_map(dp: Datapath) -> None:

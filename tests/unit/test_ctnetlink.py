@@ -55,3 +55,16 @@ def test_truncated_and_patched_messages_never_raise(cut: int, patch: bytes) -> N
     msg = bytearray(ctnetlink.encode_update(1, t, reply=False, timeout=5, liberal=True))
     msg[cut % len(msg) : cut % len(msg) + len(patch)] = patch
     list(ctnetlink.decode(bytes(msg[: max(16, len(msg) - cut)])))
+
+
+def test_dump_request_and_its_end() -> None:
+    msg = ctnetlink.encode_dump(5, socket.AF_INET6)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, seq) == (len(msg), (1 << 8) | 1, 5)  # CTNETLINK, IPCTNL_MSG_CT_GET
+    assert flags == 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+    assert struct.unpack_from("=B", msg, 16)[0] == socket.AF_INET6
+    done = struct.pack("=IHHII", 20, 3, 0x10, 5, 0) + b"\0" * 4  # NLMSG_DONE, NLM_F_DUMP_INTR
+    (end,) = list(ctnetlink.decode(done))
+    assert isinstance(end, ctnetlink.Done) and end.seq == 5 and end.interrupted
+    (clean,) = list(ctnetlink.decode(struct.pack("=IHHII", 20, 3, 0x2, 6, 0) + b"\0" * 4))
+    assert isinstance(clean, ctnetlink.Done) and not clean.interrupted
