@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 
 from . import ctnetlink
 from .conntrack import raw_wire_id
@@ -46,6 +47,12 @@ class Records:
             (self.v_flags, "B"), (self.v_zone, "H"), (self.f_last, "Q"), (self.f_state, "I"),
             (self.f_seen, "I")])
 
+    def key_column(self, kb: bytes, offset: int, code: str) -> Sequence[int]:
+        return column(kb, self.key_size, offset, code)
+
+    def flow_column(self, vb: bytes, offset: int, code: str) -> Sequence[int]:
+        return column(vb, self.flow_size, offset, code)
+
     def raw5(self, raw_key: bytes) -> ctnetlink.Raw5:
         """(proto, src, dst, sport, dport) straight from key bytes, addresses
         packed (4 or 16 bytes): what the ctnetlink encoder takes."""
@@ -63,6 +70,18 @@ class Records:
 
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]
+
+
+def column(buf: bytes, stride: int, offset: int, code: str) -> Sequence[int]:
+    """One field of every ``stride``-byte record in ``buf``, as host-order
+    ints, without a Python step per record: a strided view where the field
+    is aligned to its size (the header's layout), else a struct walk."""
+    size = struct.calcsize(code)
+    if offset % size == 0 and stride % size == 0 and len(buf) % size == 0:
+        view: Sequence[int] = memoryview(buf).cast(code)  # type: ignore[call-overload]
+        return view[offset // size :: stride // size]
+    one = struct_of(stride, [(offset, code)])
+    return [v for (v,) in one.iter_unpack(buf)]
 
 
 def struct_of(size: int, fields: list[tuple[int, str]]) -> struct.Struct:

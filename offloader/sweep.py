@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import operator
 import socket
 import sys
 from collections import Counter
@@ -84,12 +85,25 @@ class SweepPlan:
     timeouts: dict[RefreshClass, int]  # the timeout each class gets
     interval_s: float  # seconds between sweeps
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
+    _due: bytes | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
            timeouts: dict[RefreshClass, int], interval_s: float, dead: set[bytes]) -> SweepPlan:
         return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
                    interval_s, dead)
+
+    def due_table(self) -> bytes:
+        """For each 16-bit port hash, whether any class's slice is due now:
+        built by slice assignment, so testing an entry is one index."""
+        if self._due is None:
+            table = bytearray(1 << 16)
+            for cls in RefreshClass:
+                n = self.slices(cls)
+                start = self.sweep_no % n
+                table[start::n] = b"\x01" * len(range(start, 1 << 16, n))
+            self._due = bytes(table)
+        return self._due
 
     def period_s(self, cls: RefreshClass) -> float:
         """Each class is renewed at a third of its timeout, within [1 s, 60 s]."""
@@ -111,48 +125,84 @@ class SweepResult:
 def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
              result: SweepResult | None = None) -> SweepResult:
     """Classify one batch of the flow map (``kb``: the keys, ``vb``: the
-    values, back to back). Per entry the work is a handful of comparisons:
-    fields come from struct.iter_unpack over the whole batch."""
+    values, back to back). The fields are read as columns (strided views of
+    the batch), and each test is a comprehension over a column, so the
+    Python work per entry is a few bytecodes; entries that need something
+    are then looked at one by one."""
     out = result if result is not None else SweepResult()
     ks = rec.key_size
+    protos = kb[rec.k_proto :: ks]
+    # Ports as the key's bytes read in host order: only compared and hashed.
+    sports = rec.key_column(kb, rec.k_sport, "H")
+    dports = rec.key_column(kb, rec.k_sport + 2, "H")
+    lasts = rec.flow_column(vb, rec.f_last, "Q")
+    seens = rec.flow_column(vb, rec.f_seen, "I")
+    states = rec.flow_column(vb, rec.f_state, "I")
+    n = len(lasts)
+    out.entries += n
+    gone: dict[int, Teardown] = {i: Teardown.TCP_FLAGS for i, s in enumerate(seens) if s}
+    # Idle: older than its protocol's timeout (the looser bound filters first).
     tcp = socket.IPPROTO_TCP
-    dead = plan.dead
-    # Ports as the key struct reads them (host order of network bytes):
-    # a cheap prefilter before the exact wire id is built.
+    cut_tcp, cut_udp = plan.now_ns - plan.tcp_idle_ns, plan.now_ns - plan.udp_idle_ns
+    loose = max(cut_tcp, cut_udp)
+    for i in [i for i, last in enumerate(lasts) if 0 < last < loose]:
+        if i not in gone and lasts[i] < (cut_tcp if protos[i] == tcp else cut_udp):
+            gone[i] = Teardown.IDLE
+    if plan.dead:
+        _destroyed(kb, plan.dead, rec, protos, sports, dports, gone)
+    for i, reason in gone.items():
+        out.remove.append(kb[i * ks : (i + 1) * ks])
+        out.reasons[reason] += 1
+    offload = rec.state_offload
+    if len(out.pass_keys) < PASS_KEYS_KEPT:
+        room = PASS_KEYS_KEPT - len(out.pass_keys)
+        out.pass_keys.extend(kb[i * ks : (i + 1) * ks] for i in
+                             [i for i, st in enumerate(states) if st != offload][:room]
+                             if i not in gone)
+    _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, gone, out)
+    return out
+
+
+def _destroyed(kb: bytes, dead: set[bytes], rec: Records, protos: bytes, sports: Sequence[int],
+               dports: Sequence[int], gone: dict[int, Teardown]) -> None:
+    """Entries of connections conntrack destroyed or closed: a cheap
+    (proto, ports) prefilter, then the exact wire id."""
+    ks = rec.key_size
     dead_ports = {(w[0], int.from_bytes(w[1:3], sys.byteorder),
                    int.from_bytes(w[3:5], sys.byteorder)) for w in dead}
-    due = {cls: plan.sweep_no % plan.slices(cls) for cls in RefreshClass}
-    for i, ((proto, sport, dport), (flags, zone, last, state, seen)) in enumerate(
-            zip(rec.key_fields.iter_unpack(kb), rec.flow_fields.iter_unpack(vb), strict=True)):
-        out.entries += 1
-        raw_key = kb[i * ks : (i + 1) * ks]
-        reason = None
-        if seen:
-            reason = Teardown.TCP_FLAGS
-        elif last and plan.now_ns - last > (plan.tcp_idle_ns if proto == tcp else plan.udp_idle_ns):
-            reason = Teardown.IDLE
-        elif dead_ports and (proto, sport, dport) in dead_ports and rec.wire(raw_key) in dead:
-            reason = Teardown.CT_DESTROYED
-        if reason is not None:
-            out.remove.append(raw_key)
-            out.reasons[reason] += 1
+    for i, t in enumerate(zip(protos, sports, dports, strict=True)):
+        if t in dead_ports and i not in gone and rec.wire(kb[i * ks : (i + 1) * ks]) in dead:
+            gone[i] = Teardown.CT_DESTROYED
+
+
+def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
+               sports: Sequence[int], dports: Sequence[int], lasts: Sequence[int],
+               states: Sequence[int], gone: dict[int, Teardown], out: SweepResult) -> None:
+    """Offloaded flows that carried traffic within their class's period and
+    whose slice of the sweeps is due now (a hash of their ports): each is
+    renewed once per period."""
+    ks, fs = rec.key_size, rec.flow_size
+    slices = {cls: plan.slices(cls) for cls in RefreshClass}
+    due = {cls: plan.sweep_no % n for cls, n in slices.items()}
+    table = plan.due_table()
+    candidates = [i for i, h in enumerate(map(operator.xor, sports, dports)) if table[h]]
+    flags_col = vb[rec.v_flags :: fs]
+    zones = rec.flow_column(vb, rec.v_zone, "H")
+    offload, assured, reply = rec.state_offload, rec.flag_assured, rec.flag_reply
+    tcp = socket.IPPROTO_TCP
+    for i in candidates:
+        last = lasts[i]
+        if states[i] != offload or not last or i in gone:
             continue
-        if state != rec.state_offload:
-            if len(out.pass_keys) < PASS_KEYS_KEPT:
-                out.pass_keys.append(raw_key)
-            continue
-        if not last:
-            continue
-        if proto == tcp:
+        flags = flags_col[i]
+        if protos[i] == tcp:
             cls = RefreshClass.TCP
         else:
-            cls = RefreshClass.UDP if flags & rec.flag_assured else RefreshClass.UDP_NEW
-        # Renew flows that carried traffic within the period, each in its
-        # own slice of the sweeps (a hash of its ports).
-        if (plan.now_ns - last < plan.period_s(cls) * NS
-                and (sport ^ dport) % plan.slices(cls) == due[cls]):
-            out.refresh.append(Refresh(raw_key, bool(flags & rec.flag_reply), zone, cls))
-    return out
+            cls = RefreshClass.UDP if flags & assured else RefreshClass.UDP_NEW
+        if ((sports[i] ^ dports[i]) % slices[cls] == due[cls]
+                and plan.now_ns - last < plan.period_s(cls) * NS):
+            out.refresh.append(Refresh(kb[i * ks : (i + 1) * ks], bool(flags & reply), zones[i],
+                                       cls))
 
 
 class FlowMap(Protocol):
