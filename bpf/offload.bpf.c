@@ -902,4 +902,13 @@ int ofl_tc(struct __sk_buff *skb)
 	return ofl_forward(skb, OFL_HOOK_TC);
 }
 
+/* The layout stamp (offload.h): read from the file by the agent before it
+ * loads anything; libbpf leaves the section alone. */
+#define OFL_LAYOUT_SIZE(s) sizeof(struct s),
+#define OFL_LAYOUT_FIELD(s, f)                                                 \
+	__builtin_offsetof(struct s, f), sizeof(((struct s *)0)->f),
+const __u16 ofl_layout_table[] SEC("ofl_layout") __attribute__((used)) = {
+	OFL_LAYOUT_VERSION, OFL_LAYOUT(OFL_LAYOUT_SIZE, OFL_LAYOUT_FIELD)
+};
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

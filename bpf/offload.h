@@ -179,4 +179,41 @@ enum ofl_stat {
 	OFL_STAT_MAX,
 };
 
+/*
+ * Layout stamp: each struct above as its size, then each field as (offset,
+ * size), in the order listed here, after OFL_LAYOUT_VERSION. The object
+ * carries this table in its "ofl_layout" section (offload.bpf.c; libbpf
+ * skips the section, nothing is loaded); offloader/layout.py builds the same
+ * table with cffi and refuses an object whose table differs: one built from
+ * another version of this header. Python also checks that the list names
+ * every field of every struct above, so it cannot fall behind.
+ */
+#define OFL_LAYOUT_VERSION 1
+#define OFL_LAYOUT(S, F)                                                       \
+	S(ofl_key) F(ofl_key, ifindex) F(ofl_key, vlan_outer)                  \
+	F(ofl_key, vlan_inner) F(ofl_key, pppoe_sid) F(ofl_key, dsa_port)      \
+	F(ofl_key, family) F(ofl_key, proto) F(ofl_key, pad)                   \
+	F(ofl_key, sport) F(ofl_key, dport) F(ofl_key, saddr)                  \
+	F(ofl_key, daddr)                                                      \
+	S(ofl_verdict) F(ofl_verdict, oif) F(ofl_verdict, mtu)                 \
+	F(ofl_verdict, flags) F(ofl_verdict, dsa_proto) F(ofl_verdict, dmac)   \
+	F(ofl_verdict, smac) F(ofl_verdict, vlan_proto)                        \
+	F(ofl_verdict, vlan_tci) F(ofl_verdict, pppoe_sid)                     \
+	F(ofl_verdict, dsa_port) F(ofl_verdict, pad) F(ofl_verdict, nat_sport) \
+	F(ofl_verdict, nat_dport) F(ofl_verdict, nat_saddr)                    \
+	F(ofl_verdict, nat_daddr) F(ofl_verdict, csum_l3)                      \
+	F(ofl_verdict, csum_l4_addr) F(ofl_verdict, csum_l4_port)              \
+	F(ofl_verdict, ct_zone) F(ofl_verdict, pad3)                           \
+	S(ofl_flow) F(ofl_flow, v) F(ofl_flow, packets) F(ofl_flow, bytes)     \
+	F(ofl_flow, last_seen_ns) F(ofl_flow, state) F(ofl_flow, seen)         \
+	S(ofl_pending) F(ofl_pending, first_seen_ns)                           \
+	F(ofl_pending, last_notify_ns) F(ofl_pending, packets)                 \
+	F(ofl_pending, bytes)                                                  \
+	S(ofl_event) F(ofl_event, key) F(ofl_event, pad) F(ofl_event, ts_ns)   \
+	S(ofl_iface) F(ofl_iface, dsa_proto) F(ofl_iface, flags)               \
+	F(ofl_iface, pad)                                                      \
+	S(ofl_config) F(ofl_config, heartbeat_ns)                              \
+	F(ofl_config, heartbeat_timeout_ns) F(ofl_config, renotify_ns)         \
+	F(ofl_config, flags) F(ofl_config, pad)
+
 #endif /* OFFLOAD_H */

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from . import csum
 from .bpfobj import BpfObject, Map, Program, is_bpffs
 from .errors import ObjectLoadError, OffloadError
-from .layout import Layout, layout
+from .layout import Layout, layout, object_stamp, stamp_name
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,24 @@ def pass_value() -> bytes:
     return lay.to_bytes(f)
 
 
+def check_object_layout(path: str) -> None:
+    """Refuse an object built from another version of the shared header: its
+    layout stamp (offload.h, OFL_LAYOUT) must equal the one cffi computes
+    from ours. Checked before libbpf opens the file or anything is pinned."""
+    ours = layout().stamp_table
+    try:
+        theirs = object_stamp(path)
+    except (OSError, struct.error, ValueError) as exc:
+        raise ObjectLoadError(f"{path} is not a BPF object this agent can read ({exc})") from exc
+    if theirs is None:
+        raise ObjectLoadError(f"{path} has no layout stamp: it is not an ebpf-offloader "
+                              "datapath of this version (rebuild it: cmake --build build)")
+    if theirs != ours:
+        raise ObjectLoadError(f"{path} was built from another bpf/offload.h (layout "
+                              f"{stamp_name(theirs)}, this agent's is {stamp_name(ours)}): "
+                              "rebuild the object or install the agent of the same build")
+
+
 def netns_pin_dir(base: Path = Path("/sys/fs/bpf")) -> Path | None:
     """Where this network namespace's agent pins its maps, or None.
 
@@ -271,6 +290,7 @@ class Datapath:
 
     @staticmethod
     def _open(path: str, max_flows: int, pending_flows: int, pin_dir: Path | None) -> BpfObject:
+        check_object_layout(path)
         obj = BpfObject(path)
         try:
             obj.set_max_entries("ofl_flows", max_flows)

@@ -10,8 +10,10 @@ import, which catches a header that cffi and clang read differently.
 from __future__ import annotations
 
 import ast
+import hashlib
 import operator
 import re
+import struct
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -37,6 +39,7 @@ typedef uint16_t __be16; typedef uint32_t __be32;
 _DEFINE = re.compile(r"^#define\s+(OFL_\w+)\s+(.+?)\s*(?:/\*.*)?$")
 _DSA_PROTO = re.compile(r"OFL_DSA_([A-Z0-9]+)")  # not OFL_DSA_PORT_NONE, OFL_DSA_MTK_LEN
 _ASSERT = re.compile(r"_Static_assert\(sizeof\(struct (\w+)\) == (\d+)")
+_LAYOUT_ITEM = re.compile(r"[SF]\((\w+)(?:,\s*(\w+))?\)")
 _BINOPS: dict[type, Any] = {
     ast.LShift: operator.lshift,
     ast.RShift: operator.rshift,
@@ -80,7 +83,7 @@ class Layout:
     """cffi view of the shared header: ``ffi``, constants and struct sizes."""
 
     def __init__(self, path: Path) -> None:
-        raw = path.read_text()
+        raw = path.read_text().replace("\\\n", " ")  # join continued #define lines
         self.path = path
         self.consts: dict[str, int] = {}
         for line in raw.splitlines():
@@ -100,6 +103,37 @@ class Layout:
                 raise OffloadError(f"{path}: struct {name} is {got} bytes to cffi, header says {size}")
         for match in re.finditer(r"enum (\w+)\s*{", raw):
             self.consts.update(self.ffi.typeof(f"enum {match.group(1)}").relements)
+        self.stamp_table = self._stamp_table(raw)
+
+    def _stamp_table(self, raw: str) -> tuple[int, ...]:
+        """The layout stamp of this header (offload.h, OFL_LAYOUT): the
+        version, then per struct its size and each field's (offset, size).
+        Every field of every listed struct must be named in the list."""
+        m = re.search(r"#define OFL_LAYOUT\(S, F\)(.*)", raw)
+        if not m:
+            raise OffloadError(f"{self.path}: no OFL_LAYOUT list")
+        table = [self.consts["OFL_LAYOUT_VERSION"]]
+        listed: dict[str, list[str]] = {}
+        for name, field in _LAYOUT_ITEM.findall(m.group(1)):
+            ctype = f"struct {name}"
+            if not field:
+                listed[name] = []
+                table.append(self.ffi.sizeof(ctype))
+                continue
+            listed[name].append(field)
+            ftype = dict(self.ffi.typeof(ctype).fields)[field].type
+            table += [self.ffi.offsetof(ctype, field), self.ffi.sizeof(ftype)]
+        for name, _ in _ASSERT.findall(raw):
+            fields = [f for f, _ in self.ffi.typeof(f"struct {name}").fields]
+            if listed.get(name) != fields:
+                raise OffloadError(f"{self.path}: OFL_LAYOUT lists {listed.get(name)} for "
+                                   f"struct {name}, which has {fields}")
+        return tuple(table)
+
+    @property
+    def stamp(self) -> str:
+        """A short name of the stamp table, for messages."""
+        return stamp_name(self.stamp_table)
 
     def dsa_protos(self) -> Mapping[str, int]:
         """Switch tag protocols by the kernel's name (sysfs ``dsa/tagging``):
@@ -124,6 +158,34 @@ class Layout:
         obj = self.ffi.new(f"{ctype} *")
         self.ffi.memmove(obj, data, self.ffi.sizeof(ctype))
         return obj
+
+
+def stamp_name(table: tuple[int, ...]) -> str:
+    return hashlib.sha256(struct.pack(f"<{len(table)}H", *table)).hexdigest()[:12]
+
+
+def object_stamp(path: str) -> tuple[int, ...] | None:
+    """The layout stamp table in a BPF object's ``ofl_layout`` section, or
+    None when it has none (an object from before the stamp, or not ours).
+    Read from the ELF file itself: nothing is loaded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64 (BPF objects are)
+        return None
+    end = "<" if data[5] == 1 else ">"
+    shoff, = struct.unpack_from(end + "Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from(end + "3H", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _, _, _, off, size = struct.unpack_from(end + "IIQQQQ", data, shoff + i * shentsize)
+        return name, off, size
+
+    _, str_off, _ = section(shstrndx)
+    for i in range(shnum):
+        name, off, size = section(i)
+        if data[str_off + name : data.index(b"\0", str_off + name)] == b"ofl_layout":
+            return struct.unpack_from(f"{end}{size // 2}H", data, off)
+    return None
 
 
 @cache
