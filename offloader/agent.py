@@ -415,11 +415,15 @@ def run_agent(settings: Settings, *, load_settings: Callable[[], Settings] | Non
         parts = open_parts(stack, settings, handler)
         agent = Agent(settings, parts, load_settings=load_settings)
         agents.append(agent)
+        started = False
         try:
             agent.start()
+            started = parts.pins.keep = True
             if on_ready:
                 on_ready(agent)
             agent.run()
         finally:
+            attached = bool(agent.attacher.attached)
             agent.shutdown()
-            log.info("stopped; programs detached")
+            if started or attached:  # a refused start says only why
+                log.info("stopped; programs detached")

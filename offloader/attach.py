@@ -9,6 +9,7 @@ see a stripped tag); detaching restores what was changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -86,13 +87,17 @@ class Attacher:
         if hook in ("xdp", "xdpgeneric"):
             try:
                 return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, hook), restore)
-            except AttachError:
+            except AttachError as exc:
                 set_features(link.name, restore, True)
-                raise
+                if hook == "xdp" and exc.errno == errno.EOPNOTSUPP:
+                    raise AttachError(f"{link.name}: its driver has no native XDP; use --hook "
+                                      "auto, tc or xdpgeneric", errno=exc.errno) from exc
+                raise AttachError(f"{link.name}: {exc}", errno=exc.errno) from exc
         try:  # auto: native XDP where the driver has it, else TC (faster than generic XDP)
             return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp"), restore)
         except AttachError as exc:
-            log.info("%s: no native XDP (%s), using TC", link.name, exc)
+            log.info("%s: no native XDP (%s), using TC", link.name,
+                     "its driver has none" if exc.errno == errno.EOPNOTSUPP else exc)
             set_features(link.name, restore, True)
             bpfobj.tc_attach(link.index, self.dp.tc)
             return Attached(link, "tc")

@@ -241,7 +241,18 @@ def check_object_layout(path: str) -> None:
                               "rebuild the object or install the agent of the same build")
 
 
-def netns_pin_dir(base: Path = Path("/sys/fs/bpf")) -> Path | None:
+BPFFS = Path("/sys/fs/bpf")
+
+
+def in_root_netns() -> bool:
+    """True in the root network namespace (the one of PID 1)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def netns_pin_dir(base: Path = BPFFS) -> Path | None:
     """Where this network namespace's agent pins its maps, or None.
 
     In the root network namespace (OpenWrt's case) it is
@@ -250,13 +261,8 @@ def netns_pin_dir(base: Path = Path("/sys/fs/bpf")) -> Path | None:
     is not a BPF filesystem (``ip netns exec`` remounts /sys)."""
     if not is_bpffs(base):
         return None
-    own = os.stat("/proc/self/ns/net").st_ino
-    try:
-        root = os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        root = -1
     top = base / "ebpf-offloader"
-    return top if own == root else top / f"netns-{own}"
+    return top if in_root_netns() else top / f"netns-{os.stat('/proc/self/ns/net').st_ino}"
 
 
 class Datapath:

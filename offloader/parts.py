@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 
+from .bpfobj import is_bpffs
 from .config import Settings
 from .conntrack import Conntrack, CtEvents
 from .control import ControlServer
-from .datapath import Datapath, find_object, netns_pin_dir
+from .datapath import BPFFS, Datapath, find_object, in_root_netns, netns_pin_dir
+from .errors import OffloadError
 from .netwatch import NetWatcher
 from .routing import Resolver, rt_event_socket
 
@@ -33,7 +37,55 @@ class Parts:
     ct: Conntrack
     ct_events: CtEvents
     net: NetWatcher
+    pins: PinGuard
 
+
+class PinGuard:
+    """A refused start leaves nothing behind: the pin directories this start
+    creates go again unless the agent ran (``keep``). Pins found in place were
+    another run's, for adoption, and stay."""
+
+    def __init__(self, pin_dir: Path | None) -> None:
+        self.keep = False
+        self.created: list[Path] = []  # deepest first
+        path = pin_dir
+        while path is not None and not path.exists():
+            self.created.append(path)
+            path = path.parent if path.parent != path else None
+
+    def release(self) -> None:
+        if self.keep or not self.created:
+            return
+        shutil.rmtree(self.created[0], ignore_errors=True)
+        for path in self.created[1:]:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only while empty
+
+
+# Capability bits (linux/capability.h).
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def effective_caps(status: str = "/proc/self/status") -> int:
+    with open(status) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_can_run(*, pin: bool = True) -> None:
+    """Refuse at once, with one sentence, what would fail half-way: no
+    privileges to load and attach BPF, or (in the root network namespace,
+    where the maps are pinned so that a restart adopts the flows) no BPF
+    filesystem at /sys/fs/bpf."""
+    caps = effective_caps()
+    if not caps >> CAP_NET_ADMIN & 1 or not (caps >> CAP_BPF & 1 or caps >> CAP_SYS_ADMIN & 1):
+        raise OffloadError("ebpf-offloader run needs root (CAP_BPF or CAP_SYS_ADMIN, and "
+                           "CAP_NET_ADMIN) to load and attach its programs")
+    if pin and in_root_netns() and not is_bpffs(BPFFS):
+        raise OffloadError(f"{BPFFS} is not a BPF filesystem: mount it (mount -t bpf bpf "
+                           f"{BPFFS}) so that the flow maps survive a restart of the agent")
 
 
 def open_parts(stack: contextlib.ExitStack, settings: Settings,
@@ -41,10 +93,14 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     """Open every collaborator, the control socket first: it is the
     single-agent lock, taken before anything pinned or attached is touched.
     Each is closed by ``stack``, also when a later one fails."""
+    check_can_run(pin=pin)
     control = ControlServer(handler, fork_for={"status"}, group=settings.control_group or None)
     stack.callback(control.close)
+    pin_dir = netns_pin_dir() if pin else None
+    pins = PinGuard(pin_dir)
+    stack.callback(pins.release)
     dp = Datapath(find_object(settings.object), max_flows=settings.max_flows,
-                  pending_flows=settings.pending_flows, pin_dir=netns_pin_dir() if pin else None)
+                  pending_flows=settings.pending_flows, pin_dir=pin_dir)
     stack.callback(dp.close)
     resolver = Resolver(IPRoute())
     stack.callback(resolver.close)
@@ -58,4 +114,5 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     stack.callback(rt_sock.close)
     parser = IPRoute()
     stack.callback(parser.close)
-    return Parts(control, dp, resolver, ct, ct_events, NetWatcher(rt_sock, resolver, parser))
+    return Parts(control, dp, resolver, ct, ct_events, NetWatcher(rt_sock, resolver, parser),
+                 pins)
