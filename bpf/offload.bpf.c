@@ -425,7 +425,7 @@ static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 no
  * `seg_len` is the L3 length of one segment (GSO packets in TC).
  */
 static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg, struct ofl_pkt *p,
-						   __u32 seg_len)
+						   __u32 seg_len, const int hook, __u8 if_flags)
 {
 	struct ofl_flow *flow;
 	__u64 now;
@@ -440,7 +440,15 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 
 	flow = bpf_map_lookup_elem(&ofl_flows, &p->key);
 	if (!flow) {
-		ofl_note_pending(&p->key, now, cfg, p->l3_len);
+		/* Hybrid: XDP saw this packet first and noted it already. */
+		if (hook == OFL_HOOK_XDP || !(if_flags & OFL_IF_HYBRID))
+			ofl_note_pending(&p->key, now, cfg, p->l3_len);
+		return NULL;
+	}
+	if (hook == OFL_HOOK_XDP && (flow->v.flags & OFL_V_TC)) {
+		/* Hybrid: a TCP bulk flow, forwarded by TC once GRO has merged
+		 * its segments; TC counts, stamps and checks it. */
+		ofl_count(OFL_STAT_PASS_HYBRID);
 		return NULL;
 	}
 	if (flow->state != OFL_STATE_OFFLOAD) {
@@ -882,7 +890,7 @@ static __always_inline int ofl_forward(void *ctx, const int hook)
 	seg_len = p.l3_len;
 	if (hook == OFL_HOOK_TC && skb->gso_size)
 		seg_len = p.l3l4_hlen + skb->gso_size;
-	flow = ofl_decide(cfg, &p, seg_len);
+	flow = ofl_decide(cfg, &p, seg_len, hook, ifc.flags);
 	if (!flow)
 		return pass;
 	if (hook == OFL_HOOK_TC)

@@ -64,6 +64,7 @@ _Static_assert(sizeof(struct ofl_key) == 52, "ofl_key layout");
 #define OFL_V_DPORT (1U << 3) /* rewrite the destination port to nat_dport */
 #define OFL_V_REPLY (1U << 4) /* agent only: the key is conntrack's reply direction */
 #define OFL_V_ASSURED (1U << 5) /* agent only: conntrack had the entry assured */
+#define OFL_V_TC (1U << 6) /* hybrid hook: TC forwards it after GRO, XDP passes it */
 
 /*
  * What to do with a flow's packets. The agent computes the checksum deltas
@@ -141,6 +142,7 @@ _Static_assert(sizeof(struct ofl_event) == 64, "ofl_event layout");
 
 /* Per-device settings, keyed by ifindex (ofl_ifaces). */
 #define OFL_IF_L3 (1U << 0) /* no L2 header on this device (ppp): TC only */
+#define OFL_IF_HYBRID (1U << 1) /* XDP runs before TC here: TC leaves new tuples to it */
 struct ofl_iface {
 	__u8 dsa_proto; /* frames on this device carry OFL_DSA_* tags */
 	__u8 flags; /* OFL_IF_* */
@@ -176,6 +178,7 @@ enum ofl_stat {
 	OFL_STAT_PASS_UNSUPPORTED, /* encapsulation the hook cannot rewrite */
 	OFL_STAT_REDIRECT,
 	OFL_STAT_REDIRECT_FAIL,
+	OFL_STAT_PASS_HYBRID, /* XDP left an offloaded flow to TC (OFL_V_TC) */
 	OFL_STAT_MAX,
 };
 

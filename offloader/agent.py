@@ -329,7 +329,7 @@ class Agent:
         result = self.sweeper.run(SweepPlan.at(
             time.monotonic_ns(), self.sweeper.passes + 1, tcp_idle_s=s.tcp_timeout,
             udp_idle_s=s.udp_timeout, timeouts=self.timeouts, interval_s=s.sweep_interval,
-            dead=self.state.take_dead()))
+            dead=self.state.take_dead(), hybrid=self.attacher.hybrid()))
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
         now = time.monotonic_ns()
@@ -381,7 +381,7 @@ class Agent:
 
     def status(self, limit: int = 0) -> dict[str, Any]:
         agent = self.counters.report()
-        agent.update(conntrack_refreshes=self.sweeper.refreshed,
+        agent.update(conntrack_refreshes=self.sweeper.refreshed, handed_to_tc=self.sweeper.to_tc,
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,

@@ -29,7 +29,7 @@ VLAN_PARSE_FEATURES = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
 @dataclass
 class Attached:
     link: Link
-    hook: str  # xdp, xdpgeneric, tc
+    hook: str  # xdp, xdpgeneric, tc, hybrid (native XDP and TC)
     restore: tuple[str, ...] = ()  # device features we turned off, to turn back on
 
 
@@ -40,6 +40,10 @@ class Attacher:
         self.dp = dp
         self.resolver = resolver
         self.attached: dict[int, Attached] = {}
+
+    def hybrid(self) -> frozenset[int]:
+        """The devices where XDP and TC are both attached."""
+        return frozenset(i for i, a in self.attached.items() if a.hook == "hybrid")
 
     def hook_of(self, ifindex: int) -> str | None:
         att = self.attached.get(ifindex)
@@ -73,11 +77,12 @@ class Attacher:
             if index not in wanted:
                 self.detach(index)
         for index, point in wanted.items():
-            if point.dsa_proto or point.l3:
-                self.dp.set_iface(index, point.dsa_proto, l3=point.l3)
             if index not in self.attached:
                 self.attached[index] = self._attach(point.link, hook)
                 self.dp.add_tx_port(index)
+            hybrid = self.attached[index].hook == "hybrid"
+            if point.dsa_proto or point.l3 or hybrid:
+                self.dp.set_iface(index, point.dsa_proto, l3=point.l3, hybrid=hybrid)
 
     def _attach(self, link: Link, hook: str) -> Attached:
         if hook == "tc":
@@ -93,14 +98,23 @@ class Attacher:
                     raise AttachError(f"{link.name}: its driver has no native XDP; use --hook "
                                       "auto, tc or xdpgeneric", errno=exc.errno) from exc
                 raise AttachError(f"{link.name}: {exc}", errno=exc.errno) from exc
-        try:  # auto: native XDP where the driver has it, else TC (faster than generic XDP)
-            return Attached(link, bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp"), restore)
+        # hybrid and auto: native XDP where the driver has it, plus TC for
+        # the TCP bulk flows it hands over after GRO; else TC alone (faster
+        # than generic XDP).
+        try:
+            mode = bpfobj.xdp_attach(link.index, self.dp.xdp, "xdp")
         except AttachError as exc:
             log.info("%s: no native XDP (%s), using TC", link.name,
                      "its driver has none" if exc.errno == errno.EOPNOTSUPP else exc)
             set_features(link.name, restore, True)
             bpfobj.tc_attach(link.index, self.dp.tc)
             return Attached(link, "tc")
+        try:
+            bpfobj.tc_attach(link.index, self.dp.tc)
+        except AttachError as exc:
+            log.info("%s: no TC (%s), XDP alone", link.name, exc)
+            return Attached(link, mode, restore)
+        return Attached(link, "hybrid", restore)
 
     def _show_vlan_tags_to_xdp(self, link: Link) -> tuple[str, ...]:
         """A device that strips VLAN tags on receive (rx-vlan-hw-parse) hands
@@ -122,13 +136,15 @@ class Attacher:
 
     def detach(self, index: int) -> None:
         att = self.attached.pop(index)
-        try:
-            if att.hook == "tc":
-                bpfobj.tc_detach(index)
-            else:
-                bpfobj.xdp_detach(index, att.hook)
-        except AttachError as exc:
-            log.warning("detaching from %s: %s", att.link.name, exc)
+        hooks = {"tc": ("tc",), "hybrid": ("tc", "xdp")}.get(att.hook, (att.hook,))
+        for hook in hooks:
+            try:
+                if hook == "tc":
+                    bpfobj.tc_detach(index)
+                else:
+                    bpfobj.xdp_detach(index, hook)
+            except AttachError as exc:
+                log.warning("detaching %s from %s: %s", hook, att.link.name, exc)
         set_features(att.link.name, att.restore, True)
 
     def zone_devices(self, zones: tuple[str, ...]) -> frozenset[int]:

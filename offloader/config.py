@@ -43,7 +43,7 @@ DEFAULT_FIREWALL_PATH = "/etc/config/firewall"
 # The uci section type that holds the agent's settings.
 SECTION_TYPE = "offloader"
 
-HOOKS = ("auto", "xdp", "xdpgeneric", "tc")
+HOOKS = ("auto", "xdp", "xdpgeneric", "tc", "hybrid")
 OFFLOAD_UDP_MODES = ("yes", "assured", "no")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -466,7 +466,7 @@ class Settings:
         doc="whether the OpenWrt service starts the agent (`run` itself ignores it)")
     hook: str = _option(
         "auto", _to_word, _one_of(HOOKS),
-        doc="where the datapath attaches: auto, xdp, xdpgeneric or tc")
+        doc="where the datapath attaches: auto, xdp, xdpgeneric, tc or hybrid")
     interfaces: tuple[str, ...] = _option(
         (), _to_word, _names(_IFNAME_RE, "interface name"), many=True,
         empty="(none: the devices of network lan and wan)",

@@ -342,15 +342,18 @@ class Datapath:
     def add_tx_port(self, ifindex: int) -> None:
         self.tx_ports.update(ifindex.to_bytes(4, "little"), ifindex.to_bytes(4, "little"))
 
-    def set_iface(self, ifindex: int, dsa_proto: int = 0, *, l3: bool = False) -> None:
-        """Per-device settings: the DSA tag protocol its frames carry, or
-        ``l3`` for a device without an L2 header (ppp; TC only)."""
+    def set_iface(self, ifindex: int, dsa_proto: int = 0, *, l3: bool = False,
+                  hybrid: bool = False) -> None:
+        """Per-device settings: the DSA tag protocol its frames carry,
+        ``l3`` for a device without an L2 header (ppp; TC only), ``hybrid``
+        where XDP and TC are both attached (TC leaves new tuples to XDP)."""
         lay = self.layout
         ifc = lay.new("struct ofl_iface")
         ifc.dsa_proto = dsa_proto
-        ifc.flags = lay.const("OFL_IF_L3") if l3 else 0
+        ifc.flags = ((lay.const("OFL_IF_L3") if l3 else 0)
+                     | (lay.const("OFL_IF_HYBRID") if hybrid else 0))
         self.ifaces.update(ifindex.to_bytes(4, "little"), lay.to_bytes(ifc))
-        if dsa_proto or l3:
+        if dsa_proto or l3 or hybrid:
             self._cfg_flags |= lay.const("OFL_CFG_IFACES")
             self.heartbeat()
 

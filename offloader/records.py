@@ -37,6 +37,17 @@ class Records:
         self.v_dmac = ffi.offsetof("struct ofl_verdict", "dmac")
         self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
         self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+        self.k_ifindex = ffi.offsetof("struct ofl_key", "ifindex")
+        self.k_vlan = ffi.offsetof("struct ofl_key", "vlan_outer")
+        self.k_pppoe = ffi.offsetof("struct ofl_key", "pppoe_sid")
+        self.k_dsa_port = ffi.offsetof("struct ofl_key", "dsa_port")
+        self.f_packets = ffi.offsetof("struct ofl_flow", "packets")
+        self.f_bytes = ffi.offsetof("struct ofl_flow", "bytes")
+        self.v_vlan = ffi.offsetof("struct ofl_verdict", "vlan_proto")
+        self.v_pppoe = ffi.offsetof("struct ofl_verdict", "pppoe_sid")
+        self.v_dsa = ffi.offsetof("struct ofl_verdict", "dsa_proto")
+        self.flag_tc = consts["OFL_V_TC"]
+        self.dsa_port_none = consts["OFL_DSA_PORT_NONE"]
         self.key_size = ffi.sizeof("struct ofl_key")
         self.flow_size = ffi.sizeof("struct ofl_flow")
         # (proto, sport, dport) of a key; (verdict flags, conntrack zone,
@@ -67,6 +78,20 @@ class Records:
 
     def zone(self, raw_flow: bytes) -> int:
         return int.from_bytes(raw_flow[self.v_zone : self.v_zone + 2], "little")
+
+    def tc_can_forward(self, raw_key: bytes, raw_flow: bytes) -> bool:
+        """No encapsulation on either side: TC forwards GSO packets of such
+        a flow whole (it cannot strip PPPoE or switch tags on a lowest
+        device, nor push headers onto a GSO packet)."""
+        k, f = raw_key, raw_flow
+        return (not any(k[self.k_vlan : self.k_vlan + 2]) and not any(k[self.k_pppoe : self.k_pppoe + 2])
+                and k[self.k_dsa_port] == self.dsa_port_none
+                and not any(f[self.v_vlan : self.v_vlan + 2])
+                and not any(f[self.v_pppoe : self.v_pppoe + 2]) and not f[self.v_dsa])
+
+    def with_flags(self, raw_flow: bytes, add: int) -> bytes:
+        i = self.v_flags
+        return raw_flow[:i] + bytes([raw_flow[i] | add]) + raw_flow[i + 1 :]
 
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]

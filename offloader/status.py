@@ -88,6 +88,7 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
     when given (counts always cover every flow)."""
     now_ns = time.monotonic_ns()
     offload_state = layout().consts["OFL_STATE_OFFLOAD"]
+    v_flags, to_tc = layout().ffi.offsetof("struct ofl_verdict", "flags"), layout().const("OFL_V_TC")
     flows: list[dict[str, Any]] = []
     for e in dp.flow_entries():
         offloaded = e.state == offload_state
@@ -96,6 +97,8 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
         if offloaded:
             row["out_dev"] = name_of(e.oif)
             row["nat"] = nat_of(e.raw)
+            # Which hook forwards it: TC after GRO for a hybrid bulk flow.
+            row["via"] = "tc" if e.raw[v_flags] & to_tc else None
         flows.append(row)
     for key, _first, packets, nbytes in dp.pending_entries():
         flows.append(flow_row(key, "pending", packets, nbytes, name_of))

@@ -17,6 +17,7 @@ the next tick tries again.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import operator
@@ -29,14 +30,17 @@ from pathlib import Path
 from typing import Protocol
 
 from . import ctnetlink
+from .bpfobj import BPF_EXIST
 from .decision import Teardown
-from .errors import OffloadError
+from .errors import MapError, OffloadError
 from .records import Records
 
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
 PASS_KEYS_KEPT = 4096  # pass entries remembered as room for offloadable flows
+BULK_BYTES = 1 << 20  # hybrid: a TCP flow that carried this much ...
+BULK_PACKET = 1000  # ... in packets this large on average is bulk: TC forwards it
 
 
 class RefreshClass(enum.Enum):
@@ -85,13 +89,15 @@ class SweepPlan:
     timeouts: dict[RefreshClass, int]  # the timeout each class gets
     interval_s: float  # seconds between sweeps
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
+    hybrid: frozenset[int] = frozenset()  # ingress devices with XDP and TC (hybrid hook)
     _due: bytes | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
-           timeouts: dict[RefreshClass, int], interval_s: float, dead: set[bytes]) -> SweepPlan:
+           timeouts: dict[RefreshClass, int], interval_s: float, dead: set[bytes],
+           hybrid: frozenset[int] = frozenset()) -> SweepPlan:
         return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
-                   interval_s, dead)
+                   interval_s, dead, hybrid)
 
     def due_table(self) -> bytes:
         """For each 16-bit port hash, whether any class's slice is due now:
@@ -119,6 +125,7 @@ class SweepResult:
     reasons: Counter[Teardown] = field(default_factory=Counter)
     refresh: list[Refresh] = field(default_factory=list)
     pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
+    to_tc: list[tuple[bytes, bytes]] = field(default_factory=list)  # hybrid: (key, new value)
     entries: int = 0
 
 
@@ -160,7 +167,30 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
                              [i for i, st in enumerate(states) if st != offload][:room]
                              if i not in gone)
     _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, gone, out)
+    if plan.hybrid:
+        _bulk_to_tc(kb, vb, plan, rec, protos, states, gone, out)
     return out
+
+
+def _bulk_to_tc(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
+                states: Sequence[int], gone: dict[int, Teardown], out: SweepResult) -> None:
+    """Hybrid hook: a TCP flow that has carried BULK_BYTES in packets of at
+    least BULK_PACKET bytes on average is a bulk transfer; from now on XDP
+    passes it, GRO merges its segments and TC forwards the merged packet.
+    Everything else stays in XDP. Decided from the flow's own counters."""
+    ks, fs = rec.key_size, rec.flow_size
+    nbytes = rec.flow_column(vb, rec.f_bytes, "Q")
+    packets = rec.flow_column(vb, rec.f_packets, "Q")
+    flags_col = vb[rec.v_flags :: fs]
+    ifindexes = rec.key_column(kb, rec.k_ifindex, "I")
+    tcp, offload, to_tc = socket.IPPROTO_TCP, rec.state_offload, rec.flag_tc
+    for i in [i for i, b in enumerate(nbytes) if b >= BULK_BYTES]:
+        if (protos[i] != tcp or states[i] != offload or flags_col[i] & to_tc or i in gone
+                or nbytes[i] < BULK_PACKET * packets[i] or ifindexes[i] not in plan.hybrid):
+            continue
+        raw_key, raw_flow = kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs]
+        if rec.tc_can_forward(raw_key, raw_flow):
+            out.to_tc.append((raw_key, rec.with_flags(raw_flow, to_tc)))
 
 
 def _destroyed(kb: bytes, dead: set[bytes], rec: Records, protos: bytes, sports: Sequence[int],
@@ -208,6 +238,7 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byte
 class FlowMap(Protocol):
     def batches(self) -> Iterator[tuple[bytes, bytes, int]]: ...
     def delete_batch(self, keys: list[bytes]) -> int: ...
+    def update(self, key: bytes, value: bytes, flags: int = ...) -> None: ...
 
 
 class Keepalive(Protocol):
@@ -228,6 +259,7 @@ class Sweeper:
         self.passes = 0
         self.failures = 0
         self.refreshed = 0
+        self.to_tc = 0  # flows handed to TC (hybrid)
 
     def run(self, plan: SweepPlan) -> SweepResult:
         self.passes += 1
@@ -241,6 +273,12 @@ class Sweeper:
                      for r in result.refresh]
             if items:
                 self.refreshed += self.ct.refresh_many(items, [r.raw_key for r in result.refresh])
+            for raw_key, raw_flow in result.to_tc:
+                # Rewritten whole: the packets counted since the batch was
+                # read are lost from the counters (a few, once per flow).
+                with contextlib.suppress(MapError):  # gone meanwhile
+                    self.flows.update(raw_key, raw_flow, BPF_EXIST)
+                    self.to_tc += 1
             # A refresh that found no entry: conntrack forgot the connection
             # (its DESTROY event was lost): the flow must not bypass the
             # firewall any longer.

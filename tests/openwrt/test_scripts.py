@@ -155,7 +155,7 @@ def test_first_offloader_section_decides(sandbox: Sandbox) -> None:
 
 def test_start_refuses_bad_config_and_logs(sandbox: Sandbox) -> None:
     sandbox.uci("ebpf-offloader", ENABLED)
-    message = "/etc/config/ebpf-offloader:3: hook: 'tcp' is not one of auto, xdp, xdpgeneric, tc"
+    message = "/etc/config/ebpf-offloader:3: hook: 'tcp' is not one of auto, xdp, xdpgeneric, tc, hybrid"
     sandbox.set_fake("ebpf-offloader", err=message, rc=2)
     run = sandbox.init("start")
     assert run.returncode != 0

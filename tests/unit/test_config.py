@@ -181,7 +181,7 @@ def test_replace_revalidates_like_a_cli_override() -> None:
     with pytest.raises(ConfigError) as info:
         dataclasses.replace(s, hook="xdpdrv")
     assert info.value.option == "hook"
-    assert str(info.value) == "hook: 'xdpdrv' is not one of auto, xdp, xdpgeneric, tc"
+    assert str(info.value) == "hook: 'xdpdrv' is not one of auto, xdp, xdpgeneric, tc, hybrid"
 
 
 @pytest.mark.parametrize(
@@ -703,7 +703,7 @@ def test_overrides_convert_and_check_like_the_file() -> None:
         ("max_flows", "max_flows", "command line: max_flows: expected OPTION=VALUE"),
         ("max_flow=1", "max_flow", "command line: max_flow: unknown option"),
         ("exclude_zones=guest", "exclude_zones", "command line: exclude_zones: unknown option"),
-        ("hook=warp", "hook", "command line: hook: 'warp' is not one of auto, xdp, xdpgeneric, tc"),
+        ("hook=warp", "hook", "command line: hook: 'warp' is not one of auto, xdp, xdpgeneric, tc, hybrid"),
         ("tcp_timeout=x", "tcp_timeout", "command line: tcp_timeout: 'x' is not an integer"),
         ("interfaces=a a", "interfaces", "command line: interfaces: 'a' is given twice"),
     ],

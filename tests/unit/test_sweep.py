@@ -186,3 +186,40 @@ def test_a_failed_pass_is_logged_never_raised(caplog: pytest.LogCaptureFixture) 
     result = sw.run(plan())
     assert sw.failures == 1 and result.remove == []
     assert "sweep failed" in caplog.text
+
+
+def counted(raw: bytes, packets: int, nbytes: int) -> bytes:
+    lay = layout()
+    f = lay.from_bytes("struct ofl_flow", raw)
+    f.packets, f.bytes = packets, nbytes
+    return lay.to_bytes(f)
+
+
+@pytest.mark.parametrize("proto, packets, nbytes, ingress, to_tc", [
+    (6, 1000, 1_400_000, 2, True),  # TCP bulk on a hybrid device
+    (6, 1000, 900_000, 2, False),  # not enough bytes yet
+    (6, 5000, 1_400_000, 2, False),  # small packets: stays in XDP
+    (17, 1000, 1_400_000, 2, False),  # UDP stays in XDP
+    (6, 1000, 1_400_000, 9, False),  # ingress device is not hybrid
+])
+def test_hybrid_hands_tcp_bulk_to_tc(proto: int, packets: int, nbytes: int, ingress: int,
+                                     to_tc: bool) -> None:
+    k = key(proto).replace(ifindex=ingress)
+    raw = counted(flow(k), packets, nbytes)
+    p = plan()
+    p.hybrid = frozenset({2})
+    r = run([(k, raw)], p)
+    assert bool(r.to_tc) is to_tc
+    if to_tc:
+        ((rk, rv),) = r.to_tc
+        assert rk == k.pack() and rv[REC.v_flags] & REC.flag_tc
+        assert rv[: REC.v_flags] + rv[REC.v_flags + 1 :] == raw[: REC.v_flags] + raw[REC.v_flags + 1 :]
+        # Once marked, it is not handed over again.
+        assert run([(k, rv)], p).to_tc == []
+
+
+def test_hybrid_keeps_encapsulated_flows_in_xdp() -> None:
+    k = key(6).replace(pppoe_sid=7)
+    p = plan()
+    p.hybrid = frozenset({2})
+    assert run([(k, counted(flow(k), 1000, 1_400_000))], p).to_tc == []
