@@ -36,6 +36,7 @@ MAP_NAMES = ("ofl_flows", "ofl_pending", "ofl_events", "ofl_tx_ports", "ofl_ifac
 OBJECT_SEARCH = (
     "/lib/bpf/ebpf-offloader.o",
     "/usr/lib/ebpf-offloader/offload.bpf.o",
+    str(Path(__file__).resolve().parent / "offload.bpf.o"),  # in a wheel (setup.py builds it)
     str(Path(__file__).resolve().parent.parent / "build" / "offload.bpf.o"),
 )
 
@@ -49,7 +50,8 @@ def find_object(explicit: str = "") -> str:
         if candidate and candidate == explicit:
             raise OffloadError(f"BPF object {explicit} does not exist")
     raise OffloadError("BPF object not found: build it (cmake -S . -B build && cmake --build build)"
-                       f" or pass --object; looked in {', '.join(OBJECT_SEARCH)}")
+                       " or point at it with --object PATH or EBPF_OFFLOADER_OBJECT=PATH;"
+                       f" looked in {', '.join(OBJECT_SEARCH)}")
 
 
 def _ip_words(addr: IPAddress) -> bytes:
