@@ -14,15 +14,20 @@ IMG = ROOT / "docs" / "img"
 MODES = [("slow_path", "kernel slow path (netfilter + masquerade)"),
          ("offload_xdp", "offloaded, XDP"),
          ("offload_tc", "offloaded, TC"),
-         ("ceiling", "ceiling (bare XDP MAC rewrite + redirect)")]
+         ("offload_hybrid", "offloaded, hybrid (XDP, TC for TCP bulk)"),
+         ("ceiling", "ceiling (bare XDP MAC rewrite + redirect)"),
+         ("ceiling_tc", "TC ceiling (bare clsact MAC rewrite + bpf_redirect)")]
 
 FRAMES = {
     "slow_path": "skbs; with TSO/GSO on the sender, 64 KB GSO packets",
     "offload_xdp": "xdp_buffs built from the sender's skbs (veth); MTU-sized frames only, "
                    "attaching XDP turns TSO off on the sender's veth",
     "offload_tc": "skbs at clsact ingress; GSO packets forwarded whole",
+    "offload_hybrid": "as XDP for this UDP test (only TCP bulk flows go to TC)",
     "ceiling": "xdp_buffs, as XDP",
+    "ceiling_tc": "skbs, as TC",
 }
+TCP_MODES = ["slow_path", "offload_xdp", "offload_tc", "offload_hybrid"]
 
 
 def _f(v: Any, nd: int = 2) -> str:
@@ -59,7 +64,7 @@ def _plots(r: dict[str, Any]) -> list[str]:
         made.append("bench-router-cost.png")
     if "tcp" in r:
         t = r["tcp"]
-        modes = ["slow_path", "offload_xdp", "offload_tc"]
+        modes = TCP_MODES
         variants = [v for v in ("default", "mtu_frames") if f"slow_path_{v}_gbps" in t]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         w = 0.8 / len(variants)
@@ -135,6 +140,9 @@ def write(r: dict[str, Any]) -> Path:
         if r.get("offload_xdp_vs_ceiling") is not None:
             L.append(f"\nXDP offload reaches {r['offload_xdp_vs_ceiling'] * 100:.0f}% of the ceiling "
                      "(median rounds).")
+        if r.get("offload_tc_vs_ceiling_tc") is not None:
+            L.append(f"TC offload reaches {r['offload_tc_vs_ceiling_tc'] * 100:.0f}% of the TC ceiling "
+                     "(`bench/ceiling_tc.bpf.c`, median rounds).")
         for m, label in MODES:
             rounds = (r["router"].get(m) or {}).get("rounds_pps_per_router_cpu_s") or []
             if len(rounds) > 1 and min(rounds) > 0 and max(rounds) / min(rounds) > 1.5:
@@ -157,17 +165,30 @@ def write(r: dict[str, Any]) -> Path:
         L.append("`default`: the sender's default offloads (TSO, GSO, tx checksum on) for the slow path and TC; "
                  "for XDP the lab's tx checksum off stays, because an XDP redirect into a veth loses "
                  "CHECKSUM_PARTIAL (a physical NIC delivers complete checksums), and attaching XDP turns TSO off "
-                 "on the sender's veth anyway. `mtu_frames`: TSO/GSO/tx checksum off everywhere.\n")
-        L.append("| mode | variant | Gbit/s | vs slow path | packets netfilter saw | packets the offloaded flow counted |")
-        L.append("|---|---|---:|---:|---:|---:|")
+                 "on the sender's veth anyway (hybrid likewise, since its flows start in XDP). "
+                 "`mtu_frames`: the senders' TSO/GSO/tx checksum off, GRO on at the router's LAN port, as "
+                 "frames arrive off a real wire; router CPU-seconds per GB come from that variant (the LAN "
+                 "port's NAPI kthread, threaded and pinned; with GSO packets from the sender a veth skips "
+                 "NAPI, so the default variant has no such figure).\n")
+        L.append("| mode | variant | Gbit/s | vs slow path | router CPU s per GB | vs slow path | "
+                 "packets netfilter saw | packets the offloaded flow counted |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for v in ("default", "mtu_frames"):
             b = t.get(f"slow_path_{v}_gbps")
-            for m in ("slow_path", "offload_xdp", "offload_tc"):
+            cb = t.get(f"slow_path_{v}_cpu_s_per_gb")
+            for m in TCP_MODES:
                 g = t.get(f"{m}_{v}_gbps")
                 if g is None:
                     continue
-                L.append(f"| {m} | {v} | {g:.2f} | {g / b:.2f}x | {_f(t.get(f'{m}_{v}_netfilter_packets'))} | "
+                c = t.get(f"{m}_{v}_cpu_s_per_gb") if v == "mtu_frames" else None
+                L.append(f"| {m} | {v} | {g:.2f} | {g / b:.2f}x | {_f(c, 3)} | "
+                         f"{_f(c / cb if c and cb else None)}{'x' if c and cb else ''} | "
+                         f"{_f(t.get(f'{m}_{v}_netfilter_packets'))} | "
                          f"{_f(t.get(f'{m}_{v}_offloaded_packets', 'n/a'))} |")
+        L.append("\nOn veth the hybrid hook cannot show its gain: XDP on a veth turns every arriving "
+                 "skb into an xdp_buff (a copy when the sender left too little headroom) also for the "
+                 "frames it passes to GRO and TC, so hybrid pays XDP's per-frame cost and TC's per-packet "
+                 "cost. On a NIC with native XDP, passing a frame costs one lookup.")
         if "bench-tcp.png" in made:
             L.append("\n![tcp](img/bench-tcp.png)\n")
     if "hit_path" in r:

@@ -150,6 +150,14 @@ def ceiling_attach(topo: Topology, obj: Path) -> None:
                      struct.pack("<I", tools.ifindex_of(r, "wan0")), host=r)
 
 
+def ceiling_tc_attach(topo: Topology, obj: Path) -> None:
+    r = topo.router
+    prog = tools.tc_attach(r, LAN_PORT, obj)
+    cfg = (tools.mac_of(topo.wan, "eth0") + tools.mac_of(r, "wan0")
+           + struct.pack("<I", tools.ifindex_of(r, "wan0")))
+    tools.map_update(tools.prog_maps(prog)["ceiling_tc_cfg"], struct.pack("<I", 0), cfg)
+
+
 def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
                    rounds: int = 3) -> dict[str, Any]:
     """Each mode ``rounds`` times, interleaved (slow path, ceiling, XDP, TC,
@@ -173,7 +181,13 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
                     router_cost(topo, bins, "ceiling", per_round, count, base + 1))
             finally:
                 tools.xdp_detach(topo.router, LAN_PORT)
-            for hook, sport in (("xdp", base + 2), ("tc", base + 3)):
+            ceiling_tc_attach(topo, bins["ceiling_tc"])
+            try:
+                runs.setdefault("ceiling_tc", []).append(
+                    router_cost(topo, bins, "ceiling_tc", per_round, count, base + 4))
+            finally:
+                tools.tc_detach(topo.router, LAN_PORT)
+            for hook, sport in (("xdp", base + 2), ("tc", base + 3), ("hybrid", base + 5)):
                 with Agent(topo, hook) as agent:
                     blast(topo, bins["blast"], sport=sport, count=20, rate=100, seconds=2)
                     n = wait_offloaded(agent, 1)
@@ -206,37 +220,60 @@ def sender_offloads(topo: Topology, on: bool) -> None:
         topo.lan1.sh("ethtool -K eth0 tx off >/dev/null 2>&1", check=False)
 
 
-def measure_tcp(topo: Topology, seconds: float, full: bool) -> dict[str, Any]:
-    """Default offloads: TSO/GSO/tx checksum on the sender for the slow path
-    and TC; for XDP the lab's tx off stays (an XDP redirect into veth loses
-    CHECKSUM_PARTIAL), and attaching XDP turns TSO off on the sender's veth
-    anyway. ``full`` adds every mode with TSO/GSO off (MTU-sized frames)."""
+TCP_MODES = ("slow_path", "offload_xdp", "offload_tc", "offload_hybrid")
+
+
+def measure_tcp(topo: Topology, seconds: float) -> dict[str, Any]:
+    """Two variants per mode. ``default``: TSO/GSO/tx checksum on the sender
+    for the slow path and TC; for XDP and hybrid the lab's tx off stays (an
+    XDP redirect into veth loses CHECKSUM_PARTIAL), and attaching XDP turns
+    TSO off on the sender's veth anyway: throughput. ``mtu_frames``: the
+    senders' TSO/GSO off, GRO on at the router, as frames arrive off a real
+    wire: router CPU-seconds per GB forwarded, from the LAN port's NAPI
+    kthread (threaded, pinned), the WAN host's receive work in a kthread of
+    its own."""
     out: dict[str, Any] = {}
-    variants = [("default", True)] + ([("mtu_frames", False)] if full else [])
-    for variant, offl in variants:
-        for mode in ("slow_path", "offload_xdp", "offload_tc"):
-            sender_offloads(topo, offl and mode != "offload_xdp")
+    for variant, offl in (("default", True), ("mtu_frames", False)):
+        for mode in TCP_MODES:
+            # XDP (hybrid: before the hand-over) redirects what the sender's
+            # veth leaves CHECKSUM_PARTIAL unfinished: its tx checksum stays off.
+            sender_offloads(topo, offl and mode not in ("offload_xdp", "offload_hybrid"))
+            # GRO at the router's LAN port, as on a real NIC; it also puts the
+            # veth's receive path in NAPI, whose kthread is the router's cost.
+            topo.router.sh(f"ethtool -K {LAN_PORT} gro on >/dev/null")
+            napi = tools.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
+            tools.threaded_napi(topo.wan, "eth0", SENDER_CPU)
             try:
                 if mode == "slow_path":
                     fwd0 = topo.nft_counter("fwd_established")[0]
+                    c0 = tools.thread_run_s(napi)
                     g = iperf(topo, seconds)
+                    cpu = tools.thread_run_s(napi) - c0
                     seen = topo.nft_counter("fwd_established")[0] - fwd0
                 else:
                     hook = mode.split("_")[1]
                     with Agent(topo, hook) as agent:
                         fwd0 = topo.nft_counter("fwd_established")[0]
+                        c0 = tools.thread_run_s(napi)
                         g = iperf(topo, seconds)
+                        cpu = tools.thread_run_s(napi) - c0
                         seen = topo.nft_counter("fwd_established")[0] - fwd0
                         st = agent.status()
                         tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
                         big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
                         out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
                         out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
+                gb = g * seconds / 8
                 out[f"{mode}_{variant}_gbps"] = round(g, 3)
                 out[f"{mode}_{variant}_netfilter_packets"] = seen
-                log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, netfilter saw {seen} packets")
+                out[f"{mode}_{variant}_router_cpu_s"] = round(cpu, 3)
+                out[f"{mode}_{variant}_cpu_s_per_gb"] = round(cpu / gb, 4) if gb else None
+                log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, router CPU {cpu:.2f} s "
+                    f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
             finally:
                 sender_offloads(topo, False)
+                tools.unthread_napi(topo.router, LAN_PORT)
+                tools.unthread_napi(topo.wan, "eth0")
     return out
 
 
@@ -363,26 +400,27 @@ def main(argv: list[str] | None = None) -> int:
             if "router" in only:
                 r = measure_router(topo, bins, 6.0 if q else 15.0)
                 result["router"] = r
-                for mode in ("slow_path", "offload_xdp", "offload_tc", "ceiling"):
+                for mode in ("slow_path", "offload_xdp", "offload_tc", "offload_hybrid",
+                             "ceiling", "ceiling_tc"):
                     result[f"{mode}_pps"] = round(r[mode]["pps_per_router_cpu_s"])
                     result[f"{mode}_delivered_pps"] = round(r[mode]["delivered_pps"])
                     result[f"{mode}_ns_per_packet"] = r[mode]["ns_per_packet"]
             if "tcp" in only:
-                t = measure_tcp(topo, 4.0 if q else 10.0, full=not q)
+                t = measure_tcp(topo, 4.0 if q else 10.0)
                 result["tcp"] = t
-                for mode in ("slow_path", "offload_xdp", "offload_tc"):
+                for mode in TCP_MODES:
                     result[f"{mode}_tcp_gbps"] = t[f"{mode}_default_gbps"]
+                    result[f"{mode}_tcp_cpu_s_per_gb"] = t[f"{mode}_mtu_frames_cpu_s_per_gb"]
             if "setup" in only:
                 s = measure_setup(topo, bins, 1000, 400.0,
-                                  [] if q else [1000.0, 2000.0, 5000.0, 10000.0])
+                                  [5000.0, 10000.0, 20000.0] if q
+                                  else [1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 30000.0])
                 result["setup"] = s
                 result["setup_latency_ms_p50"] = s["latency_ms"].get("p50")
                 result["setup_latency_ms_p99"] = s["latency_ms"].get("p99")
-                if not q:
-                    result["new_flows_per_s_sustained"] = s["sustained_rate_per_s"]
+                result["new_flows_per_s_sustained"] = s["sustained_rate_per_s"]
             if "agent" in only:
-                a = measure_agent(topo, bins, [1000, 10000] if q else [1000, 10000, 100000],
-                                  5.0 if q else 45.0)
+                a = measure_agent(topo, bins, [1000, 10000, 100000], 5.0 if q else 45.0)
                 result["agent"] = a
                 result["agent_rss_mb"] = round(max(x["rss_mb"] for x in a), 1)
                 for x in a:
@@ -412,13 +450,20 @@ def main(argv: list[str] | None = None) -> int:
 def _ratios(r: dict[str, Any]) -> None:
     base = r.get("slow_path_pps")
     if base:
-        for m in ("offload_xdp", "offload_tc", "ceiling"):
+        for m in ("offload_xdp", "offload_tc", "offload_hybrid", "ceiling", "ceiling_tc"):
             if r.get(f"{m}_pps"):
                 r[f"{m}_vs_slow_path"] = round(r[f"{m}_pps"] / base, 3)
         if r.get("ceiling_pps") and r.get("offload_xdp_pps"):
             r["offload_xdp_vs_ceiling"] = round(r["offload_xdp_pps"] / r["ceiling_pps"], 3)
+        if r.get("ceiling_tc_pps") and r.get("offload_tc_pps"):
+            r["offload_tc_vs_ceiling_tc"] = round(r["offload_tc_pps"] / r["ceiling_tc_pps"], 3)
     tb = r.get("slow_path_tcp_gbps")
     if tb:
-        for m in ("offload_xdp", "offload_tc"):
+        for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
             if r.get(f"{m}_tcp_gbps") is not None:
                 r[f"{m}_tcp_vs_slow_path"] = round(r[f"{m}_tcp_gbps"] / tb, 3)
+    cb = r.get("slow_path_tcp_cpu_s_per_gb")
+    if cb:
+        for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
+            if r.get(f"{m}_tcp_cpu_s_per_gb") is not None:
+                r[f"{m}_tcp_cpu_per_gb_vs_slow_path"] = round(r[f"{m}_tcp_cpu_s_per_gb"] / cb, 3)

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ def build() -> dict[str, Path]:
     arch = sh("gcc -print-multiarch").strip()
     out = {"blast": OUT / "blast"}
     sh(f"gcc -O2 -Wall -o {out['blast']} {HERE / 'blast.c'}")
-    for name in ("count", "ceiling"):
+    for name in ("count", "ceiling", "ceiling_tc"):
         out[name] = OUT / f"{name}.bpf.o"
         sh(f"clang -O2 -g -target bpf -I/usr/include/{arch} -c {HERE / (name + '.bpf.c')} -o {out[name]}")
     obj = ROOT / "build" / "offload.bpf.o"
@@ -119,6 +120,21 @@ def xdp_attach(host: Host, dev: str, obj: Path, section: str = "xdp") -> int:
 
 def xdp_detach(host: Host, dev: str) -> None:
     host.sh(f"ip link set dev {dev} xdpdrv off", check=False)
+
+
+def tc_attach(host: Host, dev: str, obj: Path, section: str = "tc") -> int:
+    """A clsact ingress filter from ``obj``; returns its program id."""
+    host.sh(f"tc qdisc add dev {dev} clsact", check=False)  # the agent may have left it
+    host.sh(f"tc filter add dev {dev} ingress bpf direct-action obj {obj} sec {section}")
+    out = host.sh(f"tc filter show dev {dev} ingress").stdout
+    m = re.search(r"\bid (\d+)", out)
+    if not m:
+        raise RuntimeError(f"no BPF filter on {dev}: {out}")
+    return int(m.group(1))
+
+
+def tc_detach(host: Host, dev: str) -> None:
+    host.sh(f"tc qdisc del dev {dev} clsact", check=False)
 
 
 def prog_maps(prog_id: int) -> dict[str, int]:
