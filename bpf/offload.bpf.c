@@ -8,8 +8,9 @@
  *      L3 (IPv4 without options or fragments, IPv6 without extension
  *      headers) and L4 (TCP, UDP) into a flow key; anything else: pass;
  *   2. fail-safe: agent heartbeat stale or offload disabled: pass;
- *   3. flow map miss: note the tuple in the small LRU pending map, tell the
- *      agent through the ring buffer, pass;
+ *   3. flow map miss: a pending tuple is counted and passed; else a tuple
+ *      in the early-drop map is dropped; else note it in the small LRU
+ *      pending map, tell the agent through the ring buffer, pass;
  *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted;
  *      last_seen is not stamped, so such a flow can idle out);
  *   5. rewrite L3/L4 (NAT with precomputed checksum deltas, TTL), rewrite
@@ -72,6 +73,8 @@ struct ofl_pkt {
 	__u8 pppoe;
 	__u8 dsa; /* the frame came with a switch tag */
 	__u8 no_l2; /* TC on an L3 device: the packet starts with the IP header */
+	__u8 drop; /* ofl_decide(): an early drop entry matched */
+	__u8 dmac[ETH_ALEN]; /* destination MAC of the frame (zero without L2) */
 	__u64 now; /* bpf_ktime_get_ns() of the lookup, stamped when forwarded */
 };
 
@@ -194,6 +197,7 @@ static __always_inline int ofl_parse_eth(struct ofl_cursor *c, __u8 dsa_proto, i
 					 struct ofl_pkt *p, __be16 *proto)
 {
 	__be16 *type;
+	__u8 *mac;
 	int ret;
 
 	if (hw_vid >= 0) {
@@ -205,8 +209,10 @@ static __always_inline int ofl_parse_eth(struct ofl_cursor *c, __u8 dsa_proto, i
 		if (ret)
 			return ret;
 	}
-	if (!ofl_cursor_take(c, 2 * ETH_ALEN))
+	mac = ofl_cursor_take(c, 2 * ETH_ALEN);
+	if (!mac)
 		return OFL_STAT_PASS_L2;
+	__builtin_memcpy(p->dmac, mac, ETH_ALEN);
 	if (!ofl_dsa_front(dsa_proto)) {
 		ret = ofl_parse_switch_tag(c, dsa_proto, p);
 		if (ret)
@@ -390,13 +396,45 @@ static __always_inline void ofl_notify(const struct ofl_key *key, __u64 now)
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* No memcmp in BPF: six bytes compared as they are. */
+static __always_inline int ofl_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return !((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		 (a[5] ^ b[5]));
+}
+
+/* An early drop entry for the tuple that has not expired: count it (the
+ * entry and the reason) and return 1. Looked up only after the flow and the
+ * pending map missed, so it can never hide a connection. */
+static __always_inline int ofl_early_drop(const struct ofl_pkt *p, __u64 now)
+{
+	const struct ofl_key *key = &p->key;
+	struct ofl_drop *d = bpf_map_lookup_elem(&ofl_drops, key);
+
+	if (!d)
+		return 0;
+	if (!ofl_mac_eq(d->dmac, p->dmac))
+		return 0; /* not addressed to the router: bridged, not routed */
+	if ((__s64)(d->expires_ns - now) <= 0) {
+		bpf_map_delete_elem(&ofl_drops, key); /* the kernel judges it again */
+		return 0;
+	}
+	__sync_fetch_and_add(&d->packets, 1);
+	__sync_fetch_and_add(&d->bytes, p->l3_len);
+	ofl_count(OFL_STAT_DROP_ROUTE + (d->reason < OFL_DROP_REASONS ? d->reason : OFL_DROP_LEARNED));
+	return 1;
+}
+
 /*
  * Step 3. The pending map is a small LRU apart from the flow map: a flood of
  * new tuples churns it and the ring buffer, never the offloaded flows.
+ * Returns 1 when the packet is to be dropped early.
  */
-static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 now,
-					     const struct ofl_config *cfg, __u32 len)
+static __always_inline int ofl_note_pending(const struct ofl_pkt *p, __u64 now,
+					    const struct ofl_config *cfg)
 {
+	const struct ofl_key *key = &p->key;
+	__u32 len = p->l3_len;
 	struct ofl_pending *pd = bpf_map_lookup_elem(&ofl_pending, key);
 	struct ofl_pending fresh = {};
 
@@ -408,8 +446,10 @@ static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 no
 			pd->last_notify_ns = now;
 			ofl_notify(key, now);
 		}
-		return;
+		return 0;
 	}
+	if ((cfg->flags & OFL_CFG_DROP) && ofl_early_drop(p, now))
+		return 1;
 	fresh.first_seen_ns = now;
 	fresh.last_notify_ns = now;
 	fresh.packets = 1;
@@ -418,10 +458,12 @@ static __always_inline void ofl_note_pending(const struct ofl_key *key, __u64 no
 		ofl_count(OFL_STAT_NEW);
 		ofl_notify(key, now);
 	}
+	return 0;
 }
 
 /*
- * Steps 2 to 4. Returns the flow to forward, or NULL to pass the packet.
+ * Steps 2 to 4. Returns the flow to forward, or NULL to pass the packet (or,
+ * with p->drop set, to drop it).
  * `seg_len` is the L3 length of one segment (GSO packets in TC).
  */
 static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg, struct ofl_pkt *p,
@@ -440,9 +482,10 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 
 	flow = bpf_map_lookup_elem(&ofl_flows, &p->key);
 	if (!flow) {
-		/* Hybrid: XDP saw this packet first and noted it already. */
+		/* Hybrid: XDP saw this packet first and noted it already
+		 * (and dropped it, had a drop entry matched). */
 		if (hook == OFL_HOOK_XDP || !(if_flags & OFL_IF_HYBRID))
-			ofl_note_pending(&p->key, now, cfg, p->l3_len);
+			p->drop = ofl_note_pending(p, now, cfg);
 		return NULL;
 	}
 	if (hook == OFL_HOOK_XDP && (flow->v.flags & OFL_V_TC)) {
@@ -891,8 +934,11 @@ static __always_inline int ofl_forward(void *ctx, const int hook)
 	if (hook == OFL_HOOK_TC && skb->gso_size)
 		seg_len = p.l3l4_hlen + skb->gso_size;
 	flow = ofl_decide(cfg, &p, seg_len, hook, ifc.flags);
-	if (!flow)
+	if (!flow) {
+		if (p.drop)
+			return hook == OFL_HOOK_TC ? TC_ACT_SHOT : XDP_DROP;
 		return pass;
+	}
 	if (hook == OFL_HOOK_TC)
 		return ofl_tc_forward(skb, &p, flow);
 	return ofl_xdp_forward(xdp, &p, flow);
@@ -908,6 +954,45 @@ SEC("tc")
 int ofl_tc(struct __sk_buff *skb)
 {
 	return ofl_forward(skb, OFL_HOOK_TC);
+}
+
+/*
+ * TC egress of the devices the agent attached to: after a ruleset change,
+ * a handed-back flow whose packet the kernel sends here (past its forward
+ * and postrouting hooks, so judged by the ruleset) is stamped as seen in
+ * ofl_probes. Never changes or drops a packet. Switch tags on egress frames
+ * are in the transmit format, which the ingress parser does not take: such
+ * frames simply find no probe (the flow stays with the kernel).
+ */
+SEC("tc")
+int ofl_tc_egress(struct __sk_buff *skb)
+{
+	const struct ofl_config *cfg = ofl_config_get();
+	struct ofl_probe *probe;
+	struct ofl_iface ifc;
+	struct ofl_pkt p;
+	__u64 now;
+
+	if (!cfg || !(cfg->flags & OFL_CFG_PROBE))
+		return TC_ACT_OK;
+	ifc = ofl_iface_of(cfg, skb->ifindex);
+	ifc.dsa_proto = OFL_DSA_NONE;
+	if (ofl_parse_ctx(skb, OFL_HOOK_TC, &ifc, &p))
+		return TC_ACT_OK;
+	p.key.vlan_outer = 0;
+	p.key.vlan_inner = 0;
+	p.key.pppoe_sid = 0;
+	p.key.dsa_port = OFL_DSA_PORT_NONE;
+	probe = bpf_map_lookup_elem(&ofl_probes, &p.key);
+	if (!probe)
+		return TC_ACT_OK;
+	now = bpf_ktime_get_ns();
+	if ((__s64)(now - probe->armed_ns) < 0)
+		return TC_ACT_OK;
+	probe->seen_ns = now;
+	__sync_fetch_and_add(&probe->packets, 1);
+	ofl_count(OFL_STAT_PROBE_SEEN);
+	return TC_ACT_OK;
 }
 
 /* The layout stamp (offload.h): read from the file by the agent before it

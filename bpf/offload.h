@@ -140,6 +140,48 @@ struct ofl_event {
 };
 _Static_assert(sizeof(struct ofl_event) == 64, "ofl_event layout");
 
+/*
+ * Early drop (ofl_drops, keyed by ofl_key): tuples the kernel would drop
+ * anyway, written by the agent only. Reasons, each counted as
+ * OFL_STAT_DROP_ROUTE + reason:
+ *   ROUTE        the input route lookup fails silently (blackhole route,
+ *                martian source): the kernel answers nothing
+ *   UNREACHABLE  unreachable/prohibit/no route, and the tuple kept coming
+ *                after the kernel's ICMP answer (learned)
+ *   LEARNED      the tuple kept coming and conntrack never confirmed it
+ */
+#define OFL_DROP_ROUTE 0
+#define OFL_DROP_UNREACHABLE 1
+#define OFL_DROP_LEARNED 2
+#define OFL_DROP_REASONS 3
+
+struct ofl_drop {
+	__u64 expires_ns; /* CLOCK_MONOTONIC; the datapath forgets the entry after */
+	__u64 packets; /* dropped, counted by the datapath */
+	__u64 bytes; /* L3 bytes */
+	__u32 reason; /* OFL_DROP_* */
+	/* Dropped only when addressed to this MAC, the router's on the ingress
+	 * L3 device (all zero: any, for devices without L2 header): frames
+	 * bridged between two ports never meet routing, so never drop here. */
+	__u8 dmac[6];
+	__u8 pad[6];
+};
+_Static_assert(sizeof(struct ofl_drop) == 40, "ofl_drop layout");
+
+/*
+ * Egress probe (ofl_probes): a flow handed back after a ruleset change,
+ * keyed by the tuple it leaves with (after NAT; ifindex, VLAN, PPPoE and DSA
+ * fields zero). The TC egress program stamps seen_ns when the kernel sends
+ * one of its packets at or after armed_ns: proof that the new ruleset still
+ * forwards it (docs/design.md, "The ruleset watcher").
+ */
+struct ofl_probe {
+	__u64 armed_ns; /* sightings before this do not count */
+	__u64 seen_ns; /* last sighting at or after armed_ns, 0 = none */
+	__u64 packets; /* sightings at or after armed_ns */
+};
+_Static_assert(sizeof(struct ofl_probe) == 24, "ofl_probe layout");
+
 /* Per-device settings, keyed by ifindex (ofl_ifaces). */
 #define OFL_IF_L3 (1U << 0) /* no L2 header on this device (ppp): TC only */
 #define OFL_IF_HYBRID (1U << 1) /* XDP runs before TC here: TC leaves new tuples to it */
@@ -153,6 +195,8 @@ _Static_assert(sizeof(struct ofl_iface) == 4, "ofl_iface layout");
 /* Global settings, index 0 of ofl_config. */
 #define OFL_CFG_ENABLED (1U << 0) /* offload at all; off: pass everything */
 #define OFL_CFG_IFACES (1U << 1) /* some device has settings in ofl_ifaces */
+#define OFL_CFG_DROP (1U << 2) /* early drop: look tuples up in ofl_drops */
+#define OFL_CFG_PROBE (1U << 3) /* ofl_probes has entries: the egress program looks */
 struct ofl_config {
 	__u64 heartbeat_ns; /* last agent heartbeat, CLOCK_MONOTONIC */
 	__u64 heartbeat_timeout_ns; /* stale after this: pass everything */
@@ -179,6 +223,10 @@ enum ofl_stat {
 	OFL_STAT_REDIRECT,
 	OFL_STAT_REDIRECT_FAIL,
 	OFL_STAT_PASS_HYBRID, /* XDP left an offloaded flow to TC (OFL_V_TC) */
+	OFL_STAT_DROP_ROUTE, /* early drop, by OFL_DROP_* reason (same order) */
+	OFL_STAT_DROP_UNREACHABLE,
+	OFL_STAT_DROP_LEARNED,
+	OFL_STAT_PROBE_SEEN, /* egress: a probed flow's packet left after the arm */
 	OFL_STAT_MAX,
 };
 
@@ -213,6 +261,11 @@ enum ofl_stat {
 	F(ofl_pending, last_notify_ns) F(ofl_pending, packets)                 \
 	F(ofl_pending, bytes)                                                  \
 	S(ofl_event) F(ofl_event, key) F(ofl_event, pad) F(ofl_event, ts_ns)   \
+	S(ofl_drop) F(ofl_drop, expires_ns) F(ofl_drop, packets)               \
+	F(ofl_drop, bytes) F(ofl_drop, reason) F(ofl_drop, dmac)               \
+	F(ofl_drop, pad)                                                       \
+	S(ofl_probe) F(ofl_probe, armed_ns) F(ofl_probe, seen_ns)              \
+	F(ofl_probe, packets)                                                  \
 	S(ofl_iface) F(ofl_iface, dsa_proto) F(ofl_iface, flags)               \
 	F(ofl_iface, pad)                                                      \
 	S(ofl_config) F(ofl_config, heartbeat_ns)                              \

@@ -26,6 +26,28 @@ struct {
 	__type(value, struct ofl_pending);
 } ofl_pending SEC(".maps");
 
+/* Early drops, apart from the flow map: LRU and bounded, so learned drops
+ * can never evict an offloaded flow nor grow without bound. Only the agent
+ * inserts; the datapath counts and forgets expired entries. Sized by the
+ * agent (early_drop_entries). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ofl_key);
+	__type(value, struct ofl_drop);
+} ofl_drops SEC(".maps");
+
+/* Flows handed back after a ruleset change, by the tuple they leave with:
+ * the egress program's proof that the kernel still forwards them. Only the
+ * agent inserts; allocated on use (empty nearly always). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ofl_key);
+	__type(value, struct ofl_probe);
+} ofl_probes SEC(".maps");
+
 /* New tuples for the agent: ofl_event records. 256 KiB holds about 3,000
  * events between two agent wake-ups; when full, events are counted as
  * dropped and the agent's sweep of ofl_pending catches those tuples. */

@@ -85,6 +85,10 @@ class Attacher:
                 self.dp.set_iface(index, point.dsa_proto, l3=point.l3, hybrid=hybrid)
 
     def _attach(self, link: Link, hook: str) -> Attached:
+        try:  # the ruleset watcher's proof (ofl_tc_egress); without it flows just stay with the kernel
+            bpfobj.tc_attach(link.index, self.dp.tc_egress, egress=True)
+        except AttachError as exc:
+            log.warning("%s: no TC egress probe (%s)", link.name, exc)
         if hook == "tc":
             bpfobj.tc_attach(link.index, self.dp.tc)
             return Attached(link, "tc")
@@ -136,6 +140,10 @@ class Attacher:
 
     def detach(self, index: int) -> None:
         att = self.attached.pop(index)
+        try:
+            bpfobj.tc_detach(index, egress=True)
+        except AttachError as exc:
+            log.debug("detaching the egress probe from %s: %s", att.link.name, exc)
         hooks = {"tc": ("tc",), "hybrid": ("tc", "xdp")}.get(att.hook, (att.hook,))
         for hook in hooks:
             try:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
@@ -461,19 +462,20 @@ def xdp_prog_id(ifindex: int, mode: str) -> int:
     return pid.value
 
 
-def _tc_hook(ifindex: int) -> _TcHook:
-    return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
+def _tc_hook(ifindex: int, egress: bool = False) -> _TcHook:
+    return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex,
+                   attach_point=BPF_TC_EGRESS if egress else BPF_TC_INGRESS)
 
 
 TC_HANDLE = 0x0FF1
 TC_PRIORITY = 1
 
 
-def tc_attach(ifindex: int, prog: Program) -> None:
-    """Attach ``prog`` as a direct-action filter at clsact ingress (created if
-    missing), replacing our own previous filter."""
+def tc_attach(ifindex: int, prog: Program, *, egress: bool = False) -> None:
+    """Attach ``prog`` as a direct-action filter at clsact ingress (or
+    egress; clsact created if missing), replacing our own previous filter."""
     lib = libbpf().lib
-    hook = _tc_hook(ifindex)
+    hook = _tc_hook(ifindex, egress)
     ret = lib.bpf_tc_hook_create(ctypes.byref(hook))
     if ret < 0 and ret != -17:  # EEXIST: clsact already there (SQM, another tool)
         raise AttachError(f"cannot create clsact on ifindex {ifindex}", errno=-ret)
@@ -483,9 +485,9 @@ def tc_attach(ifindex: int, prog: Program) -> None:
            f"cannot attach TC filter to ifindex {ifindex}", AttachError)
 
 
-def tc_detach(ifindex: int) -> None:
+def tc_detach(ifindex: int, *, egress: bool = False) -> None:
     """Remove our filter; the clsact qdisc stays (others may use it)."""
-    hook = _tc_hook(ifindex)
+    hook = _tc_hook(ifindex, egress)
     opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
     ret = libbpf().lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
     if ret < 0 and ret not in (-2, -19, -22):  # already gone / device gone

@@ -32,7 +32,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DSA_PROTOS = layout().dsa_protos()
 DSA_PORT_NONE = layout().const("OFL_DSA_PORT_NONE")
 MAP_NAMES = ("ofl_flows", "ofl_pending", "ofl_events", "ofl_tx_ports", "ofl_ifaces", "ofl_config",
-             "ofl_stats")
+             "ofl_stats", "ofl_drops", "ofl_probes")
 OBJECT_SEARCH = (
     "/lib/bpf/ebpf-offloader.o",
     "/usr/lib/ebpf-offloader/offload.bpf.o",
@@ -217,6 +217,37 @@ class FlowEntry:
     raw: bytes = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class DropEntry:
+    """A row of the early-drop map as read back."""
+
+    key: FlowKey
+    reason: int  # OFL_DROP_*
+    expires_ns: int
+    packets: int
+    nbytes: int
+
+
+def probe_key(key: FlowKey, raw_flow: bytes) -> bytes:
+    """The tuple an offloaded flow's packets leave with (after its NAT), as
+    the egress program keys ofl_probes: no ingress device or L2 fields."""
+    lay = layout()
+    v = lay.from_bytes("struct ofl_flow", raw_flow).v
+    k = lay.from_bytes("struct ofl_key", key.pack())
+    k.ifindex = 0
+    k.vlan_outer = k.vlan_inner = k.pppoe_sid = 0
+    k.dsa_port = DSA_PORT_NONE
+    if v.flags & lay.const("OFL_V_SNAT"):
+        lay.ffi.memmove(k.saddr, v.nat_saddr, 16)
+    if v.flags & lay.const("OFL_V_DNAT"):
+        lay.ffi.memmove(k.daddr, v.nat_daddr, 16)
+    if v.flags & lay.const("OFL_V_SPORT"):
+        k.sport = v.nat_sport
+    if v.flags & lay.const("OFL_V_DPORT"):
+        k.dport = v.nat_dport
+    return lay.to_bytes(k)
+
+
 def pass_value() -> bytes:
     """An ofl_flow value that says: hand this tuple to the kernel."""
     lay = layout()
@@ -271,20 +302,21 @@ class Datapath:
     """The loaded object: programs, maps and typed access to them."""
 
     def __init__(self, object_path: str, *, max_flows: int = 65536, pending_flows: int = 8192,
-                 pin_dir: Path | None = None):
+                 drop_entries: int = 4096, pin_dir: Path | None = None):
         self.layout: Layout = layout()
         self.pin_dir = pin_dir
         try:
-            self.obj = self._open(object_path, max_flows, pending_flows, pin_dir)
+            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, pin_dir)
         except ObjectLoadError:
             if pin_dir is None or not pin_dir.exists():
                 raise
             # Maps pinned by an older, incompatible build or size: start afresh.
             log.warning("pinned maps in %s do not fit this object; replacing them", pin_dir)
             shutil.rmtree(pin_dir, ignore_errors=True)
-            self.obj = self._open(object_path, max_flows, pending_flows, pin_dir)
+            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, pin_dir)
         self.xdp: Program = self.obj.program("ofl_xdp")
         self.tc: Program = self.obj.program("ofl_tc")
+        self.tc_egress: Program = self.obj.program("ofl_tc_egress")
         self.flows: Map = self.obj.map("ofl_flows")
         self.pending: Map = self.obj.map("ofl_pending")
         self.events: Map = self.obj.map("ofl_events")
@@ -292,17 +324,22 @@ class Datapath:
         self.ifaces: Map = self.obj.map("ofl_ifaces")
         self.config: Map = self.obj.map("ofl_config")
         self.stats_map: Map = self.obj.map("ofl_stats")
+        self.drops: Map = self.obj.map("ofl_drops")
+        self.probes: Map = self.obj.map("ofl_probes")
         self._cfg_flags = 0
         self._heartbeat_timeout_ns = 3_000_000_000
         self._renotify_ns = 200_000_000
 
     @staticmethod
-    def _open(path: str, max_flows: int, pending_flows: int, pin_dir: Path | None) -> BpfObject:
+    def _open(path: str, max_flows: int, pending_flows: int, drop_entries: int,
+              pin_dir: Path | None) -> BpfObject:
         check_object_layout(path)
         obj = BpfObject(path)
         try:
             obj.set_max_entries("ofl_flows", max_flows)
             obj.set_max_entries("ofl_pending", pending_flows)
+            obj.set_max_entries("ofl_drops", drop_entries)
+            obj.set_max_entries("ofl_probes", max_flows)
             if pin_dir is not None:
                 pin_dir.mkdir(parents=True, exist_ok=True)
                 for name in MAP_NAMES:
@@ -323,9 +360,11 @@ class Datapath:
 
     # -- settings -----------------------------------------------------------
     def configure(self, *, enabled: bool = True, heartbeat_timeout: float = 3.0,
-                  renotify: float = 0.2) -> None:
-        flags = self.layout.const("OFL_CFG_ENABLED") if enabled else 0
-        flags |= self._cfg_flags & self.layout.const("OFL_CFG_IFACES")
+                  renotify: float = 0.2, early_drop: bool = False) -> None:
+        lay = self.layout
+        flags = lay.const("OFL_CFG_ENABLED") if enabled else 0
+        flags |= lay.const("OFL_CFG_DROP") if early_drop else 0
+        flags |= self._cfg_flags & (lay.const("OFL_CFG_IFACES") | lay.const("OFL_CFG_PROBE"))
         self._cfg_flags = flags
         self._heartbeat_timeout_ns = int(heartbeat_timeout * 1e9)
         self._renotify_ns = int(renotify * 1e9)
@@ -358,6 +397,57 @@ class Datapath:
         if dsa_proto or l3 or hybrid:
             self._cfg_flags |= lay.const("OFL_CFG_IFACES")
             self.heartbeat()
+
+    def set_probing(self, on: bool) -> None:
+        """Whether the egress program looks handed-back flows up (ofl_probes)."""
+        bit = self.layout.const("OFL_CFG_PROBE")
+        flags = (self._cfg_flags | bit) if on else (self._cfg_flags & ~bit)
+        if flags != self._cfg_flags:
+            self._cfg_flags = flags
+            self.heartbeat()
+
+    # -- early drops ----------------------------------------------------------
+    def add_drop(self, key: FlowKey, reason: int, expires_ns: int, dmac: bytes) -> None:
+        """Drop ``key``'s frames addressed to ``dmac`` (the router's MAC on the
+        ingress L3 device; zero on a device without L2 header) in the
+        datapath until ``expires_ns`` (CLOCK_MONOTONIC); the tuple stops
+        being pending."""
+        lay = self.layout
+        d = lay.new("struct ofl_drop")
+        d.expires_ns = expires_ns
+        d.reason = reason
+        lay.ffi.memmove(d.dmac, dmac[:6].ljust(6, b"\0"), 6)
+        raw = key.pack()
+        self.drops.update(raw, lay.to_bytes(d))
+        self.pending.delete(raw)
+
+    def drop_entries(self) -> Iterator[DropEntry]:
+        lay = self.layout
+        for raw_key, raw_val in self.drops.items():
+            d = lay.from_bytes("struct ofl_drop", raw_val)
+            yield DropEntry(FlowKey.unpack(raw_key), d.reason, d.expires_ns, d.packets, d.bytes)
+
+    def pending_entry(self, key: FlowKey) -> tuple[int, int] | None:
+        """(first_seen_ns, packets) of a pending tuple, None if not pending."""
+        raw = self.pending.lookup(key.pack())
+        if raw is None:
+            return None
+        p = self.layout.from_bytes("struct ofl_pending", raw)
+        return p.first_seen_ns, p.packets
+
+    # -- egress probes ----------------------------------------------------------
+    def arm_probe(self, raw_probe_key: bytes, armed_ns: int) -> None:
+        """Count sightings of this leaving tuple from ``armed_ns`` on (a fresh start)."""
+        p = self.layout.new("struct ofl_probe")
+        p.armed_ns = armed_ns
+        self.probes.update(raw_probe_key, self.layout.to_bytes(p))
+
+    def probes_seen(self) -> Iterator[tuple[bytes, int, int]]:
+        """(probe key, armed_ns, packets seen since) of every probe."""
+        lay = self.layout
+        for raw_key, raw_val in self.probes.items():
+            p = lay.from_bytes("struct ofl_probe", raw_val)
+            yield raw_key, p.armed_ns, p.packets
 
     # -- flows ----------------------------------------------------------------
     def offload(self, key: FlowKey, verdict: Verdict) -> None:
