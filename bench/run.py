@@ -119,13 +119,13 @@ def wait_offloaded(agent: Agent, n: int, timeout: float = 10.0) -> int:
 # -- 1. router cost --------------------------------------------------------------------------
 def router_cost(topo: Topology, bins: dict[str, Path], mode: str, seconds: float,
                 count: Any, sport: int) -> dict[str, Any]:
-    napi = tools.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
+    napi = labmod.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
     fwd0 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
-    d0, c0, t0 = count(), tools.thread_run_s(napi), time.monotonic()
+    d0, c0, t0 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b0 = tools.cpu_busy_s(ROUTER_CPU)
     sent = blast(topo, bins["blast"], sport=sport, seconds=seconds)
     time.sleep(0.2)
-    d1, c1, t1 = count(), tools.thread_run_s(napi), time.monotonic()
+    d1, c1, t1 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b1 = tools.cpu_busy_s(ROUTER_CPU)
     fwd1 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
     delivered, cpu = d1 - d0, c1 - c0
@@ -170,7 +170,7 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
     with tools.delivery_counter(topo.wan, "eth0", bins["count"]) as count:
         # The WAN host's receive work in its own kthread, so that the router's
         # kthread carries only the router's work.
-        tools.threaded_napi(topo.wan, "eth0", ROUTER_CPU)
+        labmod.threaded_napi(topo.wan, "eth0", ROUTER_CPU)
         for rnd in range(rounds):
             base = 40001 + rnd * 10
             runs.setdefault("slow_path", []).append(
@@ -197,8 +197,8 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
                     res["flow_state"] = flow[0]["state"] if flow else "missing"
                     res["offloaded_flows"] = n
                     runs.setdefault(f"offload_{hook}", []).append(res)
-    tools.unthread_napi(topo.router, LAN_PORT)
-    tools.unthread_napi(topo.wan, "eth0")
+    labmod.unthread_napi(topo.router, LAN_PORT)
+    labmod.unthread_napi(topo.wan, "eth0")
     out: dict[str, Any] = {}
     for mode, results in runs.items():
         ordered = sorted(results, key=lambda r: r["pps_per_router_cpu_s"])
@@ -241,22 +241,22 @@ def measure_tcp(topo: Topology, seconds: float) -> dict[str, Any]:
             # GRO at the router's LAN port, as on a real NIC; it also puts the
             # veth's receive path in NAPI, whose kthread is the router's cost.
             topo.router.sh(f"ethtool -K {LAN_PORT} gro on >/dev/null")
-            napi = tools.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
-            tools.threaded_napi(topo.wan, "eth0", SENDER_CPU)
+            napi = labmod.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
+            labmod.threaded_napi(topo.wan, "eth0", SENDER_CPU)
             try:
                 if mode == "slow_path":
                     fwd0 = topo.nft_counter("fwd_established")[0]
-                    c0 = tools.thread_run_s(napi)
+                    c0 = labmod.thread_cpu_s(napi)
                     g = iperf(topo, seconds)
-                    cpu = tools.thread_run_s(napi) - c0
+                    cpu = labmod.thread_cpu_s(napi) - c0
                     seen = topo.nft_counter("fwd_established")[0] - fwd0
                 else:
                     hook = mode.split("_")[1]
                     with Agent(topo, hook) as agent:
                         fwd0 = topo.nft_counter("fwd_established")[0]
-                        c0 = tools.thread_run_s(napi)
+                        c0 = labmod.thread_cpu_s(napi)
                         g = iperf(topo, seconds)
-                        cpu = tools.thread_run_s(napi) - c0
+                        cpu = labmod.thread_cpu_s(napi) - c0
                         seen = topo.nft_counter("fwd_established")[0] - fwd0
                         st = agent.status()
                         tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
@@ -272,8 +272,8 @@ def measure_tcp(topo: Topology, seconds: float) -> dict[str, Any]:
                     f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
             finally:
                 sender_offloads(topo, False)
-                tools.unthread_napi(topo.router, LAN_PORT)
-                tools.unthread_napi(topo.wan, "eth0")
+                labmod.unthread_napi(topo.router, LAN_PORT)
+                labmod.unthread_napi(topo.wan, "eth0")
     return out
 
 

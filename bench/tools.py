@@ -4,12 +4,10 @@ counter and the ceiling XDP program, CPU accounting and NAPI pinning."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,16 +57,6 @@ def cpu_busy_s(cpu: int) -> float:
     raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
 
-def thread_run_s(pids: list[int]) -> float:
-    """CPU time the given threads ran (schedstat, ns resolution)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    return total / 1e9
-
-
 def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -81,34 +69,6 @@ def proc_rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-# -- NAPI threads ----------------------------------------------------------------------------
-def _napi_threads(dev: str) -> set[int]:
-    pids = set()
-    for comm in glob.glob("/proc/[0-9]*/comm"):
-        with contextlib.suppress(OSError):
-            with open(comm) as f:
-                if f.read().strip().startswith(f"napi/{dev}-"):
-                    pids.add(int(comm.split("/")[2]))
-    return pids
-
-
-def threaded_napi(router: Host, dev: str, cpu: int) -> list[int]:
-    """Switch ``dev``'s NAPI to a kthread (inside the router namespace) and
-    pin the threads that appear to ``cpu``. Returns the pinned pids."""
-    before = _napi_threads(dev)
-    router.sh(f"echo 0 > /sys/class/net/{dev}/threaded", check=False)
-    router.sh(f"echo 1 > /sys/class/net/{dev}/threaded")
-    time.sleep(0.1)
-    new = sorted(_napi_threads(dev) - before) or sorted(_napi_threads(dev))
-    for pid in new:
-        sh(f"taskset -p -c {cpu} {pid} >/dev/null", check=False)
-    return new
-
-
-def unthread_napi(router: Host, dev: str) -> None:
-    router.sh(f"echo 0 > /sys/class/net/{dev}/threaded", check=False)
 
 
 # -- XDP programs loaded with iproute2 --------------------------------------------------------

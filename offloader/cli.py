@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="as for run: check the settings with these applied")
 
     lab = sub.add_parser("lab", help="run the built-in lab (namespaces, traffic, status, speed-up)")
-    lab.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
-    lab.add_argument("--hook", choices=("xdp", "tc"), default="xdp")
+    lab.add_argument("--seconds", type=float, default=3.0, help="length of each throughput run")
+    lab.add_argument("--hook", choices=("both", "xdp", "tc", "hybrid"), default="both",
+                     help="the hooks to measure against the slow path (default: xdp and tc)")
     return p
 
 
