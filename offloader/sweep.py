@@ -127,6 +127,8 @@ class SweepResult:
     pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
     to_tc: list[tuple[bytes, bytes]] = field(default_factory=list)  # hybrid: (key, new value)
     entries: int = 0
+    refreshes: int = 0  # totals of a whole pass (the lists above are per batch)
+    handed_to_tc: int = 0
 
 
 def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
@@ -262,30 +264,40 @@ class Sweeper:
         self.to_tc = 0  # flows handed to TC (hybrid)
 
     def run(self, plan: SweepPlan) -> SweepResult:
+        """One pass. Each batch's actions are applied before the next batch
+        is read, so what the pass holds at once is one batch's worth (the
+        flows visited are in buckets the walk has left behind)."""
         self.passes += 1
-        result = SweepResult()
+        total = SweepResult()
         try:
             for kb, vb, _n in self.flows.batches():
-                classify(kb, vb, plan, self.rec, result)
-            if result.remove:
-                self.flows.delete_batch(result.remove)
-            items = [(self.rec.raw5(r.raw_key), r.reply, r.zone, plan.timeouts[r.cls])
-                     for r in result.refresh]
-            if items:
-                self.refreshed += self.ct.refresh_many(items, [r.raw_key for r in result.refresh])
-            for raw_key, raw_flow in result.to_tc:
-                # Rewritten whole: the packets counted since the batch was
-                # read are lost from the counters (a few, once per flow).
-                with contextlib.suppress(MapError):  # gone meanwhile
-                    self.flows.update(raw_key, raw_flow, BPF_EXIST)
-                    self.to_tc += 1
-            # A refresh that found no entry: conntrack forgot the connection
-            # (its DESTROY event was lost): the flow must not bypass the
-            # firewall any longer.
-            gone = self.ct.take_gone()
-            if gone:
-                result.reasons[Teardown.CT_GONE] += self.flows.delete_batch(gone)
+                part = classify(kb, vb, plan, self.rec)
+                self._apply(part, plan)
+                total.entries += part.entries
+                total.reasons.update(part.reasons)
+                total.pass_keys.extend(part.pass_keys[: PASS_KEYS_KEPT - len(total.pass_keys)])
+                total.refreshes += len(part.refresh)
+                total.handed_to_tc += len(part.to_tc)
         except (OffloadError, OSError) as exc:
             self.failures += 1
             log.warning("sweep failed (will retry): %s", exc)
-        return result
+        return total
+
+    def _apply(self, part: SweepResult, plan: SweepPlan) -> None:
+        if part.remove:
+            self.flows.delete_batch(part.remove)
+        if part.refresh:
+            items = [(self.rec.raw5(r.raw_key), r.reply, r.zone, plan.timeouts[r.cls])
+                     for r in part.refresh]
+            self.refreshed += self.ct.refresh_many(items, [r.raw_key for r in part.refresh])
+        for raw_key, raw_flow in part.to_tc:
+            # Rewritten whole: the packets counted since the batch was read
+            # are lost from the counters (a few, once per flow).
+            with contextlib.suppress(MapError):  # gone meanwhile
+                self.flows.update(raw_key, raw_flow, BPF_EXIST)
+                self.to_tc += 1
+        # A refresh that found no entry: conntrack forgot the connection (its
+        # DESTROY event was lost): the flow must not bypass the firewall.
+        gone = self.ct.take_gone()
+        if gone:
+            part.reasons[Teardown.CT_GONE] += self.flows.delete_batch(gone)
