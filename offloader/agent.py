@@ -69,7 +69,7 @@ class Agent:
         self.net = parts.net
         self.rec = Records()
         self.attacher = Attacher(self.dp, self.resolver)
-        self.state = FlowState(max_waiting=settings.pending_flows)
+        self.state = FlowState(max_waiting=settings.pending_flows, ident=self.rec.wire)
         self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec)
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_record)
         self.counters = Counters()
@@ -81,12 +81,13 @@ class Agent:
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
         self.stop = False
         self.reload_requested = False
-        self._ring_batch: list[FlowKey] = []
+        self._ring_batch: list[bytes] = []  # raw keys
         self._last_summary = time.monotonic()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._sel: selectors.BaseSelector = selectors.DefaultSelector()
         self._reconciler: Reconciler | None = None
         self._overflows_seen = 0
+        self._reconcile_wanted = False
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -196,7 +197,7 @@ class Agent:
 
     # -- new tuples ---------------------------------------------------------------------
     def _on_ring_record(self, data: bytes) -> None:
-        self._ring_batch.append(FlowKey.unpack(data[: self.rec.key_size]))
+        self._ring_batch.append(data[: self.rec.key_size])
 
     def _on_ring(self) -> None:
         self.ring.consume()
@@ -208,8 +209,7 @@ class Agent:
             if seen is Seen.NEW and recent is not None:
                 # Conntrack's event for this connection was read before the
                 # ring record arrived: decide with it now.
-                _guarded(functools.partial(self.decide, key,
-                                           (recent, recent.orig != key_tuple(key))))
+                _guarded(functools.partial(self._decide_with, key, recent))
             elif seen is Seen.RECHECK:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly.
@@ -220,12 +220,13 @@ class Agent:
         self.on_ct_events(events.read())
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows
-            self._start_reconcile()
+            self._reconcile_wanted = True  # started by the next sweep: coalesced
 
     def _start_reconcile(self) -> None:
-        """Events were lost: cross the flow map off against a conntrack dump
-        (one already running may have listed entries destroyed since: start over)."""
-        self._stop_reconcile()
+        """Events were lost: cross the flow map off against a conntrack dump.
+        At most one runs; losses meanwhile start the next one after it (a
+        dump may have listed entries destroyed since)."""
+        self._reconcile_wanted = False
         rec = self._reconciler = Reconciler.of(self.dp.flows.all_keys(), self.rec)
         self._watch(rec.fileno(), functools.partial(self._on_reconcile, rec))
 
@@ -261,8 +262,13 @@ class Agent:
             for key, is_reply in self.state.updated(entry, orig, reply):
                 _guarded(functools.partial(self.decide, key, (entry, is_reply)))
 
-    def decide(self, key: FlowKey, found: tuple[CtEntry, bool] | None = None) -> Decision:
-        """Offload ``key``, pass it for good, or leave it waiting."""
+    def _decide_with(self, raw: bytes, entry: CtEntry) -> Decision:
+        """Decide with a conntrack entry an event brought (either direction)."""
+        return self.decide(raw, (entry, entry.orig != key_tuple(FlowKey.unpack(raw))))
+
+    def decide(self, raw: bytes, found: tuple[CtEntry, bool] | None = None) -> Decision:
+        """Offload the tuple of raw key ``raw``, pass it for good, or leave it waiting."""
+        key = FlowKey.unpack(raw)
         tid = key_id(key)
         if found is None:
             found = self.ct.get(key_tuple(key), self.state.zone(tid))
@@ -270,15 +276,15 @@ class Agent:
                 return Decision.WAIT
         entry, is_reply = found
         if self.state.is_held(tid):
-            return self._pass(key, PassReason.HANDED_BACK)
+            return self._pass(raw, key, PassReason.HANDED_BACK)
         gate = offloadable(entry, offload_udp=self.settings.offload_udp)
         if isinstance(gate, PassReason):
-            return self._pass(key, gate)
+            return self._pass(raw, key, gate)
         if gate is Decision.WAIT:
             return gate
-        return self._offload(key, entry, is_reply)
+        return self._offload(raw, key, entry, is_reply)
 
-    def _offload(self, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
+    def _offload(self, raw: bytes, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
         """Resolve the path of an offloadable ``key`` and write its verdict."""
         target = nat_target(entry, is_reply)
         # TC may redirect into upper devices; XDP goes to the lowest.
@@ -290,32 +296,32 @@ class Agent:
             return Decision.WAIT
         except ResolveError as exc:
             log.debug("%s: %s", describe(key), exc)
-            return self._pass(key, PassReason.NO_PATH)
+            return self._pass(raw, key, PassReason.NO_PATH)
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
-            return self._pass(key, PassReason.EXCLUDED)
+            return self._pass(raw, key, PassReason.EXCLUDED)
         if key.proto == socket.IPPROTO_TCP:
-            tag = key.pack()
+            tag = raw
             self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
             if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
                 self.ct.gone.remove(tag)
                 return Decision.WAIT
         first_seen = self.dp.pending_first_seen(key)
         if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply)):
-            self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
+            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
         if first_seen:
             self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
-        self.state.decided(key)
+        self.state.decided(raw)
         self.counters.offloaded += 1
         log.debug("offload %s -> ifindex %d", describe(key), path.oif)
         return Decision.OFFLOAD
 
-    def _pass(self, key: FlowKey, why: PassReason) -> Decision:
+    def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
         if not self.table.mark_pass(key):
-            self.state.defer(key, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
+            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
-        self.state.decided(key)
+        self.state.decided(raw)
         self.counters.passed[why] += 1
         log.debug("pass %s: %s", describe(key), why)
         return Decision.PASS
@@ -332,9 +338,10 @@ class Agent:
             dead=self.state.take_dead(), hybrid=self.attacher.hybrid()))
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
+        if self._reconcile_wanted and self._reconciler is None:
+            self._start_reconcile()
         now = time.monotonic_ns()
-        present = (key for key, _first, _packets, _bytes in self.dp.pending_entries())
-        for key in self.state.sync_pending(present, now):
+        for key in self.state.sync_pending(self.dp.pending_keys(), now):
             _guarded(functools.partial(self.decide, key))
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = time.monotonic()

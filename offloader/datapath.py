@@ -475,6 +475,13 @@ class Datapath:
             yield FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns,
                             f.seen, f.v.oif, raw_val)
 
+    def pending_keys(self) -> Iterator[bytes]:
+        """The raw keys of every pending tuple, read in batches."""
+        ks = self.pending.key_size
+        for kb, _vb, n in self.pending.batches():
+            for i in range(n):
+                yield kb[i * ks : (i + 1) * ks]
+
     def pending_entries(self) -> Iterator[tuple[FlowKey, int, int, int]]:
         """(key, first_seen_ns, packets, bytes) of every pending tuple."""
         lay = self.layout

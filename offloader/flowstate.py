@@ -13,13 +13,14 @@ direction (its wire id, see ``conntrack.wire_id``):
            kernel keeps them until they end
 
 Every transition is a method, and a connection's two directions always
-move together.
+move together. Keys are the datapath's raw key bytes: a FlowKey is built
+only for a tuple that is decided.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .conntrack import CtEntry, Tuple5, wire_id
 from .datapath import FlowKey
@@ -57,20 +58,31 @@ class Seen(enum.Enum):
     RECHECK = 2  # still undecided after a while: ask conntrack directly
 
 
+RawKey = bytes  # a packed struct ofl_key
+
+
+def raw_key_id(raw: RawKey) -> bytes:
+    return key_id(FlowKey.unpack(raw))
+
+
 class FlowState:
-    def __init__(self, *, max_waiting: int) -> None:
+    def __init__(self, *, max_waiting: int,
+                 ident: Callable[[RawKey], bytes] = raw_key_id) -> None:
+        """``ident``: a raw key's connection-direction id (Records.wire is
+        the fast one)."""
         self.max_waiting = max_waiting
-        self._waiting: dict[bytes, dict[FlowKey, int]] = {}
+        self.ident = ident
+        self._waiting: dict[bytes, dict[RawKey, int]] = {}
         self._zones: dict[bytes, int] = {}
         self._recent: dict[bytes, CtEntry] = {}
         self._dead: set[bytes] = set()
         self._held: set[bytes] = set()
 
     # -- the datapath reports a key ------------------------------------------------
-    def seen(self, key: FlowKey, now_ns: int) -> tuple[Seen, CtEntry | None]:
+    def seen(self, key: RawKey, now_ns: int) -> tuple[Seen, CtEntry | None]:
         """Note a key from the ring; with NEW, the conntrack entry an event
         already brought for its connection, if any."""
-        tid = key_id(key)
+        tid = self.ident(key)
         keys = self._waiting.setdefault(tid, {})
         since = keys.get(key)
         if since is None:
@@ -83,27 +95,27 @@ class FlowState:
             return Seen.RECHECK, None
         return Seen.NOTHING, None
 
-    def decided(self, key: FlowKey) -> None:
+    def decided(self, key: RawKey) -> None:
         """``key`` was offloaded or passed: it waits no more."""
-        tid = key_id(key)
+        tid = self.ident(key)
         keys = self._waiting.get(tid)
         if keys is not None:
             keys.pop(key, None)
             if not keys:
                 del self._waiting[tid]
 
-    def defer(self, key: FlowKey, until_ns: int) -> None:
+    def defer(self, key: RawKey, until_ns: int) -> None:
         """Keep ``key`` waiting, not to be asked about before ``until_ns``."""
-        self._waiting.setdefault(key_id(key), {})[key] = until_ns - RECHECK_AFTER_NS
+        self._waiting.setdefault(self.ident(key), {})[key] = until_ns - RECHECK_AFTER_NS
 
-    def is_waiting(self, key: FlowKey) -> bool:
-        return key in self._waiting.get(key_id(key), {})
+    def is_waiting(self, key: RawKey) -> bool:
+        return key in self._waiting.get(self.ident(key), {})
 
     def waiting_count(self) -> int:
         return len(self._waiting)
 
     # -- conntrack says --------------------------------------------------------------
-    def updated(self, entry: CtEntry, orig: bytes, reply: bytes) -> list[tuple[FlowKey, bool]]:
+    def updated(self, entry: CtEntry, orig: bytes, reply: bytes) -> list[tuple[RawKey, bool]]:
         """A NEW/UPDATE event: remember it; the waiting keys it may settle,
         each with whether it is the reply direction."""
         if entry.zone:
@@ -152,17 +164,17 @@ class FlowState:
         self._waiting.clear()
 
     # -- the sweep's safety net ------------------------------------------------------
-    def sync_pending(self, present: Iterable[FlowKey], now_ns: int) -> list[FlowKey]:
+    def sync_pending(self, present: Iterable[RawKey], now_ns: int) -> list[RawKey]:
         """Match the waiting keys to what the pending map holds: keys whose
         ring record was lost start waiting, keys evicted or decided stop.
         Returns the keys waiting longer than STUCK_AFTER_NS (at most
         STUCK_BUDGET, re-stamped), to be asked about directly."""
-        here: set[FlowKey] = set()
+        here: set[RawKey] = set()
         for key in present:
             here.add(key)
-            keys = self._waiting.setdefault(key_id(key), {})
+            keys = self._waiting.setdefault(self.ident(key), {})
             keys.setdefault(key, now_ns)
-        stuck: list[FlowKey] = []
+        stuck: list[RawKey] = []
         for tid in list(self._waiting):
             keys = self._waiting[tid]
             for key in [k for k in keys if k not in here]:

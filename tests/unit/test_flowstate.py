@@ -19,16 +19,21 @@ from offloader.flowstate import (
     FlowState,
     Seen,
     key_id,
+    raw_key_id,
     tuple_id,
 )
+from offloader.records import Records
 
 ip = ipaddress.ip_address
+REC = Records()
 
 
-def key(sport: int = 40000, ifindex: int = 2, *, reply: bool = False) -> FlowKey:
+def key(sport: int = 40000, ifindex: int = 2, *, reply: bool = False) -> bytes:
+    """A raw key, as the ring buffer and the maps hold them."""
     if reply:
-        return FlowKey(3, socket.AF_INET, 6, ip("198.19.2.2"), ip("198.19.0.1"), 443, sport)
-    return FlowKey(ifindex, socket.AF_INET, 6, ip("198.18.1.2"), ip("198.19.2.2"), sport, 443)
+        return FlowKey(3, socket.AF_INET, 6, ip("198.19.2.2"), ip("198.19.0.1"), 443, sport).pack()
+    return FlowKey(ifindex, socket.AF_INET, 6, ip("198.18.1.2"), ip("198.19.2.2"), sport,
+                   443).pack()
 
 
 def entry(sport: int = 40000, zone: int = 0) -> CtEntry:
@@ -42,7 +47,7 @@ def ids(e: CtEntry) -> tuple[bytes, bytes]:
 
 
 def test_first_report_waits_then_rechecks_after_a_while() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     assert fs.seen(key(), 0) == (Seen.NEW, None)
     assert fs.is_waiting(key())
     assert fs.seen(key(), RECHECK_AFTER_NS - 1) == (Seen.NOTHING, None)
@@ -52,24 +57,24 @@ def test_first_report_waits_then_rechecks_after_a_while() -> None:
 
 
 def test_an_event_read_before_the_ring_record_is_used() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     e = entry()
     assert fs.updated(e, *ids(e)) == []  # nothing waits yet
     assert fs.seen(key(), 0) == (Seen.NEW, e)
 
 
 def test_update_settles_both_directions_and_remembers_the_zone() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     e = entry(zone=7)
     fs.seen(key(), 0)
     fs.seen(key(reply=True), 0)
     got = fs.updated(e, *ids(e))
     assert sorted(got, key=lambda kr: kr[1]) == [(key(), False), (key(reply=True), True)]
-    assert fs.zone(key_id(key())) == 7 and fs.zone(key_id(key(reply=True))) == 7
+    assert fs.zone(REC.wire(key())) == 7 and fs.zone(REC.wire(key(reply=True))) == 7
 
 
 def test_destroy_of_either_direction_forgets_the_connection() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     e = entry(zone=7)
     orig, reply = ids(e)
     fs.seen(key(), 0)
@@ -85,7 +90,7 @@ def test_destroy_of_either_direction_forgets_the_connection() -> None:
 
 
 def test_closing_marks_dead_and_stops_waiting_but_keeps_the_zone() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     e = entry(zone=3)
     orig, reply = ids(e)
     fs.updated(e, orig, reply)
@@ -97,13 +102,13 @@ def test_closing_marks_dead_and_stops_waiting_but_keeps_the_zone() -> None:
 
 
 def test_many_destroys_ask_for_an_early_sweep() -> None:
-    fs = FlowState(max_waiting=16)
+    fs = FlowState(ident=REC.wire, max_waiting=16)
     asked = [fs.forget(b"o%d" % i, b"r%d" % i) for i in range(DEAD_BEFORE_SWEEP // 2 + 1)]
     assert not any(asked[:-1]) and asked[-1]
 
 
 def test_bounds() -> None:
-    fs = FlowState(max_waiting=4)
+    fs = FlowState(ident=REC.wire, max_waiting=4)
     for port in range(10):
         fs.seen(key(port), 0)
     assert fs.waiting_count() == 4
@@ -116,7 +121,7 @@ def test_bounds() -> None:
 
 
 def test_sync_pending_adopts_lost_records_drops_evicted_and_reports_stuck() -> None:
-    fs = FlowState(max_waiting=1000)
+    fs = FlowState(ident=REC.wire, max_waiting=1000)
     fs.seen(key(1), 0)
     fs.seen(key(2), 0)
     # key(2) left the pending map (decided elsewhere or evicted); key(3)'s
@@ -129,8 +134,14 @@ def test_sync_pending_adopts_lost_records_drops_evicted_and_reports_stuck() -> N
 
 
 def test_stuck_queries_are_bounded() -> None:
-    fs = FlowState(max_waiting=10_000)
+    fs = FlowState(ident=REC.wire, max_waiting=10_000)
     keys = [key(p) for p in range(STUCK_BUDGET + 50)]
     fs.sync_pending(keys, 0)
     assert len(fs.sync_pending(keys, STUCK_AFTER_NS + 1)) == STUCK_BUDGET
     assert len(fs.sync_pending(keys, STUCK_AFTER_NS + 2)) == 50
+
+
+def test_the_fast_and_the_plain_ids_agree() -> None:
+    # Records.wire reads the id from raw bytes; raw_key_id builds a FlowKey.
+    for k in (key(), key(reply=True), key(1234, ifindex=9)):
+        assert REC.wire(k) == raw_key_id(k) == key_id(FlowKey.unpack(k))
