@@ -46,7 +46,7 @@ from .flowstate import FlowState, Seen, describe, key_id, key_tuple, tuple_id
 from .flowtable import FlowTable
 from .netwatch import Changes
 from .parts import Parts, open_parts
-from .reconcile import Reconciler, adopt
+from .reconcile import Reconciliation, adopt
 from .records import Records
 from .routing import NotYet
 from .status import AgentFacts, Counters, Latencies, build_status
@@ -85,9 +85,9 @@ class Agent:
         self._last_summary = time.monotonic()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._sel: selectors.BaseSelector = selectors.DefaultSelector()
-        self._reconciler: Reconciler | None = None
+        self.reconcile = Reconciliation(self.dp.flows, self.rec, self._watch, self._unwatch,
+                                        self._on_conntrack_gone)
         self._overflows_seen = 0
-        self._reconcile_wanted = False
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -131,7 +131,7 @@ class Agent:
             self._watch(self.net.fileno(), lambda: self.apply(self.net.read()))
             self._watch(self.parts.control.fileno(), self.parts.control.serve_one)
             self._watch(wake_r.fileno(), lambda: _drain(wake_r))
-            stack.callback(self._stop_reconcile)
+            stack.callback(self.reconcile.stop)
             self._loop()
 
     def _watch(self, fd: int, handler: Callable[[], None]) -> None:
@@ -220,31 +220,12 @@ class Agent:
         self.on_ct_events(events.read())
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows
-            self._reconcile_wanted = True  # started by the next sweep: coalesced
+            self.reconcile.wanted()
 
-    def _start_reconcile(self) -> None:
-        """Events were lost: cross the flow map off against a conntrack dump.
-        At most one runs; losses meanwhile start the next one after it (a
-        dump may have listed entries destroyed since)."""
-        self._reconcile_wanted = False
-        rec = self._reconciler = Reconciler.of(self.dp.flows.all_keys(), self.rec)
-        self._watch(rec.fileno(), functools.partial(self._on_reconcile, rec))
-
-    def _on_reconcile(self, rec: Reconciler) -> None:
-        try:
-            gone = rec.read()
-        finally:
-            if not rec.running:
-                self._stop_reconcile()
-        if gone is not None:
-            self.counters.torn_down[Teardown.CT_GONE] += self.dp.flows.delete_batch(gone)
-            self.counters.reconciles += 1
-
-    def _stop_reconcile(self) -> None:
-        if self._reconciler is not None:
-            self._unwatch(self._reconciler.fileno())
-            self._reconciler.close()
-            self._reconciler = None
+    def _on_conntrack_gone(self, raw_keys: list[bytes]) -> None:
+        """A reconcile found flows whose conntrack entry is gone."""
+        self.counters.torn_down[Teardown.CT_GONE] += self.dp.flows.delete_batch(raw_keys)
+        self.counters.reconciles += 1
 
     def on_ct_events(self, events: Iterable[Any]) -> None:
         for ev in events:
@@ -338,8 +319,7 @@ class Agent:
             dead=self.state.take_dead(), hybrid=self.attacher.hybrid()))
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
-        if self._reconcile_wanted and self._reconciler is None:
-            self._start_reconcile()
+        self.reconcile.tick()
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
             _guarded(functools.partial(self.decide, key))

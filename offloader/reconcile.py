@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from pyroute2.netlink import NETLINK_NETFILTER
 
@@ -96,6 +97,52 @@ class Reconciler:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Reconciliation:
+    """At most one reconcile at a time: a loss asks for one (``wanted``),
+    the next sweep starts it (``tick``), losses meanwhile start another
+    after it (a dump may have listed entries destroyed since). Its socket
+    is watched by the loop while it runs; the flows it finds without an
+    entry go to ``on_gone``."""
+
+    def __init__(self, flows: KeySource, rec: Records, watch: Callable[[int, Callable[[], None]], None],
+                 unwatch: Callable[[int], None], on_gone: Callable[[list[bytes]], None]) -> None:
+        self.flows, self.rec = flows, rec
+        self.watch, self.unwatch, self.on_gone = watch, unwatch, on_gone
+        self.running: Reconciler | None = None
+        self._wanted = False
+
+    def wanted(self) -> None:
+        self._wanted = True
+
+    def tick(self) -> None:
+        if self._wanted and self.running is None:
+            self._wanted = False
+            self.running = Reconciler.of(self.flows.all_keys(), self.rec)
+            self.watch(self.running.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        rec = self.running
+        if rec is None:
+            return
+        try:
+            gone = rec.read()
+        finally:
+            if not rec.running:
+                self.stop()
+        if gone is not None:
+            self.on_gone(gone)
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.unwatch(self.running.fileno())
+            self.running.close()
+            self.running = None
+
+
+class KeySource(Protocol):
+    def all_keys(self) -> list[bytes]: ...
 
 
 def adopt(dp: Datapath, ct: Conntrack, rec: Records) -> None:
