@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator
 from ctypes import (
     CFUNCTYPE,
@@ -500,6 +501,52 @@ def tc_attached(ifindex: int) -> bool:
     return int(libbpf().lib.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))) == 0
 
 
+def make_pin_dir(path: Path, top: Path | None = None) -> None:
+    """Create ``path`` (and missing parents) root-only, 0700, and refuse it
+    when a directory on the way could have been planted by someone else.
+
+    The BPF filesystem may be world-writable (1777 on some hosts): a local
+    user could create our directory first and fill it with maps of their
+    own. Every directory from the filesystem's root (not checked: not ours)
+    down to ``path`` must be root's, not a symlink, and writable by nobody
+    else; one of root's with a looser mode (an older version's 0755) is
+    tightened to 0700. ``top``: check from this directory down instead (tests)."""
+    missing: list[Path] = []
+    here = Path(os.path.abspath(path))
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = here.parent
+    top = Path(os.path.abspath(top)) if top is not None else None
+    ours: list[Path] = []
+    while top not in missing and here != here.parent \
+            and os.lstat(here.parent).st_dev == os.lstat(here).st_dev:
+        ours.append(here)  # below the filesystem's root: one of our directories
+        if here == top:
+            break
+        here = here.parent
+    for d in reversed(ours):
+        _private_dir(d)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass  # someone was quicker: judged below like any other
+        _private_dir(d)
+
+
+def _private_dir(d: Path) -> None:
+    st = os.lstat(d)
+    mode = st.st_mode & 0o7777
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or mode & 0o022:
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
+        raise BpfError(f"pin directory {d} is {kind} owned by uid {st.st_uid} with mode "
+                       f"{mode:04o}, not root's 0700; someone else may have created it: "
+                       f"remove it and start again")
+    if mode != 0o700:
+        log.info("%s: mode %04o tightened to 0700", d, mode)
+        os.chmod(d, 0o700)
+
+
 def is_bpffs(path: Path) -> bool:
     """True when ``path`` is on a BPF filesystem (statfs magic)."""
     class _Statfs(Structure):
@@ -516,6 +563,6 @@ def is_bpffs(path: Path) -> bool:
 
 __all__ = [
     "BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "BpfObject", "Map", "Program", "RingBuffer",
-    "TestRun", "is_bpffs", "libbpf", "tc_attach", "tc_attached", "tc_detach", "xdp_attach",
+    "TestRun", "is_bpffs", "libbpf", "make_pin_dir", "tc_attach", "tc_attached", "tc_detach", "xdp_attach",
     "xdp_detach", "xdp_prog_id",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import csum
-from .bpfobj import BpfObject, Map, Program, is_bpffs
+from .bpfobj import BpfObject, Map, Program, is_bpffs, make_pin_dir
 from .errors import ObjectLoadError, OffloadError
 from .layout import Layout, layout, object_stamp, stamp_name
 
@@ -291,7 +291,8 @@ def netns_pin_dir(base: Path = BPFFS) -> Path | None:
     In the root network namespace (OpenWrt's case) it is
     /sys/fs/bpf/ebpf-offloader; in another one, a directory named after the
     namespace's inode, so two agents never share maps. None when /sys/fs/bpf
-    is not a BPF filesystem (``ip netns exec`` remounts /sys)."""
+    is not a BPF filesystem (``ip netns exec`` remounts /sys). The
+    directories are made root-only by bpfobj.make_pin_dir() when maps are pinned."""
     if not is_bpffs(base):
         return None
     top = base / "ebpf-offloader"
@@ -341,7 +342,7 @@ class Datapath:
             obj.set_max_entries("ofl_drops", drop_entries)
             obj.set_max_entries("ofl_probes", max_flows)
             if pin_dir is not None:
-                pin_dir.mkdir(parents=True, exist_ok=True)
+                make_pin_dir(pin_dir)
                 for name in MAP_NAMES:
                     # Not the ring buffer (nothing worth keeping) nor the devmap:
                     # libbpf 1.1 refuses to re-use a pinned DEVMAP_HASH ("parameter
