@@ -1,13 +1,14 @@
 """The `ebpf-offloader` command.
 
     ebpf-offloader run     [-c FILE] [-i IFACE ...] [--hook H] [--object PATH] [-v]
-    ebpf-offloader status  [--json] [--watch [SECONDS]] [--top N]
+    ebpf-offloader status  [--json [--limit N]] [--watch [SECONDS]] [--top N]
     ebpf-offloader flush
     ebpf-offloader config  [-c FILE] [--json]
     ebpf-offloader lab     [--seconds N] [--hook H] [--keep-going]
 
-Exit codes: 0 success; 1 an error (no agent running for status/flush, a
-failed attach or load); 2 a configuration or usage error.
+Exit codes: 0 success; 1 an error (no agent running for status/flush, the
+agent refused this user, the control address held by someone else, a failed
+attach or load); 2 a configuration or usage error.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                     help="refresh in place every SECONDS (default 2)")
     st.add_argument("--top", type=int, default=10, metavar="N", help="busiest flows shown (human)")
+    st.add_argument("--limit", type=_positive, metavar="N",
+                    help="with --json: list only the N busiest flows")
 
     sub.add_parser("flush", help="hand every offloaded flow back to the kernel")
 
@@ -75,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     lab.add_argument("--hook", choices=("both", "xdp", "tc", "hybrid"), default="both",
                      help="the hooks to measure against the slow path (default: xdp and tc)")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +177,8 @@ def _status(args: argparse.Namespace) -> int:
     from .control import request
 
     if args.json:
-        print(json.dumps(request("status"), indent=2))
+        answer = request("status", limit=args.limit) if args.limit else request("status")
+        print(json.dumps(answer, indent=2))
         return 0
     if args.watch:
         prev = request("status")

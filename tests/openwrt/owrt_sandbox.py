@@ -94,7 +94,7 @@ class Sandbox:
         path.chmod(0o755)
         return path
 
-    def run(self, argv: list[str], env: dict[str, str] | None = None) -> Run:
+    def run(self, argv: list[str], env: dict[str, str] | None = None, stdin: str = "") -> Run:
         self.calls.write_text("")
         full_env = {
             "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -104,7 +104,8 @@ class Sandbox:
             **(env or {}),
         }
         proc = subprocess.run(
-            [*self.shell, *argv], env=full_env, capture_output=True, text=True, timeout=30
+            [*self.shell, *argv], env=full_env, capture_output=True, text=True, timeout=30,
+            input=stdin,
         )
         calls = [line.split("\t") for line in self.calls.read_text().splitlines()]
         return Run(proc.returncode, calls, proc.stdout, proc.stderr)

@@ -343,31 +343,76 @@ def test_uci_defaults_is_idempotent(sandbox: Sandbox) -> None:
     assert run.calls == [["uci", "-q", "get", "firewall.ebpf_offloader"]]
 
 
-def rpcd(sandbox: Sandbox, *args: str) -> Run:
+# OpenWrt's jsonfilter (libubox) has no Debian package: this stand-in answers
+# the one query the plugin makes, `jsonfilter -s JSON -e @.KEY`, as jsonfilter
+# does (a number or string printed bare, an object as JSON, exit 1 if absent).
+JSONFILTER = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+doc = json.loads(args[args.index("-s") + 1])
+key = args[args.index("-e") + 1].removeprefix("@.")
+if not isinstance(doc, dict) or key not in doc:
+    sys.exit(1)
+v = doc[key]
+print(v if isinstance(v, str) else json.dumps(v))
+"""
+
+
+def rpcd(sandbox: Sandbox, *args: str, stdin: str = "{ }") -> Run:
+    """Run the plugin as rpcd does: the call's arguments as JSON on stdin."""
+    jsonfilter = sandbox.bin / "jsonfilter"
+    jsonfilter.write_text(JSONFILTER)
+    jsonfilter.chmod(0o755)
     script = sandbox.script("ebpf-offloader.rpcd")
-    return sandbox.run([str(script), *args])
+    return sandbox.run([str(script), *args], stdin=stdin)
 
 
-def test_rpcd_list(sandbox: Sandbox) -> None:
+def test_rpcd_list_declares_the_limit_argument(sandbox: Sandbox) -> None:
     run = rpcd(sandbox, "list")
-    assert json.loads(run.stdout) == {"status": {}}
+    # rpcd reads an int32 argument from the number 32 in the signature.
+    assert json.loads(run.stdout) == {"status": {"limit": 32}}
 
 
-def test_rpcd_call_status_passes_json_through(sandbox: Sandbox) -> None:
-    status = {"running": True, "interfaces": [{"name": "eth0", "hook": "tc"}], "flows": []}
+@pytest.mark.parametrize(("args", "limit"), [
+    ("{ }", "20"), ('{ "limit": 7 }', "7"), ('{"limit": 500}', "500"), ('{"limit": 1}', "1"),
+])  # fmt: skip
+def test_rpcd_status_asks_for_a_bounded_answer(sandbox: Sandbox, args: str, limit: str) -> None:
+    status = {"running": True, "interfaces": [{"name": "eth0", "hook": "tc"}], "flows": [],
+              "counts": {"offloaded": 0, "passed": 0, "pending": 0, "total": 0}}
     sandbox.set_fake("ebpf-offloader", out=json.dumps(status))
-    run = rpcd(sandbox, "call", "status")
+    run = rpcd(sandbox, "call", "status", stdin=args)
     assert run.returncode == 0
     assert json.loads(run.stdout) == status
-    assert run.calls == [["ebpf_offloader", "status", "--json"]]
+    assert run.calls == [["ebpf_offloader", "status", "--json", "--limit", limit]]
+
+
+@pytest.mark.parametrize("args", [
+    '{"limit": 0}', '{"limit": 501}', '{"limit": -1}', '{"limit": 2.5}', '{"limit": "ten"}',
+    '{"limit": 1e3}', '{"limit": "5; reboot"}', '{"limit": "0010"}', '{"limit": 100000}',
+    '{"limit": [1]}', '{"limit": {"n": 1}}',
+])  # fmt: skip
+def test_rpcd_status_refuses_a_bad_limit(sandbox: Sandbox, args: str) -> None:
+    run = rpcd(sandbox, "call", "status", stdin=args)
+    assert run.returncode == 0
+    assert json.loads(run.stdout) == {"error": "limit must be an integer from 1 to 500"}
+    assert run.calls == []  # the agent is not asked
 
 
 def test_rpcd_call_status_without_agent(sandbox: Sandbox) -> None:
-    sandbox.set_fake("ebpf-offloader", err="no agent is running", rc=1)
+    sandbox.set_fake("ebpf-offloader", err="no ebpf-offloader agent is running.", rc=1)
     run = rpcd(sandbox, "call", "status")
     answer = json.loads(run.stdout)
     assert answer["running"] is False
     assert answer["flows"] == [] and answer["interfaces"] == []
+    assert answer["error"] == "no ebpf-offloader agent is running."
+
+
+def test_rpcd_status_says_why_the_agent_did_not_answer(sandbox: Sandbox) -> None:
+    why = 'ControlAddressHeld: the control address is held by uid 65534 (pid 9), "not" a root\\agent'
+    sandbox.set_fake("ebpf-offloader", err=why, rc=1)
+    answer = json.loads(rpcd(sandbox, "call", "status").stdout)
+    assert answer["running"] is False
+    assert answer["error"] == why
 
 
 def test_rpcd_unknown_method(sandbox: Sandbox) -> None:
