@@ -83,6 +83,7 @@ class CtEntry:
     zone: int
     helper: bool
     timeout: int
+    mark: int = 0  # CTA_MARK: mwan3, pbr and fw4 restore it as the packet mark
 
     @property
     def assured(self) -> bool:
@@ -147,7 +148,7 @@ def parse_entry(msg: Any) -> CtEntry | None:
             tcp_state = -1 if state is None else int(state)
     return CtEntry(orig, reply, int(msg.get("CTA_STATUS") or 0), tcp_state,
                    int(msg.get("CTA_ZONE") or 0), msg.get("CTA_HELP") is not None,
-                   int(msg.get("CTA_TIMEOUT") or 0))
+                   int(msg.get("CTA_TIMEOUT") or 0), int(msg.get("CTA_MARK") or 0))
 
 
 class Conntrack:
@@ -337,7 +338,8 @@ def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
     orig, reply = _t5(msg.orig), _t5(msg.reply)
     if orig is None or reply is None:
         return None
-    return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout)
+    return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout,
+                   msg.mark)
 
 
 def nat_target(entry: CtEntry, reply: bool) -> Tuple5:

@@ -5,7 +5,7 @@ event and 0.5 ms or more on one update, which caps an agent near 1,000 new
 flows a second and makes refreshing 10,000 flows cost a core's tenth. The
 hot paths need only a few attributes, so they are encoded and decoded here:
 
-  - events (NEW/UPDATE/DESTROY): tuples, status, TCP state, helper, zone;
+  - events (NEW/UPDATE/DESTROY): tuples, status, TCP state, helper, zone, mark;
   - updates (IPCTNL_MSG_CT_NEW on an existing entry): timeout, TCP flags.
 
 Updates go out many to one sendmsg() without NLM_F_ACK. The kernel handles
@@ -45,6 +45,7 @@ CTA_STATUS = 3
 CTA_PROTOINFO = 4
 CTA_HELP = 5
 CTA_TIMEOUT = 7
+CTA_MARK = 8
 CTA_ZONE = 18
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -131,7 +132,7 @@ class Decoded:
     """One conntrack message: kind, flags, and the attributes we use."""
 
     __slots__ = ("msg_type", "flags", "orig", "reply", "status", "tcp_state", "helper", "zone",
-                 "timeout")
+                 "timeout", "mark")
 
     def __init__(self, msg_type: int, flags: int) -> None:
         self.msg_type = msg_type
@@ -143,6 +144,7 @@ class Decoded:
         self.helper = False
         self.zone = 0
         self.timeout = 0
+        self.mark = 0
 
 
 class Done:
@@ -205,6 +207,8 @@ def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int) -> Decoded:
         msg.timeout = struct.unpack_from("!I", data, top[CTA_TIMEOUT][0])[0]
     if CTA_ZONE in top:
         msg.zone = struct.unpack_from("!H", data, top[CTA_ZONE][0])[0]
+    if CTA_MARK in top:
+        msg.mark = struct.unpack_from("!I", data, top[CTA_MARK][0])[0]
     msg.helper = CTA_HELP in top
     if CTA_PROTOINFO in top:
         msg.tcp_state = _tcp_state(data, top[CTA_PROTOINFO])
