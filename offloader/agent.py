@@ -271,7 +271,7 @@ class Agent:
         # TC may redirect into upper devices; XDP goes to the lowest.
         full = self.attacher.hook_of(key.ifindex) != "tc"
         try:
-            path = self.resolver.resolve(key, target.dst, full=full)
+            path = self.resolver.resolve(key, target.dst, full=full, mark=entry.mark)
         except NotYet as exc:
             log.debug("%s: %s, retrying", describe(key), exc)
             return Decision.WAIT

@@ -53,7 +53,7 @@ from pyroute2.netlink.rtnl.ndmsg import (
 )
 from pyroute2.protocols import ETH_P_8021Q
 
-from . import pppoe
+from . import policy, pppoe
 from .datapath import DSA_PROTOS, FlowKey, L2Header
 from .devstack import AttachPoint, Link, Rx, dsa_tag_len, walk_attach, walk_down, walk_up
 from .errors import ResolveError
@@ -106,9 +106,31 @@ class Ingress:
     l3_iif: int
 
 
+@dataclass(frozen=True, slots=True)
+class RuleFacts:
+    """What the policy rules (`ip rule`) match on that a lookup must carry."""
+
+    ports: bool  # some rule matches on the protocol or ports
+    fwmarks: tuple[int, ...]  # marks the fwmark rules tell apart (0 first); () without such rules
+    tos: tuple[int, ...]  # TOS values the rules tell apart (0 first)
+
+    @classmethod
+    def of(cls, rules: list[Any]) -> RuleFacts:
+        ports = any(r.get(a) is not None for r in rules
+                    for a in ("FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_IP_PROTO"))
+        by_mark = [r for r in rules
+                   if r.get("FRA_FWMARK") is not None or r.get("FRA_FWMASK") is not None]
+        marks = {int(r.get("FRA_FWMARK") or 0) & int(r.get("FRA_FWMASK") or policy.ALL_BITS)
+                 for r in by_mark} - {0}
+        tos = {int(r.get("tos") or 0) for r in rules} - {0}
+        return cls(ports=ports, fwmarks=(0, *sorted(marks)) if by_mark else (),
+                   tos=(0, *sorted(tos)))
+
+
 class Resolver:
     def __init__(self, ipr: IPRoute | None = None, *, sysfs: Path = SYSFS_NET,
-                 pppoe_proc: Path = pppoe.PROC, pppoe_run: Path = pppoe.RUN_DIR) -> None:
+                 pppoe_proc: Path = pppoe.PROC, pppoe_run: Path = pppoe.RUN_DIR,
+                 ruleset: policy.Ruleset | None = None) -> None:
         self.ipr = ipr or IPRoute()
         self.sysfs = sysfs
         self.pppoe_proc = pppoe_proc
@@ -119,7 +141,8 @@ class Resolver:
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
         self._fdb: dict[tuple[int, bytes, int], int] = {}
         self._addressed: dict[int, bool] = {}  # device has IP addresses (macvlan ingress)
-        self._port_rules: bool | None = None
+        self._rules: RuleFacts | None = None
+        self.ruleset = ruleset or policy.Ruleset()
 
     # -- caches ----------------------------------------------------------------
     def link(self, index: int) -> Link:
@@ -150,7 +173,7 @@ class Resolver:
             self._all = None
         if routes:
             self._routes.clear()
-            self._port_rules = None
+            self._rules = None
             self._addressed.clear()
         if neigh:
             self._neigh.clear()
@@ -216,21 +239,42 @@ class Resolver:
         return Ingress(walk_up(self, self.link(key.ifindex), rx).index)
 
     # -- the walk down (egress) ------------------------------------------------------------
-    def route(self, iif: int, key: FlowKey, dst: IPAddress) -> tuple[int, IPAddress]:
+    def route(self, iif: int, key: FlowKey, dst: IPAddress, *,
+              mark: int = 0) -> tuple[int, IPAddress]:
         """(output ifindex, next hop address) as the kernel's input route
-        lookup gives them for this packet."""
-        if self._port_rules is None:
-            self._port_rules = self._rules_use_ports()
-        # Ports only matter to the lookup when a policy rule matches on them:
-        # without such rules, one lookup serves every flow between two hosts.
-        ports = (key.proto, key.sport, key.dport) if self._port_rules else ()
-        ck = (iif, key.src, dst, *ports)
+        lookup gives them for this packet; ``mark`` is the connection's
+        conntrack mark (policy routing by fwmark, see offloader/policy.py)."""
+        if self._rules is None:
+            self._rules = self._rule_facts()
+        rules = self._rules
+        # What no policy rule matches on does not change the lookup: without
+        # such rules, one lookup serves every flow between two hosts.
+        ports = (key.proto, key.sport, key.dport) if rules.ports else ()
+        marks: tuple[int, ...] = (0,)
+        if rules.fwmarks:
+            pkt = self.ruleset.setters().packet_mark(mark)
+            # Unknown: the flow can still go when every mark the rules tell
+            # apart gives the same route.
+            marks = (pkt,) if pkt is not None else rules.fwmarks
+        found = {self._lookup(iif, key, dst, ports, m, t) for m in marks for t in rules.tos}
+        if len(found) > 1 and len(marks) > 1:
+            raise ResolveError("policy routing by fwmark, and the packet mark is set per packet "
+                               "without being restored from the connection's mark: its route "
+                               "cannot be told")
+        if len(found) > 1:
+            raise ResolveError("a policy rule matches on DSCP/TOS, which may differ per packet")
+        return found.pop()
+
+    def _lookup(self, iif: int, key: FlowKey, dst: IPAddress, ports: tuple[int, ...], mark: int,
+                tos: int) -> tuple[int, IPAddress]:
+        ck = (iif, key.src, dst, *ports, mark, tos)
         hit = self._routes.get(ck)
         if hit:
             return hit
         try:
             msg = self.ipr.route("get", dst=str(dst), src=str(key.src), iif=iif,
-                                 ip_proto=key.proto, sport=key.sport, dport=key.dport)[0]
+                                 ip_proto=key.proto, sport=key.sport, dport=key.dport,
+                                 mark=mark, tos=tos)[0]
         except NetlinkError as exc:
             raise ResolveError(f"no route to {dst} from ifindex {iif}: {exc}") from exc
         if msg["type"] != RTN_UNICAST:
@@ -243,14 +287,13 @@ class Resolver:
         self._routes[ck] = (oif, hop)
         return oif, hop
 
-    def _rules_use_ports(self) -> bool:
+    def _rule_facts(self) -> RuleFacts:
         try:
             rules = list(self.ipr.get_rules(family=socket.AF_INET)) + list(
                 self.ipr.get_rules(family=socket.AF_INET6))
-        except NetlinkError:
-            return True
-        return any(r.get(a) is not None for r in rules
-                   for a in ("FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_IP_PROTO"))
+        except NetlinkError as exc:
+            raise ResolveError(f"cannot read the policy rules: {exc}") from exc
+        return RuleFacts.of(rules)
 
     def neighbour(self, oif: int, hop: IPAddress) -> bytes:
         ck = (oif, hop)
@@ -307,8 +350,10 @@ class Resolver:
                     return bool(info.get("flags", 0) & BRIDGE_VLAN_INFO_UNTAGGED)
         return True
 
-    def resolve(self, key: FlowKey, dst: IPAddress, *, full: bool = True) -> Egress:
-        """Where a packet of ``key`` goes once its destination is ``dst``.
+    def resolve(self, key: FlowKey, dst: IPAddress, *, full: bool = True,
+                mark: int = 0) -> Egress:
+        """Where a packet of ``key`` goes once its destination is ``dst``;
+        ``mark`` is the connection's conntrack mark.
 
         ``full`` (XDP): down to the lowest device, with the whole L2 header
         (VLAN tags, PPPoE, DSA tag) for the datapath to write. Otherwise (TC):
@@ -316,7 +361,7 @@ class Resolver:
         ppp or DSA device above, whose own transmit path encapsulates it and
         whose qdisc (SQM) still sees it."""
         ingress = self.ingress(key)
-        l3_oif, hop = self.route(ingress.l3_iif, key, dst)
+        l3_oif, hop = self.route(ingress.l3_iif, key, dst, mark=mark)
         l3 = self.link(l3_oif)
         if not l3.up:
             raise ResolveError(f"{l3.name} is down")
@@ -331,6 +376,7 @@ class Resolver:
         return Egress(oif=dev.index, l2=header, mtu=_path_mtu(path), l3_oif=l3_oif, nexthop=hop)
 
     def close(self) -> None:
+        self.ruleset.close()
         self.ipr.close()
 
 

@@ -38,16 +38,18 @@ def link(index: int, name: str, *, kind: str = "", master: int = 0, mac: str = "
 
 
 class FakeIPRoute:
-    def __init__(self, links: list[Msg], routes: dict[str, tuple[int, str | None]],
+    def __init__(self, links: list[Msg], routes: dict[str, Any],
                  neigh: dict[tuple[int, str], str], fdb: dict[tuple[Any, ...], int], *,
                  addrs: set[int] | None = None,
-                 vlans: dict[int, dict[int, bool]] | None = None) -> None:
+                 vlans: dict[int, dict[int, bool]] | None = None,
+                 rules: list[Msg] | None = None) -> None:
         self.links = {m["index"]: m for m in links}
         self.routes = routes
         self.neighs = neigh
         self.fdbs = fdb  # (bridge, MAC) or (bridge, MAC, VLAN) -> port
         self.addrs = addrs or set()  # ifindexes with an address
         self.vlans = vlans or {}  # port -> {vid: untagged}
+        self.rules = rules if rules is not None else [Msg(FRA_TABLE=254)]
         self.route_queries: list[dict[str, Any]] = []
         self.neigh_queries: list[tuple[int, str]] = []
 
@@ -59,7 +61,12 @@ class FakeIPRoute:
 
     def route(self, cmd: str, **kw: Any) -> list[Msg]:
         self.route_queries.append(kw)
-        oif, gw = self.routes[kw["dst"]]
+        # A destination's route, or its routes by (mark, tos) / mark.
+        route = self.routes[kw["dst"]]
+        if isinstance(route, dict):
+            pick = (kw.get("mark", 0), kw.get("tos", 0))
+            route = route.get(pick) or route.get(pick[0]) or route[0]
+        oif, gw = route
         return [Msg(type=1, RTA_OIF=oif, RTA_GATEWAY=gw)]
 
     def neigh(self, cmd: str, dst: str, ifindex: int, family: int) -> list[Msg]:
@@ -79,7 +86,7 @@ class FakeIPRoute:
         return [Msg(index=index)] if index in self.addrs else []
 
     def get_rules(self, family: int) -> list[Msg]:
-        return [Msg(FRA_TABLE=254)]
+        return self.rules if family == socket.AF_INET else []
 
     def close(self) -> None:
         pass

@@ -1,0 +1,198 @@
+"""Multi-WAN policy routing end to end on the real kernel (no fakes).
+
+    lan1 (198.18.1.2) --+                   wan1 198.19.10.1 ---- i1 --+
+                        +-- br-lan [router]                            +-- internet
+    lan2 (198.18.1.3) --+                   wan2 198.19.20.1 ---- i2 --+   198.19.99.1
+
+The router masquerades out of both uplinks and pins lan2's connections to
+WAN2 the way mwan3 does: prerouting marks the connection (`ct mark set
+0x200`) and restores it as the packet mark (`meta mark set ct mark`);
+`ip rule fwmark 0x200/0x300 lookup 102` sends marked packets to table 102,
+whose default route is WAN2. The internet namespace filters spoofed sources
+(rp_filter=1): a packet of lan2's, masqueraded to WAN2's address but sent out
+of WAN1, is dropped there. So a lan2 transfer only arrives intact if the
+agent routes its offloaded packets with the connection's mark.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from offloader.lab import Host, Topology, _run, _transfer
+from tests.conftest import need_root
+
+pytestmark = pytest.mark.root
+
+HOST1, HOST2 = "198.18.1.2", "198.18.1.3"
+WAN1, WAN2 = "198.19.10.1", "198.19.20.1"
+SERVER = "198.19.99.1"
+PORT = 9000
+
+ROUTER_NFT = f"""
+table inet lab {{
+    counter fwd_established {{ }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        ct state established,related counter name fwd_established accept
+    }}
+    chain mangle_prerouting {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "br-lan" ip saddr {HOST2} ct mark set 0x200
+        meta mark set ct mark
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100;
+        oifname "wan1" masquerade
+        oifname "wan2" masquerade
+    }}
+}}
+"""
+
+# Who reaches the server over which uplink with which source. rp_filter drops
+# spoofed packets after prerouting, so "spoofed" counts them before the drop.
+INTERNET_NFT = f"""
+table inet srv {{
+    counter via_wan1 {{ }}
+    counter via_wan2 {{ }}
+    counter spoofed {{ }}
+    chain prerouting {{
+        type filter hook prerouting priority 0; policy accept;
+        iifname "i1" ip saddr != {WAN1} counter name spoofed
+        iifname "i2" ip saddr != {WAN2} counter name spoofed
+    }}
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname "i1" ip saddr {WAN1} counter name via_wan1
+        iifname "i2" ip saddr {WAN2} counter name via_wan2
+    }}
+}}
+"""
+
+
+def _veth(a: Host, a_dev: str, b: Host, b_dev: str) -> None:
+    x, y = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
+    _run(["ip", "link", "add", x, "type", "veth", "peer", "name", y])
+    _run(["ip", "link", "set", x, "netns", a.name, "name", a_dev])
+    _run(["ip", "link", "set", y, "netns", b.name, "name", b_dev])
+    for host, dev in ((a, a_dev), (b, b_dev)):
+        # Complete checksums (CHECKSUM_PARTIAL does not survive an XDP
+        # redirect on veth), no TSO/GSO (packet counts mean packets), GRO on
+        # (veth delivers XDP redirects only then).
+        host.sh(f"ip link set {dev} up && ethtool -K {dev} tx off tso off gso off gro on >/dev/null")
+
+
+def _build(topo: Topology) -> None:
+    r, internet = topo.router, topo.wan
+    for h in topo.hosts:
+        _run(["ip", "netns", "add", h.name])
+        h.sh("ip link set lo up")
+    r.sh("ip link add br-lan type bridge && ip link set br-lan up")
+    _veth(topo.lan1, "eth0", r, "lan1p")
+    _veth(topo.lan2, "eth0", r, "lan2p")
+    r.sh("ip link set lan1p master br-lan && ip link set lan2p master br-lan")
+    _veth(r, "wan1", internet, "i1")
+    _veth(r, "wan2", internet, "i2")
+    r.sh(f"ip addr add 198.18.1.1/24 dev br-lan && ip addr add {WAN1}/24 dev wan1"
+         f" && ip addr add {WAN2}/24 dev wan2")
+    # Per-namespace settings of the router and internet namespaces only.
+    r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0"
+         " net.ipv4.conf.default.rp_filter=0")
+    r.sh("ip route add default via 198.19.10.2 dev wan1"
+         " && ip route add default via 198.19.20.2 dev wan2 table 102"
+         # Connected networks first (mwan3 does the same), then the mark.
+         " && ip rule add priority 100 lookup main suppress_prefixlength 0"
+         " && ip rule add priority 200 fwmark 0x200/0x300 lookup 102")
+    r.sh("nft -f -", input=ROUTER_NFT)
+    internet.sh("ip addr add 198.19.10.2/24 dev i1 && ip addr add 198.19.20.2/24 dev i2"
+                f" && ip addr add {SERVER}/32 dev lo")
+    internet.sh("sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1"
+                " net.ipv4.conf.i1.rp_filter=1 net.ipv4.conf.i2.rp_filter=1")
+    internet.sh("nft -f -", input=INTERNET_NFT)
+    for host, addr in ((topo.lan1, HOST1), (topo.lan2, HOST2)):
+        host.sh(f"ip addr add {addr}/24 dev eth0 && ip route add default via 198.18.1.1")
+        host.sh("ping -c1 -W2 198.18.1.1 >/dev/null", check=False)
+    for addr in (HOST1, HOST2, "198.19.10.2", "198.19.20.2"):
+        r.sh(f"ping -c1 -W2 {addr} >/dev/null", check=False)
+
+
+@pytest.fixture(params=["xdp", "tc"], scope="module")
+def multiwan(request: pytest.FixtureRequest, bpf_object: Any) -> Iterator[Topology]:
+    need_root()
+    topo = Topology(tag=secrets.token_hex(2))
+    topo.wan_if = "wan1"  # start_agent names br-lan and this; wan2 comes as an extra
+    try:
+        _build(topo)
+        topo.start_agent(hook=request.param, extra=["-i", "wan2"])
+        yield topo
+    finally:
+        topo.down()
+
+
+def _counter(host: Host, table: str, name: str, what: str = "packets") -> int:
+    out = host.sh(f"nft -j list counter inet {table} {name}").stdout
+    return next(int(i["counter"][what]) for i in json.loads(out)["nftables"] if "counter" in i)
+
+
+def _rx_bytes(host: Host, dev: str) -> int:
+    out = json.loads(host.sh(f"ip -s -j link show {dev}").stdout)
+    return int(out[0]["stats64"]["rx"]["bytes"])
+
+
+CASES = [("tcp", 1), ("tcp", 2), ("udp", 1), ("udp", 2)]
+
+
+@pytest.mark.parametrize("proto,host", CASES, ids=[f"{p}-host{h}" for p, h in CASES])
+def test_each_host_leaves_by_its_own_uplink(multiwan: Topology, proto: str, host: int) -> None:
+    topo = multiwan
+    src, addr = (topo.lan1, HOST1) if host == 1 else (topo.lan2, HOST2)
+    uplink, other = ("wan1", "wan2") if host == 1 else ("wan2", "wan1")
+    far, far_other = ("i1", "i2") if host == 1 else ("i2", "i1")
+    size, rate = (6_000_000, 6_000_000) if proto == "tcp" else (2_000_000, 2000)
+    expected = size // (1448 if proto == "tcp" else 1000)
+    # Bytes, not packets: GRO on the far ends merges TCP segments before input.
+    names = ("via_wan1", "via_wan2", "spoofed")
+    before = {n: _counter(topo.wan, "srv", n, "bytes") for n in names}
+    rx_before = {d: _rx_bytes(topo.wan, d) for d in ("i1", "i2")}
+    est_before = _counter(topo.router, "lab", "fwd_established")
+
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result.update(_transfer(src, topo.wan, SERVER, PORT, PORT, proto, 4, size, 40.0,
+                                    rate, 0))
+        except Exception as exc:  # reported below
+            result["error"] = repr(exc)
+
+    t = threading.Thread(target=go)
+    t.start()
+    seen = 0
+    deadline = time.monotonic() + 60
+    while t.is_alive() and time.monotonic() < deadline:
+        for f in (topo.status(check=False) or {"flows": []})["flows"]:
+            if (f["proto"] == proto and f["src"] == addr and f["dport"] == PORT
+                    and f["state"] == "offloaded"):
+                seen = max(seen, f["packets"])
+        time.sleep(0.05)
+    t.join(timeout=60)
+
+    delta = {n: _counter(topo.wan, "srv", n, "bytes") - v for n, v in before.items()}
+    rx = {d: _rx_bytes(topo.wan, d) - v for d, v in rx_before.items()}
+    est = _counter(topo.router, "lab", "fwd_established") - est_before
+    assert result.get("intact"), (result, delta, rx, topo.read_agent_log()[-2000:])
+    # Offloaded: the datapath carried the bulk, the kernel's forward path little.
+    assert seen > 0.5 * expected, (seen, expected)
+    assert est < 0.4 * expected, (est, expected)
+    # The server saw this host's own uplink address, arriving over that uplink,
+    # and nothing spoofed; the uplink's far end received the packets.
+    assert delta[f"via_{uplink}"] >= size, delta
+    assert delta[f"via_{other}"] == 0 and delta["spoofed"] == 0, delta
+    assert rx[far] >= size, rx
+    assert rx[far_other] < 0.1 * size, rx
