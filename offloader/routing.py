@@ -54,10 +54,9 @@ from pyroute2.netlink.rtnl.ndmsg import (
 from pyroute2.protocols import ETH_P_8021Q
 
 from . import policy, pppoe
-from .datapath import DSA_PROTOS, FlowKey, L2Header
+from .datapath import DSA_PORT_NONE, DSA_PROTOS, FlowKey, L2Header
 from .devstack import AttachPoint, Link, Rx, dsa_tag_len, walk_attach, walk_down, walk_up
 from .errors import ResolveError
-from .layout import layout
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +231,7 @@ class Resolver:
     def ingress(self, key: FlowKey) -> Ingress:
         """The L3 device a frame with ``key``'s ingress attributes reaches:
         lowest device -> DSA user port -> VLAN device(s) -> ppp -> bridge."""
-        none = layout().const("OFL_DSA_PORT_NONE")
-        rx = Rx(dsa_port=None if key.dsa_port == none else key.dsa_port,
+        rx = Rx(dsa_port=None if key.dsa_port == DSA_PORT_NONE else key.dsa_port,
                 tags=tuple(v for v in (key.vlan_outer, key.vlan_inner) if v),
                 pppoe_sid=key.pppoe_sid)
         return Ingress(walk_up(self, self.link(key.ifindex), rx).index)
