@@ -98,7 +98,7 @@ struct ofl_verdict {
 	__be16 csum_l4_addr;
 	__be16 csum_l4_port;
 	__u16 ct_zone; /* agent only: conntrack zone of the connection */
-	__u32 pad3;
+	__u32 ct_mark; /* agent only: the conntrack mark its route was looked up with */
 };
 _Static_assert(sizeof(struct ofl_verdict) == 80, "ofl_verdict layout");
 
@@ -254,7 +254,7 @@ enum ofl_stat {
 	F(ofl_verdict, nat_dport) F(ofl_verdict, nat_saddr)                    \
 	F(ofl_verdict, nat_daddr) F(ofl_verdict, csum_l3)                      \
 	F(ofl_verdict, csum_l4_addr) F(ofl_verdict, csum_l4_port)              \
-	F(ofl_verdict, ct_zone) F(ofl_verdict, pad3)                           \
+	F(ofl_verdict, ct_zone) F(ofl_verdict, ct_mark)                           \
 	S(ofl_flow) F(ofl_flow, v) F(ofl_flow, packets) F(ofl_flow, bytes)     \
 	F(ofl_flow, last_seen_ns) F(ofl_flow, state) F(ofl_flow, seen)         \
 	S(ofl_pending) F(ofl_pending, first_seen_ns)                           \

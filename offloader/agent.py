@@ -316,7 +316,8 @@ class Agent:
         result = self.sweeper.run(SweepPlan.at(
             time.monotonic_ns(), self.sweeper.passes + 1, tcp_idle_s=s.tcp_timeout,
             udp_idle_s=s.udp_timeout, timeouts=self.timeouts, interval_s=s.sweep_interval,
-            dead=self.state.take_dead(), hybrid=self.attacher.hybrid()))
+            dead=self.state.take_dead(), hybrid=self.attacher.hybrid(),
+            marks=self.state.take_marks()))
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
         self.reconcile.tick()

@@ -147,6 +147,7 @@ class Verdict:
     nat_dport: int | None = None
     reply: bool = False  # the key is conntrack's reply direction
     zone: int = 0  # conntrack zone
+    mark: int = 0  # conntrack mark the route was looked up with
     assured: bool = False  # conntrack had the entry assured (its timeout class)
 
     def pack(self, state: int | None = None, last_seen_ns: int = 0) -> bytes:
@@ -190,6 +191,7 @@ class Verdict:
             flags |= lay.const("OFL_V_ASSURED")
         v.flags = flags
         v.ct_zone = self.zone
+        v.ct_mark = self.mark
         addr_delta = csum.delta(k.src.packed + k.dst.packed, new_src.packed + new_dst.packed)
         port_delta = csum.delta(
             k.sport.to_bytes(2, "big") + k.dport.to_bytes(2, "big"),

@@ -58,6 +58,7 @@ class Teardown(enum.StrEnum):
     IDLE = "idle"
     CT_DESTROYED = "conntrack-destroyed"  # DESTROY event, or a closing TCP state
     CT_GONE = "conntrack-gone"  # a refresh or a reconcile found no entry (an event was lost)
+    CT_MARK = "conntrack-mark"  # the connection's mark changed: its route may have
     NETWORK = "route or link change"
     FDB = "fdb change"
     NEIGHBOUR = "neighbour change"
@@ -117,4 +118,5 @@ def verdict_for(key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry,
     ``target`` (its tuple after NAT)."""
     return Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key, nat_src=target.src,
                    nat_dst=target.dst, nat_sport=target.sport, nat_dport=target.dport,
-                   reply=is_reply, zone=entry.zone, assured=entry.assured)
+                   reply=is_reply, zone=entry.zone, assured=entry.assured,
+                   mark=entry.mark)

@@ -28,6 +28,7 @@ from .datapath import FlowKey
 RECHECK_AFTER_NS = 150_000_000  # a waiting key seen again after this: ask conntrack
 RECENT_CT = 1024  # conntrack entries remembered from events
 DEAD_BEFORE_SWEEP = 8192  # destroyed directions noted before an early sweep
+MARKS_KEPT = 8192  # connection marks from UPDATE events kept for the next sweep
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about keys waiting longer
 STUCK_BUDGET = 256  # at most this many such queries per sweep
 
@@ -76,6 +77,7 @@ class FlowState:
         self._zones: dict[bytes, int] = {}
         self._recent: dict[bytes, CtEntry] = {}
         self._dead: set[bytes] = set()
+        self._marks: dict[bytes, int] = {}  # wire id -> mark an UPDATE event carried
         self._held: set[bytes] = set()
 
     # -- the datapath reports a key ------------------------------------------------
@@ -120,6 +122,8 @@ class FlowState:
         each with whether it is the reply direction."""
         if entry.zone:
             self._zones[orig] = self._zones[reply] = entry.zone
+        if len(self._marks) < MARKS_KEPT:  # beyond: the next sweep sees the rest
+            self._marks[orig] = self._marks[reply] = entry.mark
         self._recent[orig] = self._recent[reply] = entry
         while len(self._recent) > RECENT_CT:
             self._recent.pop(next(iter(self._recent)))
@@ -147,6 +151,12 @@ class FlowState:
 
     def zone(self, tid: bytes) -> int:
         return self._zones.get(tid, 0)
+
+    def take_marks(self) -> dict[bytes, int]:
+        """The connection marks UPDATE events carried since the last call:
+        an offloaded flow looked up with another mark may need another route."""
+        marks, self._marks = self._marks, {}
+        return marks
 
     def take_dead(self) -> set[bytes]:
         """The dead directions since the last call (the sweep removes their flows)."""

@@ -37,6 +37,7 @@ class Records:
         self.v_dmac = ffi.offsetof("struct ofl_verdict", "dmac")
         self.v_flags = ffi.offsetof("struct ofl_verdict", "flags")
         self.v_zone = ffi.offsetof("struct ofl_verdict", "ct_zone")
+        self.v_mark = ffi.offsetof("struct ofl_verdict", "ct_mark")
         self.k_ifindex = ffi.offsetof("struct ofl_key", "ifindex")
         self.k_vlan = ffi.offsetof("struct ofl_key", "vlan_outer")
         self.k_pppoe = ffi.offsetof("struct ofl_key", "pppoe_sid")

@@ -24,7 +24,7 @@ import operator
 import socket
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -90,14 +90,16 @@ class SweepPlan:
     interval_s: float  # seconds between sweeps
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
     hybrid: frozenset[int] = frozenset()  # ingress devices with XDP and TC (hybrid hook)
+    marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
     _due: bytes | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
            timeouts: dict[RefreshClass, int], interval_s: float, dead: set[bytes],
-           hybrid: frozenset[int] = frozenset()) -> SweepPlan:
+           hybrid: frozenset[int] = frozenset(),
+           marks: dict[bytes, int] | None = None) -> SweepPlan:
         return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
-                   interval_s, dead, hybrid)
+                   interval_s, dead, hybrid, marks or {})
 
     def due_table(self) -> bytes:
         """For each 16-bit port hash, whether any class's slice is due now:
@@ -159,6 +161,8 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
             gone[i] = Teardown.IDLE
     if plan.dead:
         _destroyed(kb, plan.dead, rec, protos, sports, dports, gone)
+    if plan.marks:
+        _remarked(kb, vb, plan.marks, rec, protos, sports, dports, gone)
     for i, reason in gone.items():
         out.remove.append(kb[i * ks : (i + 1) * ks])
         out.reasons[reason] += 1
@@ -200,11 +204,32 @@ def _destroyed(kb: bytes, dead: set[bytes], rec: Records, protos: bytes, sports:
     """Entries of connections conntrack destroyed or closed: a cheap
     (proto, ports) prefilter, then the exact wire id."""
     ks = rec.key_size
-    dead_ports = {(w[0], int.from_bytes(w[1:3], sys.byteorder),
-                   int.from_bytes(w[3:5], sys.byteorder)) for w in dead}
+    dead_ports = _port_prefilter(dead)
     for i, t in enumerate(zip(protos, sports, dports, strict=True)):
         if t in dead_ports and i not in gone and rec.wire(kb[i * ks : (i + 1) * ks]) in dead:
             gone[i] = Teardown.CT_DESTROYED
+
+
+def _remarked(kb: bytes, vb: bytes, marks: dict[bytes, int], rec: Records, protos: bytes,
+              sports: Sequence[int], dports: Sequence[int], gone: dict[int, Teardown]) -> None:
+    """Flows looked up with another conntrack mark than their connection
+    carries now (mwan3/pbr moved it to another uplink): policy routing may
+    send it elsewhere, so it is decided again."""
+    ks = rec.key_size
+    prefilter = _port_prefilter(marks)
+    flow_marks = rec.flow_column(vb, rec.v_mark, "I")
+    for i, t in enumerate(zip(protos, sports, dports, strict=True)):
+        if t in prefilter and i not in gone:
+            mark = marks.get(rec.wire(kb[i * ks : (i + 1) * ks]))
+            if mark is not None and mark != flow_marks[i]:
+                gone[i] = Teardown.CT_MARK
+
+
+def _port_prefilter(ids: Iterable[bytes]) -> set[tuple[int, int, int]]:
+    """(proto, sport, dport) of wire ids, ports as the key's bytes read in
+    host order: a cheap test before the exact wire id is built."""
+    return {(w[0], int.from_bytes(w[1:3], sys.byteorder), int.from_bytes(w[3:5], sys.byteorder))
+            for w in ids}
 
 
 def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,

@@ -196,3 +196,44 @@ def test_each_host_leaves_by_its_own_uplink(multiwan: Topology, proto: str, host
     assert delta[f"via_{other}"] == 0 and delta["spoofed"] == 0, delta
     assert rx[far] >= size, rx
     assert rx[far_other] < 0.1 * size, rx
+
+
+def test_a_changed_connection_mark_is_routed_again(multiwan: Topology) -> None:
+    """mwan3 moves a connection to the other uplink by changing its conntrack
+    mark: the offloaded flow, looked up with the old mark, is handed back
+    and decided again with the new one (out of WAN2 now, as the kernel
+    routes it; that WAN2 then drops its WAN1 source is what the kernel's own
+    path does too)."""
+    topo = multiwan
+    sport = 47000
+    t = threading.Thread(target=lambda: _transfer(topo.lan1, topo.wan, SERVER, PORT + 1, PORT + 1,
+                                                  "udp", 4, 8_000_000, 15.0, 1000, sport))
+    t.start()
+    try:
+        def flow() -> dict[str, Any] | None:
+            for f in (topo.status(check=False) or {"flows": []})["flows"]:
+                if (f["proto"], f["src"], f["sport"], f["state"]) == ("udp", HOST1, sport,
+                                                                     "offloaded"):
+                    return f
+            return None
+
+        first = _poll(flow)
+        assert first is not None and first["out_dev"] == "wan1", first
+        topo.router.sh(f"conntrack -U -p udp --orig-src {HOST1} --sport {sport} --mark 0x200 "
+                       ">/dev/null")
+        moved = _poll(lambda: (f := flow()) is not None and f["out_dev"] == "wan2" and f)
+        assert moved, (flow(), topo.status(check=False))
+        st = topo.status()
+        assert st is not None and st["agent"]["torn_down"].get("conntrack-mark", 0) >= 1
+    finally:
+        t.join(timeout=30)
+
+
+def _poll(pred: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    return pred()

@@ -145,3 +145,13 @@ def test_the_fast_and_the_plain_ids_agree() -> None:
     # Records.wire reads the id from raw bytes; raw_key_id builds a FlowKey.
     for k in (key(), key(reply=True), key(1234, ifindex=9)):
         assert REC.wire(k) == raw_key_id(k) == key_id(FlowKey.unpack(k))
+
+
+def test_updates_bring_the_connection_mark_for_the_sweep() -> None:
+    fs = FlowState(ident=REC.wire, max_waiting=16)
+    e = entry()
+    e = CtEntry(e.orig, e.reply, e.status, e.tcp_state, e.zone, e.helper, e.timeout, mark=0x200)
+    orig, reply = ids(e)
+    fs.updated(e, orig, reply)
+    assert fs.take_marks() == {orig: 0x200, reply: 0x200}
+    assert fs.take_marks() == {}

@@ -223,3 +223,15 @@ def test_hybrid_keeps_encapsulated_flows_in_xdp() -> None:
     p = plan()
     p.hybrid = frozenset({2})
     assert run([(k, counted(flow(k), 1000, 1_400_000))], p).to_tc == []
+
+
+def test_a_flow_looked_up_with_another_mark_is_decided_again() -> None:
+    moved, same = key(sport=1000), key(sport=1001)
+    raw_moved = Verdict(oif=3, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, key=moved,
+                        mark=0x100).pack(last_seen_ns=NOW - NS)
+    raw_same = Verdict(oif=3, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, key=same,
+                       mark=0x200).pack(last_seen_ns=NOW - NS)
+    p = plan()
+    p.marks = {REC.wire(moved.pack()): 0x200, REC.wire(same.pack()): 0x200}
+    r = run([(moved, raw_moved), (same, raw_same)], p)
+    assert r.remove == [moved.pack()] and r.reasons == {Teardown.CT_MARK: 1}
