@@ -5,6 +5,7 @@ Inputs, all on one selector, no threads:
   conntrack events NEW/UPDATE (a waiting tuple may now be offloadable),
                    DESTROY (its flows must go)
   rtnetlink events route, rule, address, link, neighbour, FDB changes
+  nftables events  a ruleset change: drops forgotten, flows handed back on probation
   control socket   status and flush requests
   signals          SIGTERM/SIGINT stop, SIGHUP reloads the configuration
   timers           heartbeat (the datapath's fail-safe), sweep
@@ -31,7 +32,7 @@ from . import bpfobj
 from .attach import Attacher
 from .config import Settings, network_devices, redecide_needed
 from .conntrack import CtEntry, nat_target
-from .datapath import FlowKey
+from .datapath import FlowKey, probe_key
 from .decision import (
     Decision,
     Exclusions,
@@ -41,10 +42,12 @@ from .decision import (
     offloadable,
     verdict_for,
 )
+from .drops import DropCounts, Thresholds, conntrack_nearly_full, judge
 from .errors import OffloadError, ResolveError
 from .flowstate import FlowState, Seen, describe, key_id, key_tuple, tuple_id
 from .flowtable import FlowTable
 from .netwatch import Changes
+from .nftwatch import Probation
 from .parts import Parts, open_parts
 from .reconcile import Reconciliation, adopt
 from .records import Records
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 SUMMARY_EVERY_S = 60.0
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
+PROBE_GRACE_NS = 50_000_000  # egress sightings this soon after a ruleset change do not count
 
 
 class Agent:
@@ -88,10 +92,14 @@ class Agent:
         self.reconcile = Reconciliation(self.dp.flows, self.rec, self._watch, self._unwatch,
                                         self._on_conntrack_gone)
         self._overflows_seen = 0
+        self.probation = Probation()
+        self.drop_counts = DropCounts()
+        self.ruleset = parts.nft.scan()
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
-        self.dp.configure(enabled=True, heartbeat_timeout=self.settings.heartbeat_timeout)
+        self.dp.configure(enabled=True, heartbeat_timeout=self.settings.heartbeat_timeout,
+                          early_drop=self.settings.early_drop)
         self.attach()
         adopt(self.dp, self.ct, self.rec)
         log.info("offloading on %s", ", ".join(f"{a.link.name} ({a.hook})" for a in
@@ -129,6 +137,7 @@ class Agent:
             self._watch(self.ring.fd, self._on_ring)
             self._watch(self.parts.ct_events.fileno(), self._on_ct_readable)
             self._watch(self.net.fileno(), lambda: self.apply(self.net.read()))
+            self._watch(self.parts.nft.fileno(), self._on_ruleset)
             self._watch(self.parts.control.fileno(), self.parts.control.serve_one)
             self._watch(wake_r.fileno(), lambda: _drain(wake_r))
             stack.callback(self.reconcile.stop)
@@ -190,7 +199,8 @@ class Agent:
             self.attach()
         except OffloadError as exc:
             log.error("re-attach after reload: %s", exc)
-        self.dp.configure(enabled=True, heartbeat_timeout=new.heartbeat_timeout)
+        self.dp.configure(enabled=True, heartbeat_timeout=new.heartbeat_timeout,
+                          early_drop=new.early_drop)
         if rejudge:  # what may be offloaded changed: every flow is decided again
             self.flush(Teardown.CONFIG)
         log.info("configuration reloaded")
@@ -250,14 +260,16 @@ class Agent:
     def decide(self, raw: bytes, found: tuple[CtEntry, bool] | None = None) -> Decision:
         """Offload the tuple of raw key ``raw``, pass it for good, or leave it waiting."""
         key = FlowKey.unpack(raw)
-        tid = key_id(key)
+        if self.probation and self.probation.holds(raw):
+            # Handed back after a ruleset change, not yet seen forwarded.
+            self.dp.mark_pass(key)
+            self.state.decided(raw)
+            return Decision.PASS
         if found is None:
-            found = self.ct.get(key_tuple(key), self.state.zone(tid))
+            found = self.ct.get(key_tuple(key), self.state.zone(key_id(key)))
             if found is None:
-                return Decision.WAIT
+                return self._maybe_drop(key)
         entry, is_reply = found
-        if self.state.is_held(tid):
-            return self._pass(raw, key, PassReason.HANDED_BACK)
         gate = offloadable(entry, offload_udp=self.settings.offload_udp)
         if isinstance(gate, PassReason):
             return self._pass(raw, key, gate)
@@ -307,6 +319,33 @@ class Agent:
         log.debug("pass %s: %s", describe(key), why)
         return Decision.PASS
 
+    def _maybe_drop(self, key: FlowKey) -> Decision:
+        """No conntrack entry: drop early what the kernel drops anyway (drops.py)."""
+        pending = self.dp.pending_entry(key) if self.settings.early_drop else None
+        if pending is None:
+            return Decision.WAIT
+        s = self.settings
+        refused = self.ruleset.refuses(key.family) or (
+            "conntrack nearly full" if conntrack_nearly_full() else None)
+        self.drop_counts.refused = refused
+        route = self.resolver.lookup(key)
+        now = time.monotonic_ns()
+        th = Thresholds.of(packets=s.early_drop_packets, after_ms=s.early_drop_after_ms,
+                           drop_s=s.early_drop_time)
+        reason = judge(route, pending[0], pending[1], now, th, refused is None)
+        if reason is None:
+            return Decision.WAIT
+        self.dp.add_drop(key, reason.wire, now + th.drop_ns, route.l3_mac)
+        self.state.decided(key.pack())
+        self.drop_counts.by_reason[reason] += 1
+        log.debug("drop %s: %s", describe(key), reason)
+        return Decision.DROP
+
+    def forget_drops(self) -> None:
+        """The ruleset or the routes changed: every drop may be wrong now."""
+        self.dp.drops.clear()
+        self.drop_counts.forgotten += 1
+
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
         """The safety net: hand back FIN/RST/SYN flows, idle and destroyed ones,
@@ -321,6 +360,8 @@ class Agent:
         self.counters.torn_down.update(result.reasons)
         self.table.evictable = result.pass_keys
         self.reconcile.tick()
+        if self.probation:
+            self._end_probation(result.remove)
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
             _guarded(functools.partial(self.decide, key))
@@ -328,12 +369,55 @@ class Agent:
             self._last_summary = time.monotonic()
             log.info("%s, conntrack refreshes %d", self.counters.summary(), self.sweeper.refreshed)
 
+    # -- ruleset changes -----------------------------------------------------------------
+    def _on_ruleset(self) -> None:
+        if self.parts.nft.read():
+            n = self.rejudge(Teardown.RULESET)
+            log.info("ruleset changed: drops forgotten, %d flows handed back on probation", n)
+
+    def rejudge(self, reason: Teardown) -> int:
+        """Forget every drop and hand every offloaded flow back, so that the
+        ruleset as it is now judges their next packets; each stays with the
+        kernel until the egress probe sees the kernel forward it after now."""
+        self.ruleset = self.parts.nft.scan()
+        self.forget_drops()
+        armed = time.monotonic_ns() + PROBE_GRACE_NS
+        for probe in self.probation.probes():  # sightings so far predate this change
+            self.dp.arm_probe(probe, armed)
+        n = 0
+        for e in self.dp.flow_entries():
+            if e.state != self.rec.state_offload:
+                continue
+            probe = probe_key(e.key, e.raw)
+            self.dp.arm_probe(probe, armed)  # before the kernel gets its first packet
+            self.dp.mark_pass(e.key)
+            self.probation.put(e.key.pack(), probe)
+            n += 1
+        self.dp.set_probing(bool(self.probation))
+        self.counters.torn_down[reason] += n
+        return n
+
+    def _end_probation(self, removed: list[bytes]) -> None:
+        """Flows gone from the map leave probation; proven ones are offloaded again."""
+        for probe in self.probation.forget(removed):
+            self.dp.probes.delete(probe)
+        for raw_key, probe in self.probation.proven(self.dp.probes_seen()):
+            self.dp.probes.delete(probe)
+            self.state.decided(raw_key)
+            _guarded(functools.partial(self._reoffload, raw_key))
+        self.dp.set_probing(bool(self.probation))
+
+    def _reoffload(self, raw: bytes) -> None:
+        if self.decide(raw) is Decision.OFFLOAD:
+            self.counters.reoffloaded += 1
+
     # -- handing flows back --------------------------------------------------------------
     def apply(self, changes: Changes) -> None:
         """Hand back what a network change invalidated."""
         for index in changes.links_gone:
             self.attacher.gone(index)
         if changes.flush_all:
+            self.forget_drops()  # a route drop or an unreachable one may be gone
             n = self.flush(Teardown.NETWORK)
             log.debug("network change: %d flows handed back", n)
             return
@@ -345,13 +429,9 @@ class Agent:
         self.counters.torn_down[reason] += n
         return n
 
-    def flush(self, reason: Teardown, hold: bool = False) -> int:
-        """Hand every flow back to the kernel; they are decided afresh. With
-        ``hold`` (the flush command, run on firewall reload) the connections
-        that were offloaded stay with the kernel until they end, so that new
-        rules apply to them."""
-        if hold:
-            self.state.hold(self.table.wire_ids())
+    def flush(self, reason: Teardown) -> int:
+        """Hand every flow back to the kernel; they are decided afresh (flows
+        on probation stay there)."""
         n = self.table.clear()
         self.state.clear_waiting()
         self.net.forget_nexthops()
@@ -363,13 +443,15 @@ class Agent:
         cmd = req.get("cmd")
         if cmd == "status":
             return self.status(limit=int(req.get("limit") or 0))
-        if cmd == "flush":
-            return {"flushed": self.flush(Teardown.FLUSH_COMMAND, hold=True)}
+        if cmd == "flush":  # fw4's include: what the ruleset event did already, harmless twice
+            return {"flushed": self.rejudge(Teardown.FLUSH_COMMAND)}
         raise OffloadError(f"unknown command {cmd!r}")
 
     def status(self, limit: int = 0) -> dict[str, Any]:
         agent = self.counters.report()
-        agent.update(conntrack_refreshes=self.sweeper.refreshed, handed_to_tc=self.sweeper.to_tc,
+        agent.update(self.drop_counts.report())
+        agent.update(ruleset_changes=self.parts.nft.changes, on_probation=len(self.probation),
+                     conntrack_refreshes=self.sweeper.refreshed, handed_to_tc=self.sweeper.to_tc,
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,

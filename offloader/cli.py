@@ -31,6 +31,7 @@ from .config import (
     format_settings,
     load_settings,
 )
+from .drops import drop_lines
 from .errors import AgentNotRunning, ConfigError, ObjectLoadError, OffloadError
 
 log = logging.getLogger("offloader")
@@ -235,6 +236,7 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, interval: fl
     dp = cur.get("datapath", {})
     if dp.get("pass_stale"):
         lines.append(f"fail-safe engaged {dp['pass_stale']} times (agent heartbeat stale)")
+    lines.extend(drop_lines(cur))
     before: dict[tuple[Any, ...], int] = {}
     if prev:
         for f in prev["flows"]:

@@ -508,6 +508,23 @@ class Settings:
     object: str = _option(
         "", _to_path, _is_path, empty="(none: the default locations)",
         doc="the BPF object to load; empty: the default locations")
+    early_drop: bool = _option(
+        True, _to_bool, _is_boolean,
+        doc="drop in the datapath what the kernel drops anyway: tuples whose route drops them"
+            " silently, and tuples learned from the ruleset (docs/design.md, Early drop)")
+    early_drop_packets: int = _option(
+        16, _to_int, _in_range(8, 1_000_000, int),
+        doc="a tuple is learned as dropped after at least this many packets without a"
+            " conntrack entry (more than any TCP SYN or DNS retry schedule sends)")
+    early_drop_after_ms: int = _option(
+        200, _to_int, _in_range(50, 60_000, int),
+        doc="and no earlier than this many milliseconds after its first packet")
+    early_drop_time: int = _option(
+        30, _to_int, _in_range(1, 3600, int),
+        doc="seconds a learned or route drop lasts before the kernel judges the tuple again")
+    early_drop_entries: int = _option(
+        4096, _to_int, _in_range(256, 1048576, int),
+        doc="size of the LRU map of early drops (apart from the flow map)")
     control_group: str = _option(
         "", _to_word, _group_name, empty="(none: root only)",
         doc="besides root, members of this group may use status and flush")

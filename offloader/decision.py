@@ -3,6 +3,7 @@
 ``Decision``  what became of a tuple the datapath reported (offload, pass, wait)
 ``PassReason`` why a connection stays with the kernel for good
 ``Teardown``   why an offloaded flow was handed back to the kernel
+``DropReason`` why the datapath drops a tuple early
 
 The agent's counters, ``status`` and the tables in docs/design.md are keyed
 by these members, so a new reason has exactly one home. ``offloadable`` is
@@ -35,6 +36,7 @@ class Decision(enum.Enum):
     OFFLOAD = "offload"
     PASS = "pass"
     WAIT = "wait"  # not decidable yet: asked again on the next event or packet
+    DROP = "drop"  # the kernel drops it anyway: dropped early for a while (DropReason)
 
 
 class PassReason(enum.StrEnum):
@@ -46,7 +48,6 @@ class PassReason(enum.StrEnum):
     SEQ_ADJUST = "seq-adjust"
     FLOWTABLE = "in an nf flowtable"
     UDP_DISABLED = "udp disabled"
-    HANDED_BACK = "handed back by flush"
     EXCLUDED = "excluded by configuration"
     NO_PATH = "no path"  # the resolver could not reach the lowest device
 
@@ -64,6 +65,21 @@ class Teardown(enum.StrEnum):
     NEIGHBOUR = "neighbour change"
     FLUSH_COMMAND = "flush command"
     CONFIG = "configuration change"
+    RULESET = "ruleset change"  # nftables said a forwarding table changed
+
+
+class DropReason(enum.StrEnum):
+    """Why the datapath drops a tuple early (status: agent.dropped, and the
+    datapath's drop_* counters). The order is the header's OFL_DROP_*."""
+
+    ROUTE = "route"  # the input route lookup drops it silently (blackhole, martian source)
+    UNREACHABLE = "unreachable"  # unreachable/prohibit/no route, and it kept coming (learned)
+    LEARNED = "learned"  # it kept coming and conntrack never confirmed it (learned)
+
+    @property
+    def wire(self) -> int:
+        """Its OFL_DROP_* number."""
+        return list(DropReason).index(self)
 
 
 def offloadable(entry: CtEntry, *, offload_udp: str) -> Decision | PassReason:

@@ -9,8 +9,6 @@ direction (its wire id, see ``conntrack.wire_id``):
   recent   the last conntrack NEW/UPDATE entries (bounded): an event read
            before the ring record of the connection's first packet
   dead     directions conntrack destroyed or closed since the last sweep
-  held     directions handed back by ``flush`` (a firewall reload): the
-           kernel keeps them until they end
 
 Every transition is a method, and a connection's two directions always
 move together. Keys are the datapath's raw key bytes: a FlowKey is built
@@ -78,7 +76,6 @@ class FlowState:
         self._recent: dict[bytes, CtEntry] = {}
         self._dead: set[bytes] = set()
         self._marks: dict[bytes, int] = {}  # wire id -> mark an UPDATE event carried
-        self._held: set[bytes] = set()
 
     # -- the datapath reports a key ------------------------------------------------
     def seen(self, key: RawKey, now_ns: int) -> tuple[Seen, CtEntry | None]:
@@ -143,7 +140,6 @@ class FlowState:
         piled up that a sweep should run now (bounded memory)."""
         for tid in (orig, reply):
             self._zones.pop(tid, None)
-            self._held.discard(tid)
             self._recent.pop(tid, None)
             self._waiting.pop(tid, None)
             self._dead.add(tid)
@@ -164,12 +160,6 @@ class FlowState:
         return dead
 
     # -- flush ---------------------------------------------------------------------------
-    def hold(self, tids: Iterable[bytes]) -> None:
-        self._held.update(tids)
-
-    def is_held(self, tid: bytes) -> bool:
-        return tid in self._held
-
     def clear_waiting(self) -> None:
         self._waiting.clear()
 

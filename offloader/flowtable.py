@@ -47,10 +47,6 @@ class FlowTable:
         return self.dp.flows.delete_batch([k for k, v in self.dp.flows.items()
                                            if rec.dmac(v) == mac])
 
-    def wire_ids(self) -> list[bytes]:
-        """The connection-direction id of every flow in the map."""
-        return [self.rec.wire(k) for k in self.dp.flows.all_keys()]
-
     def clear(self) -> int:
         """Remove every flow and pending tuple; how many flows went."""
         n = self.dp.flows.clear()

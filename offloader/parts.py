@@ -24,6 +24,7 @@ from .control import ControlServer
 from .datapath import BPFFS, Datapath, find_object, in_root_netns, netns_pin_dir
 from .errors import OffloadError
 from .netwatch import NetWatcher
+from .nftwatch import RulesetWatcher
 from .routing import Resolver, rt_event_socket
 
 
@@ -38,6 +39,7 @@ class Parts:
     ct_events: CtEvents
     net: NetWatcher
     pins: PinGuard
+    nft: RulesetWatcher
 
 
 class PinGuard:
@@ -100,7 +102,8 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     pins = PinGuard(pin_dir)
     stack.callback(pins.release)
     dp = Datapath(find_object(settings.object), max_flows=settings.max_flows,
-                  pending_flows=settings.pending_flows, pin_dir=pin_dir)
+                  pending_flows=settings.pending_flows,
+                  drop_entries=settings.early_drop_entries, pin_dir=pin_dir)
     stack.callback(dp.close)
     resolver = Resolver(IPRoute())
     stack.callback(resolver.close)
@@ -114,5 +117,7 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     stack.callback(rt_sock.close)
     parser = IPRoute()
     stack.callback(parser.close)
+    nft = RulesetWatcher()
+    stack.callback(nft.close)
     return Parts(control, dp, resolver, ct, ct_events, NetWatcher(rt_sock, resolver, parser),
-                 pins)
+                 pins, nft)

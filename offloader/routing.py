@@ -63,11 +63,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AF_BRIDGE", "NUD_VALID", "RTM_DELLINK", "RTM_DELNEIGH", "RTM_DELROUTE", "RTM_F_CLONED",
     "RTM_NEWLINK", "RTM_NEWNEIGH", "RTM_NEWROUTE", "AttachPoint", "Egress", "Ingress", "Link",
-    "NotYet", "Resolver", "attach_points", "rt_event_socket",
+    "NotYet", "Resolver", "RouteLookup", "attach_points", "rt_event_socket",
 ]
 
 AF_BRIDGE = socket.AF_BRIDGE  # FDB entries in RTM_NEWNEIGH/RTM_DELNEIGH
 RTN_UNICAST = rtypes["RTN_UNICAST"]
+RTN_LOCAL = rtypes["RTN_LOCAL"]
 SYSFS_NET = Path("/sys/class/net")
 NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
 RT_GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
@@ -96,6 +97,18 @@ class Egress:
     mtu: int
     l3_oif: int
     nexthop: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLookup:
+    """What the kernel's input route lookup says of a tuple (early drop):
+    ``errno`` 0 when it is routed or delivered, else the lookup's error
+    (the route type's: EINVAL blackhole, EHOSTUNREACH unreachable, ...)."""
+
+    errno: int
+    l3_iif: int
+    l3_mac: bytes  # the router's MAC on the ingress L3 device (zero without L2)
+    learnable: bool  # unicast to another device, or local: conntrack sees it
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +297,23 @@ class Resolver:
         hop = ipaddress.ip_address(gw) if gw else dst
         self._routes[ck] = (oif, hop)
         return oif, hop
+
+    def lookup(self, key: FlowKey) -> RouteLookup:
+        """The input route lookup for ``key`` as it came in, uncached (early
+        drop asks it only of tuples that keep coming)."""
+        ingress = self.link(self.ingress(key).l3_iif)
+        lowest = self.link(key.ifindex)
+        # The MAC the frames are addressed to: the L3 device's, or for one
+        # without L2 header (ppp) the Ethernet device's below it.
+        mac = lowest.mac if ingress.no_l2 else ingress.mac
+        try:
+            msg = self.ipr.route("get", dst=str(key.dst), src=str(key.src), iif=ingress.index,
+                                 ip_proto=key.proto, sport=key.sport, dport=key.dport)[0]
+        except NetlinkError as exc:
+            return RouteLookup(exc.code, ingress.index, mac, False)
+        oif = msg.get("RTA_OIF") or 0
+        learnable = msg["type"] == RTN_LOCAL or (msg["type"] == RTN_UNICAST and oif != ingress.index)
+        return RouteLookup(0, ingress.index, mac, learnable)
 
     def _rule_facts(self) -> RuleFacts:
         try:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .datapath import Datapath, FlowKey
-from .decision import PassReason, Teardown
+from .decision import DropReason, PassReason, Teardown
+from .drops import busiest_sources
 from .layout import layout
 
 LATENCY_SAMPLES = 20_000  # setup latencies kept for status
@@ -31,6 +32,7 @@ class Counters:
     events: int = 0  # ring-buffer records read
     map_full: int = 0  # decisions the full flow map could not take
     reconciles: int = 0  # flow map crossed off against a conntrack dump (events lost)
+    reoffloaded: int = 0  # flows offloaded again after a ruleset change, once proven
 
     def summary(self) -> str:
         return (f"flows offloaded {self.offloaded}, passed {sum(self.passed.values())}, "
@@ -41,7 +43,7 @@ class Counters:
                 "passed_by_reason": {str(r): n for r, n in self.passed.items()},
                 "torn_down": {str(r): n for r, n in self.torn_down.items()},
                 "ring_events": self.events, "map_full_refused": self.map_full,
-                "conntrack_reconciles": self.reconciles}
+                "conntrack_reconciles": self.reconciles, "reoffloaded": self.reoffloaded}
 
 
 class Latencies:
@@ -105,6 +107,7 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
     flows.sort(key=lambda r: r["bytes"], reverse=True)
     counts = _count_states(f["state"] for f in flows)
     used = counts["offloaded"] + counts["passed"]
+    stats = dp.stats()
     return {
         "running": True,
         "pid": facts.pid,  # the agent's, also when a forked child answers
@@ -115,11 +118,23 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
         "flows_max": dp.flows.max_entries,
         "flows_used": used,
         "agent": facts.agent,
-        "datapath": dp.stats(),
+        "datapath": stats,
+        "early_drop": drop_report(dp, stats, now_ns),
         "setup_latency_ms": facts.latency,
         "pinned": str(dp.pin_dir) if dp.pin_dir else None,
         "flows": flows[:limit] if limit else flows,
     }
+
+
+def drop_report(dp: Datapath, stats: dict[str, int], now_ns: int) -> dict[str, Any]:
+    """Packets dropped early by reason (the datapath's counters), the drop
+    map's live entries and the busiest dropped sources."""
+    entries = [(str(e.key.src), e.expires_ns, e.packets, e.nbytes) for e in dp.drop_entries()]
+    return {"packets_by_reason": {str(r): stats.get(f"drop_{r.name.lower()}", 0)
+                                  for r in DropReason},
+            "entries": sum(1 for _s, expires, _p, _b in entries if expires > now_ns),
+            "entries_max": dp.drops.max_entries,
+            "busiest_sources": busiest_sources(entries, now_ns)}
 
 
 def _count_states(states: Iterable[str]) -> dict[str, int]:

@@ -315,7 +315,9 @@ def test_to_dict_is_json_keyed_by_uci_names(tmp_path: Path) -> None:
     assert set(d) == {
         "enabled", "hook", "interfaces", "max_flows", "pending_flows", "sweep_interval",
         "tcp_timeout", "udp_timeout", "offload_udp", "exclude_src", "exclude_dst",
-        "exclude_zone", "log_level", "heartbeat_timeout", "object", "control_group",
+        "exclude_zone", "log_level", "heartbeat_timeout", "object", "early_drop",
+        "early_drop_packets", "early_drop_after_ms", "early_drop_time", "early_drop_entries",
+        "control_group",
     }  # fmt: skip
     assert d["enabled"] is True
     assert d["interfaces"] == ["br-lan", "wan"]
@@ -658,7 +660,9 @@ CHANGED: dict[str, object] = {
     "pending_flows": 512, "sweep_interval": 2.0, "tcp_timeout": 10, "udp_timeout": 10,
     "offload_udp": "assured", "exclude_src": (NET,), "exclude_dst": (NET,),
     "exclude_zones": ("guest",), "log_level": "debug", "heartbeat_timeout": 5.0,
-    "object": "/x.o", "control_group": "network",
+    "object": "/x.o", "early_drop": False, "early_drop_packets": 32,
+    "early_drop_after_ms": 500, "early_drop_time": 60, "early_drop_entries": 8192,
+    "control_group": "network",
 }  # fmt: skip
 # What may be offloaded depends on these; the agent decides every flow again.
 REDECIDING = {"offload_udp", "exclude_src", "exclude_dst", "exclude_zones"}

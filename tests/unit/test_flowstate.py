@@ -79,11 +79,9 @@ def test_destroy_of_either_direction_forgets_the_connection() -> None:
     orig, reply = ids(e)
     fs.seen(key(), 0)
     fs.updated(e, orig, reply)
-    fs.hold([orig, reply])
     assert fs.forget(orig, reply) is False
     assert not fs.is_waiting(key())
     assert fs.zone(orig) == 0 and fs.zone(reply) == 0
-    assert not fs.is_held(orig) and not fs.is_held(reply)
     assert fs.seen(key(), 1) == (Seen.NEW, None)  # the recent entry went too
     assert fs.take_dead() == {orig, reply}
     assert fs.take_dead() == set()

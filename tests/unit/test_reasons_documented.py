@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offloader.decision import PassReason, Teardown
+from offloader.decision import DropReason, PassReason, Teardown
 
 DESIGN = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 
@@ -32,6 +32,7 @@ def table_values(heading: str) -> set[str]:
 @pytest.mark.parametrize("members, heading", [
     (PassReason, "Why a connection stays with the kernel for good"),
     (Teardown, "Why offloaded flows went back to the kernel"),
+    (DropReason, "Why the datapath drops a tuple early"),
 ])
 def test_every_member_has_its_row(members: type[enum.StrEnum], heading: str) -> None:
     assert table_values(heading) == {str(m) for m in members}

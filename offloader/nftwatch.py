@@ -1,0 +1,273 @@
+"""The ruleset watcher: nftables notifications, what the ruleset allows early
+drop to learn, and the probation of flows handed back after a change.
+
+``RulesetWatcher.read`` says whether a table that can affect forwarding
+changed (the NFNLGRP_NFTABLES group, what ``nft monitor`` reads); ``scan``
+dumps the rules once per change and tells ``RulesetFacts`` (notrack, zone,
+queue rules; the families conntrack tracks). ``Probation`` remembers the
+flows handed back after a change, each by the tuple it leaves with, until
+the TC egress probe (``ofl_tc_egress``) shows the kernel forwarding one of
+its packets: docs/design.md, "The ruleset watcher", says why that proves the
+new ruleset still forwards it. Nothing here touches the flow map; the loop
+applies what these say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_ARP,
+    NFPROTO_INET,
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NFT_MSG_DELCHAIN,
+    NFT_MSG_DELFLOWTABLE,
+    NFT_MSG_DELOBJ,
+    NFT_MSG_DELRULE,
+    NFT_MSG_DELSET,
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_DELTABLE,
+    NFT_MSG_GETRULE,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWFLOWTABLE,
+    NFT_MSG_NEWOBJ,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSET,
+    NFT_MSG_NEWSETELEM,
+    NFT_MSG_NEWTABLE,
+)
+
+from .drops import RulesetFacts
+
+log = logging.getLogger(__name__)
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+READ_BUDGET = 64  # datagrams per wake-up
+# Messages that change the ruleset (the DESTROY* variants of newer kernels
+# are numbered from 26 on); GET*, NEWGEN and TRACE change nothing.
+CHANGES = frozenset({NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN,
+                     NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_NEWSET, NFT_MSG_DELSET,
+                     NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ,
+                     NFT_MSG_NEWFLOWTABLE, NFT_MSG_DELFLOWTABLE, *range(26, 33)})
+NOT_FORWARDING = frozenset({NFPROTO_ARP})  # arp tables never see IP packets
+
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+_NLA = struct.Struct("=HH")
+NLA_TYPE_MASK = 0x3FFF
+NFTA_RULE_EXPRESSIONS, NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 4, 1, 1, 2
+NFTA_CT_KEY, NFTA_CT_SREG, NFT_CT_ZONE = 2, 4, 17
+NFTA_XT_NAME = 1  # NFTA_TARGET_NAME, NFTA_MATCH_NAME
+# Expressions (and iptables-nft matches/targets) that make conntrack track a family.
+TRACKING = frozenset({"ct", "nat", "masq", "redir", "connlimit", "flow_offload", "ct_expect",
+                      "conntrack", "state", "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "CONNMARK"})
+NOTRACK = frozenset({"notrack", "CT", "NOTRACK"})  # iptables-nft's CT target may be --notrack
+QUEUE = frozenset({"queue", "NFQUEUE"})
+FAMILIES = {NFPROTO_INET: (socket.AF_INET, socket.AF_INET6), NFPROTO_IPV4: (socket.AF_INET,),
+            NFPROTO_IPV6: (socket.AF_INET6,)}
+
+
+def _attrs(data: bytes, off: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of the netlink attributes in ``data[off:end]``."""
+    end = len(data) if end is None else end
+    while off + 4 <= end:
+        length, kind = _NLA.unpack_from(data, off)
+        if length < 4:
+            return
+        yield kind & NLA_TYPE_MASK, data[off + 4 : off + length]
+        off += (length + 3) & ~3
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, nfgen family, body after the nfgenmsg) of each netlink message."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size:
+            return
+        family = data[off + 16] if length >= 20 else 0
+        yield kind, family, data[off + 20 : off + length]
+        off += (length + 3) & ~3
+
+
+def is_change(kind: int, family: int) -> bool:
+    """A notification of a ruleset change that can affect forwarding."""
+    return kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF in CHANGES \
+        and family not in NOT_FORWARDING
+
+
+def rule_facts(family: int, body: bytes, out: dict[str, set[int] | bool]) -> None:
+    """Fold one rule (an NFT_MSG_NEWRULE body) into ``out``."""
+    for kind, payload in _attrs(body):
+        if kind != NFTA_RULE_EXPRESSIONS:
+            continue
+        for _, elem in _attrs(payload):
+            name, data = "", b""
+            for k, v in _attrs(elem):
+                if k == NFTA_EXPR_NAME:
+                    name = v.rstrip(b"\0").decode(errors="replace")
+                elif k == NFTA_EXPR_DATA:
+                    data = v
+            inner = dict(_attrs(data))
+            if name in ("target", "match"):
+                name = inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
+            if name in NOTRACK:
+                out["notrack"] = True
+            if name in QUEUE:
+                out["queue"] = True
+            if (name == "ct" and NFTA_CT_SREG in inner
+                    and inner.get(NFTA_CT_KEY, b"") == NFT_CT_ZONE.to_bytes(4, "big")):
+                out["zones"] = True
+            if name in TRACKING:
+                tracked = out["tracked"]
+                assert isinstance(tracked, set)
+                tracked.update(FAMILIES.get(family, ()))
+
+
+def facts_from_dump(chunks: Iterable[bytes], proc: Path = Path("/proc/net")) -> RulesetFacts:
+    """RulesetFacts from the datagrams of an NFT_MSG_GETRULE dump, and the
+    legacy iptables tables (invisible to it) listed in /proc/net."""
+    out: dict[str, set[int] | bool] = {"tracked": set(), "notrack": False, "zones": False,
+                                       "queue": False}
+    for chunk in chunks:
+        for kind, family, body in _messages(chunk):
+            if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF == NFT_MSG_NEWRULE:
+                rule_facts(family, body, out)
+    for name, fam in (("ip_tables_names", socket.AF_INET), ("ip6_tables_names", socket.AF_INET6)):
+        with contextlib.suppress(OSError):
+            tables = (proc / name).read_text().split()
+            if "raw" in tables:  # may hold -j CT --notrack
+                out["notrack"] = True
+            if "nat" in tables:
+                tracked = out["tracked"]
+                assert isinstance(tracked, set)
+                tracked.add(fam)
+    tracked = out["tracked"]
+    assert isinstance(tracked, set)
+    return RulesetFacts(tracked=frozenset(tracked), notrack=bool(out["notrack"]),
+                        zones=bool(out["zones"]), queue=bool(out["queue"]))
+
+
+class RulesetWatcher:
+    """The NFNLGRP_NFTABLES subscription, and the rule dump on demand."""
+
+    def __init__(self, rcvbuf: int = 1 << 20) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.bind((0, 0))
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.changes = 0  # changes seen (batches that changed a forwarding table)
+        self.overflows = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> bool:
+        """Whether a forwarding table changed since the last read (a lost
+        notification counts as a change)."""
+        changed = False
+        for _ in range(READ_BUDGET):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overflows += 1
+                changed = True
+                continue
+            changed |= any(is_change(kind, fam) for kind, fam, _ in _messages(data))
+        self.changes += changed
+        return changed
+
+    def scan(self) -> RulesetFacts:
+        """Dump every rule (all families) and tell what early drop may learn.
+        Fails safe: a dump that cannot be read allows no learning."""
+        try:
+            return facts_from_dump(self._dump_rules())
+        except OSError as exc:
+            log.warning("reading the nftables ruleset: %s; early drop learns nothing", exc)
+            return RulesetFacts(notrack=True)
+
+    @staticmethod
+    def _dump_rules() -> Iterator[bytes]:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+            s.settimeout(2.0)
+            s.bind((0, 0))
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
+            req = _NLMSG.pack(_NLMSG.size + _NFGEN.size, kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+            s.send(req + _NFGEN.pack(0, 0, 0))
+            while True:
+                data = s.recv(1 << 17)
+                yield data
+                kinds = [k for k, _, _ in _messages(data)]
+                if NLMSG_DONE in kinds or NLMSG_ERROR in kinds or not data:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Probation:
+    """Flows handed back after a ruleset change, by their flow key (raw) and
+    the tuple they leave with (the probe key), until proven or gone."""
+
+    def __init__(self) -> None:
+        self._by_probe: dict[bytes, bytes] = {}
+        self._by_key: dict[bytes, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def holds(self, raw_key: bytes) -> bool:
+        return raw_key in self._by_key
+
+    def put(self, raw_key: bytes, probe: bytes) -> None:
+        old = self._by_key.pop(raw_key, None)
+        if old is not None:
+            self._by_probe.pop(old, None)
+        self._by_key[raw_key] = probe
+        self._by_probe[probe] = raw_key
+
+    def probes(self) -> list[bytes]:
+        return list(self._by_probe)
+
+    def proven(self, seen: Iterable[tuple[bytes, int, int]]) -> list[tuple[bytes, bytes]]:
+        """(flow key, probe key) of the flows whose probe saw a packet leave
+        after its arm (``seen``: probe key, armed_ns, packets); they leave
+        probation."""
+        out = []
+        for probe, _armed, packets in seen:
+            raw_key = self._by_probe.get(probe)
+            if packets and raw_key is not None:
+                out.append((raw_key, probe))
+        for raw_key, probe in out:
+            del self._by_key[raw_key]
+            del self._by_probe[probe]
+        return out
+
+    def forget(self, raw_keys: Iterable[bytes]) -> list[bytes]:
+        """These flows went (idle, destroyed): their probe keys, to delete."""
+        gone = []
+        for raw_key in raw_keys:
+            probe = self._by_key.pop(raw_key, None)
+            if probe is not None:
+                self._by_probe.pop(probe, None)
+                gone.append(probe)
+        return gone
