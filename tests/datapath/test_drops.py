@@ -132,7 +132,7 @@ def test_the_probe_key_is_the_tuple_after_nat(drig: Rig) -> None:
     drig.dp.set_probing(True)
     drig.dp.arm_probe(pk, time.monotonic_ns())
     drig.dp.tc_egress.test_run(_frame())  # the tuple before NAT: not it
-    assert [p[2] for p in drig.dp.probes_seen()] == [0]
+    assert [p[2] for p in drig.dp.probes_seen()] == [0], (pk.hex(), list(drig.dp.probes_seen()))
     nat = model.l3_packet(4, "udp", src=str(verdict.nat_src), sport=model.NAT_SPORT)
     drig.dp.tc_egress.test_run(model.build_frame(ENCAPS["none"], nat))
     assert [p[2] for p in drig.dp.probes_seen()] == [1]
