@@ -234,7 +234,8 @@ def probe_key(key: FlowKey, raw_flow: bytes) -> bytes:
     """The tuple an offloaded flow's packets leave with (after its NAT), as
     the egress program keys ofl_probes: no ingress device or L2 fields."""
     lay = layout()
-    v = lay.from_bytes("struct ofl_flow", raw_flow).v
+    flow = lay.from_bytes("struct ofl_flow", raw_flow)  # owns the memory v points into
+    v = flow.v
     k = lay.from_bytes("struct ofl_key", key.pack())
     k.ifindex = 0
     k.vlan_outer = k.vlan_inner = k.pppoe_sid = 0

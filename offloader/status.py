@@ -159,7 +159,8 @@ def flow_row(key: FlowKey, state: str, packets: int, nbytes: int,
 def nat_of(raw: bytes) -> dict[str, Any] | None:
     """The NAT rewrite an offloaded flow's verdict carries, for people."""
     lay = layout()
-    v = lay.from_bytes("struct ofl_flow", raw).v
+    flow = lay.from_bytes("struct ofl_flow", raw)  # owns the memory v points into
+    v = flow.v
     saddr, daddr = bytes(lay.ffi.buffer(v.nat_saddr)), bytes(lay.ffi.buffer(v.nat_daddr))
     n = 16 if any(saddr[4:]) or any(daddr[4:]) else 4
     out: dict[str, Any] = {}
