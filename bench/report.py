@@ -241,6 +241,9 @@ def write(r: dict[str, Any]) -> Path:
             L.append(f"| {x['flows']:,} | {x['offloaded']:,} | {x['cpu_share'] * 100:.2f}% | {x['rss_mb']:.1f} | "
                      f"{x['rss_idle_mb']:.1f} | {x['window_s']} | {x['conntrack_refreshes']} |")
         L.append("")
+    if "drop" in r:
+        from bench.drop import report_lines
+        L.extend(report_lines(r["drop"]))
     L.append("## Raw results\n")
     L.append("```json\n" + json.dumps(r, indent=1, default=str) + "\n```\n")
     DOC.write_text("\n".join(L) + "\n")

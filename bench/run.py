@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs (under 3 minutes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object, write no docs")
-    ap.add_argument("--only", default="", help="comma list of: router,tcp,setup,agent,hitpath")
+    ap.add_argument("--only", default="",
+                    help="comma list of: router,tcp,setup,agent,hitpath,drop")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmarks need root (network namespaces, BPF)", file=sys.stderr)
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         print("the benchmarks need two CPUs (sender and router)", file=sys.stderr)
         return 1
-    only = set(filter(None, args.only.split(","))) or {"router", "tcp", "setup", "agent", "hitpath"}
+    only = set(filter(None, args.only.split(","))) or {"router", "tcp", "setup", "agent", "hitpath",
+                                                        "drop"}
     q = args.quick
     bins = tools.build()
     result: dict[str, Any] = machine()
@@ -405,6 +407,19 @@ def main(argv: list[str] | None = None) -> int:
                     result[f"{mode}_pps"] = round(r[mode]["pps_per_router_cpu_s"])
                     result[f"{mode}_delivered_pps"] = round(r[mode]["delivered_pps"])
                     result[f"{mode}_ns_per_packet"] = r[mode]["ns_per_packet"]
+            if "drop" in only:
+                from bench.drop import measure_drop
+                d = measure_drop(topo, bins, sys.modules[__name__], 2.0 if q else 5.0,
+                                 rounds=1 if q else 3)
+                result["drop"] = d
+                result["kernel_drop_ns_per_packet"] = d["kernel_drop"]["ns_per_packet"]
+                result["early_drop_ns_per_packet"] = d["early_drop"]["ns_per_packet"]
+                result["early_drop_tc_ns_per_packet"] = d["early_drop_tc"]["ns_per_packet"]
+                result["early_drop_vs_kernel_drop"] = d["early_drop_vs_kernel"]
+                result["early_drop_tc_vs_kernel_drop"] = d["early_drop_tc_vs_kernel"]
+                result["drop_floor_xdp_vs_kernel_drop"] = d["floor_xdp_vs_kernel"]
+                result["drop_floor_tc_vs_kernel_drop"] = d["floor_tc_vs_kernel"]
+                result["early_drop_kernel_saw_share"] = d["kernel_saw_share"]
             if "tcp" in only:
                 t = measure_tcp(topo, 4.0 if q else 10.0)
                 result["tcp"] = t
