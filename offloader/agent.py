@@ -32,7 +32,7 @@ from . import bpfobj
 from .attach import Attacher
 from .config import Settings, network_devices, redecide_needed
 from .conntrack import CtEntry, nat_target
-from .datapath import FlowKey, probe_key
+from .datapath import FlowKey
 from .decision import (
     Decision,
     Exclusions,
@@ -42,12 +42,12 @@ from .decision import (
     offloadable,
     verdict_for,
 )
-from .drops import DropCounts, Thresholds, conntrack_nearly_full, judge
+from .earlydrop import EarlyDrop
 from .errors import OffloadError, ResolveError
 from .flowstate import FlowState, Seen, describe, key_id, key_tuple, tuple_id
 from .flowtable import FlowTable
 from .netwatch import Changes
-from .nftwatch import Probation
+from .nftwatch import Probation, end_probation, put_on_probation
 from .parts import Parts, open_parts
 from .reconcile import Reconciliation, adopt
 from .records import Records
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 SUMMARY_EVERY_S = 60.0
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
-PROBE_GRACE_NS = 50_000_000  # egress sightings this soon after a ruleset change do not count
 
 
 class Agent:
@@ -93,7 +92,7 @@ class Agent:
                                         self._on_conntrack_gone)
         self._overflows_seen = 0
         self.probation = Probation()
-        self.drop_counts = DropCounts()
+        self.early_drop = EarlyDrop(self.dp, self.resolver)
         self.ruleset = parts.nft.scan()
 
     # -- start and stop ---------------------------------------------------------------
@@ -320,31 +319,11 @@ class Agent:
         return Decision.PASS
 
     def _maybe_drop(self, key: FlowKey) -> Decision:
-        """No conntrack entry: drop early what the kernel drops anyway (drops.py)."""
-        pending = self.dp.pending_entry(key) if self.settings.early_drop else None
-        if pending is None:
+        """No conntrack entry: drop early what the kernel drops anyway."""
+        if self.early_drop.consider(key, self.settings, self.ruleset) is None:
             return Decision.WAIT
-        s = self.settings
-        refused = self.ruleset.refuses(key.family) or (
-            "conntrack nearly full" if conntrack_nearly_full() else None)
-        self.drop_counts.refused = refused
-        route = self.resolver.lookup(key)
-        now = time.monotonic_ns()
-        th = Thresholds.of(packets=s.early_drop_packets, after_ms=s.early_drop_after_ms,
-                           drop_s=s.early_drop_time)
-        reason = judge(route, pending[0], pending[1], now, th, refused is None)
-        if reason is None:
-            return Decision.WAIT
-        self.dp.add_drop(key, reason.wire, now + th.drop_ns, route.l3_mac)
         self.state.decided(key.pack())
-        self.drop_counts.by_reason[reason] += 1
-        log.debug("drop %s: %s", describe(key), reason)
         return Decision.DROP
-
-    def forget_drops(self) -> None:
-        """The ruleset or the routes changed: every drop may be wrong now."""
-        self.dp.drops.clear()
-        self.drop_counts.forgotten += 1
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
@@ -380,32 +359,16 @@ class Agent:
         ruleset as it is now judges their next packets; each stays with the
         kernel until the egress probe sees the kernel forward it after now."""
         self.ruleset = self.parts.nft.scan()
-        self.forget_drops()
-        armed = time.monotonic_ns() + PROBE_GRACE_NS
-        for probe in self.probation.probes():  # sightings so far predate this change
-            self.dp.arm_probe(probe, armed)
-        n = 0
-        for e in self.dp.flow_entries():
-            if e.state != self.rec.state_offload:
-                continue
-            probe = probe_key(e.key, e.raw)
-            self.dp.arm_probe(probe, armed)  # before the kernel gets its first packet
-            self.dp.mark_pass(e.key)
-            self.probation.put(e.key.pack(), probe)
-            n += 1
-        self.dp.set_probing(bool(self.probation))
+        self.early_drop.forget()
+        n = put_on_probation(self.dp, self.probation, self.rec.state_offload)
         self.counters.torn_down[reason] += n
         return n
 
     def _end_probation(self, removed: list[bytes]) -> None:
         """Flows gone from the map leave probation; proven ones are offloaded again."""
-        for probe in self.probation.forget(removed):
-            self.dp.probes.delete(probe)
-        for raw_key, probe in self.probation.proven(self.dp.probes_seen()):
-            self.dp.probes.delete(probe)
+        for raw_key in end_probation(self.dp, self.probation, removed):
             self.state.decided(raw_key)
             _guarded(functools.partial(self._reoffload, raw_key))
-        self.dp.set_probing(bool(self.probation))
 
     def _reoffload(self, raw: bytes) -> None:
         if self.decide(raw) is Decision.OFFLOAD:
@@ -417,7 +380,7 @@ class Agent:
         for index in changes.links_gone:
             self.attacher.gone(index)
         if changes.flush_all:
-            self.forget_drops()  # a route drop or an unreachable one may be gone
+            self.early_drop.forget()  # a route drop or an unreachable one may be gone
             n = self.flush(Teardown.NETWORK)
             log.debug("network change: %d flows handed back", n)
             return
@@ -449,7 +412,7 @@ class Agent:
 
     def status(self, limit: int = 0) -> dict[str, Any]:
         agent = self.counters.report()
-        agent.update(self.drop_counts.report())
+        agent.update(self.early_drop.counts.report())
         agent.update(ruleset_changes=self.parts.nft.changes, on_probation=len(self.probation),
                      conntrack_refreshes=self.sweeper.refreshed, handed_to_tc=self.sweeper.to_tc,
                      conntrack_update_failures=self.ct.update_failures,

@@ -19,6 +19,7 @@ import errno
 import logging
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_NEWTABLE,
 )
 
+from .datapath import Datapath, probe_key
 from .drops import RulesetFacts
 
 log = logging.getLogger(__name__)
@@ -271,3 +273,39 @@ class Probation:
                 self._by_probe.pop(probe, None)
                 gone.append(probe)
         return gone
+
+
+PROBE_GRACE_NS = 50_000_000  # egress sightings this soon after a ruleset change do not count
+
+
+def put_on_probation(dp: Datapath, probation: Probation, offload_state: int) -> int:
+    """Hand every offloaded flow back (marked pass) on probation: each stays
+    with the kernel until the egress probe sees the kernel forward it after
+    now. Returns how many."""
+    armed = time.monotonic_ns() + PROBE_GRACE_NS
+    for probe in probation.probes():  # sightings so far predate this change
+        dp.arm_probe(probe, armed)
+    n = 0
+    for e in dp.flow_entries():
+        if e.state != offload_state:
+            continue
+        probe = probe_key(e.key, e.raw)
+        dp.arm_probe(probe, armed)  # before the kernel gets its first packet
+        dp.mark_pass(e.key)
+        probation.put(e.key.pack(), probe)
+        n += 1
+    dp.set_probing(bool(probation))
+    return n
+
+
+def end_probation(dp: Datapath, probation: Probation, removed: list[bytes]) -> list[bytes]:
+    """Flows gone from the map leave probation; the raw keys of those whose
+    probe saw the kernel forward them (to be offloaded again)."""
+    for probe in probation.forget(removed):
+        dp.probes.delete(probe)
+    proven = []
+    for raw_key, probe in probation.proven(dp.probes_seen()):
+        dp.probes.delete(probe)
+        proven.append(raw_key)
+    dp.set_probing(bool(probation))
+    return proven
