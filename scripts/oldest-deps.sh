@@ -1,0 +1,70 @@
+#!/bin/sh
+# The oldest end of the dependency range that pyproject.toml declares, which is
+# what OpenWrt 24.10 and 25.12 ship (python3-pyroute2 0.7.9, python3-cffi
+# 1.16.0): a clean virtual environment with exactly those lower bounds and the
+# test tools, the project installed the way a user does (`pip install .`, not
+# editable: the wheel carries the BPF object), then the unit and integration
+# suites and the lab. Run by .ci/run after the main suite (current releases);
+# exits non-zero when anything fails, and with CI=true a skipped test fails too.
+#
+#   scripts/oldest-deps.sh [VENV]     (default /tmp/ebpf-offloader-oldest)
+#
+# Needs what scripts/setup.sh installs, and root for the integration suite
+# and the lab.
+set -eu
+cd "$(dirname "$0")/.."
+export CI="${CI:-true}"
+unset PYTHONPATH  # the venv sees only what is installed in it (and the checkout, for the tests)
+venv="${1:-/tmp/ebpf-offloader-oldest}"
+repo="$PWD"
+
+# The pins are the declared lower bounds ("name>=X" becomes "name==X"), so this
+# run proves the range pyproject.toml states; the test tools are the "test"
+# extra without the linters (they check the code, not the dependencies).
+pins=$(python3 - <<'EOF'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = []
+for req in project["dependencies"]:
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)(,.*)?", req)
+    if not m:
+        raise SystemExit(f"pyproject.toml: dependency {req!r} has no lower bound")
+    pins.append(f"{m[1]}=={m[2]}")
+tools = [r for r in project["optional-dependencies"]["test"]
+         if re.match(r"[A-Za-z0-9_.-]+", r)[0] not in ("ruff", "mypy")]
+print(" ".join(pins + tools))
+EOF
+)
+echo "== oldest dependencies: $pins"
+start=$(date +%s)
+
+python3 -m venv --clear "$venv"
+py="$venv/bin/python"
+# shellcheck disable=SC2086
+"$py" -m pip install -q $pins
+"$py" -m pip install -q --no-deps .
+"$py" -m pip check    # the pins satisfy what the installed package declares
+"$py" - <<'EOF'
+import importlib.metadata as md
+print("   " + ", ".join(f"{n} {md.version(n)}" for n in ("pyroute2", "cffi", "ebpf-offloader")))
+EOF
+
+# The installed package, run from outside the checkout, finds the object
+# that its wheel carries.
+(cd / && "$py" -c "
+import sys
+from offloader.datapath import find_object
+path = find_object()
+print('   BPF object:', path)
+sys.exit(0 if path.startswith('$venv/') or path.startswith('/lib/bpf/') else 1)
+")
+
+echo "== oldest dependencies: unit and integration tests"
+# Run from the checkout, so the tests import this tree's offloader (pytest puts
+# the checkout first on sys.path, and the agents they start inherit it).
+"$py" -m pytest -q -p no:cacheprovider tests/unit tests/openwrt tests/integration
+
+echo "== oldest dependencies: the lab (ebpf-offloader lab, the installed command)"
+(cd / && "$venv/bin/ebpf-offloader" lab)
+
+echo "== oldest dependencies: passed in $(( $(date +%s) - start )) s ($repo)"
