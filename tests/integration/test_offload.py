@@ -303,7 +303,9 @@ def test_sigkill_fail_safe_and_restart(bpf_object: Any) -> None:
         try:
             assert poll(lambda: _offloaded(topo, "tcp", 41004))
             topo.stop_agent(sig=signal.SIGKILL)
-            time.sleep(4.0)  # past the heartbeat timeout: the datapath passes everything
+            # The stimulus, not a wait for a condition: the agent stays dead past
+            # the heartbeat timeout (3 s), so the datapath passes everything.
+            time.sleep(4.0)
             topo.start_agent(hook="xdp")
             assert poll(lambda: _offloaded(topo, "tcp", 41004), timeout=10)
         finally:
