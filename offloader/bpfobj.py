@@ -469,7 +469,12 @@ def _tc_hook(ifindex: int, egress: bool = False) -> _TcHook:
 
 
 TC_HANDLE = 0x0FF1
-TC_PRIORITY = 1
+# Last in the ingress chain: the program ends classification for every packet
+# (TC_ACT_OK or a redirect), so filters that sort after it never run. SQM's
+# ifb redirect (sqm-scripts: `prio 10`) and filters added without a priority
+# (tc numbers them from 49152 down) must come first, or SQM stops shaping
+# downloads altogether (docs/openwrt.md, SQM and QoS).
+TC_PRIORITY = 0xFF00
 
 
 def tc_attach(ifindex: int, prog: Program, *, egress: bool = False) -> None:
