@@ -601,41 +601,55 @@ def request(cmd: str, timeout: float = 10.0, address: str = ADDRESS, *, root_uid
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     with sock:
+        _connect(sock, address, root_uid)
         try:
-            sock.connect(address)
-        except ConnectionRefusedError as exc:
-            holder = _bound_socket_owner(address)  # bound, not listening: who?
-            if holder is not None and holder.uid != root_uid:
-                raise ControlAddressHeld(f"the control address is held by {holder}, "
-                                         "not a root agent") from exc
-            raise AgentNotRunning("no ebpf-offloader agent is running in this network "
-                                  "namespace") from exc
-        except OSError as exc:
-            raise OffloadError(f"cannot reach the agent: {exc}") from exc
-        holder = peer_cred(sock)
-        if holder.uid != root_uid:
-            raise ControlAddressHeld(f"the control address is held by {holder}, not a root agent")
-        chunks: list[bytes] = []
-        try:
-            try:
-                sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # refused at once: its one line is waiting to be read
-            while True:
-                try:
-                    chunk = sock.recv(1 << 20)
-                except ConnectionResetError:
-                    break  # closed with our request unread (a refusal): data came first
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    break
+            data = _exchange(sock, json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         except TimeoutError as exc:
             raise OffloadError(f"the agent did not answer within {timeout:g} s") from exc
         except OSError as exc:
             raise OffloadError(f"talking to the agent: {exc}") from exc
-    data = b"".join(chunks)
+    return _answer(data)
+
+
+def _connect(sock: socket.socket, address: str, root_uid: int) -> None:
+    """Connect, and believe only a listener running as ``root_uid``."""
+    try:
+        sock.connect(address)
+    except ConnectionRefusedError as exc:
+        holder = _bound_socket_owner(address)  # bound, not listening: who?
+        if holder is not None and holder.uid != root_uid:
+            raise ControlAddressHeld(f"the control address is held by {holder}, "
+                                     "not a root agent") from exc
+        raise AgentNotRunning("no ebpf-offloader agent is running in this network "
+                              "namespace") from exc
+    except OSError as exc:
+        raise OffloadError(f"cannot reach the agent: {exc}") from exc
+    holder = peer_cred(sock)
+    if holder.uid != root_uid:
+        raise ControlAddressHeld(f"the control address is held by {holder}, not a root agent")
+
+
+def _exchange(sock: socket.socket, line: bytes) -> bytes:
+    """Send the request line, read the answer line."""
+    chunks: list[bytes] = []
+    try:
+        sock.sendall(line)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused at once: its one line is waiting to be read
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break  # closed with our request unread (a refusal): data came first
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return b"".join(chunks)
+
+
+def _answer(data: bytes) -> dict[str, Any]:
     if not data:
         raise OffloadError("the agent closed the connection without answering")
     try:
