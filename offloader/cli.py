@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="refresh in place every SECONDS (default 2)")
     st.add_argument("--top", type=int, default=10, metavar="N", help="busiest flows shown (human)")
     st.add_argument("--limit", type=_positive, metavar="N",
-                    help="with --json: list only the N busiest flows")
+                    help="with --json: only the N busiest flows (counts cover all)")
 
     sub.add_parser("flush", help="hand every offloaded flow back to the kernel")
 

@@ -166,17 +166,19 @@ def test_hostile_clients_never_stall_the_loop(lab: Topology) -> None:
     finally:
         if attack.poll() is None:
             attack.kill()
-    report = json.loads(out.strip().splitlines()[-1])
     st = lab.status()
     assert st is not None
-    assert result.get("intact"), result
-    # The attack was real: silent clients were dropped at their deadline and
-    # came back, the trickling writer kept sending, the reader got its bytes.
-    assert report["drops"] >= 50 and report["trickled"] >= 5 and report["reader_bytes"] >= 5, report
     assert failed == [] and answered >= 5, (answered, failed)
-    assert seen > 0.5 * size / 1448, (seen, size)  # offloaded while under attack ...
+    assert st["datapath"]["pass_stale"] == 0  # the fail-safe never engaged ...
+    assert result.get("intact"), result
+    assert seen > 0.5 * size / 1448, (seen, size)  # ... the transfer was offloaded ...
     assert lab.nft_counter("fwd_established")[0] - est_before < 0.4 * size / 1448
-    assert st["datapath"]["pass_stale"] == 0  # ... and the fail-safe never engaged
+    # ... and the attack was real: silent clients were dropped at their
+    # deadline and came back, the writer kept trickling, the reader read.
+    lines = (out or "").strip().splitlines()
+    report = json.loads(lines[-1]) if lines else {"attack output": out}
+    assert report.get("drops", 0) >= 50 and report.get("trickled", 0) >= 5 \
+        and report.get("reader_bytes", 0) >= 5, report
 
 
 def test_nobody_can_neither_read_nor_flush(lab: Topology) -> None:
