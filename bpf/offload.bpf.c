@@ -513,6 +513,13 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 		ofl_count(OFL_STAT_PASS_TCP_FLAGS);
 		return NULL;
 	}
+	if (flow->seen & (OFL_SEEN_FIN | OFL_SEEN_RST)) {
+		/* Closing: the kernel sees the rest of this direction until the
+		 * sweep removes it, the last ACK included, so that conntrack
+		 * reaches TIME_WAIT (nf_flow_table tears down on FIN likewise). */
+		ofl_count(OFL_STAT_PASS_TCP_FLAGS);
+		return NULL;
+	}
 	if (p->ttl <= 1) {
 		ofl_count(OFL_STAT_PASS_TTL);
 		return NULL;

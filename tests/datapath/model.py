@@ -438,6 +438,8 @@ def expect(frame: bytes, world: World, hook: str, *, gso_size: int = 0,
                       | (SEEN_RST if p.tcp_flags & TCP_RST else 0)
                       | (SEEN_SYN if p.tcp_flags & TCP_SYN else 0))
         return Outcome(PASS, unchanged, "pass_tcp_flags", "TCP SYN/FIN/RST", key)
+    if flow.seen & (SEEN_FIN | SEEN_RST):
+        return Outcome(PASS, unchanged, "pass_tcp_flags", "closing: FIN/RST seen", key)
     if p.ttl <= 1:
         return Outcome(PASS, unchanged, "pass_ttl", "TTL <= 1", key)
     v = flow.verdict

@@ -426,3 +426,15 @@ def test_key_carries_every_ingress_tag(rig: Rig) -> None:
     want, _ = rig.check(XDP, model.build_frame(port2, model.l3_packet(4, "udp")))
     assert want.stat == "new"
     assert socket.AF_INET in {k.family for k in rig.take_events()}
+
+
+@HOOKS
+def test_after_a_fin_the_rest_of_the_direction_goes_to_the_kernel(rig: Rig, hook: str) -> None:
+    """The last ACK of a close must reach conntrack (else it ends in LAST_ACK
+    instead of TIME_WAIT): once a FIN or RST was seen, the direction passes
+    until the sweep removes it. A SYN alone does not close it."""
+    offloaded(rig, l4="tcp")
+    assert_passed(rig, hook, model.build_frame(ENCAPS["none"], model.l3_packet(
+        4, "tcp", tcp_flags="FA")), "pass_tcp_flags")
+    assert_passed(rig, hook, model.build_frame(ENCAPS["none"], model.l3_packet(
+        4, "tcp", tcp_flags="A")), "pass_tcp_flags")
