@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import (
+    AgentNotAnswering,
     AgentNotRunning,
     ConfigError,
     ControlAddressHeld,
@@ -601,17 +602,18 @@ def request(cmd: str, timeout: float = 10.0, address: str = ADDRESS, *, root_uid
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     with sock:
-        _connect(sock, address, root_uid)
+        holder = _connect(sock, address, root_uid)
         try:
             data = _exchange(sock, json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         except TimeoutError as exc:
-            raise OffloadError(f"the agent did not answer within {timeout:g} s") from exc
+            raise AgentNotAnswering(f"the agent (pid {holder.pid}) did not answer within "
+                                    f"{timeout:g} s: it is stopped or stuck") from exc
         except OSError as exc:
             raise OffloadError(f"talking to the agent: {exc}") from exc
     return _answer(data)
 
 
-def _connect(sock: socket.socket, address: str, root_uid: int) -> None:
+def _connect(sock: socket.socket, address: str, root_uid: int) -> PeerCred:
     """Connect, and believe only a listener running as ``root_uid``."""
     try:
         sock.connect(address)
@@ -622,11 +624,15 @@ def _connect(sock: socket.socket, address: str, root_uid: int) -> None:
                                      "not a root agent") from exc
         raise AgentNotRunning("no ebpf-offloader agent is running in this network "
                               "namespace") from exc
+    except TimeoutError as exc:  # its backlog full: it stopped taking connections
+        raise AgentNotAnswering(f"the agent did not take the connection within "
+                                f"{sock.gettimeout():g} s: it is stopped or stuck") from exc
     except OSError as exc:
         raise OffloadError(f"cannot reach the agent: {exc}") from exc
     holder = peer_cred(sock)
     if holder.uid != root_uid:
         raise ControlAddressHeld(f"the control address is held by {holder}, not a root agent")
+    return holder
 
 
 def _exchange(sock: socket.socket, line: bytes) -> bytes:

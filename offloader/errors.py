@@ -8,6 +8,7 @@
     |   +-- MapError             a map operation failed
     +-- ResolveError             no usable next hop for a flow
     +-- AgentNotRunning          status/flush found no agent in this network namespace
+    +-- AgentNotAnswering        an agent holds the control address but does not answer
     +-- ControlRefused           the agent refused this user (not root, not in control_group)
     +-- ControlAddressHeld       a process other than a root agent holds the control address
 """
@@ -65,6 +66,10 @@ class ResolveError(OffloadError):
 
 class AgentNotRunning(OffloadError):
     """No agent answers in this network namespace."""
+
+
+class AgentNotAnswering(OffloadError):
+    """An agent holds the control address but does not answer (stopped, stuck)."""
 
 
 class ControlRefused(OffloadError):
