@@ -58,6 +58,9 @@ from .sweep import Sweeper, SweepPlan, conntrack_timeouts
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
+RING_BUDGET = 512  # new-tuple records handled per wake-up
+CT_BUDGET = 64  # conntrack event datagrams handled per wake-up
+RECHECK_BUDGET = 32  # direct conntrack queries (about 1 ms each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
 
@@ -167,6 +170,11 @@ class Agent:
             for fd, handler in list(self._handlers.items()):
                 if fd in ready:
                     _guarded(handler)
+                    # A busy source (a flood) must not make a live agent
+                    # look dead to the datapath: beat between handlers.
+                    if time.monotonic() >= next_heartbeat:
+                        self.dp.heartbeat()
+                        next_heartbeat = time.monotonic() + heartbeat_every
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -209,9 +217,12 @@ class Agent:
         self._ring_batch.append(data[: self.rec.key_size])
 
     def _on_ring(self) -> None:
-        self.ring.consume()
+        # Bounded: under a flood of new tuples the rest waits in the ring (or
+        # is dropped there, counted as event_drop) while the loop goes round.
+        self.ring.consume(RING_BUDGET)
         batch, self._ring_batch = self._ring_batch, []
         now = time.monotonic_ns()
+        asks = RECHECK_BUDGET
         for key in batch:
             self.counters.events += 1
             seen, recent = self.state.seen(key, now)
@@ -219,14 +230,17 @@ class Agent:
                 # Conntrack's event for this connection was read before the
                 # ring record arrived: decide with it now.
                 _guarded(functools.partial(self._decide_with, key, recent))
-            elif seen is Seen.RECHECK:
+            elif seen is Seen.RECHECK and asks > 0:
                 # Seen again and still undecided: conntrack events did not
-                # settle it (agent restarted, event lost): ask directly.
+                # settle it (agent restarted, event lost): ask directly. At
+                # most RECHECK_BUDGET such queries per wake-up; the others
+                # are announced again, or found stuck by the sweep.
+                asks -= 1
                 _guarded(functools.partial(self.decide, key))
 
     def _on_ct_readable(self) -> None:
         events = self.parts.ct_events
-        self.on_ct_events(events.read())
+        self.on_ct_events(events.read(CT_BUDGET))
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows
             self.reconcile.wanted()

@@ -394,6 +394,9 @@ class BpfObject:
         self.close()
 
 
+_RING_LIMIT = -4095  # no errno: the callback's "enough for now"
+
+
 class RingBuffer:
     """Consumer of a BPF ring buffer; ``fd`` is an epoll fd to poll for input."""
 
@@ -407,6 +410,7 @@ class RingBuffer:
         self._rb: int | None = ptr
         self.fd = lib.ring_buffer__epoll_fd(ptr)
         self.error: BaseException | None = None
+        self._left = 0  # records this consume may still take; <= 0: no limit
 
     def _on_sample(self, _ctx: int | None, data: int | None, size: int) -> int:
         try:
@@ -414,16 +418,24 @@ class RingBuffer:
         except Exception as exc:  # an exception must not cross into C
             self.error = exc
             return -1
-        return 0
+        self._left -= 1
+        # A negative return stops libbpf after this record (consumed) and is
+        # handed back by ring_buffer__consume: the limit is reached.
+        return _RING_LIMIT if self._left == 0 else 0
 
-    def consume(self) -> int:
-        """Hand every queued record to the callback; returns the count."""
+    def consume(self, limit: int = 0) -> int:
+        """Hand queued records to the callback, at most ``limit`` of them
+        (0: all, also those that arrive meanwhile); returns the count. The
+        rest stay queued, the ring's fd readable."""
         if self._rb is None:
             return 0
+        self._left = limit
         ret = libbpf().lib.ring_buffer__consume(self._rb)
         if self.error is not None:
             err, self.error = self.error, None
             raise err
+        if ret == _RING_LIMIT:
+            return limit
         return _check(ret, "ring buffer consume", MapError)
 
     def close(self) -> None:

@@ -237,6 +237,9 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, interval: fl
     if dp.get("pass_stale"):
         lines.append(f"fail-safe engaged {dp['pass_stale']} times (agent heartbeat stale)")
     lines.extend(drop_lines(cur))
+    if cur.get("ring_buffer_drops"):
+        lines.append(f"new-flow events dropped, ring buffer full: {cur['ring_buffer_drops']} "
+                     "(the sweep finds those flows)")
     before: dict[tuple[Any, ...], int] = {}
     if prev:
         for f in prev["flows"]:

@@ -31,7 +31,7 @@ from .records import Records
 
 log = logging.getLogger(__name__)
 
-READ_BUDGET = 64  # datagrams per wake-up
+READ_BUDGET = 8  # dump datagrams (64 KiB, some 300 entries each) per wake-up
 
 
 class Reconciler:

@@ -120,6 +120,9 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
         "agent": facts.agent,
         "datapath": stats,
         "early_drop": drop_report(dp, stats, now_ns),
+        # New-tuple events the datapath could not queue (ring buffer full);
+        # the agent's sweep of the pending map finds those tuples anyway.
+        "ring_buffer_drops": stats["event_drop"],
         "setup_latency_ms": facts.latency,
         "pinned": str(dp.pin_dir) if dp.pin_dir else None,
         "flows": flows[:limit] if limit else flows,

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -159,4 +160,108 @@ def faults(topo: Topology, *, heartbeat: float = 1.0, size: int = 9_000_000,
         out["transfer"] = transfer.join(timeout=150)
         topo.stop_agent()
         subprocess.run(["rm", "-rf", pin_dir(topo)], check=False)
+    return out
+
+
+# -- flood ----------------------------------------------------------------------------
+def _proc(pid: int) -> tuple[float, float]:
+    """(CPU seconds, RSS MB) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+    return cpu, rss
+
+
+def flood_object() -> str:
+    """bench/flood.bpf.o, built if missing."""
+    from bench.tools import build
+
+    return str(build()["flood"])
+
+
+def flood(topo: Topology, *, seconds: float = 8.0, offered: float = 2_000_000,
+          rate: int = 400_000, pending_flows: int = 8192) -> dict[str, Any]:
+    """New 5-tuples from the WAN host to the router as fast as live frames
+    go (``offered`` per second, paced), for ``seconds``, while two TCP
+    transfers (one each way, the second through the port forward) are
+    offloaded. Samples status, agent CPU and RSS about once a second."""
+    from offloader.lab import ROUTER_WAN4, WAN_4
+
+    senders_plain(topo)
+    topo.start_agent(hook="xdp", verbose=False, extra=["-o", f"pending_flows={pending_flows}"])
+    assert topo.agent is not None
+    pid = topo.agent.pid
+    size = int(rate * (seconds + 12))
+    up = Transfer(topo, proto="tcp", family=4, size=size, rate_pps=rate, timeout=seconds + 90,
+                  sport=41200)
+    down = Transfer(topo, proto="tcp", family=4, size=size, rate_pps=rate, timeout=seconds + 90,
+                    dnat=True, sport=41201)
+    out: dict[str, Any] = {"seconds": seconds, "offered_pps": offered,
+                           "pending_flows": pending_flows}
+    try:
+        out["offloaded_before"] = bool(wait_for(lambda: len(offloaded(topo, "tcp", 41200)) == 2
+                                                and len(offloaded(topo, "tcp", 41201)) == 2))
+        st0 = topo.status() or {}
+        mac = topo.router.sh("cat /sys/class/net/wan0/address").stdout.strip()
+        cpu0, rss0 = _proc(pid)
+        wall0 = time.monotonic()
+        inj = topo.wan.popen(sys.executable, "-m", "bench.flood", flood_object(), "eth0", mac,
+                             WAN_4, ROUTER_WAN4, str(offered), str(seconds),
+                             stdout=subprocess.PIPE)
+        samples: list[dict[str, Any]] = []
+        last = {41200: packets_of(topo, "tcp", 41200), 41201: packets_of(topo, "tcp", 41201)}
+        while inj.poll() is None:
+            asked = time.monotonic()
+            st = topo.status(check=False)  # a CLI start per sample: paces the loop
+            if st is None or inj.poll() is not None:
+                if st is None:
+                    out["status_failed"] = out.get("status_failed", 0) + 1
+                    continue
+                break
+            now = {p: sum(f["packets"] for f in st["flows"] if f["state"] == "offloaded"
+                          and f["proto"] == "tcp" and p in (f["sport"], f["dport"]))
+                   for p in last}
+            samples.append({"pending": st["counts"]["pending"],
+                            "flows_used": st["flows_used"],
+                            "moving": all(now[p] > last[p] for p in last),
+                            "rss_mb": _proc(pid)[1],
+                            "status_s": time.monotonic() - asked})
+            last = now
+        injected = json.loads((inj.communicate(timeout=30)[0] or "{}").splitlines()[-1])
+        cpu1, _ = _proc(pid)
+        wall = time.monotonic() - wall0
+        st1 = topo.status() or {}
+        d0, d1 = st0.get("datapath", {}), st1.get("datapath", {})
+        out.update({
+            "injected": injected.get("injected"),
+            "injected_pps": round(injected.get("injected", 0) / max(injected.get("seconds", 1), 1e-9)),
+            "router_rx_pps": round((d1.get("rx", 0) - d0.get("rx", 0)) / wall),
+            "new_tuples": d1.get("new", 0) - d0.get("new", 0),
+            "ring_buffer_drops": d1.get("event_drop", 0) - d0.get("event_drop", 0),
+            "pass_stale": d1.get("pass_stale", 0) - d0.get("pass_stale", 0),
+            "ring_buffer_drops_in_status": st1.get("ring_buffer_drops"),
+            "conntrack_event_overflows": st1.get("agent", {}).get("conntrack_event_overflows"),
+            "reconciles": st1.get("agent", {}).get("conntrack_reconciles"),
+            "samples": len(samples),
+            "samples_moving": sum(s["moving"] for s in samples),
+            "pending_max": max((s["pending"] for s in samples), default=0),
+            "flows_used_max": max((s["flows_used"] for s in samples), default=0),
+            "status_s_max": round(max((s["status_s"] for s in samples), default=0), 2),
+            "agent_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
+            "agent_rss_mb_before": round(rss0, 1),
+            "agent_rss_mb_max": round(max((s["rss_mb"] for s in samples), default=rss0), 1),
+            "offloaded_after": len(offloaded(topo, "tcp", 41200)) == 2
+            and len(offloaded(topo, "tcp", 41201)) == 2,
+            "agent_alive": topo.agent.poll() is None,
+            "human_status": cli_status(topo).stdout,
+        })
+    finally:
+        out["transfer_up"] = up.join(timeout=seconds + 120)
+        out["transfer_down"] = down.join(timeout=30)
+        topo.stop_agent()
     return out

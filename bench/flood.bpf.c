@@ -1,0 +1,44 @@
+// Flood of new 5-tuples for the reliability campaign (bench/flood.py): run
+// with BPF_PROG_TEST_RUN and BPF_F_TEST_XDP_LIVE_FRAMES on a frame of
+// IPv4/UDP (checksum 0), each run gives the frame the next source and
+// destination port from one shared sequence and transmits it (XDP_TX), so
+// every frame on the wire is a tuple the router has not seen.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flood_seq SEC(".maps");
+
+SEC("xdp")
+int flood_tx(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+	__u32 k = 0;
+	__u64 *seq, n;
+
+	if ((void *)(udp + 1) > end)
+		return XDP_ABORTED;
+	seq = bpf_map_lookup_elem(&flood_seq, &k);
+	if (!seq)
+		return XDP_ABORTED;
+	n = __sync_fetch_and_add(seq, 1);
+	/* 2^31 tuples before one repeats: source ports 1024..65535 cycle
+	 * fastest, destination ports 1..32768 after them. */
+	udp->source = bpf_htons(1024 + n % 64512);
+	udp->dest = bpf_htons(1 + (n / 64512) % 32768);
+	return XDP_TX;
+}
+
+char LICENSE[] SEC("license") = "GPL";

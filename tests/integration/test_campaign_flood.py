@@ -1,0 +1,46 @@
+"""Flood (docs/reliability.md): new 5-tuples from the WAN side, live frames
+as fast as this machine delivers them, for a few seconds (the runner holds
+it for 60 s) while two TCP transfers are offloaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from offloader.lab import Topology, lab_network
+from tests.conftest import need_root
+
+from .campaign import flood
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def lab(bpf_object: Any) -> Iterator[Topology]:
+    need_root()
+    with lab_network() as topo:
+        yield topo
+
+
+def test_a_flood_of_new_tuples_leaves_offloaded_flows_alone(lab: Topology) -> None:
+    out = flood(lab, seconds=8.0, pending_flows=4096)
+    print(json.dumps({k: v for k, v in out.items() if k != "human_status"}, indent=1))
+    assert out["offloaded_before"], out
+    # It was a flood: far more new tuples than the pending map holds.
+    assert out["new_tuples"] > 4 * out["pending_flows"], out
+    # The offloaded flows stayed offloaded and kept forwarding.
+    # status answered throughout (each sample is one `status --json`).
+    assert out.get("status_failed", 0) == 0, out
+    assert out["samples"] >= 2 and out["samples_moving"] == out["samples"], out
+    assert out["offloaded_after"] and out["agent_alive"], out
+    assert out["pass_stale"] == 0, out  # the heartbeat never went stale
+    assert out["transfer_up"].get("intact") and out["transfer_down"].get("intact"), out
+    # Bounded: the pending map never exceeds its size; ring drops are shown.
+    assert 0 < out["pending_max"] <= out["pending_flows"], out
+    assert out["ring_buffer_drops_in_status"] is not None, out
+    if out["ring_buffer_drops"]:
+        assert "ring buffer full" in out["human_status"], out["human_status"]
+    assert out["agent_rss_mb_max"] < 80, out
