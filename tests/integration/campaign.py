@@ -103,7 +103,7 @@ def cli_status(topo: Topology) -> subprocess.CompletedProcess[str]:
 
 
 # -- faults ---------------------------------------------------------------------------
-def faults(topo: Topology, *, heartbeat: float = 1.0, size: int = 9_000_000,
+def faults(topo: Topology, *, heartbeat: float = 1.0, size: int = 7_500_000,
            rate: int = 300_000, sport: int = 41100) -> dict[str, Any]:
     """SIGKILL and restart, SIGSTOP past the heartbeat timeout and SIGCONT,
     a clean restart: each during one offloaded TCP transfer. The agent runs
@@ -218,11 +218,9 @@ def flood(topo: Topology, *, seconds: float = 8.0, offered: float = 2_000_000,
         while inj.poll() is None:
             asked = time.monotonic()
             st = topo.status(check=False)  # a CLI start per sample: paces the loop
-            if st is None or inj.poll() is not None:
-                if st is None:
-                    out["status_failed"] = out.get("status_failed", 0) + 1
-                    continue
-                break
+            if st is None:
+                out["status_failed"] = out.get("status_failed", 0) + 1
+                continue
             now = {p: sum(f["packets"] for f in st["flows"] if f["state"] == "offloaded"
                           and f["proto"] == "tcp" and p in (f["sport"], f["dport"]))
                    for p in last}
@@ -265,3 +263,233 @@ def flood(topo: Topology, *, seconds: float = 8.0, offered: float = 2_000_000,
         out["transfer_down"] = down.join(timeout=30)
         topo.stop_agent()
     return out
+
+
+# -- churn ----------------------------------------------------------------------------
+SWEEP_S = 1.0  # the agent's default sweep_interval
+NH2 = "198.19.2.3"  # a second next hop on the WAN link (a macvlan in the WAN host)
+
+
+def _rx(host: Any, dev: str) -> int:
+    return int(host.sh(f"cat /sys/class/net/{dev}/statistics/rx_packets").stdout)
+
+
+def _torn(topo: Topology, reason: str) -> int:
+    st = topo.status(check=False) or {"agent": {"torn_down": {}}}
+    return int(st["agent"]["torn_down"].get(reason, 0))
+
+
+def add_second_next_hop(topo: Topology) -> str:
+    """nh2 in the WAN host: another MAC on the same link that accepts the
+    WAN host's traffic (its addresses are the namespace's). Returns its MAC."""
+    topo.wan.sh(f"ip link add nh2 link eth0 type macvlan mode bridge && "
+                f"ip addr add {NH2}/24 dev nh2 && ip link set nh2 up")
+    mac = topo.wan.sh("cat /sys/class/net/nh2/address").stdout.strip()
+    topo.router.sh(f"ip neigh replace {NH2} lladdr {mac} dev wan0 nud permanent")
+    return mac
+
+
+def churn_case(topo: Topology, name: str, change: Callable[[], None],
+               converged: Callable[[], bool], restore: Callable[[], None] | None = None, *,
+               sport: int, expect_intact: bool = True, size: int = 2_400_000,
+               rate: int = 300_000, dport: int = 0) -> dict[str, Any]:
+    """One offloaded TCP transfer; ``change`` while it runs; how long until
+    ``converged`` holds (polled, bounded by a few sweeps); the transfer's end."""
+    if dport:
+        from offloader.lab import WAN_4, _transfer
+
+        box: dict[str, Any] = {}
+
+        def go() -> None:
+            try:
+                box.update(_transfer(topo.lan1, topo.wan, WAN_4, dport, dport, "tcp", 4, size,
+                                     60, rate, sport))
+            except Exception as exc:  # noqa: BLE001
+                box["error"] = repr(exc)
+
+        thread = threading.Thread(target=go, daemon=True)
+        thread.start()
+        transfer = None
+    else:
+        transfer = Transfer(topo, proto="tcp", family=4, size=size, rate_pps=rate, timeout=60,
+                            sport=sport)
+    out: dict[str, Any] = {"case": name}
+    try:
+        out["offloaded_before"] = bool(wait_for(lambda: len(offloaded(topo, "tcp", sport)) == 2))
+        start = time.monotonic()
+        change()
+        ok = wait_for(converged, timeout=4 * SWEEP_S + 2, step=0.05)
+        out["converged"] = bool(ok)
+        out["converge_s"] = round(time.monotonic() - start, 2) if ok else None
+        if restore:
+            restore()
+    finally:
+        if transfer is not None:
+            result = transfer.join(timeout=90)
+        else:
+            thread.join(timeout=90)
+            result = box
+    out["intact"] = bool(result.get("intact"))
+    out["as_expected"] = out["intact"] == expect_intact
+    out["transfer"] = {k: v for k, v in result.items() if k in ("received", "size", "seconds",
+                                                                "error")}
+    return out
+
+
+def churn(topo: Topology) -> list[dict[str, Any]]:
+    """Route, neighbour, link, conntrack flush and address changes, each
+    during its own offloaded transfer, one after the other in one lab."""
+    from offloader.lab import ROUTER_WAN4, WAN_4
+
+    senders_plain(topo)
+    topo.start_agent(hook="xdp", verbose=False)
+    nh2_mac = add_second_next_hop(topo)
+    wan_mac = topo.wan.sh("cat /sys/class/net/eth0/address").stdout.strip()
+    cases = []
+
+    def via_nh2(sport: int) -> Callable[[], bool]:
+        """The datapath forwards the flow again, now to nh2's MAC: offloaded,
+        its counters moved since the previous poll, nh2 receiving."""
+        last = {"rx": _rx(topo.wan, "nh2"), "packets": -1}
+
+        def check() -> bool:
+            rx, packets = _rx(topo.wan, "nh2"), packets_of(topo, "tcp", sport)
+            ok = (rx - last["rx"] >= 5 and len(offloaded(topo, "tcp", sport)) == 2
+                  and last["packets"] >= 0 and packets > last["packets"])
+            last["rx"], last["packets"] = rx, packets
+            return ok
+        return check
+
+    def again(sport: int) -> Callable[[], bool]:
+        """Offloaded again, counters moving since the previous poll."""
+        last = {"packets": -1}
+
+        def check() -> bool:
+            packets = packets_of(topo, "tcp", sport)
+            ok = (len(offloaded(topo, "tcp", sport)) == 2 and last["packets"] >= 0
+                  and packets > last["packets"])
+            last["packets"] = packets if offloaded(topo, "tcp", sport) else -1
+            return ok
+        return check
+
+    # Route change: WAN_4 via the second next hop.
+    cases.append(churn_case(
+        topo, "route change to another next hop",
+        lambda: topo.router.sh(f"ip route replace {WAN_4}/32 via {NH2} dev wan0"),
+        via_nh2(42001), lambda: topo.router.sh(f"ip route del {WAN_4}/32"), sport=42001))
+
+    # Neighbour MAC change: WAN_4's neighbour entry now names nh2's MAC.
+    cases.append(churn_case(
+        topo, "neighbour MAC change",
+        lambda: topo.router.sh(f"ip neigh replace {WAN_4} lladdr {nh2_mac} dev wan0 nud permanent"),
+        via_nh2(42002),
+        lambda: topo.router.sh(f"ip neigh replace {WAN_4} lladdr {wan_mac} dev wan0 nud reachable"),
+        sport=42002))
+
+    # Link down/up: torn down at once, offloaded again after the link returns.
+    def link_bounce() -> None:
+        base = _torn(topo, "route or link change")
+        topo.router.sh("ip link set wan0 down")
+        wait_for(lambda: _torn(topo, "route or link change") > base, timeout=4 * SWEEP_S)
+        topo.router.sh(f"ip link set wan0 up && ip neigh replace {NH2} lladdr {nh2_mac} "
+                       "dev wan0 nud permanent")
+
+    cases.append(churn_case(
+        topo, "link down and up", link_bounce,
+        again(42003), sport=42003))
+
+    # conntrack -F: every entry destroyed; the kernel picks the connection up
+    # again from its next packets (tcp_loose) and the agent offloads it anew.
+    flushed = {"base": 0}
+
+    def flush() -> None:
+        flushed["base"] = _torn(topo, "conntrack-destroyed")
+        topo.router.sh("conntrack -F >/dev/null 2>&1")
+
+    moved = again(42004)
+    cases.append(churn_case(
+        topo, "conntrack -F", flush,
+        lambda: _torn(topo, "conntrack-destroyed") > flushed["base"] and moved(),
+        sport=42004))
+
+    # Address removed: the kernel drops the masqueraded entries and the
+    # connected route; the agent must stop forwarding too, so nothing more
+    # reaches the WAN host. The address returns 2 s later and TCP resumes
+    # through a fresh masquerade entry, as it would without the agent.
+    def stopped() -> bool:
+        if offloaded(topo, "tcp", 42005):
+            return False
+        before = _rx(topo.wan, "eth0")
+        time.sleep(2 * SWEEP_S)
+        return _rx(topo.wan, "eth0") - before < 10  # ARP/ND at most
+
+    cases.append(churn_case(
+        topo, "address removed",
+        lambda: topo.router.sh(f"ip addr del {ROUTER_WAN4}/24 dev wan0"), stopped,
+        lambda: topo.router.sh(f"ip addr add {ROUTER_WAN4}/24 dev wan0 && ip neigh replace "
+                               f"{WAN_4} lladdr {wan_mac} dev wan0 nud reachable"),
+        sport=42005))
+    topo.stop_agent()
+    return cases
+
+
+ZONE_RULES = """
+table inet campaign_zone {
+    chain pre {
+        type filter hook prerouting priority -300; policy accept;
+        iifname { "br-lan", "wan0" } ct zone set 7
+    }
+}
+"""
+
+HELPER_RULES = """
+table inet campaign_helper {
+    ct helper ftp_std { type "ftp" protocol tcp; }
+    chain pre {
+        type filter hook prerouting priority 0; policy accept;
+        tcp dport 2121 ct helper set "ftp_std"
+    }
+}
+"""
+
+
+def zones_and_helpers(topo: Topology) -> list[dict[str, Any]]:
+    """A zone set by an nft rule (the agent must query zone 7), and a
+    connection with the FTP helper (stays with the kernel)."""
+    senders_plain(topo)
+    topo.router.sh("nft -f -", input=ZONE_RULES)
+    topo.start_agent(hook="xdp", verbose=False)
+    cases = []
+    zoned = churn_case(topo, "conntrack zone set by an nft rule", lambda: None,
+                       lambda: bool(offloaded(topo, "tcp", 42010)), sport=42010)
+    listing = topo.router.sh("conntrack -L -w 7 -p tcp 2>/dev/null").stdout
+    zoned["entry_in_zone_7"] = "sport=42010" in listing
+    cases.append(zoned)
+    topo.router.sh("nft delete table inet campaign_zone")
+    topo.router.sh("conntrack -F >/dev/null 2>&1")
+    topo.router.sh("nft -f -", input=HELPER_RULES)
+    seen: dict[str, bool] = {}
+    states: set[str] = set()
+
+    def with_kernel() -> bool:
+        listing = topo.router.sh("conntrack -L -p tcp --dport 2121 2>/dev/null").stdout
+        seen["kernel_helper"] = seen.get("kernel_helper", False) or "helper=ftp" in listing
+        flows = flows_of(topo, "tcp", 42011)
+        states.update(f["state"] for f in flows)
+        if "offloaded" in states:
+            seen["ever_offloaded"] = True
+        st = topo.status(check=False) or {"agent": {}}
+        by_helper = st["agent"].get("passed_by_reason", {}).get("helper", 0)
+        return bool(by_helper) and seen["kernel_helper"] and not seen.get("ever_offloaded")
+
+    helped = churn_case(topo, "connection with the FTP helper", lambda: None, with_kernel,
+                        sport=42011, dport=2121)
+    helped["kernel_helper"] = seen.get("kernel_helper", False)
+    helped["ever_offloaded"] = seen.get("ever_offloaded", False) or "offloaded" in states
+    st = topo.status() or {}
+    helped["passed_helper"] = st.get("agent", {}).get("passed_by_reason", {}).get("helper", 0)
+    helped["states"] = sorted(states | {f["state"] for f in flows_of(topo, "tcp", 42011)})
+    cases.append(helped)
+    topo.router.sh("nft delete table inet campaign_helper")
+    topo.stop_agent()
+    return cases

@@ -26,7 +26,7 @@ def lab(bpf_object: Any) -> Iterator[Topology]:
 
 
 def test_a_flood_of_new_tuples_leaves_offloaded_flows_alone(lab: Topology) -> None:
-    out = flood(lab, seconds=8.0, pending_flows=4096)
+    out = flood(lab, seconds=10.0, pending_flows=4096)
     print(json.dumps({k: v for k, v in out.items() if k != "human_status"}, indent=1))
     assert out["offloaded_before"], out
     # It was a flood: far more new tuples than the pending map holds.
