@@ -31,6 +31,9 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 def lab(bpf_object: Any) -> Iterator[Topology]:
     need_root()
     with lab_network() as topo:
+        # A new namespace may get the inode of a deleted one whose pins an
+        # earlier run left behind: they are no live agent's.
+        shutil.rmtree(_pin_dir(topo), ignore_errors=True)
         # A device without native XDP (vxlan's driver has no ndo_bpf).
         topo.router.sh("ip link add vx0 type vxlan id 42 dstport 4789 dev wan0 && "
                        "ip link set vx0 up")
