@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
-CT_BUDGET = 64  # conntrack event datagrams handled per wake-up
 RECHECK_BUDGET = 32  # direct conntrack queries (about 1 ms each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
@@ -240,7 +239,7 @@ class Agent:
 
     def _on_ct_readable(self) -> None:
         events = self.parts.ct_events
-        self.on_ct_events(events.read(CT_BUDGET))
+        self.on_ct_events(events.read())
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows
             self.reconcile.wanted()
