@@ -217,10 +217,12 @@ def flood(topo: Topology, *, seconds: float = 8.0, offered: float = 2_000_000,
         last = {41200: packets_of(topo, "tcp", 41200), 41201: packets_of(topo, "tcp", 41201)}
         while inj.poll() is None:
             asked = time.monotonic()
-            st = topo.status(check=False)  # a CLI start per sample: paces the loop
-            if st is None:
+            proc = topo.cli("status", "--json", check=False)  # paces the loop
+            if proc.returncode != 0:
                 out["status_failed"] = out.get("status_failed", 0) + 1
+                out["status_error"] = proc.stderr.strip()[-300:]
                 continue
+            st = json.loads(proc.stdout)
             now = {p: sum(f["packets"] for f in st["flows"] if f["state"] == "offloaded"
                           and f["proto"] == "tcp" and p in (f["sport"], f["dport"]))
                    for p in last}
