@@ -40,6 +40,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_GETRULE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWFLOWTABLE,
+    NFT_MSG_NEWGEN,
     NFT_MSG_NEWOBJ,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
@@ -62,6 +63,7 @@ CHANGES = frozenset({NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_M
                      NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ,
                      NFT_MSG_NEWFLOWTABLE, NFT_MSG_DELFLOWTABLE, *range(26, 33)})
 NOT_FORWARDING = frozenset({NFPROTO_ARP})  # arp tables never see IP packets
+NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN  # ends every committed transaction
 
 _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
@@ -175,13 +177,16 @@ class RulesetWatcher:
             raise
         self.changes = 0  # changes seen (batches that changed a forwarding table)
         self.overflows = 0
+        self._dirty = False  # a change read, its transaction's NEWGEN not yet
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def read(self) -> bool:
-        """Whether a forwarding table changed since the last read (a lost
-        notification counts as a change)."""
+        """Whether a transaction that changed a forwarding table has ended
+        (its NFT_MSG_NEWGEN read) since the last call; a lost notification
+        counts as a change. A large reload spread over several wake-ups is
+        one change, not one per wake-up."""
         changed = False
         for _ in range(READ_BUDGET):
             try:
@@ -194,7 +199,12 @@ class RulesetWatcher:
                 self.overflows += 1
                 changed = True
                 continue
-            changed |= any(is_change(kind, fam) for kind, fam, _ in _messages(data))
+            for kind, fam, _ in _messages(data):
+                if is_change(kind, fam):
+                    self._dirty = True
+                elif kind == NEWGEN and self._dirty:
+                    self._dirty = False
+                    changed = True
         self.changes += changed
         return changed
 
