@@ -249,7 +249,7 @@ def _offloaded(topo: Topology, sport: int) -> list[dict[str, Any]]:
 
 
 def test_unchanged_reload_offloads_again(lab: Topology) -> None:
-    talk, out = _background(lab, size=8_000_000, rate_pps=2_000_000, timeout=40, sport=41101)
+    talk, out = _background(lab, size=16_000_000, rate_pps=2_000_000, timeout=40, sport=41101)
     try:
         assert _wait(lambda: _offloaded(lab, 41101))
         ruleset = lab.router.sh("nft list ruleset").stdout
