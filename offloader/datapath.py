@@ -7,6 +7,7 @@ only fills fields by name.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import csum
-from .bpfobj import BpfObject, Map, Program, is_bpffs, make_pin_dir
-from .errors import ObjectLoadError, OffloadError
+from .bpfobj import BPF_ANY, BPF_NOEXIST, BpfObject, Map, Program, is_bpffs, make_pin_dir
+from .errors import MapError, ObjectLoadError, OffloadError
 from .layout import Layout, layout, object_stamp, stamp_name
 
 log = logging.getLogger(__name__)
@@ -454,11 +455,28 @@ class Datapath:
             yield raw_key, p.armed_ns, p.packets
 
     # -- flows ----------------------------------------------------------------
-    def offload(self, key: FlowKey, verdict: Verdict) -> None:
+    def offload(self, key: FlowKey, verdict: Verdict, *, replace: bool = True) -> bool:
+        """Write the verdict. With ``replace`` False, a flow offloaded
+        already (a late ring record or event for it) keeps its entry,
+        counters included, and False is returned; a pass entry (probation)
+        is replaced either way."""
         self.add_tx_port(verdict.oif)
+        raw = key.pack()
         # Stamped now, so a flow that never carries a packet still idles out.
-        self.flows.update(key.pack(), verdict.pack(last_seen_ns=time.monotonic_ns()))
-        self.pending.delete(key.pack())
+        value = verdict.pack(last_seen_ns=time.monotonic_ns())
+        try:
+            self.flows.update(raw, value, BPF_ANY if replace else BPF_NOEXIST)
+        except MapError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            current = self.flows.lookup(raw)
+            if current is not None and self.layout.from_bytes(
+                    "struct ofl_flow", current).state == self.layout.const("OFL_STATE_OFFLOAD"):
+                self.pending.delete(raw)
+                return False
+            self.flows.update(raw, value)
+        self.pending.delete(raw)
+        return True
 
     def pending_first_seen(self, key: FlowKey) -> int:
         """When the datapath first saw ``key`` (CLOCK_MONOTONIC ns), 0 if not pending."""

@@ -35,7 +35,9 @@ class FlowTable:
 
     def offload(self, key: FlowKey, verdict: Verdict) -> bool:
         """Write the verdict; False when the full map had no room for it."""
-        return self._store(lambda: self.dp.offload(key, verdict), evict=True)
+        # Not over an offloaded entry: a late ring record or event for a flow
+        # decided already must not reset its counters.
+        return self._store(lambda: self.dp.offload(key, verdict, replace=False), evict=True)
 
     def mark_pass(self, key: FlowKey) -> bool:
         """Mark ``key`` pass; False when the map is full (it stays pending)."""
@@ -53,7 +55,7 @@ class FlowTable:
         self.dp.pending.clear()
         return n
 
-    def _store(self, write: Callable[[], None], *, evict: bool) -> bool:
+    def _store(self, write: Callable[[], object], *, evict: bool) -> bool:
         for attempt in range(2):
             try:
                 write()

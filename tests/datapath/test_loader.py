@@ -115,6 +115,23 @@ def test_an_offloaded_flow_is_stamped_when_written(dp: Datapath) -> None:
     assert before <= entry.last_seen_ns <= time.monotonic_ns()
 
 
+def test_a_late_offload_keeps_the_entry_and_its_counters(dp: Datapath) -> None:
+    # The agent offloads with replace=False: a late ring record or event for
+    # a flow decided already must not reset its counters.
+    v = Verdict(oif=1, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, key=key(2))
+    assert dp.offload(key(2), v, replace=False)
+    raw = dp.flows.lookup(key(2).pack())
+    assert raw is not None
+    f = dp.layout.from_bytes("struct ofl_flow", raw)
+    f.packets = 77
+    dp.flows.update(key(2).pack(), dp.layout.to_bytes(f))
+    assert not dp.offload(key(2), v, replace=False)
+    (entry,) = list(dp.flow_entries())
+    assert entry.packets == 77
+    dp.mark_pass(key(2))  # a pass entry (probation) is replaced
+    assert dp.offload(key(2), v, replace=False)
+
+
 def test_a_full_flow_map_says_so(dp: Datapath) -> None:
     for i in range(2048):
         dp.mark_pass(key(i))
