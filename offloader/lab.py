@@ -173,6 +173,11 @@ class Topology:
         if hasattr(self, "agent_log_path") and not os.environ.get("OFL_KEEP_LOGS"):
             with contextlib.suppress(OSError):
                 os.unlink(self.agent_log_path)
+        # An agent run with nsenter pinned its maps on the host's BPF
+        # filesystem, per namespace (and leaves them for a restart): go too.
+        with contextlib.suppress(OSError):
+            inode = os.stat(f"/run/netns/{self.router.name}").st_ino
+            shutil.rmtree(f"/sys/fs/bpf/ebpf-offloader/netns-{inode}", ignore_errors=True)
         for h in self.hosts:
             pids = _run(["ip", "netns", "pids", h.name], check=False).stdout.split()
             for pid in pids:
