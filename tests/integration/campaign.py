@@ -18,17 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from offloader.lab import Topology
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.1) -> Any:
-    """Poll ``pred`` until it is true or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
+from tests.poll import poll as wait_for
 
 
 def senders_plain(topo: Topology) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from offloader.lab import Topology, lab_network
 from tests.conftest import need_root
+from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
@@ -128,16 +129,6 @@ def _flows(status: dict[str, Any] | None, proto: str, sport: int) -> list[dict[s
             if f["proto"] == proto and f["sport"] == sport and f["state"] == "offloaded"]
 
 
-def _wait(pred: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    return pred()
-
-
 def test_hostile_clients_never_stall_the_loop(lab: Topology) -> None:
     """50 silent clients, a trickling writer and a slow reader during an
     offloaded transfer: the heartbeat stays fresh (no fail-safe), the
@@ -185,7 +176,7 @@ def test_nobody_can_neither_read_nor_flush(lab: Topology) -> None:
     t, out = _background_transfer(lab, proto="udp", family=4, size=6_000_000, rate_pps=1000,
                                   timeout=20, sport=41202)
     try:
-        before = _wait(lambda: _flows(lab.status(), "udp", 41202))
+        before = poll(lambda: _flows(lab.status(), "udp", 41202))
         assert before, "the flow was never offloaded"
         for args in (("status", "--json"), ("status",), ("flush",)):
             proc = _cli_as_nobody(lab, *args)
@@ -194,7 +185,7 @@ def test_nobody_can_neither_read_nor_flush(lab: Topology) -> None:
                     "uid 65534 is not allowed") in proc.stderr, proc.stderr
             assert "198.1" not in proc.stdout + proc.stderr  # no address leaked
         # The flush was refused: the same flow is still offloaded and carrying.
-        after = _wait(lambda: [f for f in _flows(lab.status(), "udp", 41202)
+        after = poll(lambda: [f for f in _flows(lab.status(), "udp", 41202)
                                if f["packets"] > before[0]["packets"]])
         assert after, lab.status()
     finally:

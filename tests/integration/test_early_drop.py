@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from offloader.lab import LAN1_4, ROUTER_WAN4, WAN_4, Topology, lab_network
 from tests.conftest import need_root
+from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
@@ -74,16 +75,6 @@ def lab(request: pytest.FixtureRequest, bpf_object: Any) -> Iterator[Topology]:
         yield topo
 
 
-def _wait(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
-
-
 def _counter(host: Any, table: str, name: str) -> int:
     out = host.sh(f"nft -j list counter inet {table} {name}").stdout
     for item in json.loads(out)["nftables"]:
@@ -135,7 +126,7 @@ def test_floods_are_learned_and_dropped_before_the_kernel(lab: Topology) -> None
         seen0 = _counter(lab.router, "guard", "flood_seen")
         learning = [_flood(lab, "udp", LAN1_4, 9999, 2 * FLOOD_PPS, sport=5001),
                     _flood(lab, "syn", LAN1_4, 9998, 2 * FLOOD_PPS, sport=5002)]
-        assert _wait(lambda: _learned(lab, "learned", 2), timeout=5), _drops(lab)
+        assert poll(lambda: _learned(lab, "learned", 2), timeout=5), _drops(lab)
         sent = sum(_sent(p) for p in learning)
         seen1 = _counter(lab.router, "guard", "flood_seen")
         before = _dp(lab)["drop_learned"]
@@ -162,7 +153,7 @@ def test_floods_are_learned_and_dropped_before_the_kernel(lab: Topology) -> None
     try:
         time.sleep(0.5)
         lab.router.sh("nft insert rule inet guard forward udp dport 9999 accept")
-        assert _wait(lambda: _counter(lab.lan1, "sink", "udp_in") > 0, timeout=1.0)
+        assert poll(lambda: _counter(lab.lan1, "sink", "udp_in") > 0, timeout=1.0)
     finally:
         _sent(udp), _sent(syn)
         lab.router.sh("nft delete table inet guard && nft -f -", input=GUARD)
@@ -174,7 +165,7 @@ def test_blackhole_route_is_dropped_once_resolved(lab: Topology) -> None:
     try:
         seen0 = _counter(lab.router, "guard", "flood_seen")
         sent = _sent(_flood(lab, "udp", "198.18.60.5", 9999, FLOOD_PPS // 2, sport=5003))
-        assert _wait(lambda: _learned(lab, "route"), timeout=3), _drops(lab)
+        assert poll(lambda: _learned(lab, "route"), timeout=3), _drops(lab)
         seen1 = _counter(lab.router, "guard", "flood_seen")
         sent += _sent(_flood(lab, "udp", "198.18.60.5", 9999, FLOOD_PPS // 2, sport=5003))
         assert _counter(lab.router, "guard", "flood_seen") == seen1
@@ -195,7 +186,7 @@ def test_unreachable_and_prohibit_still_answer(lab: Topology, kind: str, net: st
     lab.router.sh(f"ip route replace {kind} {net}.0/24")
     try:
         _sent(_flood(lab, "udp", f"{net}.5", 9999, FLOOD_PPS // 2, sport=5004))
-        assert _wait(lambda: _learned(lab, "unreachable"), timeout=3), _drops(lab)
+        assert poll(lambda: _learned(lab, "unreachable"), timeout=3), _drops(lab)
         probe = ("import socket,sys\n"
                  "s=socket.socket(); s.settimeout(5)\n"
                  "try: s.connect((sys.argv[1], 80)); print('connected')\n"
@@ -251,18 +242,18 @@ def _offloaded(topo: Topology, sport: int) -> list[dict[str, Any]]:
 def test_unchanged_reload_offloads_again(lab: Topology) -> None:
     talk, out = _background(lab, size=16_000_000, rate_pps=2_000_000, timeout=40, sport=41101)
     try:
-        assert _wait(lambda: _offloaded(lab, 41101))
+        assert poll(lambda: _offloaded(lab, 41101))
         ruleset = lab.router.sh("nft list ruleset").stdout
         lab.router.sh("nft -f -", input="flush ruleset\n" + ruleset)
-        assert _wait(lambda: (lab.status() or {"agent": {}})["agent"]["torn_down"]
+        assert poll(lambda: (lab.status() or {"agent": {}})["agent"]["torn_down"]
                      .get("ruleset change", 0) >= 1, timeout=2)
         # Back in the datapath: offloaded, and its counters move there.
-        first = _wait(lambda: _offloaded(lab, 41101), timeout=5)
+        first = poll(lambda: _offloaded(lab, 41101), timeout=5)
         assert first, lab.read_agent_log()[-2000:]
-        assert _wait(lambda: any(f["packets"] > first[0]["packets"]
+        assert poll(lambda: any(f["packets"] > first[0]["packets"]
                                  for f in _offloaded(lab, 41101)), timeout=3)
         lab.cli("flush")  # fw4's second path after the event: harmless
-        assert _wait(lambda: _offloaded(lab, 41101), timeout=5)
+        assert poll(lambda: _offloaded(lab, 41101), timeout=5)
     finally:
         talk.join(timeout=60)
     assert "error" not in out and out["intact"], out
@@ -272,7 +263,7 @@ def test_unchanged_reload_offloads_again(lab: Topology) -> None:
 def test_reload_adding_a_drop_rule_stops_the_transfer(lab: Topology) -> None:
     talk, out = _background(lab, size=8_000_000, rate_pps=2_000_000, timeout=8, sport=41102)
     try:
-        assert _wait(lambda: _offloaded(lab, 41102))
+        assert poll(lambda: _offloaded(lab, 41102))
         ruleset = lab.router.sh("nft list ruleset").stdout
         lab.router.sh("nft -f -", input="flush ruleset\n" + ruleset
                       + "\ninsert rule inet guard forward tcp sport 41102 drop\n")

@@ -27,6 +27,7 @@ import pytest
 
 from offloader.lab import Host, Topology, _run, _transfer
 from tests.conftest import need_root
+from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
@@ -217,23 +218,14 @@ def test_a_changed_connection_mark_is_routed_again(multiwan: Topology) -> None:
                     return f
             return None
 
-        first = _poll(flow)
+        first = poll(flow)
         assert first is not None and first["out_dev"] == "wan1", first
         topo.router.sh(f"conntrack -U -p udp --orig-src {HOST1} --sport {sport} --mark 0x200 "
                        ">/dev/null")
-        moved = _poll(lambda: (f := flow()) is not None and f["out_dev"] == "wan2" and f)
+        moved = poll(lambda: (f := flow()) is not None and f["out_dev"] == "wan2" and f)
         assert moved, (flow(), topo.status(check=False))
         st = topo.status()
         assert st is not None and st["agent"]["torn_down"].get("conntrack-mark", 0) >= 1
     finally:
         t.join(timeout=30)
 
-
-def _poll(pred: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    return pred()

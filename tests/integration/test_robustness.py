@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from offloader.lab import WAN_4, Topology, lab_network
 from tests.conftest import need_root
+from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
@@ -49,16 +50,6 @@ while time.monotonic() < end:
 """
 
 
-def _wait(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
-
-
 def _chatter(topo: Topology, base: int, count: int, seconds: float) -> subprocess.Popen[str]:
     return topo.lan1.popen(sys.executable, "-c", _CHATTER, WAN_4, str(base), str(count),
                            str(seconds))
@@ -85,7 +76,7 @@ def test_a_full_flow_map_leaves_new_connections_with_the_kernel(lab: Topology) -
             st = lab.status() or {}
             return bool(st.get("agent", {}).get("map_full_refused", 0) > 0)
 
-        assert _wait(full, timeout=20), lab.read_agent_log()[-3000:]
+        assert poll(full, timeout=20), lab.read_agent_log()[-3000:]
         st = lab.status()
         assert st is not None and st["flows_max"] == 1024 and st["flows_used"] <= 1024
         assert st["counts"]["offloaded"] > 900
@@ -155,7 +146,7 @@ def test_lost_destroy_events_are_reconciled(lab: Topology) -> None:
             return [f for f in st["flows"] if f["state"] == "offloaded" and f["proto"] == "udp"
                     and 30000 <= f["sport"] < 30010]
 
-        assert _wait(lambda: len(offloaded()) == 10, timeout=15), lab.status()
+        assert poll(lambda: len(offloaded()) == 10, timeout=15), lab.status()
         storm = lab.lan2.popen(sys.executable, "-c", _STORM, WAN_4, "3")
         time.sleep(0.5)  # the storm is the stimulus: delete while it runs
         lab.router.sh("conntrack -D -p udp --sport 30000:30009 >/dev/null 2>&1", check=False)
@@ -169,7 +160,7 @@ def test_lost_destroy_events_are_reconciled(lab: Topology) -> None:
             st = lab.status() or {"agent": {}}
             return bool(st["agent"].get("conntrack_reconciles", 0) >= 1)
 
-        assert _wait(reconciled, timeout=20), lab.read_agent_log()[-3000:]
+        assert poll(reconciled, timeout=20), lab.read_agent_log()[-3000:]
 
         # No flow of the deleted connections bypasses the firewall any more:
         # the kernel sees their packets again, so conntrack has all ten back.
@@ -181,7 +172,7 @@ def test_lost_destroy_events_are_reconciled(lab: Topology) -> None:
                      for w in line.split() if w.startswith("sport=")}
             return all(p in ports for p in range(30000, 30010))
 
-        assert _wait(all_back, timeout=15), lab.router.sh("conntrack -L -p udp --dport 9100").stdout
+        assert poll(all_back, timeout=15), lab.router.sh("conntrack -L -p udp --dport 9100").stdout
     finally:
         chat.kill()
         echo.kill()
