@@ -239,8 +239,11 @@ class Topology:
             raise RuntimeError(f"ebpf-offloader {' '.join(args)}: {proc.stderr.strip()}")
         return proc
 
-    def status(self, check: bool = True) -> dict[str, Any] | None:
-        proc = self.cli("status", "--json", check=check)
+    def status(self, check: bool = True, limit: int = 0) -> dict[str, Any] | None:
+        """The agent's status report; with ``limit`` only the busiest flows
+        (counts cover all), which keeps a report on 100,000 flows small."""
+        proc = self.cli("status", "--json", *(["--limit", str(limit)] if limit else []),
+                        check=check)
         if proc.returncode != 0:
             return None
         result: dict[str, Any] = json.loads(proc.stdout)
