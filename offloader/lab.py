@@ -174,16 +174,24 @@ class Topology:
             with contextlib.suppress(OSError):
                 os.unlink(self.agent_log_path)
         # An agent run with nsenter pinned its maps on the host's BPF
-        # filesystem, per namespace (and leaves them for a restart): go too.
+        # filesystem, per namespace (and leaves them for a restart): they go
+        # too, and the top directory once nothing else is in it.
         with contextlib.suppress(OSError):
-            inode = os.stat(f"/run/netns/{self.router.name}").st_ino
-            shutil.rmtree(f"/sys/fs/bpf/ebpf-offloader/netns-{inode}", ignore_errors=True)
+            pins = self.pin_dir()
+            shutil.rmtree(pins, ignore_errors=True)
+            os.rmdir(os.path.dirname(pins))
         for h in self.hosts:
             pids = _run(["ip", "netns", "pids", h.name], check=False).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             _run(["ip", "netns", "del", h.name], check=False)
+
+    def pin_dir(self) -> str:
+        """Where an agent started with ``nsenter`` pins its maps (the host's
+        BPF filesystem, per network namespace: datapath.netns_pin_dir)."""
+        inode = os.stat(f"/run/netns/{self.router.name}").st_ino
+        return f"/sys/fs/bpf/ebpf-offloader/netns-{inode}"
 
     # -- the agent ------------------------------------------------------------------
     def start_agent(self, hook: str = "xdp", extra: Sequence[str] = (),

@@ -67,11 +67,6 @@ def moving(topo: Topology, proto: str, sport: int, timeout: float = 10.0) -> boo
     return bool(wait_for(lambda: packets_of(topo, proto, sport) > first, timeout=timeout))
 
 
-def pin_dir(topo: Topology) -> str:
-    ino = os.stat(f"/run/netns/{topo.router.name}").st_ino
-    return f"/sys/fs/bpf/ebpf-offloader/netns-{ino}"
-
-
 def pinned_stat(topo: Topology, name: str) -> int:
     """A datapath counter read from the pinned stats map (bpftool): readable
     while the agent is dead or stopped."""
@@ -79,7 +74,7 @@ def pinned_stat(topo: Topology, name: str) -> int:
 
     index = layout().const(f"OFL_STAT_{name.upper()}")
     key = " ".join(str(b) for b in index.to_bytes(4, "little"))
-    out = subprocess.run(f"bpftool -j map lookup pinned {pin_dir(topo)}/ofl_stats key {key}",
+    out = subprocess.run(f"bpftool -j map lookup pinned {topo.pin_dir()}/ofl_stats key {key}",
                          shell=True, capture_output=True, text=True, timeout=10).stdout
     values = json.loads(out).get("values", [])
     return sum(int(v["value"]) if isinstance(v["value"], int)
@@ -149,7 +144,6 @@ def faults(topo: Topology, *, heartbeat: float = 1.0, size: int = 7_500_000,
     finally:
         out["transfer"] = transfer.join(timeout=150)
         topo.stop_agent()
-        subprocess.run(["rm", "-rf", pin_dir(topo)], check=False)
     return out
 
 

@@ -41,7 +41,7 @@ def lab(bpf_object: Any) -> Iterator[Topology]:
 
 
 def _pin_dir(lab: Topology) -> Path:
-    return Path(f"/sys/fs/bpf/ebpf-offloader/netns-{os.stat(f'/run/netns/{lab.router.name}').st_ino}")
+    return Path(lab.pin_dir())
 
 
 def _run(lab: Topology, *args: str, wrap: tuple[str, ...] = (),

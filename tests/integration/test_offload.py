@@ -4,7 +4,6 @@ conntrack, and the agent offloading real traffic (no fakes)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -330,8 +329,7 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
     need_root()
     with lab_network() as topo:
         _senders_plain(topo)
-        inode = os.stat(f"/run/netns/{topo.router.name}").st_ino
-        pin = Path(f"/sys/fs/bpf/ebpf-offloader/netns-{inode}")
+        pin = Path(topo.pin_dir())  # removed by topo.down(), also on failure
         try:
             topo.start_agent(hook="xdp", nsenter=True)
             t, out = _background_transfer(topo, proto="udp", family=4, size=4_000_000,
@@ -348,11 +346,6 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
             assert out.get("received", 0) > 0
         finally:
             topo.stop_agent()
-            subprocess.run(["rm", "-rf", str(pin)], check=False)
-            try:
-                pin.parent.rmdir()  # only if we created it and nothing else is there
-            except OSError:
-                pass
 
 
 def test_sighup_reload_applies_new_exclusions(bpf_object: Any, tmp_path: Path) -> None:
