@@ -40,6 +40,7 @@ from .decision import (
     Teardown,
     closing,
     offloadable,
+    unresolved,
     verdict_for,
 )
 from .earlydrop import EarlyDrop
@@ -75,10 +76,10 @@ class Agent:
         self.rec = Records()
         self.attacher = Attacher(self.dp, self.resolver)
         self.state = FlowState(max_waiting=settings.pending_flows, ident=self.rec.wire)
-        self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec)
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_record)
         self.counters = Counters()
         self.table = FlowTable(self.dp, self.counters, self.rec)
+        self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec, on_remove=self.table.forget)
         self.latencies = Latencies()
         self.exclusions = Exclusions()
         self.timeouts = conntrack_timeouts()
@@ -246,6 +247,7 @@ class Agent:
 
     def _on_conntrack_gone(self, raw_keys: list[bytes]) -> None:
         """A reconcile found flows whose conntrack entry is gone."""
+        self.table.forget(raw_keys)
         self.counters.torn_down[Teardown.CT_GONE] += self.dp.flows.delete_batch(raw_keys)
         self.counters.reconciles += 1
 
@@ -301,7 +303,7 @@ class Agent:
             return Decision.WAIT
         except ResolveError as exc:
             log.debug("%s: %s", describe(key), exc)
-            return self._pass(raw, key, PassReason.NO_PATH)
+            return self._pass(raw, key, unresolved(exc))
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
             return self._pass(raw, key, PassReason.EXCLUDED)
         if key.proto == socket.IPPROTO_TCP:
@@ -323,7 +325,7 @@ class Agent:
         return Decision.OFFLOAD
 
     def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
-        if not self.table.mark_pass(key):
+        if not self.table.mark_pass(key, why):
             self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
         self.state.decided(raw)
@@ -431,7 +433,7 @@ class Agent:
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,
-                           self.latencies.percentiles())
+                           self.latencies.percentiles(), why=self.table.why)
         return build_status(self.dp, facts, self.attacher.name_of, limit)
 
 

@@ -20,6 +20,7 @@ import logging
 import logging.handlers
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .config import (
@@ -253,14 +254,23 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, interval: fl
                      _endpoint(f["dst"], f["dport"]), f"{f['in_dev']}>{f.get('out_dev', '?')}",
                      str(f["packets"]), _human_bytes(f["bytes"]), _human_bytes(rate) + "/s",
                      nat_text))
-    if rows:
-        head = ("proto", "source", "destination", "devices", "packets", "bytes", "rate", "nat")
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines.append("")
-        lines.append("busiest offloaded flows:")
-        for r in [head, *rows]:
-            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    head = ("proto", "source", "destination", "devices", "packets", "bytes", "rate", "nat")
+    lines.extend(_table("busiest offloaded flows:", head, rows))
+    passed = [(f["proto"], _endpoint(f["src"], f["sport"]), _endpoint(f["dst"], f["dport"]),
+               f["in_dev"], f.get("why") or "-")
+              for f in cur["flows"] if f["state"] == "passed"][:top]
+    lines.extend(_table("flows passed to the kernel, and why:",
+                        ("proto", "source", "destination", "device", "why"), passed))
     return "\n".join(lines) + "\n"
+
+
+def _table(title: str, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """A titled table with aligned columns; nothing without rows."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["", title, *("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
+                         for r in [head, *rows])]
 
 
 def _flow_id(f: dict[str, Any]) -> tuple[Any, ...]:

@@ -29,7 +29,8 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 
 from .conntrack import IPS_HW_OFFLOAD, CtEntry, IPAddress, IPNetwork, Tuple5, tcp_closing
 from .datapath import FlowKey, Verdict
-from .routing import Egress
+from .errors import ResolveError
+from .routing import Egress, PerPacketRoute
 
 
 class Decision(enum.Enum):
@@ -50,6 +51,9 @@ class PassReason(enum.StrEnum):
     UDP_DISABLED = "udp disabled"
     EXCLUDED = "excluded by configuration"
     NO_PATH = "no path"  # the resolver could not reach the lowest device
+    # The route may depend on what conntrack does not tell (routing.PerPacketRoute):
+    POLICY_MARK = "policy-mark"  # an fwmark rule, and the mark is set per packet
+    POLICY_TOS = "policy-tos"  # a rule on DSCP/TOS that changes the route
 
 
 class Teardown(enum.StrEnum):
@@ -104,6 +108,13 @@ def offloadable(entry: CtEntry, *, offload_udp: str) -> Decision | PassReason:
     if offload_udp == "assured" and not entry.status & IPS_ASSURED:
         return Decision.WAIT
     return Decision.OFFLOAD
+
+
+def unresolved(exc: ResolveError) -> PassReason:
+    """Why a flow whose path could not be resolved stays with the kernel."""
+    if isinstance(exc, PerPacketRoute):
+        return PassReason.POLICY_TOS if exc.by_tos else PassReason.POLICY_MARK
+    return PassReason.NO_PATH
 
 
 def closing(entry: CtEntry) -> bool:

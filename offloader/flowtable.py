@@ -6,6 +6,10 @@ save the kernel a ring notification; the connection comes back as pending
 and is passed again when there is room). When no pass entry is left, the
 tuple stays pending, so the kernel keeps forwarding it: a full map costs
 offload, never connectivity. Refusals are counted, and logged once a minute.
+
+Why each pass entry was written (its ``PassReason``) is kept for ``status``,
+bounded: the last PASS_REASONS_KEPT passes, each forgotten when its entry
+goes (swept, evicted, flushed, or replaced by an offload).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .datapath import Datapath, FlowKey, Verdict
+from .decision import PassReason
 from .errors import MapError
 from .records import Records
 from .status import Counters
@@ -23,6 +28,7 @@ from .status import Counters
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 60.0
+PASS_REASONS_KEPT = 16384  # about 2.5 MB at most
 
 
 class FlowTable:
@@ -31,28 +37,47 @@ class FlowTable:
         self.counters = counters
         self.rec = rec
         self.evictable: list[bytes] = []  # pass entries the last sweep saw
+        self.why: dict[bytes, PassReason] = {}  # raw key of a pass entry -> why it was passed
         self._logged = -LOG_EVERY_S
 
     def offload(self, key: FlowKey, verdict: Verdict) -> bool:
         """Write the verdict; False when the full map had no room for it."""
         # Not over an offloaded entry: a late ring record or event for a flow
         # decided already must not reset its counters.
-        return self._store(lambda: self.dp.offload(key, verdict, replace=False), evict=True)
+        if not self._store(lambda: self.dp.offload(key, verdict, replace=False), evict=True):
+            return False
+        self.why.pop(key.pack(), None)
+        return True
 
-    def mark_pass(self, key: FlowKey) -> bool:
-        """Mark ``key`` pass; False when the map is full (it stays pending)."""
-        return self._store(lambda: self.dp.mark_pass(key), evict=False)
+    def mark_pass(self, key: FlowKey, why: PassReason) -> bool:
+        """Mark ``key`` pass for ``why``; False when the map is full (it stays pending)."""
+        if not self._store(lambda: self.dp.mark_pass(key), evict=False):
+            return False
+        raw = key.pack()
+        self.why.pop(raw, None)  # re-inserted: the newest
+        self.why[raw] = why
+        if len(self.why) > PASS_REASONS_KEPT:
+            del self.why[next(iter(self.why))]
+        return True
+
+    def forget(self, raw_keys: Iterable[bytes]) -> None:
+        """These entries left the map (the sweep, a reconcile): their reasons go."""
+        if self.why:
+            for raw in raw_keys:
+                self.why.pop(raw, None)
 
     def remove_where_dmac(self, mac: bytes) -> int:
         """Remove the flows sent to ``mac``; how many went."""
         rec = self.rec
-        return self.dp.flows.delete_batch([k for k, v in self.dp.flows.items()
-                                           if rec.dmac(v) == mac])
+        keys = [k for k, v in self.dp.flows.items() if rec.dmac(v) == mac]
+        self.forget(keys)
+        return self.dp.flows.delete_batch(keys)
 
     def clear(self) -> int:
         """Remove every flow and pending tuple; how many flows went."""
         n = self.dp.flows.clear()
         self.dp.pending.clear()
+        self.why.clear()
         return n
 
     def _store(self, write: Callable[[], object], *, evict: bool) -> bool:
@@ -75,6 +100,8 @@ class FlowTable:
 
     def _evict_pass_entry(self) -> bool:
         while self.evictable:
-            if self.dp.flows.delete(self.evictable.pop()):
+            raw = self.evictable.pop()
+            self.why.pop(raw, None)
+            if self.dp.flows.delete(raw):
                 return True
         return False

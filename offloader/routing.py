@@ -87,6 +87,16 @@ class NotYet(ResolveError):
     """Resolution cannot finish now but may later (neighbour or FDB entry missing)."""
 
 
+class PerPacketRoute(ResolveError):
+    """The policy rules may route this flow's packets differently, by what
+    each packet carries and conntrack does not tell: a mark set per packet
+    (``by_tos`` False) or the DSCP/TOS field (True)."""
+
+    def __init__(self, message: str, *, by_tos: bool) -> None:
+        super().__init__(message)
+        self.by_tos = by_tos
+
+
 @dataclass(frozen=True, slots=True)
 class Egress:
     """A resolved egress: the lowest device, the L2 header, the path MTU, and
@@ -269,11 +279,12 @@ class Resolver:
             marks = (pkt,) if pkt is not None else rules.fwmarks
         found = {self._lookup(iif, key, dst, ports, m, t) for m in marks for t in rules.tos}
         if len(found) > 1 and len(marks) > 1:
-            raise ResolveError("policy routing by fwmark, and the packet mark is set per packet "
-                               "without being restored from the connection's mark: its route "
-                               "cannot be told")
+            raise PerPacketRoute("policy routing by fwmark, and the packet mark is set per packet "
+                                 "without being restored from the connection's mark: its route "
+                                 "cannot be told", by_tos=False)
         if len(found) > 1:
-            raise ResolveError("a policy rule matches on DSCP/TOS, which may differ per packet")
+            raise PerPacketRoute("a policy rule matches on DSCP/TOS, which may differ per packet",
+                                 by_tos=True)
         return found.pop()
 
     def _lookup(self, iif: int, key: FlowKey, dst: IPAddress, ports: tuple[int, ...], mark: int,

@@ -12,7 +12,7 @@ import socket
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ class AgentFacts:
     interfaces: list[dict[str, Any]]  # {name, ifindex, hook}
     agent: dict[str, Any]  # counters
     latency: dict[str, float | int]
+    why: Mapping[bytes, PassReason] = field(default_factory=dict)  # raw key -> why passed
 
 
 def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
@@ -101,6 +102,9 @@ def build_status(dp: Datapath, facts: AgentFacts, name_of: Callable[[int], str],
             row["nat"] = nat_of(e.raw)
             # Which hook forwards it: TC after GRO for a hybrid bulk flow.
             row["via"] = "tc" if e.raw[v_flags] & to_tc else None
+        else:  # None: passed before this agent started, or on probation
+            why = facts.why.get(e.key.pack())
+            row["why"] = str(why) if why is not None else None
         flows.append(row)
     for key, _first, packets, nbytes in dp.pending_entries():
         flows.append(flow_row(key, "pending", packets, nbytes, name_of))

@@ -24,7 +24,7 @@ import operator
 import socket
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -279,10 +279,14 @@ class Keepalive(Protocol):
 class Sweeper:
     """Handed the flow map and conntrack's keep-alive; runs one pass a tick."""
 
-    def __init__(self, flows: FlowMap, ct: Keepalive, rec: Records) -> None:
+    def __init__(self, flows: FlowMap, ct: Keepalive, rec: Records, *,
+                 on_remove: Callable[[list[bytes]], None] | None = None) -> None:
+        """``on_remove`` is told the raw keys of each batch of entries the
+        sweep removed (what the agent keeps about them goes too)."""
         self.flows = flows
         self.ct = ct
         self.rec = rec
+        self.on_remove = on_remove or (lambda _keys: None)
         self.passes = 0
         self.failures = 0
         self.refreshed = 0
@@ -311,6 +315,7 @@ class Sweeper:
     def _apply(self, part: SweepResult, plan: SweepPlan) -> None:
         if part.remove:
             self.flows.delete_batch(part.remove)
+            self.on_remove(part.remove)
         if part.refresh:
             items = [(self.rec.raw5(r.raw_key), r.reply, r.zone, plan.timeouts[r.cls])
                      for r in part.refresh]
@@ -326,3 +331,4 @@ class Sweeper:
         gone = self.ct.take_gone()
         if gone:
             part.reasons[Teardown.CT_GONE] += self.flows.delete_batch(gone)
+            self.on_remove(gone)

@@ -229,3 +229,49 @@ def test_a_changed_connection_mark_is_routed_again(multiwan: Topology) -> None:
     finally:
         t.join(timeout=30)
 
+
+
+def test_a_per_packet_mark_keeps_the_flow_with_the_kernel(multiwan: Topology) -> None:
+    """An nft rule sets the packet mark per packet, from the DSCP field
+    (which conntrack does not know), and lan1's connection carries conntrack
+    mark 0: which uplink a packet takes cannot be told from conntrack, so
+    the flow stays with the kernel, and status names the reason for that
+    very flow. The rule matches no packet of this transfer (DSCP 0), so the
+    kernel routes it all out of WAN1, intact."""
+    topo = multiwan
+    sport, port = 47100, PORT + 2
+    topo.router.sh("nft -f -", input=f"""
+table inet permark {{
+    chain pre {{
+        type filter hook prerouting priority mangle + 1; policy accept;
+        ip saddr {HOST1} ip dscp cs1 meta mark set 0x200
+    }}
+}}
+""")
+    try:
+        before = _counter(topo.wan, "srv", "via_wan1", "bytes")
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(_transfer(
+            topo.lan1, topo.wan, SERVER, port, port, "udp", 4, 2_000_000, 20.0, 1000, sport)))
+        t.start()
+        rows: list[dict[str, Any]] = []
+
+        def ours() -> dict[str, Any] | None:
+            for f in (topo.status(check=False) or {"flows": []})["flows"]:
+                if (f["proto"], f["src"], f["sport"], f["dport"]) == ("udp", HOST1, sport, port):
+                    rows.append(f)
+                    if f["state"] == "passed":
+                        return f
+            return None
+
+        passed = poll(ours)
+        t.join(timeout=40)
+        assert passed, (rows[-3:], topo.read_agent_log()[-2000:])
+        assert passed.get("why") == "policy-mark", passed
+        assert all(r["state"] != "offloaded" for r in rows), rows
+        assert result.get("intact"), result
+        assert _counter(topo.wan, "srv", "via_wan1", "bytes") - before >= 2_000_000
+        st = topo.status()
+        assert st is not None and st["agent"]["passed_by_reason"].get("policy-mark", 0) >= 1
+    finally:
+        topo.router.sh("nft delete table inet permark")

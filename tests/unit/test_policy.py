@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from offloader.decision import PassReason, unresolved
 from offloader.errors import ResolveError
 from offloader.policy import MarkSetters, Ruleset, mark_setters
 from offloader.routing import Resolver
@@ -150,8 +151,9 @@ def test_without_fwmark_rules_the_mark_is_not_looked_up(tmp_path: Path) -> None:
 def test_unknowable_mark_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
     per_packet = ruleset(("pre", [set_meta_mark(0x200)]))
     res = multiwan(tmp_path, per_packet, [FWMARK_RULE])
-    with pytest.raises(ResolveError, match="packet mark is set per packet"):
+    with pytest.raises(ResolveError, match="packet mark is set per packet") as exc:
         egress(res, 0)
+    assert unresolved(exc.value) is PassReason.POLICY_MARK  # what status names for the flow
     # A destination every mark routes alike still goes.
     k = key(2, "198.19.99.1", "198.18.1.3")
     assert res.resolve(k, ipaddress.ip_address("198.18.1.3")).oif == 2
@@ -160,7 +162,17 @@ def test_unknowable_mark_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
 def test_a_tos_rule_that_changes_the_route_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
     res = multiwan(tmp_path, ruleset(), [Msg(tos=0x10, FRA_TABLE=102)])
     res.ipr.routes["198.19.99.1"] = {(0, 0x10): (4, WAN2), 0: (3, WAN1)}  # type: ignore[attr-defined]
-    with pytest.raises(ResolveError, match="DSCP/TOS"):
+    with pytest.raises(ResolveError, match="DSCP/TOS") as exc:
         egress(res, 0)
+    assert unresolved(exc.value) is PassReason.POLICY_TOS
     k = key(2, "198.19.99.1", "198.18.1.3")
     assert res.resolve(k, ipaddress.ip_address("198.18.1.3")).oif == 2
+
+
+def test_an_unreachable_path_is_no_path(tmp_path: Path) -> None:
+    res = multiwan(tmp_path, ruleset(), [FWMARK_RULE])
+    res.ipr.routes["198.51.100.1"] = (0, None)  # type: ignore[attr-defined]  # no output device
+    k = key(2, "198.18.1.3", "198.51.100.1")
+    with pytest.raises(ResolveError, match="no output device") as exc:
+        res.resolve(k, ipaddress.ip_address("198.51.100.1"))
+    assert unresolved(exc.value) is PassReason.NO_PATH
