@@ -87,7 +87,7 @@ class Agent:
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
         self.stop = False
         self.reload_requested = False
-        self._ring_batch: list[bytes] = []  # raw keys
+        self._ring_batch: list[bytes] = []  # raw ring records
         self._last_summary = time.monotonic()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._sel: selectors.BaseSelector = selectors.DefaultSelector()
@@ -214,7 +214,7 @@ class Agent:
 
     # -- new tuples ---------------------------------------------------------------------
     def _on_ring_record(self, data: bytes) -> None:
-        self._ring_batch.append(data[: self.rec.key_size])
+        self._ring_batch.append(bytes(data[: self.rec.e_stamp + 8]))
 
     def _on_ring(self) -> None:
         # Bounded: under a flood of new tuples the rest waits in the ring (or
@@ -223,9 +223,11 @@ class Agent:
         batch, self._ring_batch = self._ring_batch, []
         now = time.monotonic_ns()
         asks = RECHECK_BUDGET
-        for key in batch:
+        ks, ts = self.rec.key_size, self.rec.e_stamp
+        for record in batch:
             self.counters.events += 1
-            seen, recent = self.state.seen(key, now)
+            key = record[:ks]
+            seen, recent = self.state.seen(key, now, int.from_bytes(record[ts:], "little"))
             if seen is Seen.NEW and recent is not None:
                 # Conntrack's event for this connection was read before the
                 # ring record arrived: decide with it now.
@@ -277,7 +279,7 @@ class Agent:
         if self.probation and self.probation.holds(raw):
             # Handed back after a ruleset change, not yet seen forwarded.
             self.dp.mark_pass(key)
-            self.state.decided(raw)
+            self.state.decided(raw, time.monotonic_ns())
             return Decision.PASS
         if found is None:
             found = self.ct.get(key_tuple(key), self.state.zone(key_id(key)))
@@ -319,7 +321,7 @@ class Agent:
         if first_seen:
             self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
-        self.state.decided(raw)
+        self.state.decided(raw, time.monotonic_ns())
         self.counters.offloaded += 1
         log.debug("offload %s -> ifindex %d", describe(key), path.oif)
         return Decision.OFFLOAD
@@ -328,7 +330,7 @@ class Agent:
         if not self.table.mark_pass(key, why):
             self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
-        self.state.decided(raw)
+        self.state.decided(raw, time.monotonic_ns())
         self.counters.passed[why] += 1
         log.debug("pass %s: %s", describe(key), why)
         return Decision.PASS
@@ -337,7 +339,7 @@ class Agent:
         """No conntrack entry: drop early what the kernel drops anyway."""
         if self.early_drop.consider(key, self.settings, self.ruleset) is None:
             return Decision.WAIT
-        self.state.decided(key.pack())
+        self.state.decided(key.pack(), time.monotonic_ns())
         return Decision.DROP
 
     # -- the sweep -----------------------------------------------------------------------
@@ -382,7 +384,7 @@ class Agent:
     def _end_probation(self, removed: list[bytes]) -> None:
         """Flows gone from the map leave probation; proven ones are offloaded again."""
         for raw_key in end_probation(self.dp, self.probation, removed):
-            self.state.decided(raw_key)
+            self.state.decided(raw_key, time.monotonic_ns())
             _guarded(functools.partial(self._reoffload, raw_key))
 
     def _reoffload(self, raw: bytes) -> None:

@@ -9,6 +9,8 @@ direction (its wire id, see ``conntrack.wire_id``):
   recent   the last conntrack NEW/UPDATE entries (bounded): an event read
            before the ring record of the connection's first packet
   dead     directions conntrack destroyed or closed since the last sweep
+  decided  when each recently decided key was settled (bounded): a ring
+           record stamped before that is a stale report of the same tuple
 
 Every transition is a method, and a connection's two directions always
 move together. Keys are the datapath's raw key bytes: a FlowKey is built
@@ -29,6 +31,7 @@ DEAD_BEFORE_SWEEP = 8192  # destroyed directions noted before an early sweep
 MARKS_KEPT = 8192  # connection marks from UPDATE events kept for the next sweep
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about keys waiting longer
 STUCK_BUDGET = 64  # at most this many such queries per sweep (about 1 ms each)
+DECIDED_KEPT = 4096  # decision times kept to recognise stale ring records
 
 
 def key_tuple(key: FlowKey) -> Tuple5:
@@ -76,11 +79,18 @@ class FlowState:
         self._recent: dict[bytes, CtEntry] = {}
         self._dead: set[bytes] = set()
         self._marks: dict[bytes, int] = {}  # wire id -> mark an UPDATE event carried
+        self._decided: dict[RawKey, int] = {}  # raw key -> when it was decided
 
     # -- the datapath reports a key ------------------------------------------------
-    def seen(self, key: RawKey, now_ns: int) -> tuple[Seen, CtEntry | None]:
+    def seen(self, key: RawKey, now_ns: int,
+             stamp_ns: int | None = None) -> tuple[Seen, CtEntry | None]:
         """Note a key from the ring; with NEW, the conntrack entry an event
-        already brought for its connection, if any."""
+        already brought for its connection, if any. ``stamp_ns``: when the
+        datapath sent the record; one sent before the key was decided is
+        stale (the datapath reports a pending tuple again every 200 ms, and
+        such reports queue up while the agent decides) and asks nothing."""
+        if stamp_ns is not None and stamp_ns <= self._decided.get(key, -1):
+            return Seen.NOTHING, None
         tid = self.ident(key)
         keys = self._waiting.setdefault(tid, {})
         since = keys.get(key)
@@ -94,8 +104,12 @@ class FlowState:
             return Seen.RECHECK, None
         return Seen.NOTHING, None
 
-    def decided(self, key: RawKey) -> None:
-        """``key`` was offloaded or passed: it waits no more."""
+    def decided(self, key: RawKey, now_ns: int) -> None:
+        """``key`` was offloaded or passed at ``now_ns``: it waits no more."""
+        self._decided.pop(key, None)
+        self._decided[key] = now_ns
+        if len(self._decided) > DECIDED_KEPT:
+            self._decided.pop(next(iter(self._decided)))
         tid = self.ident(key)
         keys = self._waiting.get(tid)
         if keys is not None:

@@ -50,6 +50,7 @@ class Records:
         self.flag_tc = consts["OFL_V_TC"]
         self.dsa_port_none = consts["OFL_DSA_PORT_NONE"]
         self.key_size = ffi.sizeof("struct ofl_key")
+        self.e_stamp = ffi.offsetof("struct ofl_event", "ts_ns")
         self.flow_size = ffi.sizeof("struct ofl_flow")
         # (proto, sport, dport) of a key; (verdict flags, conntrack zone,
         # last seen, state, seen flags) of a flow.

@@ -308,6 +308,7 @@ def run_case(topo: Topology, agent: Agent, direction: str, port: int) -> dict:
     th.start()
     seen: dict[tuple, dict] = {}
     first_offloaded: float | None = None
+    wan_at_offload: int | None = None  # the logical WAN device's tx when first seen offloaded
     polls = 0
     deadline = t0 + 120
     while th.is_alive() and time.monotonic() < deadline and polls < 2000:
@@ -320,12 +321,14 @@ def run_case(topo: Topology, agent: Agent, direction: str, port: int) -> dict:
             if f["state"] == "offloaded":
                 if first_offloaded is None:
                     first_offloaded = time.monotonic() - t0
+                    wan_at_offload = link_stats(ns, wan_dev)["tx_packets"]
                 prev = seen.get(fid)
                 if prev is None or f["packets"] >= prev["packets"]:
                     seen[fid] = f
         time.sleep(0.05)
     th.join(timeout=30)
     st1 = status(ns) or {}
+    wan1 = link_stats(ns, wan_dev)["tx_packets"]
     frames = []
     if sniff is not None:
         frames = sniff.frames()
@@ -336,7 +339,8 @@ def run_case(topo: Topology, agent: Agent, direction: str, port: int) -> dict:
         "redirect": (st1.get("datapath", {}).get("redirect", 0)
                      - st0.get("datapath", {}).get("redirect", 0)),
         "datapath": st1.get("datapath", {}),
-        "wan_dev_tx": link_stats(ns, wan_dev)["tx_packets"] - wan0["tx_packets"],
+        "wan_dev_tx": wan1 - wan0["tx_packets"],
+        "wan_dev_tx_offloaded": None if wan_at_offload is None else wan1 - wan_at_offload,
         "frames": frames,
     }
 
@@ -384,7 +388,8 @@ def check_case(topo: Topology, agent: Agent, direction: str, port: int) -> dict:
     print(f"{topo.kind} {agent.hook} {direction}: {tr['seconds']}s, offloaded after "
           f"{got['first_offloaded_s']}s, flow packets {best['packets']} of ~{segments} "
           f"segments, redirect +{got['redirect']}, {got['polls']} polls, "
-          f"{topo.router_wan_if} tx +{got['wan_dev_tx']}, {len(got['frames'])} frames sniffed")
+          f"{topo.router_wan_if} tx +{got['wan_dev_tx']} (+{got['wan_dev_tx_offloaded']} once "
+          f"offloaded), {len(got['frames'])} frames sniffed")
     return got
 
 
@@ -400,8 +405,12 @@ def check_xdp_wire(topo: Topology, got: dict, direction: str, best: dict, ctx: s
             assert best["pppoe_sid"] == sid, (best, sid, ctx)
     else:
         assert best["in_dev"] == topo.router_lan_if, (best, ctx)
-        # the logical WAN device was bypassed: frames went around it
-        assert got["wan_dev_tx"] < 0.3 * got["segments"], (got["wan_dev_tx"], ctx)
+        # the logical WAN device was bypassed: once the flow showed offloaded,
+        # its frames went around it (counted from then: under emulation the
+        # offload may come late in the transfer, and what went before is the
+        # kernel's by design)
+        after = got["wan_dev_tx_offloaded"]
+        assert after < 0.3 * best["packets"], (after, best["packets"], ctx)
     # frames the far host received from the router (XDP-redirected ones surface at
     # the peer veth): right tag stack, PPPoE session, MACs, NATed source
     inbound = [f for f in got["frames"] if not f.outgoing and f.ip_proto == 6

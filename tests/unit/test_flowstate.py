@@ -12,6 +12,7 @@ from offloader.conntrack import CtEntry, Tuple5
 from offloader.datapath import FlowKey
 from offloader.flowstate import (
     DEAD_BEFORE_SWEEP,
+    DECIDED_KEPT,
     RECENT_CT,
     RECHECK_AFTER_NS,
     STUCK_AFTER_NS,
@@ -52,8 +53,33 @@ def test_first_report_waits_then_rechecks_after_a_while() -> None:
     assert fs.is_waiting(key())
     assert fs.seen(key(), RECHECK_AFTER_NS - 1) == (Seen.NOTHING, None)
     assert fs.seen(key(), RECHECK_AFTER_NS) == (Seen.RECHECK, None)
-    fs.decided(key())
+    fs.decided(key(), RECHECK_AFTER_NS)
     assert not fs.is_waiting(key()) and fs.waiting_count() == 0
+
+
+def test_a_record_sent_before_the_decision_is_stale() -> None:
+    # The datapath reports a pending tuple again every 200 ms; reports queued
+    # while the agent decided must not start the key waiting again (each would
+    # cost a conntrack query and a second offload of the same tuple).
+    fs = FlowState(ident=REC.wire, max_waiting=16)
+    e = entry()
+    fs.updated(e, *ids(e))
+    assert fs.seen(key(), 100, stamp_ns=90) == (Seen.NEW, e)
+    fs.decided(key(), 200)
+    assert fs.seen(key(), 300, stamp_ns=150) == (Seen.NOTHING, None)
+    assert fs.seen(key(), 300, stamp_ns=200) == (Seen.NOTHING, None)
+    assert not fs.is_waiting(key())
+    # sent after the decision (the flow was torn down since): a new report
+    assert fs.seen(key(), 400, stamp_ns=350) == (Seen.NEW, e)
+    assert fs.is_waiting(key())
+
+
+def test_decision_times_are_bounded() -> None:
+    fs = FlowState(ident=REC.wire, max_waiting=16)
+    for sport in range(DECIDED_KEPT + 10):
+        fs.decided(key(sport=sport % 65536), 100)
+    assert fs.seen(key(sport=0), 300, stamp_ns=50) == (Seen.NEW, None)  # forgotten: asks
+    assert fs.seen(key(sport=DECIDED_KEPT + 9), 300, stamp_ns=50) == (Seen.NOTHING, None)
 
 
 def test_an_event_read_before_the_ring_record_is_used() -> None:
