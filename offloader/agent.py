@@ -10,9 +10,11 @@ Inputs, all on one selector, no threads:
   signals          SIGTERM/SIGINT stop, SIGHUP reloads the configuration
   timers           heartbeat (the datapath's fail-safe), sweep
 
-The parts say what should happen; the loop does it (see docs/design.md,
-"Where a change belongs"). ``run_agent`` opens every collaborator through
-parts.py, the single-agent lock first, and closes whatever it opened.
+The mechanism (selector, timers, signals) is loop.py's; one tuple's
+decision is decider.py's. The parts say what should happen; the agent
+applies it (see docs/design.md, "Where a change belongs"). ``run_agent``
+opens every collaborator through parts.py, the single-agent lock first,
+and closes whatever it opened.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import contextlib
 import functools
 import logging
 import os
-import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,29 +31,19 @@ from typing import Any
 from . import bpfobj
 from .attach import Attacher
 from .config import Settings, network_devices, redecide_needed
-from .conntrack import CtEntry, nat_target
-from .datapath import FlowKey
-from .decision import (
-    Decision,
-    Exclusions,
-    PassReason,
-    Teardown,
-    closing,
-    offloadable,
-    unresolved,
-    verdict_for,
-)
-from .earlydrop import EarlyDrop
-from .errors import OffloadError, ResolveError
-from .flowstate import FlowState, Seen, describe, key_id, key_tuple, tuple_id
+from .conntrack import CtEntry
+from .decider import Decider
+from .decision import Decision, Exclusions, Teardown, closing
+from .errors import OffloadError
+from .flowstate import FlowState, Seen, tuple_id
 from .flowtable import FlowTable
+from .loop import EventLoop, guarded
 from .netwatch import Changes
-from .nftwatch import Probation, end_probation, put_on_probation
+from .nftwatch import end_probation, put_on_probation
 from .parts import Parts, open_parts
 from .reconcile import Reconciliation, adopt
 from .records import Records
-from .routing import NotYet
-from .status import AgentFacts, Counters, Latencies, build_status
+from .status import AgentFacts, Counters, build_status
 from .sweep import Sweeper, SweepPlan, conntrack_timeouts
 
 log = logging.getLogger(__name__)
@@ -62,7 +52,6 @@ HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
 RECHECK_BUDGET = 32  # direct conntrack queries (about 1 ms each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
-MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
 
 
 class Agent:
@@ -80,23 +69,19 @@ class Agent:
         self.counters = Counters()
         self.table = FlowTable(self.dp, self.counters, self.rec)
         self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec, on_remove=self.table.forget)
-        self.latencies = Latencies()
-        self.exclusions = Exclusions()
         self.timeouts = conntrack_timeouts()
         self.started = time.time()
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
-        self.stop = False
-        self.reload_requested = False
         self._ring_batch: list[bytes] = []  # raw ring records
         self._last_summary = time.monotonic()
-        self._handlers: dict[int, Callable[[], None]] = {}
-        self._sel: selectors.BaseSelector = selectors.DefaultSelector()
-        self.reconcile = Reconciliation(self.dp.flows, self.rec, self._watch, self._unwatch,
+        self.loop = EventLoop()
+        self.reconcile = Reconciliation(self.dp.flows, self.rec, self.loop.watch, self.loop.unwatch,
                                         self._on_conntrack_gone)
         self._overflows_seen = 0
-        self.probation = Probation()
-        self.early_drop = EarlyDrop(self.dp, self.resolver)
-        self.ruleset = parts.nft.scan()
+        self.decider = Decider(settings, parts, self.state, self.table, self.counters,
+                               self.attacher.hook_of)
+        self.decide = self.decider.decide
+        self.probation, self.early_drop = self.decider.probation, self.decider.early_drop
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -111,7 +96,7 @@ class Agent:
         s = self.settings
         # Default: the lan and wan devices of /etc/config/network.
         self.attacher.attach_all(list(s.interfaces) or list(network_devices()), s.hook)
-        self.exclusions = Exclusions(src=s.exclude_src, dst=s.exclude_dst,
+        self.decider.exclusions = Exclusions(src=s.exclude_src, dst=s.exclude_dst,
                                      ifindexes=self.attacher.zone_devices(s.exclude_zones))
 
     def shutdown(self) -> None:
@@ -125,65 +110,26 @@ class Agent:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._sel)
-            wake_r, wake_w = (stack.enter_context(s) for s in socket.socketpair())
-            wake_r.setblocking(False)
-            wake_w.setblocking(False)
-            old_fd = signal.set_wakeup_fd(wake_w.fileno())
-            stack.callback(signal.set_wakeup_fd, old_fd)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
-            # Ring first: a tuple is noted as waiting before the conntrack
-            # event that makes it offloadable is read (handlers run in order).
-            self._watch(self.ring.fd, self._on_ring)
-            self._watch(self.parts.ct_events.fileno(), self._on_ct_readable)
-            self._watch(self.net.fileno(), lambda: self.apply(self.net.read()))
-            self._watch(self.parts.nft.fileno(), self._on_ruleset)
-            self._watch(self.parts.control.fileno(), self.parts.control.serve_one)
-            self._watch(wake_r.fileno(), lambda: _drain(wake_r))
-            stack.callback(self.reconcile.stop)
-            self._loop()
-
-    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
-        self._handlers[fd] = handler
-        self._sel.register(fd, selectors.EVENT_READ)
-
-    def _unwatch(self, fd: int) -> None:
-        self._sel.unregister(fd)
-        del self._handlers[fd]
-
-    def _loop(self) -> None:
-        heartbeat_every = self.settings.heartbeat_timeout / HEARTBEAT_FRACTION
-        next_heartbeat = 0.0
-        next_sweep = time.monotonic() + self.settings.sweep_interval
-        while not self.stop:
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                self.dp.heartbeat()
-                next_heartbeat = now + heartbeat_every
-            if now >= next_sweep:
-                self.sweep()
-                next_sweep = now + self.settings.sweep_interval
-            timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
-            ready = {key.fd for key, _ in self._sel.select(timeout)}
-            for fd, handler in list(self._handlers.items()):
-                if fd in ready:
-                    _guarded(handler)
-                    # A busy source (a flood) must not make a live agent
-                    # look dead to the datapath: beat between handlers.
-                    if time.monotonic() >= next_heartbeat:
-                        self.dp.heartbeat()
-                        next_heartbeat = time.monotonic() + heartbeat_every
-            if self.reload_requested:
-                self.reload_requested = False
-                self.reload()
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP:
-            self.reload_requested = True
-        else:
-            self.stop = True
+        loop = self.loop
+        # Ring first: a tuple is noted as waiting before the conntrack
+        # event that makes it offloadable is read (handlers run in order).
+        loop.watch(self.ring.fd, self._on_ring)
+        loop.watch(self.parts.ct_events.fileno(), self._on_ct_readable)
+        loop.watch(self.net.fileno(), lambda: self.apply(self.net.read()))
+        loop.watch(self.parts.nft.fileno(), self._on_ruleset)
+        loop.watch(self.parts.control.fileno(), self.parts.control.serve_one)
+        # A busy source (a flood) must not make a live agent look dead to
+        # the datapath: the heartbeat is urgent, it beats between handlers.
+        loop.every(lambda: self.settings.heartbeat_timeout / HEARTBEAT_FRACTION,
+                   self.dp.heartbeat, first_in=0.0, urgent=True)
+        loop.every(lambda: self.settings.sweep_interval, self.sweep)
+        loop.on_signal(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.on_signal(sig, loop.stop)
+        try:
+            loop.run()
+        finally:
+            self.reconcile.stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration (file, then the command line's
@@ -200,7 +146,7 @@ class Agent:
         if new.hook != self.settings.hook:
             self.attacher.detach_all()
         rejudge = redecide_needed(self.settings, new)
-        self.settings = new
+        self.settings = self.decider.settings = new
         self.resolver.forget(links=True, routes=True)
         try:
             self.attach()
@@ -231,14 +177,14 @@ class Agent:
             if seen is Seen.NEW and recent is not None:
                 # Conntrack's event for this connection was read before the
                 # ring record arrived: decide with it now.
-                _guarded(functools.partial(self._decide_with, key, recent))
+                guarded(functools.partial(self.decider.decide_with, key, recent))
             elif seen is Seen.RECHECK and asks > 0:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly. At
                 # most RECHECK_BUDGET such queries per wake-up; the others
                 # are announced again, or found stuck by the sweep.
                 asks -= 1
-                _guarded(functools.partial(self.decide, key))
+                guarded(functools.partial(self.decide, key))
 
     def _on_ct_readable(self) -> None:
         events = self.parts.ct_events
@@ -267,80 +213,7 @@ class Agent:
                 self.state.closing(orig, reply)
                 continue
             for key, is_reply in self.state.updated(entry, orig, reply):
-                _guarded(functools.partial(self.decide, key, (entry, is_reply)))
-
-    def _decide_with(self, raw: bytes, entry: CtEntry) -> Decision:
-        """Decide with a conntrack entry an event brought (either direction)."""
-        return self.decide(raw, (entry, entry.orig != key_tuple(FlowKey.unpack(raw))))
-
-    def decide(self, raw: bytes, found: tuple[CtEntry, bool] | None = None) -> Decision:
-        """Offload the tuple of raw key ``raw``, pass it for good, or leave it waiting."""
-        key = FlowKey.unpack(raw)
-        if self.probation and self.probation.holds(raw):
-            # Handed back after a ruleset change, not yet seen forwarded.
-            self.dp.mark_pass(key)
-            self.state.decided(raw, time.monotonic_ns())
-            return Decision.PASS
-        if found is None:
-            found = self.ct.get(key_tuple(key), self.state.zone(key_id(key)))
-            if found is None:
-                return self._maybe_drop(key)
-        entry, is_reply = found
-        gate = offloadable(entry, offload_udp=self.settings.offload_udp)
-        if isinstance(gate, PassReason):
-            return self._pass(raw, key, gate)
-        if gate is Decision.WAIT:
-            return gate
-        return self._offload(raw, key, entry, is_reply)
-
-    def _offload(self, raw: bytes, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
-        """Resolve the path of an offloadable ``key`` and write its verdict."""
-        target = nat_target(entry, is_reply)
-        # TC may redirect into upper devices; XDP goes to the lowest.
-        full = self.attacher.hook_of(key.ifindex) != "tc"
-        try:
-            path = self.resolver.resolve(key, target.dst, full=full, mark=entry.mark)
-        except NotYet as exc:
-            log.debug("%s: %s, retrying", describe(key), exc)
-            return Decision.WAIT
-        except ResolveError as exc:
-            log.debug("%s: %s", describe(key), exc)
-            return self._pass(raw, key, unresolved(exc))
-        if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
-            return self._pass(raw, key, PassReason.EXCLUDED)
-        if key.proto == socket.IPPROTO_TCP:
-            tag = raw
-            self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
-            if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
-                self.ct.gone.remove(tag)
-                return Decision.WAIT
-        first_seen = self.dp.pending_first_seen(key)
-        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply)):
-            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
-            return Decision.WAIT
-        if first_seen:
-            self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
-        self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
-        self.state.decided(raw, time.monotonic_ns())
-        self.counters.offloaded += 1
-        log.debug("offload %s -> ifindex %d", describe(key), path.oif)
-        return Decision.OFFLOAD
-
-    def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
-        if not self.table.mark_pass(key, why):
-            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
-            return Decision.WAIT
-        self.state.decided(raw, time.monotonic_ns())
-        self.counters.passed[why] += 1
-        log.debug("pass %s: %s", describe(key), why)
-        return Decision.PASS
-
-    def _maybe_drop(self, key: FlowKey) -> Decision:
-        """No conntrack entry: drop early what the kernel drops anyway."""
-        if self.early_drop.consider(key, self.settings, self.ruleset) is None:
-            return Decision.WAIT
-        self.state.decided(key.pack(), time.monotonic_ns())
-        return Decision.DROP
+                guarded(functools.partial(self.decide, key, (entry, is_reply)))
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
@@ -360,7 +233,7 @@ class Agent:
             self._end_probation(result.remove)
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
-            _guarded(functools.partial(self.decide, key))
+            guarded(functools.partial(self.decide, key))
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = time.monotonic()
             log.info("%s, conntrack refreshes %d", self.counters.summary(), self.sweeper.refreshed)
@@ -375,7 +248,7 @@ class Agent:
         """Forget every drop and hand every offloaded flow back, so that the
         ruleset as it is now judges their next packets; each stays with the
         kernel until the egress probe sees the kernel forward it after now."""
-        self.ruleset = self.parts.nft.scan()
+        self.decider.ruleset = self.parts.nft.scan()
         self.early_drop.forget()
         n = put_on_probation(self.dp, self.probation, self.rec.state_offload)
         self.counters.torn_down[reason] += n
@@ -385,7 +258,7 @@ class Agent:
         """Flows gone from the map leave probation; proven ones are offloaded again."""
         for raw_key in end_probation(self.dp, self.probation, removed):
             self.state.decided(raw_key, time.monotonic_ns())
-            _guarded(functools.partial(self._reoffload, raw_key))
+            guarded(functools.partial(self._reoffload, raw_key))
 
     def _reoffload(self, raw: bytes) -> None:
         if self.decide(raw) is Decision.OFFLOAD:
@@ -435,21 +308,8 @@ class Agent:
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,
-                           self.latencies.percentiles(), why=self.table.why)
+                           self.decider.latencies.percentiles(), why=self.table.why)
         return build_status(self.dp, facts, self.attacher.name_of, limit)
-
-
-def _guarded(call: Callable[[], object]) -> None:
-    """One flow's or one source's error never stops the agent."""
-    try:
-        call()
-    except (OffloadError, OSError) as exc:
-        log.warning("%s", exc)
-
-
-def _drain(sock: socket.socket) -> None:
-    with contextlib.suppress(BlockingIOError):
-        sock.recv(64)
 
 
 def run_agent(settings: Settings, *, load_settings: Callable[[], Settings] | None = None,

@@ -1,0 +1,122 @@
+"""One tuple's decision, applied.
+
+Given a raw key the datapath reported (and the conntrack entry an event
+brought, if any), ``Decider.decide`` asks conntrack when it must, gates on
+``decision.offloadable``, resolves the path and writes the verdict, marks
+the tuple pass for good with its reason, drops it early, or leaves it
+waiting. It returns the ``Decision``; the loop only routes keys to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from .config import Settings
+from .conntrack import CtEntry, nat_target
+from .datapath import FlowKey
+from .decision import Decision, Exclusions, PassReason, offloadable, unresolved, verdict_for
+from .earlydrop import EarlyDrop
+from .errors import ResolveError
+from .flowstate import FlowState, describe, key_id, key_tuple
+from .flowtable import FlowTable
+from .nftwatch import Probation
+from .parts import Parts
+from .routing import NotYet
+from .status import Counters, Latencies
+
+log = logging.getLogger(__name__)
+
+MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
+
+
+class Decider:
+    """``settings``, ``exclusions`` and ``ruleset`` are replaced by the loop
+    on reload, re-attach and ruleset change."""
+
+    def __init__(self, settings: Settings, parts: Parts, state: FlowState, table: FlowTable,
+                 counters: Counters, hook_of: Callable[[int], str | None]) -> None:
+        self.settings = settings
+        self.dp, self.resolver, self.ct, self.net = parts.dp, parts.resolver, parts.ct, parts.net
+        self.state, self.table, self.counters = state, table, counters
+        self.hook_of = hook_of
+        self.exclusions = Exclusions()
+        self.latencies = Latencies()
+        self.probation = Probation()
+        self.early_drop = EarlyDrop(self.dp, self.resolver)
+        self.ruleset = parts.nft.scan()
+
+    def decide_with(self, raw: bytes, entry: CtEntry) -> Decision:
+        """Decide with a conntrack entry an event brought (either direction)."""
+        return self.decide(raw, (entry, entry.orig != key_tuple(FlowKey.unpack(raw))))
+
+    def decide(self, raw: bytes, found: tuple[CtEntry, bool] | None = None) -> Decision:
+        """Offload the tuple of raw key ``raw``, pass it for good, or leave it waiting."""
+        key = FlowKey.unpack(raw)
+        if self.probation and self.probation.holds(raw):
+            # Handed back after a ruleset change, not yet seen forwarded.
+            self.dp.mark_pass(key)
+            self.state.decided(raw, time.monotonic_ns())
+            return Decision.PASS
+        if found is None:
+            found = self.ct.get(key_tuple(key), self.state.zone(key_id(key)))
+            if found is None:
+                return self._maybe_drop(key)
+        entry, is_reply = found
+        gate = offloadable(entry, offload_udp=self.settings.offload_udp)
+        if isinstance(gate, PassReason):
+            return self._pass(raw, key, gate)
+        if gate is Decision.WAIT:
+            return gate
+        return self._offload(raw, key, entry, is_reply)
+
+    def _offload(self, raw: bytes, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
+        """Resolve the path of an offloadable ``key`` and write its verdict."""
+        target = nat_target(entry, is_reply)
+        # TC may redirect into upper devices; XDP goes to the lowest.
+        full = self.hook_of(key.ifindex) != "tc"
+        try:
+            path = self.resolver.resolve(key, target.dst, full=full, mark=entry.mark)
+        except NotYet as exc:
+            log.debug("%s: %s, retrying", describe(key), exc)
+            return Decision.WAIT
+        except ResolveError as exc:
+            log.debug("%s: %s", describe(key), exc)
+            return self._pass(raw, key, unresolved(exc))
+        if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
+            return self._pass(raw, key, PassReason.EXCLUDED)
+        if key.proto == socket.IPPROTO_TCP:
+            tag = raw
+            self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
+            if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
+                self.ct.gone.remove(tag)
+                return Decision.WAIT
+        first_seen = self.dp.pending_first_seen(key)
+        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply)):
+            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
+            return Decision.WAIT
+        if first_seen:
+            self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
+        self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
+        self.state.decided(raw, time.monotonic_ns())
+        self.counters.offloaded += 1
+        log.debug("offload %s -> ifindex %d", describe(key), path.oif)
+        return Decision.OFFLOAD
+
+    def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
+        if not self.table.mark_pass(key, why):
+            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
+            return Decision.WAIT
+        self.state.decided(raw, time.monotonic_ns())
+        self.counters.passed[why] += 1
+        log.debug("pass %s: %s", describe(key), why)
+        return Decision.PASS
+
+    def _maybe_drop(self, key: FlowKey) -> Decision:
+        """No conntrack entry: drop early what the kernel drops anyway."""
+        if self.early_drop.consider(key, self.settings, self.ruleset) is None:
+            return Decision.WAIT
+        self.state.decided(key.pack(), time.monotonic_ns())
+        return Decision.DROP

@@ -1,0 +1,117 @@
+"""The mechanism under the agent: one selector, timers, signals, no threads.
+
+Sources are file descriptors with a handler each, run in the order they
+were added (the agent relies on it: the ring before conntrack events).
+Timers fire when due; an urgent one (the heartbeat) also between two
+handlers, so a busy source never starves it. Signals only note themselves
+(through the wake-up fd); their handlers run after the round, outside
+signal context. A handler's error is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import OffloadError
+
+log = logging.getLogger(__name__)
+
+
+def guarded(call: Callable[[], object]) -> None:
+    """One flow's or one source's error never stops the agent."""
+    try:
+        call()
+    except (OffloadError, OSError) as exc:
+        log.warning("%s", exc)
+
+
+@dataclass
+class Timer:
+    interval: Callable[[], float]  # asked again at each firing: a reload may change it
+    fire: Callable[[], None]
+    due: float
+    urgent: bool = False
+
+    def run_if_due(self, now: float) -> None:
+        if now >= self.due:
+            guarded(self.fire)
+            self.due = time.monotonic() + self.interval()
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._timers: list[Timer] = []
+        self._signal_handlers: dict[int, Callable[[], None]] = {}
+        self._signals: list[int] = []
+        self.stopped = False
+
+    def watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self._handlers[fd] = handler
+        self._sel.register(fd, selectors.EVENT_READ)
+
+    def unwatch(self, fd: int) -> None:
+        self._sel.unregister(fd)
+        del self._handlers[fd]
+
+    def every(self, interval: Callable[[], float], fire: Callable[[], None], *,
+              first_in: float | None = None, urgent: bool = False) -> None:
+        """Call ``fire`` every ``interval()`` seconds, first after ``first_in``
+        (default: one interval); ``urgent`` ones also fire between handlers."""
+        first = interval() if first_in is None else first_in
+        self._timers.append(Timer(interval, fire, time.monotonic() + first, urgent))
+
+    def on_signal(self, signum: int, handler: Callable[[], None]) -> None:
+        self._signal_handlers[signum] = handler
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def run(self) -> None:
+        """Until ``stop``; the signal handlers and the selector are restored
+        and closed however it ends."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._sel)
+            wake_r, wake_w = (stack.enter_context(s) for s in socket.socketpair())
+            wake_r.setblocking(False)
+            wake_w.setblocking(False)
+            old_fd = signal.set_wakeup_fd(wake_w.fileno())
+            stack.callback(signal.set_wakeup_fd, old_fd)
+            for sig in self._signal_handlers:
+                stack.callback(signal.signal, sig, signal.signal(sig, self._noted))
+            self.watch(wake_r.fileno(), lambda: _drain(wake_r))
+            while not self.stopped:
+                self._round()
+
+    def _round(self) -> None:
+        now = time.monotonic()
+        for t in self._timers:
+            t.run_if_due(now)
+        timeout = max(0.0, min((t.due for t in self._timers), default=1.0) - time.monotonic())
+        ready = {key.fd for key, _ in self._sel.select(timeout)}
+        for fd, handler in list(self._handlers.items()):
+            if fd in ready:
+                guarded(handler)
+                now = time.monotonic()
+                for t in self._timers:
+                    if t.urgent:
+                        t.run_if_due(now)
+        signals, self._signals = self._signals, []
+        for signum in signals:
+            guarded(self._signal_handlers[signum])
+
+    def _noted(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        sock.recv(64)
