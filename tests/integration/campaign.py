@@ -415,8 +415,59 @@ def churn(topo: Topology) -> list[dict[str, Any]]:
         lambda: topo.router.sh(f"ip addr add {ROUTER_WAN4}/24 dev wan0 && ip neigh replace "
                                f"{WAN_4} lladdr {wan_mac} dev wan0 nud reachable"),
         sport=42005))
+    cases.append(_table_full(topo))
     topo.stop_agent()
     return cases
+
+
+CT_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+
+
+def _ct_drops(topo: Topology) -> int:
+    """The router namespace's conntrack 'drop' statistic, all CPUs."""
+    out = topo.router.sh("conntrack -S").stdout
+    return sum(int(w.split("=")[1]) for w in out.split() if w.startswith("drop="))
+
+
+def _table_full(topo: Topology) -> dict[str, Any]:
+    """nf_conntrack_max reached during an offloaded transfer. The limit is
+    global (a namespace cannot set its own), so it is set to the router
+    namespace's own count and restored however the case ends. The offloaded
+    connection keeps its entry (refreshes allocate nothing) and completes; a
+    new one gets no entry and the kernel drops its packet, as it would
+    without the agent, which neither offloads nor drops it itself."""
+    from offloader.lab import WAN_4
+
+    with open(CT_MAX) as f:
+        original = f.read().strip()
+    probe = {"drops": 0}
+
+    def set_max(value: str) -> None:
+        with open(CT_MAX, "w") as f:
+            f.write(value)
+
+    def fill() -> None:
+        # Unassured entries would be early-dropped to make room: none left.
+        for proto in ("udp", "icmp", "icmpv6"):
+            topo.router.sh(f"conntrack -D -p {proto} >/dev/null 2>&1", check=False)
+        probe["drops"] = _ct_drops(topo)
+        set_max(topo.router.sh("conntrack -C").stdout.strip())
+
+    def refused() -> bool:
+        topo.lan1.sh(f"python3 -c \"import socket; s = socket.socket(socket.AF_INET, "
+                     f"socket.SOCK_DGRAM); s.bind(('', 42998)); s.sendto(b'x', ('{WAN_4}', "
+                     f"42999))\"")
+        entries = topo.router.sh("conntrack -L -p udp --dport 42999 2>/dev/null").stdout
+        probe_flows = flows_of(topo, "udp", 42998)
+        return (_ct_drops(topo) > probe["drops"] and "42999" not in entries
+                and all(f["state"] not in ("offloaded", "dropped") for f in probe_flows)
+                and moving(topo, "tcp", 42006, timeout=2))
+
+    try:
+        return churn_case(topo, "nf_conntrack_max reached", fill, refused,
+                          lambda: set_max(original), sport=42006)
+    finally:
+        set_max(original)
 
 
 ZONE_RULES = """

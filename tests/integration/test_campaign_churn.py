@@ -1,7 +1,8 @@
 """Churn (docs/reliability.md), each during its own offloaded TCP transfer:
 the agent converges within a few sweeps (the time is reported), nothing is
 black-holed, and the bytes arrive intact, or the connection fails as it
-would without the agent (address removed)."""
+would without the agent (address removed; a new connection while
+nf_conntrack_max is reached)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_route_neighbour_link_flush_and_address_changes(lab: Topology) -> None:
     cases = churn(lab)
     assert [c["case"] for c in cases] == [
         "route change to another next hop", "neighbour MAC change", "link down and up",
-        "conntrack -F", "address removed"]
+        "conntrack -F", "address removed", "nf_conntrack_max reached"]
     _check(cases)
 
 
