@@ -4,6 +4,11 @@ Per device and hook: XDP (native, generic) or TC clsact; with ``auto``,
 native XDP where the driver has it, else TC. While XDP is attached, receive
 VLAN tag stripping is turned off where a VLAN sits on the device (XDP cannot
 see a stripped tag); detaching restores what was changed.
+
+TC on a macvlan sees only the frames addressed to the macvlan's MAC. Where
+its lower device answers ARP for the macvlan's addresses (Linux's default;
+OpenWrt sets arp_ignore=1), peers may address the lower device instead, and
+their frames bypass the hook: the agent says so, and changes no sysctl.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import bpfobj
@@ -24,6 +30,7 @@ from .routing import Link, Resolver, attach_points
 log = logging.getLogger(__name__)
 
 VLAN_PARSE_FEATURES = ("rx-vlan-hw-parse", "rx-vlan-stag-hw-parse")
+IPV4_CONF = Path("/proc/sys/net/ipv4/conf")  # per network namespace
 
 
 @dataclass
@@ -80,6 +87,8 @@ class Attacher:
             if index not in self.attached:
                 self.attached[index] = self._attach(point.link, hook)
                 self.dp.add_tx_port(index)
+                if self.attached[index].hook == "tc":
+                    self._warn_arp_flux(point.link)
             hybrid = self.attached[index].hook == "hybrid"
             if point.dsa_proto or point.l3 or hybrid:
                 self.dp.set_iface(index, point.dsa_proto, l3=point.l3, hybrid=hybrid)
@@ -119,6 +128,18 @@ class Attacher:
             log.info("%s: no TC (%s), XDP alone", link.name, exc)
             return Attached(link, mode, restore)
         return Attached(link, "hybrid", restore)
+
+    def _warn_arp_flux(self, link: Link) -> None:
+        if link.kind not in ("macvlan", "macvtap") or not link.lower:
+            return
+        with contextlib.suppress(ResolveError):
+            lower = self.resolver.link(link.lower).name
+            if answers_arp_for_others(lower):
+                log.warning("%s: its lower device %s answers ARP for %s's addresses "
+                            "(arp_ignore 0): peers that resolve the router may send to %s's "
+                            "MAC, and those frames bypass the TC hook on %s (their flows stay "
+                            "with the kernel); set net.ipv4.conf.%s.arp_ignore=1 (OpenWrt's "
+                            "default)", link.name, lower, link.name, lower, link.name, lower)
 
     def _show_vlan_tags_to_xdp(self, link: Link) -> tuple[str, ...]:
         """A device that strips VLAN tags on receive (rx-vlan-hw-parse) hands
@@ -172,6 +193,22 @@ class Attacher:
     def gone(self, index: int) -> None:
         """The device was deleted: nothing to detach any more."""
         self.attached.pop(index, None)
+
+
+def answers_arp_for_others(dev: str, conf: Path = IPV4_CONF) -> bool:
+    """Whether ``dev`` answers ARP requests for addresses of other devices:
+    arp_ignore 0 (the kernel takes the larger of `all` and the device's)
+    and arp_filter off (on when `all` or the device's is). Unreadable:
+    assumed not (nothing to say)."""
+    def value(scope: str, name: str) -> int:
+        return int((conf / scope / name).read_text())
+
+    try:
+        ignore = max(value("all", "arp_ignore"), value(dev, "arp_ignore"))
+        arp_filter = value("all", "arp_filter") or value(dev, "arp_filter")
+    except (OSError, ValueError):
+        return False
+    return ignore == 0 and not arp_filter
 
 
 def set_features(ifname: str, names: Iterable[str], enable: bool) -> tuple[str, ...]:

@@ -115,7 +115,15 @@ class Topology:
         r.sh(f"ip addr add {ROUTER_LAN4}/24 dev br-lan && ip addr add {ROUTER_LAN6}/64 dev br-lan nodad"
              f" && ip addr add {ROUTER_WAN4}/24 dev {w} && ip addr add {ROUTER_WAN6}/64 dev {w} nodad")
         # Per-namespace settings of the router namespace, not global ones.
-        r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+        # arp_ignore=1 as OpenWrt sets it (/etc/sysctl.d/10-default.conf):
+        # only the device that has the address answers ARP for it. With
+        # Linux's default 0, wan0 under the macvlan answers for wanm's
+        # address too, and first: a WAN peer that resolves the router
+        # itself then sends to wan0's MAC, its frames enter through wan0
+        # (the TC hook on wanm never sees them, the port forward on wanm
+        # does not match) until the router's next ARP probe repairs it.
+        r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+             " net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.default.arp_ignore=1")
         for host, a4, a6, gw4, gw6 in ((self.lan1, LAN1_4, LAN1_6, ROUTER_LAN4, ROUTER_LAN6),
                                        (self.lan2, LAN2_4, LAN2_6, ROUTER_LAN4, ROUTER_LAN6),
                                        (self.wan, WAN_4, WAN_6, None, None)):

@@ -419,3 +419,56 @@ def test_macvlan_wan_and_two_lan_hosts(bpf_object: Any, hook: str) -> None:
         wan = "wan0" if hook == "xdp" else "wanm"
         assert f"lan1p>{wan}" in seen[41007] and f"{wan}>lan1p" in seen[41007], seen
         assert f"lan2p>{wan}" in seen[41008] and f"{wan}>lan2p" in seen[41008], seen
+
+
+_SEND_ONE = ("import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+             ".sendto(b'x', (sys.argv[1], 9))")
+
+
+def test_macvlan_wan_download_when_the_wan_side_resolved_the_router(bpf_object: Any) -> None:
+    """The WAN peer resolves the router's WAN address itself (an ARP request
+    from the WAN side) just before a download. Only the macvlan may answer:
+    were the lower device to answer too (ARP flux, Linux's default
+    arp_ignore 0), the peer would hold wan0's MAC (wan0 answers first, the
+    macvlan's broadcast handling is deferred) until the router's next ARP
+    probe some seconds later; its frames would enter through wan0, never
+    pass the TC hook on wanm, and the download would stay with the kernel.
+    The lab's router runs OpenWrt's arp_ignore=1: the peer holds wanm's MAC
+    and the download is offloaded."""
+    need_root()
+    with lab_network(wan_macvlan=True) as topo:
+        _senders_plain(topo)
+        topo.start_agent(hook="tc")
+        wanm_mac = json.loads(topo.router.sh("ip -j link show wanm").stdout)[0]["address"]
+
+        def peer_holds() -> str | None:
+            for n in json.loads(topo.wan.sh("ip -j neigh show dev eth0").stdout):
+                if n.get("dst") == ROUTER_WAN4 and n.get("lladdr"):
+                    return str(n["lladdr"])
+            return None
+
+        # The router knows the peer already (so its ICMP answer to the
+        # datagram below needs no ARP request of its own, which would make
+        # the peer take wanm's MAC); then the peer resolves the router.
+        topo.router.sh(f"{sys.executable} -c \"{_SEND_ONE}\" {WAN_4}")
+        held = []
+        for _ in range(3):
+            topo.wan.sh("ip neigh flush dev eth0")
+            topo.wan.sh(f"{sys.executable} -c \"{_SEND_ONE}\" {ROUTER_WAN4}")
+            held.append(poll(peer_holds, timeout=5))
+        # A download at once: the WAN host sends to lan1 through the port forward.
+        sport = 41011
+        t, out = _background_transfer(topo, proto="tcp", family=4, size=3_000_000, dnat=True,
+                                      rate_pps=3_000_000, timeout=30, sport=sport)
+        most: dict[str, int] = {}
+        while t.is_alive():
+            for f in _flow(topo.status() or {"flows": []}, proto="tcp"):
+                if f["state"] == "offloaded" and sport in (f["sport"], f["dport"]):
+                    way = f"{f['in_dev']}>{f.get('out_dev')}"
+                    most[way] = max(most.get(way, 0), f["packets"])
+            time.sleep(0.05)
+        t.join(timeout=30)
+        assert held == [wanm_mac] * 3, (held, wanm_mac, most, out)
+        assert out.get("intact"), out
+        # Both directions offloaded, and the download carried the bulk.
+        assert most.get("lan1p>wanm", 0) > 0 and most.get("wanm>lan1p", 0) > 1000, most
