@@ -1,10 +1,11 @@
 """A paced flood of new 5-tuples as live frames (BPF_F_TEST_XDP_LIVE_FRAMES).
 
-    python -m bench.flood OBJECT DEV DST_MAC SRC_IP DST_IP RATE SECONDS
+    python -m bench.flood OBJECT DEV DST_MAC SRC_IP DST_IP RATE SECONDS [SPORT DPORT]
 
 Run inside the sending namespace: ``flood_tx`` (bench/flood.bpf.c) gives
 each frame the next port pair and transmits it out of DEV (XDP_TX into the
-veth peer). Paced in batches of RATE/100 frames (at most 4,096 per
+veth peer); with SPORT and DPORT, ``flood_same`` sends that one tuple
+again and again. Paced in batches of RATE/100 frames (at most 4,096 per
 test_run call), bounded by SECONDS. Prints one JSON line: frames injected,
 seconds, calls.
 """
@@ -24,11 +25,12 @@ from offloader.errors import BpfError
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 
 
-def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str) -> bytes:
+def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, sport: int = 1024,
+          dport: int = 1) -> bytes:
     """Ethernet/IPv4/UDP, 60 bytes, UDP checksum 0 (none): the program
     rewrites the ports only, so no checksum needs a change."""
     payload = bytes(18)
-    udp = struct.pack("!HHHH", 1024, 1, 8 + len(payload), 0) + payload
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64,
                                socket.IPPROTO_UDP, 0, socket.inet_aton(src),
                                socket.inet_aton(dst)))
@@ -41,14 +43,14 @@ def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str) -> bytes:
 
 
 def flood(obj_path: str, dev: str, dst_mac: bytes, src: str, dst: str, rate: float,
-          seconds: float) -> dict[str, float]:
+          seconds: float, ports: tuple[int, int] | None = None) -> dict[str, float]:
     ifindex = socket.if_nametoindex(dev)
     with open(f"/sys/class/net/{dev}/address") as f:
         src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
-    data = frame(dst_mac, src_mac, src, dst)
+    data = frame(dst_mac, src_mac, src, dst, *(ports or ()))
     obj = BpfObject(obj_path)
     obj.load()
-    prog = obj.program("flood_tx")
+    prog = obj.program("flood_same" if ports else "flood_tx")
     din = ctypes.create_string_buffer(data, len(data))
     ctx = ctypes.create_string_buffer(struct.pack("=6I", 0, len(data), 0, ifindex, 0, 0), 24)
     batch = max(1, min(4096, int(rate / 100)))
@@ -81,7 +83,9 @@ def flood(obj_path: str, dev: str, dst_mac: bytes, src: str, dst: str, rate: flo
 def main(argv: list[str] | None = None) -> int:
     a = sys.argv[1:] if argv is None else argv
     mac = bytes.fromhex(a[2].replace(":", ""))
-    print(json.dumps(flood(a[0], a[1], mac, a[3], a[4], float(a[5]), float(a[6]))), flush=True)
+    ports = (int(a[7]), int(a[8])) if len(a) > 8 else None
+    print(json.dumps(flood(a[0], a[1], mac, a[3], a[4], float(a[5]), float(a[6]), ports)),
+          flush=True)
     return 0
 
 

@@ -243,7 +243,7 @@ def write(r: dict[str, Any]) -> Path:
         L.append("")
     if "drop" in r:
         from bench.drop import report_lines
-        L.extend(report_lines(r["drop"]))
+        L.extend(report_lines(r["drop"], r.get("drop_frames")))
     L.append("## Raw results\n")
     L.append("```json\n" + json.dumps(r, indent=1, default=str) + "\n```\n")
     DOC.write_text("\n".join(L) + "\n")

@@ -420,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
                 result["drop_floor_xdp_vs_kernel_drop"] = d["floor_xdp_vs_kernel"]
                 result["drop_floor_tc_vs_kernel_drop"] = d["floor_tc_vs_kernel"]
                 result["early_drop_kernel_saw_share"] = d["kernel_saw_share"]
+                f = measure_drop(topo, bins, sys.modules[__name__], 2.0 if q else 5.0,
+                                 rounds=1 if q else 3, source="frames")
+                result["drop_frames"] = f
+                result["early_drop_frames_vs_kernel_drop"] = f["early_drop_vs_kernel"]
+                result["early_drop_tc_frames_vs_kernel_drop"] = f["early_drop_tc_vs_kernel"]
+                result["drop_floor_xdp_frames_vs_kernel_drop"] = f["floor_xdp_vs_kernel"]
             if "tcp" in only:
                 t = measure_tcp(topo, 4.0 if q else 10.0)
                 result["tcp"] = t
