@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from offloader.lab import Topology
+from tests.integration.transfer import background_transfer
 from tests.poll import poll as wait_for
 
 
@@ -31,15 +32,7 @@ class Transfer:
     """A lab transfer in a thread; ``result`` once it has finished."""
 
     def __init__(self, topo: Topology, **kw: Any) -> None:
-        self.result: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._go, args=(topo, kw), daemon=True)
-        self._thread.start()
-
-    def _go(self, topo: Topology, kw: dict[str, Any]) -> None:
-        try:
-            self.result.update(topo.transfer(**kw))
-        except Exception as exc:  # noqa: BLE001 - reported in the result
-            self.result["error"] = repr(exc)
+        self._thread, self.result = background_transfer(topo, **kw)
 
     def join(self, timeout: float) -> dict[str, Any]:
         self._thread.join(timeout)

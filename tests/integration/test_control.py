@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 
 from offloader.lab import Topology, lab_network
 from tests.conftest import need_root
+from tests.integration.transfer import background_transfer
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -110,20 +110,6 @@ def _cli_as_nobody(topo: Topology, *args: str) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, timeout=30, env=ENV)
 
 
-def _background_transfer(topo: Topology, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def go() -> None:
-        try:
-            out.update(topo.transfer(**kw))
-        except Exception as exc:  # reported by the test
-            out["error"] = repr(exc)
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t, out
-
-
 def _flows(status: dict[str, Any] | None, proto: str, sport: int) -> list[dict[str, Any]]:
     return [f for f in (status or {"flows": []})["flows"]
             if f["proto"] == proto and f["sport"] == sport and f["state"] == "offloaded"]
@@ -139,8 +125,8 @@ def test_hostile_clients_never_stall_the_loop(lab: Topology) -> None:
         assert attack.stdout is not None
         assert attack.stdout.readline().strip() == "ready"
         est_before = lab.nft_counter("fwd_established")[0]
-        t, result = _background_transfer(lab, proto="tcp", family=4, size=size, rate_pps=rate,
-                                         sport=41201, timeout=40)
+        t, result = background_transfer(lab, proto="tcp", family=4, size=size, rate_pps=rate,
+                                        sport=41201, timeout=40)
         answered, failed, seen = 0, [], 0
         deadline = time.monotonic() + 40
         while t.is_alive() and time.monotonic() < deadline:
@@ -173,8 +159,8 @@ def test_hostile_clients_never_stall_the_loop(lab: Topology) -> None:
 
 
 def test_nobody_can_neither_read_nor_flush(lab: Topology) -> None:
-    t, out = _background_transfer(lab, proto="udp", family=4, size=6_000_000, rate_pps=1000,
-                                  timeout=20, sport=41202)
+    t, out = background_transfer(lab, proto="udp", family=4, size=6_000_000, rate_pps=1000,
+                                 timeout=20, sport=41202)
     try:
         before = poll(lambda: _flows(lab.status(), "udp", 41202))
         assert before, "the flow was never offloaded"

@@ -17,6 +17,7 @@ import pytest
 
 from offloader.lab import LAN1_4, LAN1_6, ROUTER_WAN4, WAN_4, WAN_6, Topology, lab_network
 from tests.conftest import need_root
+from tests.integration.transfer import background_transfer
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -80,8 +81,8 @@ def test_transfer_is_offloaded_and_intact(lab: Topology, proto: str, family: int
 
     # FIN hands TCP flows back at the end: watch the counters while it runs.
     seen: dict[tuple[Any, ...], int] = {}
-    t, result = _background_transfer(lab, proto=proto, family=family, dnat=dnat, size=size,
-                                     rate_pps=rate)
+    t, result = background_transfer(lab, proto=proto, family=family, dnat=dnat, size=size,
+                                    rate_pps=rate)
     deadline = time.monotonic() + 60
     while t.is_alive() and time.monotonic() < deadline:
         for f in (lab.status() or {"flows": []})["flows"]:
@@ -112,8 +113,8 @@ def _conntrack(topo: Topology, proto: str, sport: int) -> str:
 def test_fin_hands_the_flow_back(lab: Topology) -> None:
     sport = 41001
     # Paced so that the connection lives long enough (about 1 s) to be seen offloaded.
-    t, out = _background_transfer(lab, proto="tcp", family=4, size=3_000_000,
-                                  rate_pps=3_000_000, sport=sport)
+    t, out = background_transfer(lab, proto="tcp", family=4, size=3_000_000,
+                                 rate_pps=3_000_000, sport=sport)
     try:
         during = poll(lambda: [f for f in _offloaded(lab, "tcp", sport) if f["packets"] > 0])
     finally:
@@ -167,20 +168,6 @@ def test_status_without_agent_says_so(bpf_object: Any) -> None:
         assert topo.cli("flush", check=False).returncode == 1
 
 
-def _background_transfer(topo: Topology, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def go() -> None:
-        try:
-            out.update(topo.transfer(**kw))
-        except Exception as exc:  # reported by the test
-            out["error"] = repr(exc)
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t, out
-
-
 def test_conntrack_refresh_keeps_long_transfer_alive(bpf_object: Any) -> None:
     need_root()
     with lab_network() as topo:
@@ -193,8 +180,8 @@ def test_conntrack_refresh_keeps_long_transfer_alive(bpf_object: Any) -> None:
         topo.start_agent(hook="xdp")
         sport = 41009
         # Paced to about 10 s, more than twice the 4 s timeouts: the stimulus.
-        t, result = _background_transfer(topo, proto="tcp", family=4, size=3_000_000,
-                                         rate_pps=300_000, timeout=40, sport=sport)
+        t, result = background_transfer(topo, proto="tcp", family=4, size=3_000_000,
+                                        rate_pps=300_000, timeout=40, sport=sport)
         try:
             assert poll(lambda: _offloaded(topo, "tcp", sport)), topo.status()
             ids = _conntrack_ids(topo, sport)
@@ -222,8 +209,8 @@ def test_conntrack_delete_removes_offload(bpf_object: Any) -> None:
     with lab_network() as topo:
         _senders_plain(topo)
         topo.start_agent(hook="xdp")
-        t, out = _background_transfer(topo, proto="tcp", family=4, size=3_000_000,
-                                      rate_pps=500_000, timeout=30, sport=41002)
+        t, out = background_transfer(topo, proto="tcp", family=4, size=3_000_000,
+                                     rate_pps=500_000, timeout=30, sport=41002)
         try:
             assert poll(lambda: _offloaded(topo, "tcp", 41002))
             topo.router.sh("conntrack -D -p tcp --sport 41002 >/dev/null 2>&1", check=False)
@@ -258,8 +245,8 @@ table inet seen {{
         topo.router.sh("nft add counter inet lab drop_flow")
         topo.start_agent(hook="xdp")
         # 6,000 datagrams at 1,000 a second: the stream outlasts what follows.
-        t, out = _background_transfer(topo, proto="udp", family=4, size=6_000_000,
-                                      rate_pps=1000, timeout=20, sport=sport)
+        t, out = background_transfer(topo, proto="udp", family=4, size=6_000_000,
+                                     rate_pps=1000, timeout=20, sport=sport)
         try:
             first = poll(lambda: _offloaded(topo, "udp", sport))
             assert first, f"flow from port {sport} never offloaded: {topo.status()}"
@@ -292,8 +279,8 @@ def test_sigkill_fail_safe_and_restart(bpf_object: Any) -> None:
     with lab_network() as topo:
         _senders_plain(topo)
         topo.start_agent(hook="xdp")
-        t, out = _background_transfer(topo, proto="tcp", family=4, size=4_000_000,
-                                      rate_pps=400_000, timeout=40, sport=41004)
+        t, out = background_transfer(topo, proto="tcp", family=4, size=4_000_000,
+                                     rate_pps=400_000, timeout=40, sport=41004)
         try:
             assert poll(lambda: _offloaded(topo, "tcp", 41004))
             topo.stop_agent(sig=signal.SIGKILL)
@@ -332,8 +319,8 @@ def test_restart_adopts_pinned_flows(bpf_object: Any) -> None:
         pin = Path(topo.pin_dir())  # removed by topo.down(), also on failure
         try:
             topo.start_agent(hook="xdp", nsenter=True)
-            t, out = _background_transfer(topo, proto="udp", family=4, size=4_000_000,
-                                          rate_pps=1000, timeout=20, sport=41005)
+            t, out = background_transfer(topo, proto="udp", family=4, size=4_000_000,
+                                         rate_pps=1000, timeout=20, sport=41005)
             try:
                 assert poll(lambda: _offloaded(topo, "udp", 41005))
                 assert (pin / "ofl_flows").exists()
@@ -358,8 +345,8 @@ def test_sighup_reload_applies_new_exclusions(bpf_object: Any, tmp_path: Path) -
     with lab_network() as topo:
         _senders_plain(topo)
         topo.start_agent(hook="xdp", extra=["-c", str(cfg)])
-        t, out = _background_transfer(topo, proto="udp", family=4, size=6_000_000,
-                                      rate_pps=1000, timeout=20, sport=41006)
+        t, out = background_transfer(topo, proto="udp", family=4, size=6_000_000,
+                                     rate_pps=1000, timeout=20, sport=41006)
         try:
             assert poll(lambda: _offloaded(topo, "udp", 41006))
             cfg.write_text(base + "\tlist exclude_src '198.18.1.2/32'\n")
@@ -390,8 +377,8 @@ def test_macvlan_wan_and_two_lan_hosts(bpf_object: Any, hook: str) -> None:
         attached = {i["name"] for i in st["interfaces"]}
         assert attached == ({"lan1p", "lan2p", "wan0"} if hook == "xdp"
                             else {"lan1p", "lan2p", "wanm"})
-        t1, out1 = _background_transfer(topo, proto="tcp", family=4, size=3_000_000,
-                                        rate_pps=TCP_RATE, sport=41007)
+        t1, out1 = background_transfer(topo, proto="tcp", family=4, size=3_000_000,
+                                       rate_pps=TCP_RATE, sport=41007)
         # lan2 sends too (its own sender process, same receiver logic)
         from offloader.lab import _transfer
 

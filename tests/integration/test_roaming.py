@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ import pytest
 
 from offloader.lab import LAN1_4, ROUTER_LAN4, WAN_4, Host, Topology, lab_network
 from tests.conftest import need_root
+from tests.integration.transfer import background_transfer
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -87,20 +87,6 @@ def _flows(topo: Topology, match: Callable[[dict[str, Any]], bool]) -> list[dict
             if f["proto"] == "tcp" and f["state"] == "offloaded" and match(f)]
 
 
-def _transfer(topo: Topology, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def go() -> None:
-        try:
-            out.update(topo.transfer(**kw))
-        except Exception as exc:  # reported by the test
-            out["error"] = repr(exc)
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t, out
-
-
 @pytest.fixture(params=["xdp", "tc"])
 def roaming_lab(request: pytest.FixtureRequest, bpf_object: Any) -> Iterator[Topology]:
     need_root()
@@ -129,8 +115,8 @@ def test_host_roams_to_another_bridge_port(roaming_lab: Topology) -> None:
     def towards(port: str) -> Callable[[], list[dict[str, Any]]]:
         return lambda: _flows(topo, lambda f: f["sport"] == sport and f["out_dev"] == port)
 
-    t, out = _transfer(topo, proto="tcp", family=4, dnat=True, size=SIZE, rate_pps=RATE,
-                       timeout=40, sport=sport)
+    t, out = background_transfer(topo, proto="tcp", family=4, dnat=True, size=SIZE,
+                                 rate_pps=RATE, timeout=40, sport=sport)
     try:
         before = poll(lambda: [f for f in towards("lan1p")() if f["packets"] >= 200])
         assert before, f"download never offloaded into lan1p: {topo.status()}"
@@ -178,8 +164,8 @@ def test_next_hop_mac_changes(roaming_lab: Topology) -> None:
     def upload() -> list[dict[str, Any]]:
         return _flows(topo, lambda f: f["sport"] == sport and f["out_dev"] == "wan0")
 
-    t, out = _transfer(topo, proto="tcp", family=4, size=SIZE, rate_pps=RATE, timeout=40,
-                       sport=sport)
+    t, out = background_transfer(topo, proto="tcp", family=4, size=SIZE, rate_pps=RATE,
+                                 timeout=40, sport=sport)
     try:
         before = poll(lambda: [f for f in upload() if f["packets"] >= 1000])
         assert before, f"upload never offloaded out of wan0: {topo.status()}"
