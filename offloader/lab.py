@@ -80,6 +80,55 @@ class Host:
         return subprocess.Popen(self.argv(*cmd), text=True, **kw)
 
 
+# One UDP datagram to each address (the discard port; an ICMP error back is
+# fine): sending it makes the kernel resolve the neighbour (ARP, ND), with
+# nothing but the Python that runs the lab (a fresh Debian has no ping).
+_POKE = r"""
+import socket, sys
+for addr in sys.argv[1:]:
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"warm-up", (addr, 9))
+        except OSError as exc:  # e.g. no route yet: sent again next round
+            print(addr, exc, file=sys.stderr)
+"""
+WARM_UP_S = 5.0  # IPv6 waits for the link-local addresses' DAD (about 1-2 s)
+
+
+def unresolved(host: Host, addrs: Sequence[str]) -> list[str]:
+    """The addresses ``host`` has no usable neighbour entry for."""
+    entries = json.loads(host.sh("ip -j neigh show").stdout or "[]")
+    known = {e.get("dst") for e in entries
+             if e.get("lladdr") and not {"FAILED", "INCOMPLETE"} & set(e.get("state", ()))}
+    return [a for a in addrs if a not in known]
+
+
+def warm_neighbours(want: dict[Host, Sequence[str]], timeout: float = WARM_UP_S) -> bool:
+    """Make each host resolve the addresses given for it, polling (bounded)
+    until every one is resolved. False, and a line on stderr naming what is
+    not, when some are still unresolved at the end: their first packets then
+    wait on ARP/ND, which tests and measurements should know."""
+    deadline = time.monotonic() + timeout
+    missing = {h: list(a) for h, a in want.items()}
+    errors: list[str] = []
+    while missing:
+        errors = []  # of the last round
+        for host, addrs in missing.items():
+            proc = _run(host.argv(sys.executable, "-c", _POKE, *addrs), check=False)
+            errors += [f"{host.name}: {line}" for line in proc.stderr.splitlines() if line.strip()]
+        time.sleep(0.1)
+        missing = {h: m for h, a in missing.items() if (m := unresolved(h, a))}
+        if time.monotonic() >= deadline:
+            break
+    if missing:
+        names = "; ".join(f"{h.name}: {', '.join(a)}" for h, a in missing.items())
+        print(f"lab: neighbour warm-up failed after {timeout:.0f} s, still unresolved: {names}"
+              f"{' (' + '; '.join(errors[-3:]) + ')' if errors else ''}", file=sys.stderr)
+        return False
+    return True
+
+
 class Topology:
     """The lab network. ``nat=False`` routes without NAT (the WAN host gets a
     route back to the LAN)."""
@@ -141,29 +190,10 @@ class Topology:
         rules = rules.replace('"wan0"', f'"{self.wan_if}"')
         r.sh("nft -f -", input=rules)
         # Neighbours resolved up front so the first flows do not wait on ARP/ND.
-        for host, dst4, dst6 in ((self.lan1, ROUTER_LAN4, ROUTER_LAN6),
-                                 (self.lan2, ROUTER_LAN4, ROUTER_LAN6),
-                                 (self.wan, ROUTER_WAN4, ROUTER_WAN6)):
-            host.sh(f"ping -c1 -W2 {dst4} >/dev/null; ping -6 -c1 -W2 {dst6} >/dev/null",
-                    check=False)
-        for dst4, dst6 in ((LAN1_4, LAN1_6), (LAN2_4, LAN2_6), (WAN_4, WAN_6)):
-            self.router.sh(f"ping -c1 -W2 {dst4} >/dev/null; ping -6 -c1 -W2 {dst6} >/dev/null",
-                           check=False)
-        # IPv6 addresses finish duplicate address detection of their
-        # link-local peers a moment later; wait (bounded) until the router
-        # knows every host, or the first packets queue on an unresolved neighbour.
-        hosts = (LAN1_4, LAN1_6, LAN2_4, LAN2_6, WAN_4, WAN_6)
-        for _ in range(30):
-            table = self.router.sh("ip neigh show; ip -6 neigh show").stdout
-            known = {line.split()[0] for line in table.splitlines()
-                     if "lladdr" in line and "FAILED" not in line}
-            if all(addr in known for addr in hosts):
-                break
-            for addr in hosts:
-                if addr not in known:
-                    flag = "-6 " if ":" in addr else ""
-                    self.router.sh(f"ping {flag}-c1 -W1 {addr} >/dev/null", check=False)
-            time.sleep(0.1)
+        warm_neighbours({self.lan1: (ROUTER_LAN4, ROUTER_LAN6),
+                         self.lan2: (ROUTER_LAN4, ROUTER_LAN6),
+                         self.wan: (ROUTER_WAN4, ROUTER_WAN6),
+                         self.router: (LAN1_4, LAN1_6, LAN2_4, LAN2_6, WAN_4, WAN_6)})
 
     def _veth(self, host: Host, host_dev: str, router_dev: str, master: str = "") -> None:
         a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"

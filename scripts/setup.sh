@@ -10,7 +10,7 @@ SUDO=""
 need=""
 for pkg in clang llvm libbpf-dev libbpf1 bpftool cmake gcc libc6-dev linux-libc-dev \
            iproute2 nftables ethtool conntrack iperf3 shellcheck busybox procps kmod \
-           python3-venv; do
+           iputils-ping python3-venv; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
 		need="$need $pkg"
 done

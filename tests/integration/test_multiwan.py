@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _run, _transfer
+from offloader.lab import Host, Topology, _run, _transfer, warm_neighbours
 from tests.conftest import need_root
 from tests.poll import poll
 
@@ -118,9 +118,8 @@ def _build(topo: Topology) -> None:
     internet.sh("nft -f -", input=INTERNET_NFT)
     for host, addr in ((topo.lan1, HOST1), (topo.lan2, HOST2)):
         host.sh(f"ip addr add {addr}/24 dev eth0 && ip route add default via 198.18.1.1")
-        host.sh("ping -c1 -W2 198.18.1.1 >/dev/null", check=False)
-    for addr in (HOST1, HOST2, "198.19.10.2", "198.19.20.2"):
-        r.sh(f"ping -c1 -W2 {addr} >/dev/null", check=False)
+    warm_neighbours({topo.lan1: ("198.18.1.1",), topo.lan2: ("198.18.1.1",),
+                     r: (HOST1, HOST2, "198.19.10.2", "198.19.20.2")})
 
 
 @pytest.fixture(params=["xdp", "tc"], scope="module")
