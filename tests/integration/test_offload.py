@@ -24,6 +24,7 @@ pytestmark = pytest.mark.root
 
 SIZE = 6_000_000
 TCP_RATE = 30_000_000  # bytes/s: the transfer lasts long enough for offload to matter
+MACVLAN_RATE = 3_000_000  # bytes/s
 
 
 def _senders_plain(topo: Topology) -> None:
@@ -377,8 +378,10 @@ def test_macvlan_wan_and_two_lan_hosts(bpf_object: Any, hook: str) -> None:
         attached = {i["name"] for i in st["interfaces"]}
         assert attached == ({"lan1p", "lan2p", "wan0"} if hook == "xdp"
                             else {"lan1p", "lan2p", "wanm"})
+        # About 1 s each (not TCP_RATE's 0.1 s): long enough for the status
+        # polls to see both hosts' flows on a loaded machine.
         t1, out1 = background_transfer(topo, proto="tcp", family=4, size=3_000_000,
-                                       rate_pps=TCP_RATE, sport=41007)
+                                       rate_pps=MACVLAN_RATE, sport=41007)
         # lan2 sends too (its own sender process, same receiver logic)
         from offloader.lab import _transfer
 
@@ -386,7 +389,7 @@ def test_macvlan_wan_and_two_lan_hosts(bpf_object: Any, hook: str) -> None:
 
         def lan2() -> None:
             out2.update(_transfer(topo.lan2, topo.wan, WAN_4, 9001, 9001, "tcp", 4,
-                                  3_000_000, 30.0, TCP_RATE, 41008))
+                                  3_000_000, 30.0, MACVLAN_RATE, 41008))
 
         t2 = threading.Thread(target=lan2)
         t2.start()
@@ -445,8 +448,8 @@ def test_macvlan_wan_download_when_the_wan_side_resolved_the_router(bpf_object: 
             held.append(poll(peer_holds, timeout=5))
         # A download at once: the WAN host sends to lan1 through the port forward.
         sport = 41011
-        t, out = _background_transfer(topo, proto="tcp", family=4, size=3_000_000, dnat=True,
-                                      rate_pps=3_000_000, timeout=30, sport=sport)
+        t, out = background_transfer(topo, proto="tcp", family=4, size=3_000_000, dnat=True,
+                                     rate_pps=3_000_000, timeout=30, sport=sport)
         most: dict[str, int] = {}
         while t.is_alive():
             for f in _flow(topo.status() or {"flows": []}, proto="tcp"):
