@@ -6,7 +6,8 @@ flows a second and makes refreshing 10,000 flows cost a core's tenth. The
 hot paths need only a few attributes, so they are encoded and decoded here:
 
   - events (NEW/UPDATE/DESTROY): tuples, status, TCP state, helper, zone, mark;
-  - updates (IPCTNL_MSG_CT_NEW on an existing entry): timeout, TCP flags.
+  - updates (IPCTNL_MSG_CT_NEW on an existing entry): timeout, TCP flags;
+  - queries (IPCTNL_MSG_CT_GET of one tuple), answered inside sendmsg().
 
 Updates go out many to one sendmsg() without NLM_F_ACK. The kernel handles
 each message inside the sendmsg() call, so an update is in force when the
@@ -98,6 +99,20 @@ def encode_update(seq: int, t: Raw5, *, reply: bool, zone: int = 0, timeout: int
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
 
 
+def encode_get(seq: int, t: Raw5, *, zone: int = 0) -> bytes:
+    """A query for the entry ``t`` belongs to, acknowledged. The kernel
+    looks a tuple up in both directions' hash chains, so the original-tuple
+    attribute finds an entry by its reply tuple as well."""
+    body = encode_tuple(CTA_TUPLE_ORIG, t)
+    if zone:
+        body += _attr(CTA_ZONE, struct.pack("!H", zone))
+    family = socket.AF_INET6 if len(t[1]) == 16 else socket.AF_INET
+    payload = _NFGENMSG.pack(family, 0, 0) + body
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_ACK, seq,
+                          0) + payload
+
+
 def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     """Attribute type -> (payload start, payload end) in data[start:end]."""
     out: dict[int, tuple[int, int]] = {}
@@ -131,12 +146,13 @@ def _tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
 class Decoded:
     """One conntrack message: kind, flags, and the attributes we use."""
 
-    __slots__ = ("msg_type", "flags", "orig", "reply", "status", "tcp_state", "helper", "zone",
-                 "timeout", "mark")
+    __slots__ = ("msg_type", "flags", "seq", "orig", "reply", "status", "tcp_state", "helper",
+                 "zone", "timeout", "mark")
 
-    def __init__(self, msg_type: int, flags: int) -> None:
+    def __init__(self, msg_type: int, flags: int, seq: int = 0) -> None:
         self.msg_type = msg_type
         self.flags = flags
+        self.seq = seq
         self.orig: Raw5 | None = None
         self.reply: Raw5 | None = None
         self.status = 0
@@ -190,12 +206,12 @@ def decode(data: bytes) -> Iterator[Decoded | Ack | Done]:
         elif kind == NLMSG_DONE:
             yield Done(seq, bool(flags & NLM_F_DUMP_INTR))
         elif kind >> 8 == NFNL_SUBSYS_CTNETLINK:
-            yield _decoded(data, pos, end, kind, flags)
+            yield _decoded(data, pos, end, kind, flags, seq)
         pos += (length + 3) & ~3
 
 
-def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int) -> Decoded:
-    msg = Decoded(kind & 0xFF, flags)
+def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int, seq: int) -> Decoded:
+    msg = Decoded(kind & 0xFF, flags, seq)
     top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
     if CTA_TUPLE_ORIG in top:
         msg.orig = _tuple(data, top[CTA_TUPLE_ORIG])

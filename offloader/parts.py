@@ -113,6 +113,7 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     # test hook: it makes an event storm overflow it).
     ct_events = CtEvents(int(os.environ.get("EBPF_OFFLOADER_CT_RCVBUF", 4 << 20)))
     stack.callback(ct_events.close)
+    ct_events.ignore_sender(ct.portid())  # the echoes of the agent's own updates
     rt_sock = rt_event_socket()
     stack.callback(rt_sock.close)
     parser = IPRoute()
