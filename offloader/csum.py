@@ -8,6 +8,8 @@ per flow. All values are 16-bit integers in network byte order.
 
 from __future__ import annotations
 
+import struct
+
 
 def fold(value: int) -> int:
     """Fold a one's complement sum into 16 bits (end-around carry)."""
@@ -20,7 +22,7 @@ def words(data: bytes) -> list[int]:
     """The 16-bit network-order words of ``data`` (odd length: zero-padded)."""
     if len(data) % 2:
         data += b"\0"
-    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    return list(struct.unpack(f"!{len(data) // 2}H", data))
 
 
 def checksum(data: bytes) -> int:

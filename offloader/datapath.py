@@ -8,6 +8,7 @@ only fills fields by name.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -66,6 +67,31 @@ def _ip_from(raw: bytes, family: int) -> IPAddress:
     return ipaddress.IPv6Address(raw[:16])
 
 
+@functools.cache
+def _key_struct() -> struct.Struct:
+    """struct ofl_key as a struct.Struct, offsets from the header through
+    cffi (host order, padding zero): a key is packed and unpacked for every
+    new tuple, and cffi field by field cost ten times more."""
+    ffi = layout().ffi
+    fields = [("ifindex", "I"), ("vlan_outer", "H"), ("vlan_inner", "H"), ("pppoe_sid", "H"),
+              ("dsa_port", "B"), ("family", "B"), ("proto", "B"), ("sport", "H"), ("dport", "H"),
+              ("saddr", "16s"), ("daddr", "16s")]
+    named = {n for n, _ in ffi.typeof("struct ofl_key").fields} - {"pad"}
+    if named != {n for n, _ in fields}:
+        raise OffloadError(f"struct ofl_key has fields {sorted(named)}: FlowKey must follow")
+    fmt, pos = "=", 0
+    for name, code in sorted(fields, key=lambda f: ffi.offsetof("struct ofl_key", f[0])):
+        offset = ffi.offsetof("struct ofl_key", name)
+        fmt += f"{offset - pos}x{code}" if offset > pos else code
+        pos = offset + struct.calcsize("=" + code)
+    size = ffi.sizeof("struct ofl_key")
+    fmt += f"{size - pos}x" if size > pos else ""
+    out = struct.Struct(fmt)
+    if out.size != size:
+        raise OffloadError(f"struct ofl_key is {size} bytes, its fields give {out.size}")
+    return out
+
+
 def _be16(value: int) -> int:
     """A host value for a __be16 field whose memory must read ``value`` big-endian."""
     return socket.htons(value & 0xFFFF)
@@ -88,33 +114,19 @@ class FlowKey:
     dsa_port: int = DSA_PORT_NONE
 
     def pack(self) -> bytes:
-        lay = layout()
-        k = lay.new("struct ofl_key")
-        k.ifindex = self.ifindex
-        k.vlan_outer = self.vlan_outer
-        k.vlan_inner = self.vlan_inner
-        k.pppoe_sid = self.pppoe_sid
-        k.dsa_port = self.dsa_port
-        k.family = self.family
-        k.proto = self.proto
-        k.sport = socket.htons(self.sport)
-        k.dport = socket.htons(self.dport)
-        lay.ffi.memmove(k.saddr, _ip_words(self.src), 16)
-        lay.ffi.memmove(k.daddr, _ip_words(self.dst), 16)
-        return lay.to_bytes(k)
+        return _key_struct().pack(
+            self.ifindex, self.vlan_outer, self.vlan_inner, self.pppoe_sid, self.dsa_port,
+            self.family, self.proto, socket.htons(self.sport), socket.htons(self.dport),
+            _ip_words(self.src), _ip_words(self.dst))
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowKey:
-        lay = layout()
-        k = lay.from_bytes("struct ofl_key", raw)
-        return cls(
-            ifindex=k.ifindex, family=k.family, proto=k.proto,
-            src=_ip_from(bytes(lay.ffi.buffer(k.saddr)), k.family),
-            dst=_ip_from(bytes(lay.ffi.buffer(k.daddr)), k.family),
-            sport=socket.ntohs(k.sport), dport=socket.ntohs(k.dport),
-            vlan_outer=k.vlan_outer, vlan_inner=k.vlan_inner, pppoe_sid=k.pppoe_sid,
-            dsa_port=k.dsa_port,
-        )
+        (ifindex, vlan_outer, vlan_inner, pppoe_sid, dsa_port, family, proto, sport, dport, saddr,
+         daddr) = _key_struct().unpack(raw)
+        return cls(ifindex=ifindex, family=family, proto=proto, src=_ip_from(saddr, family),
+                   dst=_ip_from(daddr, family), sport=socket.ntohs(sport),
+                   dport=socket.ntohs(dport), vlan_outer=vlan_outer, vlan_inner=vlan_inner,
+                   pppoe_sid=pppoe_sid, dsa_port=dsa_port)
 
     def replace(self, **changes: Any) -> FlowKey:
         values = {name: getattr(self, name) for name in self.__slots__}

@@ -102,7 +102,8 @@ class Decider:
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
         self.state.decided(raw, time.monotonic_ns())
         self.counters.offloaded += 1
-        log.debug("offload %s -> ifindex %d", describe(key), path.oif)
+        if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the rest of the line
+            log.debug("offload %s -> ifindex %d", describe(key), path.oif)
         return Decision.OFFLOAD
 
     def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:

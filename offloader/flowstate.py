@@ -182,22 +182,30 @@ class FlowState:
         """Match the waiting keys to what the pending map holds: keys whose
         ring record was lost start waiting, keys evicted or decided stop.
         Returns the keys waiting longer than STUCK_AFTER_NS (at most
-        STUCK_BUDGET, re-stamped), to be asked about directly."""
-        here: set[RawKey] = set()
-        for key in present:
-            here.add(key)
-            keys = self._waiting.setdefault(self.ident(key), {})
-            keys.setdefault(key, now_ns)
+        STUCK_BUDGET, re-stamped), to be asked about directly.
+
+        Done with set arithmetic on the raw keys; a connection id is built
+        only for a key whose ring record was lost. After a burst the
+        pending map holds tens of thousands of keys, and building an id for
+        each of them every sweep cost more than deciding them."""
+        here = set(present)
+        known = {k for keys in self._waiting.values() for k in keys}
+        for key in here - known:
+            self._waiting.setdefault(self.ident(key), {})[key] = now_ns
+        gone = known - here
+        cutoff = now_ns - STUCK_AFTER_NS
         stuck: list[RawKey] = []
         for tid in list(self._waiting):
             keys = self._waiting[tid]
-            for key in [k for k in keys if k not in here]:
-                del keys[key]
-            if not keys:
-                del self._waiting[tid]
-                continue
-            for key, since in keys.items():
-                if now_ns - since > STUCK_AFTER_NS and len(stuck) < STUCK_BUDGET:
-                    keys[key] = now_ns
-                    stuck.append(key)
+            if gone:
+                for key in [k for k in keys if k in gone]:
+                    del keys[key]
+                if not keys:
+                    del self._waiting[tid]
+                    continue
+            if len(stuck) < STUCK_BUDGET:
+                for key in [k for k, since in keys.items() if since < cutoff]:
+                    if len(stuck) < STUCK_BUDGET:
+                        keys[key] = now_ns
+                        stuck.append(key)
         return stuck

@@ -13,7 +13,6 @@ import struct
 from collections.abc import Sequence
 
 from . import ctnetlink
-from .conntrack import raw_wire_id
 from .layout import layout
 
 
@@ -51,6 +50,8 @@ class Records:
         self.dsa_port_none = consts["OFL_DSA_PORT_NONE"]
         self.key_size = ffi.sizeof("struct ofl_key")
         self.e_stamp = ffi.offsetof("struct ofl_event", "ts_ns")
+        self._wire_spans = _spans([(self.k_proto, 1), (self.k_sport, 4), (self.k_saddr, 16),
+                                   (self.k_daddr, 16)])
         self.flow_size = ffi.sizeof("struct ofl_flow")
         # (proto, sport, dport) of a key; (verdict flags, conntrack zone,
         # last seen, state, seen flags) of a flow.
@@ -75,8 +76,15 @@ class Records:
                 raw_key[self.k_daddr : self.k_daddr + n], sport, dport)
 
     def wire(self, raw_key: bytes) -> bytes:
-        """The connection-direction id of a key (see conntrack.wire_id)."""
-        return raw_wire_id(self.raw5(raw_key))
+        """The connection-direction id of a key (see conntrack.wire_id): the
+        key's own bytes (proto, ports in network order, both addresses, an
+        IPv4 one zero-padded to 16 bytes as in a wire id), sliced, not built
+        field by field: this runs for every new tuple."""
+        spans = self._wire_spans
+        if len(spans) == 2:  # the header's layout: proto, then ports and addresses back to back
+            (a, b), (c, d) = spans
+            return raw_key[a:b] + raw_key[c:d]
+        return b"".join(raw_key[a:b] for a, b in spans)
 
     def zone(self, raw_flow: bytes) -> int:
         return int.from_bytes(raw_flow[self.v_zone : self.v_zone + 2], "little")
@@ -97,6 +105,17 @@ class Records:
 
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]
+
+
+def _spans(fields: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) of each (offset, size) in order, adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for offset, size in fields:
+        if out and out[-1][1] == offset:
+            out[-1] = (out[-1][0], offset + size)
+        else:
+            out.append((offset, offset + size))
+    return out
 
 
 def column(buf: bytes, stride: int, offset: int, code: str) -> Sequence[int]:

@@ -179,3 +179,13 @@ def test_updates_bring_the_connection_mark_for_the_sweep() -> None:
     fs.updated(e, orig, reply)
     assert fs.take_marks() == {orig: 0x200, reply: 0x200}
     assert fs.take_marks() == {}
+
+
+def test_a_raw_keys_id_is_the_wire_id_of_its_tuple() -> None:
+    """Records.wire slices the key's bytes; it must equal the id built from
+    the tuple's fields (conntrack events and queries are matched by it)."""
+    v6 = FlowKey(4, socket.AF_INET6, 17, ip("2001:db8::1"), ip("2001:db8:1::2"), 5353, 53,
+                 vlan_outer=7)
+    for raw in (key(), key(reply=True), v6.pack()):
+        assert REC.wire(raw) == raw_key_id(raw) == key_id(FlowKey.unpack(raw))
+    assert REC.wire(key(1)) != REC.wire(key(2)) and REC.wire(v6.pack()) != REC.wire(key())
