@@ -503,11 +503,13 @@ class Datapath:
         return self.flows.delete_batch([k.pack() for k in keys])
 
     def flow_entries(self) -> Iterator[FlowEntry]:
-        lay = self.layout
         for raw_key, raw_val in self.flows.items():
-            f = lay.from_bytes("struct ofl_flow", raw_val)
-            yield FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns,
-                            f.seen, f.v.oif, raw_val)
+            yield self.flow_entry(raw_key, raw_val)
+
+    def flow_entry(self, raw_key: bytes, raw_val: bytes) -> FlowEntry:
+        f = self.layout.from_bytes("struct ofl_flow", raw_val)
+        return FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns,
+                         f.seen, f.v.oif, raw_val)
 
     def pending_keys(self) -> Iterator[bytes]:
         """The raw keys of every pending tuple, read in batches."""
