@@ -243,6 +243,13 @@ class DropEntry:
     nbytes: int
 
 
+def flow_entry(raw_key: bytes, raw_val: bytes) -> FlowEntry:
+    """A flow map row read back from its raw key and value."""
+    f = layout().from_bytes("struct ofl_flow", raw_val)
+    return FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns, f.seen,
+                     f.v.oif, raw_val)
+
+
 def probe_key(key: FlowKey, raw_flow: bytes) -> bytes:
     """The tuple an offloaded flow's packets leave with (after its NAT), as
     the egress program keys ofl_probes: no ingress device or L2 fields."""
@@ -504,12 +511,7 @@ class Datapath:
 
     def flow_entries(self) -> Iterator[FlowEntry]:
         for raw_key, raw_val in self.flows.items():
-            yield self.flow_entry(raw_key, raw_val)
-
-    def flow_entry(self, raw_key: bytes, raw_val: bytes) -> FlowEntry:
-        f = self.layout.from_bytes("struct ofl_flow", raw_val)
-        return FlowEntry(FlowKey.unpack(raw_key), f.state, f.packets, f.bytes, f.last_seen_ns,
-                         f.seen, f.v.oif, raw_val)
+            yield flow_entry(raw_key, raw_val)
 
     def pending_keys(self) -> Iterator[bytes]:
         """The raw keys of every pending tuple, read in batches."""

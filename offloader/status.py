@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .datapath import Datapath, FlowEntry, FlowKey
+from .datapath import Datapath, FlowEntry, FlowKey, flow_entry
 from .decision import DropReason, PassReason, Teardown
 from .drops import busiest_sources
 from .layout import layout
@@ -161,7 +161,7 @@ def _busiest(dp: Datapath, limit: int) -> tuple[
     for kb, vb, n in dp.pending.batches():
         waiting += n
         pend = _top(pend, kb, vb, n, (ks, ps, p_bytes), limit)
-    entries = [dp.flow_entry(k, v) for _b, k, v in best]
+    entries = [flow_entry(k, v) for _b, k, v in best]
     pending = []
     for _b, k, v in pend:
         p = lay.from_bytes("struct ofl_pending", v)

@@ -38,7 +38,6 @@ class FakeDatapath:
         self.drops = RawMap({})
         self.layout, self.pin_dir = layout(), None
 
-    flow_entry = Datapath.flow_entry
     flow_entries = Datapath.flow_entries
     pending_entries = Datapath.pending_entries
 
