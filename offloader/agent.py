@@ -68,7 +68,8 @@ class Agent:
         self.ring = bpfobj.RingBuffer(self.dp.events, self._on_ring_record)
         self.counters = Counters()
         self.table = FlowTable(self.dp, self.counters, self.rec)
-        self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec, on_remove=self.table.forget)
+        self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec, on_remove=self._swept)
+        self._swept_on_probation: list[bytes] = []
         self.timeouts = conntrack_timeouts()
         self.started = time.time()
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
@@ -230,7 +231,8 @@ class Agent:
         self.table.evictable = result.pass_keys
         self.reconcile.tick()
         if self.probation:
-            self._end_probation(result.remove)
+            removed, self._swept_on_probation = self._swept_on_probation, []
+            self._end_probation(removed)
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
             guarded(functools.partial(self.decide, key))
@@ -253,6 +255,13 @@ class Agent:
         n = put_on_probation(self.dp, self.probation, self.rec.state_offload)
         self.counters.torn_down[reason] += n
         return n
+
+    def _swept(self, raw_keys: list[bytes]) -> None:
+        """Entries the sweep removed: their pass reasons go; those on
+        probation leave it after the sweep (SweepResult keeps no removals)."""
+        self.table.forget(raw_keys)
+        if self.probation:
+            self._swept_on_probation += [k for k in raw_keys if self.probation.holds(k)]
 
     def _end_probation(self, removed: list[bytes]) -> None:
         """Flows gone from the map leave probation; proven ones are offloaded again."""

@@ -275,3 +275,30 @@ def test_reload_adding_a_drop_rule_stops_the_transfer(lab: Topology) -> None:
     finally:
         talk.join(timeout=30)
         lab.router.sh("nft delete table inet guard && nft -f -", input=GUARD)
+
+
+def test_a_connection_that_ends_on_probation_leaves_it(bpf_object: Any) -> None:
+    """A flow handed back on probation whose connection then ends (conntrack
+    destroys it; no packet proved it) leaves probation when the sweep
+    removes its entry: nothing stays on probation, so the egress probe
+    stops."""
+    need_root()
+    with lab_network() as topo:
+        topo.start_agent(hook="xdp")
+        sport = 41104
+        out = topo.transfer(proto="udp", family=4, size=1_000_000, rate_pps=2000, timeout=20,
+                            sport=sport)
+        assert out.get("intact"), out
+
+        def agent() -> dict[str, Any]:
+            return dict((topo.status() or {"agent": {}})["agent"])
+
+        assert poll(lambda: [f for f in (topo.status() or {"flows": []})["flows"]
+                             if f["sport"] == sport and f["state"] == "offloaded"])
+        topo.router.sh("nft add table inet probation_test")  # a ruleset change
+        try:
+            assert poll(lambda: agent().get("on_probation", 0) >= 1), agent()
+            topo.router.sh(f"conntrack -D -p udp --orig-port-src {sport} >/dev/null")
+            assert poll(lambda: agent().get("on_probation", -1) == 0, timeout=5), agent()
+        finally:
+            topo.router.sh("nft delete table inet probation_test")
