@@ -30,7 +30,7 @@ RECENT_CT = 1024  # conntrack entries remembered from events
 DEAD_BEFORE_SWEEP = 8192  # destroyed directions noted before an early sweep
 MARKS_KEPT = 8192  # connection marks from UPDATE events kept for the next sweep
 STUCK_AFTER_NS = 500_000_000  # the sweep asks conntrack about keys waiting longer
-STUCK_BUDGET = 64  # at most this many such queries per sweep (about 1 ms each)
+STUCK_BUDGET = 512  # at most this many such queries per sweep (tens of us each)
 DECIDED_KEPT = 4096  # decision times kept to recognise stale ring records
 
 

@@ -92,6 +92,8 @@ class SweepPlan:
     hybrid: frozenset[int] = frozenset()  # ingress devices with XDP and TC (hybrid hook)
     marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
     _due: bytes | None = field(default=None, init=False, repr=False)
+    _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
+                                                              repr=False)
 
     @classmethod
     def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
@@ -112,6 +114,16 @@ class SweepPlan:
                 table[start::n] = b"\x01" * len(range(start, 1 << 16, n))
             self._due = bytes(table)
         return self._due
+
+    def prefilter(self, which: str) -> set[tuple[int, int, int]]:
+        """(proto, ports) of the ``dead`` or ``marks`` ids, built once per
+        pass, not once per batch (after a burst expires, ``dead`` holds
+        thousands of ids and the map a hundred batches)."""
+        got = self._prefilters.get(which)
+        if got is None:
+            got = self._prefilters[which] = _port_prefilter(
+                self.dead if which == "dead" else self.marks)
+        return got
 
     def period_s(self, cls: RefreshClass) -> float:
         """Each class is renewed at a third of its timeout, within [1 s, 60 s]."""
@@ -160,9 +172,9 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
         if i not in gone and lasts[i] < (cut_tcp if protos[i] == tcp else cut_udp):
             gone[i] = Teardown.IDLE
     if plan.dead:
-        _destroyed(kb, plan.dead, rec, protos, sports, dports, gone)
+        _destroyed(kb, plan, rec, protos, sports, dports, gone)
     if plan.marks:
-        _remarked(kb, vb, plan.marks, rec, protos, sports, dports, gone)
+        _remarked(kb, vb, plan, rec, protos, sports, dports, gone)
     for i, reason in gone.items():
         out.remove.append(kb[i * ks : (i + 1) * ks])
         out.reasons[reason] += 1
@@ -199,24 +211,24 @@ def _bulk_to_tc(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byt
             out.to_tc.append((raw_key, rec.with_flags(raw_flow, to_tc)))
 
 
-def _destroyed(kb: bytes, dead: set[bytes], rec: Records, protos: bytes, sports: Sequence[int],
+def _destroyed(kb: bytes, plan: SweepPlan, rec: Records, protos: bytes, sports: Sequence[int],
                dports: Sequence[int], gone: dict[int, Teardown]) -> None:
     """Entries of connections conntrack destroyed or closed: a cheap
     (proto, ports) prefilter, then the exact wire id."""
-    ks = rec.key_size
-    dead_ports = _port_prefilter(dead)
+    ks, dead = rec.key_size, plan.dead
+    dead_ports = plan.prefilter("dead")
     for i, t in enumerate(zip(protos, sports, dports, strict=True)):
         if t in dead_ports and i not in gone and rec.wire(kb[i * ks : (i + 1) * ks]) in dead:
             gone[i] = Teardown.CT_DESTROYED
 
 
-def _remarked(kb: bytes, vb: bytes, marks: dict[bytes, int], rec: Records, protos: bytes,
+def _remarked(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
               sports: Sequence[int], dports: Sequence[int], gone: dict[int, Teardown]) -> None:
     """Flows looked up with another conntrack mark than their connection
     carries now (mwan3/pbr moved it to another uplink): policy routing may
     send it elsewhere, so it is decided again."""
-    ks = rec.key_size
-    prefilter = _port_prefilter(marks)
+    ks, marks = rec.key_size, plan.marks
+    prefilter = plan.prefilter("marks")
     flow_marks = rec.flow_column(vb, rec.v_mark, "I")
     for i, t in enumerate(zip(protos, sports, dports, strict=True)):
         if t in prefilter and i not in gone:

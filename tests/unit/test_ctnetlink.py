@@ -68,3 +68,27 @@ def test_dump_request_and_its_end() -> None:
     assert isinstance(end, ctnetlink.Done) and end.seq == 5 and end.interrupted
     (clean,) = list(ctnetlink.decode(struct.pack("=IHHII", 20, 3, 0x2, 6, 0) + b"\0" * 4))
     assert isinstance(clean, ctnetlink.Done) and not clean.interrupted
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([socket.IPPROTO_TCP, socket.IPPROTO_UDP]), st.booleans(),
+       st.integers(0, 65535), st.integers(0, 65535), st.booleans())
+def test_the_one_step_tuple_read_equals_the_attribute_walk(proto: int, v6: bool, sport: int,
+                                                           dport: int, extra: bool) -> None:
+    """The kernel's usual tuple layout is read in one step; anything else
+    (here: one more attribute inside the tuple) goes the attribute walk."""
+    n = 16 if v6 else 4
+    t = (proto, bytes(range(1, n + 1)), bytes(range(101, n + 101)), sport, dport)
+    tup = ctnetlink.encode_tuple(ctnetlink.CTA_TUPLE_ORIG, t)
+    if extra:  # CTA_TUPLE_ZONE inside the tuple, as a directional zone adds it
+        inner = tup[4:] + ctnetlink._attr(3, struct.pack("!H", 9))
+        tup = struct.pack("=HH", 4 + len(inner), ctnetlink.CTA_TUPLE_ORIG | 0x8000) + inner
+    span = (4, len(tup))
+    got = ctnetlink._tuple(tup, span)
+    fixed = dict(ctnetlink._FIXED)
+    ctnetlink._FIXED.clear()
+    try:
+        walked = ctnetlink._tuple(tup, span)
+    finally:
+        ctnetlink._FIXED.update(fixed)
+    assert got == walked == t
