@@ -292,24 +292,65 @@ def measure_setup(topo: Topology, bins: dict[str, Path], flows: int, rate: float
                        counts=st["counts"], agent_counters=st["agent"],
                        latency_ms=lat, latencies=_latencies(agent))
             log(f"setup: {got}/{flows} offloaded, latency {lat}")
-        # The highest new-flow rate the agent keeps up with: every flow offloaded
-        # within 2 s of the last one sent, and p99 under 100 ms.
+        # The highest new-flow rate the agent keeps up with (issue 13's
+        # goal): no flow lost (each offloaded, or passed with a reason it
+        # counts, within 2 s of the last one sent) and p99 setup under 5 ms.
         sustained, trials = 0.0, []
         for i, rt in enumerate(rates):
-            n = int(rt * 2)
-            with Agent(topo, "xdp", pending_flows=65536) as agent:
-                blast(topo, bins["blast"], sport=10000, nflows=n, rate=rt, seconds=n / rt + 5,
-                      count=n, dport=7100 + i * 2)
-                got = wait_offloaded(agent, n, timeout=2)
-                lat = agent.status()["setup_latency_ms"]
-            ok = got >= n and (lat.get("p99") or 1e9) < 100
-            trials.append({"rate": rt, "flows": n, "offloaded": got, "latency_ms": lat, "kept_up": ok})
-            log(f"new-flow rate {rt}/s: {got}/{n} offloaded, {lat}, kept up: {ok}")
-            if not ok:
+            trial = rate_trial(topo, bins, rt, dport=7100 + i * 2)
+            trials.append(trial)
+            log(f"new-flow rate {rt}/s: {trial['offloaded']}/{trial['flows']} offloaded, "
+                f"{trial['passed']} passed, {trial['lost']} lost, {trial['latency_ms']}, agent "
+                f"{trial['agent_us_per_flow']} us per flow, kept up: {trial['kept_up']}")
+            if not trial["kept_up"]:
                 break
             sustained = rt
         out["rate_trials"], out["sustained_rate_per_s"] = trials, sustained
     return out
+
+
+SETUP_P99_MS = 5.0  # issue 13: p99 setup under 5 ms at the sustained rate
+
+
+def rate_trial(topo: Topology, bins: dict[str, Path], rate: float, dport: int) -> dict[str, Any]:
+    """Two seconds of new UDP flows at ``rate`` a second into a fresh agent.
+    A flow is lost when within 2 s of the last one sent it is neither
+    offloaded nor passed for a reason the agent counts (a pending tuple, or
+    one whose records and events were lost, is lost). Also the agent's CPU
+    time over the trial per new flow: where the time goes is in
+    docs/benchmarks.md (py-spy)."""
+    n = int(rate * 2)
+    with Agent(topo, "xdp", pending_flows=65536) as agent:
+        c0 = tools.proc_cpu_s(agent.pid)
+        blast(topo, bins["blast"], sport=10000, nflows=n, rate=rate, seconds=n / rate + 5,
+              count=n, dport=dport)
+        try:
+            got = wait_offloaded(agent, n, timeout=2)
+            cpu = tools.proc_cpu_s(agent.pid) - c0
+            st = agent.status()
+        except RuntimeError as exc:  # status unanswered: the agent did not keep up
+            log(f"new-flow rate {rate}/s: {exc}")
+            got, cpu, st = 0, tools.proc_cpu_s(agent.pid) - c0, {"setup_latency_ms": {}, "agent": {}}
+    lat, counters = st["setup_latency_ms"], st["agent"]
+    offloaded = min(n, max(got, counters.get("offloaded", 0)))
+    passed = sum(counters.get("passed_by_reason", {}).values())
+    lost = max(0, n - offloaded - passed)
+    ok = lost == 0 and (lat.get("p99") or 1e9) < SETUP_P99_MS
+    return {"rate": rate, "flows": n, "offloaded": offloaded, "passed": passed,
+            "passed_by_reason": counters.get("passed_by_reason", {}), "lost": lost,
+            "latency_ms": lat, "kept_up": ok, "agent_cpu_s": round(cpu, 3),
+            "agent_us_per_flow": round(cpu * 1e6 / n, 1),
+            "ring_buffer_drops": st.get("ring_buffer_drops"),
+            "conntrack_event_overflows": counters.get("conntrack_event_overflows"),
+            "loadavg": _loadavg()}
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: the machine may be shared."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
 
 
 def _latencies(agent: Agent) -> list[float]:
