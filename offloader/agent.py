@@ -213,7 +213,7 @@ class Agent:
                 # FIN had already gone through.
                 self.state.closing(orig, reply)
                 continue
-            for key, is_reply in self.state.updated(entry, orig, reply):
+            for key, is_reply in self.state.updated(entry, orig, reply, new=ev.kind == "new"):
                 guarded(functools.partial(self.decide, key, (entry, is_reply)))
 
     # -- the sweep -----------------------------------------------------------------------

@@ -128,12 +128,22 @@ class FlowState:
         return len(self._waiting)
 
     # -- conntrack says --------------------------------------------------------------
-    def updated(self, entry: CtEntry, orig: bytes, reply: bytes) -> list[tuple[RawKey, bool]]:
+    def updated(self, entry: CtEntry, orig: bytes, reply: bytes,
+                new: bool = False) -> list[tuple[RawKey, bool]]:
         """A NEW/UPDATE event: remember it; the waiting keys it may settle,
-        each with whether it is the reply direction."""
+        each with whether it is the reply direction.
+
+        The mark goes to the sweep only when it may differ from the one a
+        flow of the connection was decided with: not from a NEW event
+        (nothing was decided before it), nor when the previous event of
+        the connection carried the same mark (a change always comes with
+        an event). In a burst of new connections the sweep then has no
+        marks to compare the whole flow map against."""
         if entry.zone:
             self._zones[orig] = self._zones[reply] = entry.zone
-        if len(self._marks) < MARKS_KEPT:  # beyond: the next sweep sees the rest
+        prev = self._recent.get(orig)
+        if (not new and (prev is None or prev.mark != entry.mark)
+                and len(self._marks) < MARKS_KEPT):  # beyond: the next sweep sees the rest
             self._marks[orig] = self._marks[reply] = entry.mark
         self._recent[orig] = self._recent[reply] = entry
         while len(self._recent) > RECENT_CT:

@@ -179,6 +179,22 @@ def test_updates_bring_the_connection_mark_for_the_sweep() -> None:
     fs.updated(e, orig, reply)
     assert fs.take_marks() == {orig: 0x200, reply: 0x200}
     assert fs.take_marks() == {}
+    fs.updated(e, orig, reply)  # the same mark as the last event: nothing changed
+    assert fs.take_marks() == {}
+    moved = e._replace(mark=0x300)
+    fs.updated(moved, orig, reply)
+    assert fs.take_marks() == {orig: 0x300, reply: 0x300}
+
+
+def test_a_new_connection_brings_no_mark_to_compare() -> None:
+    fs = FlowState(ident=REC.wire, max_waiting=16)
+    e = entry()._replace(mark=0x200)
+    orig, reply = ids(e)
+    fs.updated(e, orig, reply, new=True)
+    assert fs.take_marks() == {}
+    fs.forget(orig, reply)
+    fs.updated(e, orig, reply)  # an UPDATE with no earlier event remembered
+    assert fs.take_marks() == {orig: 0x200, reply: 0x200}
 
 
 def test_a_raw_keys_id_is_the_wire_id_of_its_tuple() -> None:
