@@ -17,7 +17,15 @@ from collections.abc import Callable
 from .config import Settings
 from .conntrack import CtEntry, nat_target
 from .datapath import FlowKey
-from .decision import Decision, Exclusions, PassReason, offloadable, unresolved, verdict_for
+from .decision import (
+    Decision,
+    Exclusions,
+    PassReason,
+    offloadable,
+    source_nat_elsewhere,
+    unresolved,
+    verdict_for,
+)
 from .earlydrop import EarlyDrop
 from .errors import ResolveError
 from .flowstate import FlowState, describe, key_id, key_tuple
@@ -87,6 +95,9 @@ class Decider:
             return self._pass(raw, key, unresolved(exc))
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
             return self._pass(raw, key, PassReason.EXCLUDED)
+        if source_nat_elsewhere(key, target, self.resolver.address_owner(target.src),
+                                path.l3_oif):
+            return self._pass(raw, key, PassReason.NAT_DEVICE)
         if key.proto == socket.IPPROTO_TCP:
             tag = raw
             self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)

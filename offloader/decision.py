@@ -54,6 +54,7 @@ class PassReason(enum.StrEnum):
     # The route may depend on what conntrack does not tell (routing.PerPacketRoute):
     POLICY_MARK = "policy-mark"  # an fwmark rule, and the mark is set per packet
     POLICY_TOS = "policy-tos"  # a rule on DSCP/TOS that changes the route
+    NAT_DEVICE = "nat-device"  # source NAT to another device's address (see source_nat_elsewhere)
 
 
 class Teardown(enum.StrEnum):
@@ -115,6 +116,19 @@ def unresolved(exc: ResolveError) -> PassReason:
     if isinstance(exc, PerPacketRoute):
         return PassReason.POLICY_TOS if exc.by_tos else PassReason.POLICY_MARK
     return PassReason.NO_PATH
+
+
+def source_nat_elsewhere(key: FlowKey, target: Tuple5, owner: int | None, l3_oif: int) -> bool:
+    """The packet's source is rewritten to a local address of another device
+    than the one its route now leaves by (``owner``: that address's device).
+    Masquerade picked the address of the device the connection left by
+    first, and the kernel kills such a connection when its output device
+    changes (nf_nat_inet_fn, nf_nat_oif_changed) and drops the packet: a
+    connection moved to another uplink by its mark (mwan3) must not be
+    forwarded out of it with the first uplink's address. Kept with the
+    kernel, which decides (a static SNAT to another device's address is
+    forwarded there, and only loses the offload)."""
+    return target.src != key.src and owner is not None and owner != l3_oif
 
 
 def closing(entry: CtEntry) -> bool:

@@ -162,7 +162,7 @@ class Resolver:
         self._routes: dict[tuple[Any, ...], tuple[int, IPAddress]] = {}
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
         self._fdb: dict[tuple[int, bytes, int], int] = {}
-        self._addressed: dict[int, bool] = {}  # device has IP addresses (macvlan ingress)
+        self._owners: dict[IPAddress, int] | None = None  # local address -> its device
         self._rules: RuleFacts | None = None
         self.ruleset = ruleset or policy.Ruleset()
 
@@ -196,7 +196,7 @@ class Resolver:
         if routes:
             self._routes.clear()
             self._rules = None
-            self._addressed.clear()
+            self._owners = None
         if neigh:
             self._neigh.clear()
             self._fdb.clear()
@@ -237,9 +237,23 @@ class Resolver:
 
     def addressed(self, dev: Link) -> bool:
         """Whether ``dev`` has IP addresses of its own."""
-        if dev.index not in self._addressed:
-            self._addressed[dev.index] = bool(self.ipr.get_addr(index=dev.index))
-        return self._addressed[dev.index]
+        return dev.index in self._address_owners().values()
+
+    def address_owner(self, addr: IPAddress) -> int | None:
+        """The device that holds local address ``addr`` (None: not local)."""
+        return self._address_owners().get(addr)
+
+    def _address_owners(self) -> dict[IPAddress, int]:
+        if self._owners is None:
+            owners: dict[IPAddress, int] = {}
+            for msg in self.ipr.get_addr():
+                # IFA_LOCAL is the device's own on point-to-point links
+                # (IFA_ADDRESS is the peer there).
+                addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                if addr:
+                    owners[ipaddress.ip_address(addr.split("%")[0])] = msg["index"]
+            self._owners = owners
+        return self._owners
 
     # -- PPPoE sessions (/proc/net/pppoe and the ip-up records) ---------------------
     def pppoe_session(self, ppp: Link) -> pppoe.Session | None:

@@ -40,14 +40,15 @@ def link(index: int, name: str, *, kind: str = "", master: int = 0, mac: str = "
 class FakeIPRoute:
     def __init__(self, links: list[Msg], routes: dict[str, Any],
                  neigh: dict[tuple[int, str], str], fdb: dict[tuple[Any, ...], int], *,
-                 addrs: set[int] | None = None,
+                 addrs: set[int] | dict[int, str] | None = None,
                  vlans: dict[int, dict[int, bool]] | None = None,
                  rules: list[Msg] | None = None) -> None:
         self.links = {m["index"]: m for m in links}
         self.routes = routes
         self.neighs = neigh
         self.fdbs = fdb  # (bridge, MAC) or (bridge, MAC, VLAN) -> port
-        self.addrs = addrs or set()  # ifindexes with an address
+        # ifindexes with an address (a set: some address of their own)
+        self.addrs = addrs or set()
         self.vlans = vlans or {}  # port -> {vid: untagged}
         self.rules = rules if rules is not None else [Msg(FRA_TABLE=254)]
         self.route_queries: list[dict[str, Any]] = []
@@ -82,8 +83,10 @@ class FakeIPRoute:
                  for vid, untagged in self.vlans.get(index, {}).items()]
         return [Msg(index=index, IFLA_AF_SPEC={"attrs": infos})]
 
-    def get_addr(self, index: int) -> list[Msg]:
-        return [Msg(index=index)] if index in self.addrs else []
+    def get_addr(self) -> list[Msg]:
+        addrs = self.addrs if isinstance(self.addrs, dict) else {
+            i: f"198.51.100.{i}" for i in self.addrs}
+        return [Msg(index=i, IFA_ADDRESS=a) for i, a in addrs.items()]
 
     def get_rules(self, family: int) -> list[Msg]:
         return self.rules if family == socket.AF_INET else []

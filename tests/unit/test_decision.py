@@ -26,7 +26,15 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
 )
 
 from offloader.conntrack import IPS_HW_OFFLOAD, CtEntry, Tuple5, nat_target
-from offloader.decision import Decision, Exclusions, PassReason, closing, offloadable
+from offloader.datapath import FlowKey
+from offloader.decision import (
+    Decision,
+    Exclusions,
+    PassReason,
+    closing,
+    offloadable,
+    source_nat_elsewhere,
+)
 
 ip = ipaddress.ip_address
 LAN, WAN, PUBLIC = ip("198.18.1.2"), ip("198.19.2.2"), ip("198.19.0.1")
@@ -116,3 +124,16 @@ def test_exclusions() -> None:
     assert not ex.excludes(ip("2001:db8:1::2"), ip("2001:db8:8::1"), (2, 3))
     assert ex.excludes(ip("198.18.2.2"), WAN, (2, 7))
     assert not Exclusions().excludes(LAN, WAN, (7,))
+
+
+def test_source_nat_to_another_devices_address_stays_with_the_kernel() -> None:
+    # LAN:40000 > WAN:443 masqueraded to PUBLIC, which device 10 (wan1) holds
+    key = FlowKey(2, socket.AF_INET, socket.IPPROTO_TCP, LAN, WAN, 40000, 443)
+    target = nat_target(entry(), False)
+    assert target.src == PUBLIC
+    assert source_nat_elsewhere(key, target, 10, 20)  # the route now leaves by wan2
+    assert not source_nat_elsewhere(key, target, 10, 10)  # still by wan1
+    assert not source_nat_elsewhere(key, target, None, 20)  # not local (a routed prefix)
+    # no source NAT: the reply direction of the same connection
+    back = FlowKey(20, socket.AF_INET, socket.IPPROTO_TCP, WAN, PUBLIC, 443, 61000)
+    assert not source_nat_elsewhere(back, nat_target(entry(), True), 2, 20)
