@@ -109,9 +109,11 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     stack.callback(resolver.close)
     ct = Conntrack()
     stack.callback(ct.close)
-    # The event socket's buffer; EBPF_OFFLOADER_CT_RCVBUF shrinks it (a
-    # test hook: it makes an event storm overflow it).
-    ct_events = CtEvents(int(os.environ.get("EBPF_OFFLOADER_CT_RCVBUF", 4 << 20)))
+    # The event socket's buffer (the kernel doubles it: 16 MiB, some 13,000
+    # events of 1.3 KB each; memory only while the agent is behind);
+    # EBPF_OFFLOADER_CT_RCVBUF shrinks it (a test hook: it makes an event
+    # storm overflow it).
+    ct_events = CtEvents(int(os.environ.get("EBPF_OFFLOADER_CT_RCVBUF", 8 << 20)))
     stack.callback(ct_events.close)
     ct_events.ignore_sender(ct.portid())  # the echoes of the agent's own updates
     rt_sock = rt_event_socket()
