@@ -121,6 +121,9 @@ class RouteLookup:
     learnable: bool  # unicast to another device, or local: conntrack sees it
 
 
+INGRESS_CACHED = 4096  # ingress walks remembered (a router has a few dozen)
+
+
 @dataclass(frozen=True, slots=True)
 class Ingress:
     """Where a packet entered at L3: the logical device the kernel would use."""
@@ -163,6 +166,8 @@ class Resolver:
         self._neigh: dict[tuple[int, IPAddress], bytes] = {}
         self._fdb: dict[tuple[int, bytes, int], int] = {}
         self._owners: dict[IPAddress, int] | None = None  # local address -> its device
+        # (ifindex, DSA port, VLAN ids, PPPoE session) -> the L3 ingress device
+        self._ingress: dict[tuple[int, int, int, int, int], Ingress] = {}
         self._rules: RuleFacts | None = None
         self.ruleset = ruleset or policy.Ruleset()
 
@@ -197,6 +202,8 @@ class Resolver:
             self._routes.clear()
             self._rules = None
             self._owners = None
+        if links or routes:  # the walk up reads links, addresses (macvlan), bridge VLANs
+            self._ingress.clear()
         if neigh:
             self._neigh.clear()
             self._fdb.clear()
@@ -267,11 +274,20 @@ class Resolver:
     # -- the walk up (ingress) ----------------------------------------------------------
     def ingress(self, key: FlowKey) -> Ingress:
         """The L3 device a frame with ``key``'s ingress attributes reaches:
-        lowest device -> DSA user port -> VLAN device(s) -> ppp -> bridge."""
+        lowest device -> DSA user port -> VLAN device(s) -> ppp -> bridge.
+        Cached per ingress attributes until a link or address changes."""
+        ck = (key.ifindex, key.dsa_port, key.vlan_outer, key.vlan_inner, key.pppoe_sid)
+        hit = self._ingress.get(ck)
+        if hit is not None:
+            return hit
         rx = Rx(dsa_port=None if key.dsa_port == DSA_PORT_NONE else key.dsa_port,
                 tags=tuple(v for v in (key.vlan_outer, key.vlan_inner) if v),
                 pppoe_sid=key.pppoe_sid)
-        return Ingress(walk_up(self, self.link(key.ifindex), rx).index)
+        found = Ingress(walk_up(self, self.link(key.ifindex), rx).index)
+        if len(self._ingress) >= INGRESS_CACHED:
+            self._ingress.clear()
+        self._ingress[ck] = found
+        return found
 
     # -- the walk down (egress) ------------------------------------------------------------
     def route(self, iif: int, key: FlowKey, dst: IPAddress, *,

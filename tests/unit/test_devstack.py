@@ -238,3 +238,12 @@ def test_dsa_attach(switch: Resolver) -> None:
     assert points(switch, ["br-lan", "wan.7"]) == {("eth0", 2, False, False)}
     assert points(switch, ["br-lan", "wan.7"], full=False) == {
         ("lan1", 0, False, False), ("wan.7", 0, False, False)}
+
+
+def test_the_walk_up_is_cached_until_a_link_or_address_changes(router: Resolver) -> None:
+    k = key(3, "198.51.100.2", "198.18.1.9")
+    assert router.ingress(k).l3_iif == 4
+    router.ipr.addrs.add(3)  # type: ignore[attr-defined]
+    assert router.ingress(k).l3_iif == 4  # nothing told the resolver yet
+    router.forget(routes=True)  # what an address event does
+    assert router.ingress(k).l3_iif == 3
