@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -99,6 +100,7 @@ class LaneResult:
     counts: dict  # tests, failures, errors, skipped (from junit XML)
     cases: list  # [(nodeid, outcome)]
     shared_dir: str
+    killed_by: str = ""  # why the watchdog stopped the guest, if it did
 
     @property
     def passed(self) -> bool:
@@ -115,7 +117,8 @@ class LaneResult:
     def report(self, console_tail: int = 60) -> str:
         lines = [
             f"kernel lane: {self.module} on {self.kernel} (guest uname: {self.guest_uname or '?'})",
-            f"  vng rc={self.vng_rc} pytest rc={self.pytest_rc} timed_out={self.timed_out}",
+            f"  vng rc={self.vng_rc} pytest rc={self.pytest_rc} timed_out={self.timed_out}"
+            + (f" ({self.killed_by})" if self.killed_by else ""),
             f"  boot {_fmt(self.boot_seconds)}, tests {_fmt(self.guest_seconds)}, "
             f"total {_fmt(self.total_seconds)}",
             f"  junit: {self.counts}",
@@ -198,11 +201,16 @@ def run_module(
     cpus: int = 2,
     memory: str = "2G",
     keep: bool | None = None,
+    vng_args: Sequence[str] = (),
+    watchdog: Callable[[Path, float], str | None] | None = None,
 ) -> LaneResult:
     """Boot the 6.1 kernel once and run one pytest module inside it.
 
     `timeout` bounds the whole boot + run; on expiry the vng process group (vng and
-    qemu) is killed. `keep`: keep the shared dir (default: only when it failed)."""
+    qemu) is killed. `keep`: keep the shared dir (default: only when it failed).
+    `vng_args` go to vng before --exec (e.g. `--append loglevel=4`). `watchdog(shared,
+    elapsed)` is called at every poll; a non-empty reason it returns stops the guest
+    as a timeout does (a caller's finer-grained deadline, e.g. per benchmark step)."""
     module = Path(module).resolve()
     if not module.exists():
         raise FileNotFoundError(module)
@@ -217,7 +225,7 @@ def run_module(
     script.write_text(_guest_script(module, shared, list(pytest_args or [])))
     cmd = [
         vng, "-r", kernel, "--disable-kvm", "--cpus", str(cpus), "--memory", memory,
-        "--user", "root", "--cwd", str(REPO), "--rwdir", str(shared),
+        "--user", "root", "--cwd", str(REPO), "--rwdir", str(shared), *vng_args,
         "--exec", f"sh {script}",
     ]
     env = dict(os.environ)
@@ -227,6 +235,7 @@ def run_module(
     t0 = time.monotonic()
     boot_s = guest_end = None
     timed_out = False
+    killed_by = ""
     with open(console_path, "wb") as console:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
@@ -246,6 +255,11 @@ def run_module(
                     guest_end = now
                 if now - t0 > timeout:
                     timed_out = True
+                    _kill_group(proc)
+                    break
+                why = watchdog(shared, now - t0) if watchdog is not None else None
+                if why:
+                    timed_out, killed_by = True, why
                     _kill_group(proc)
                     break
         finally:
@@ -269,7 +283,7 @@ def run_module(
         timed_out=timed_out, boot_seconds=boot_s, guest_seconds=guest_s,
         total_seconds=total, guest_uname=read("uname").strip(),
         pytest_log=read("pytest.log"), console=read("console.log"),
-        counts=counts, cases=cases, shared_dir=str(shared),
+        counts=counts, cases=cases, shared_dir=str(shared), killed_by=killed_by,
     )
     if keep is None:
         keep = not res.passed
