@@ -253,6 +253,11 @@ def write(r: dict[str, Any]) -> Path:
     if "drop" in r:
         from bench.drop import report_lines
         L.extend(report_lines(r["drop"], r.get("drop_frames")))
+    # the 6.1 lane's comparison (python -m bench --kernel-lane) is its own run: kept
+    from bench.lane import extract_section
+    lane = extract_section(DOC.read_text()) if DOC.exists() else ""
+    if lane:
+        L.append(lane.rstrip("\n") + "\n")
     L.append("## Raw results\n")
     L.append("```json\n" + json.dumps(r, indent=1, default=str) + "\n```\n")
     DOC.write_text("\n".join(L) + "\n")

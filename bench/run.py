@@ -43,6 +43,9 @@ class Agent:
     """The agent in the router namespace, without -v (debug logging per flow
     would be part of the measured cost), from a uci file."""
 
+    start_timeout = 20.0  # seconds for the control socket to answer (the 6.1 lane sets more)
+    stop_timeout = 15.0  # seconds for a clean exit after SIGTERM, before SIGKILL
+
     def __init__(self, topo: Topology, hook: str, max_flows: int = 65536,
                  pending_flows: int = 8192) -> None:
         self.topo = topo
@@ -61,7 +64,7 @@ class Agent:
         self.proc = self.topo.router.popen(sys.executable, "-m", "offloader.cli", "run",
                                            "-c", self.cfg.name, stdout=self.logf,
                                            stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited: {open(self.logf.name).read()[-2000:]}")
@@ -72,13 +75,16 @@ class Agent:
                 tools.sh(f"taskset -a -p -c {SENDER_CPU} {self.pid} >/dev/null", check=False)
                 return self
             time.sleep(0.1)
-        raise RuntimeError("agent did not come up")
+        # not left running: it would come up later, beside the next mode's agent
+        log_tail = open(self.logf.name).read()[-1500:]
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"agent did not come up within {self.start_timeout:g} s: {log_tail}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
