@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,12 +85,21 @@ def guest_budget(mode: str, cfg: dict[str, Any]) -> float:
 
 HOST_SLACK = 45.0
 CLEANUP_BUDGET = 150.0  # the guest's deadline for cleaning up after a failed mode
+VARIANCE_NOTE = (
+    "How far to trust the table: one round per mode, on a host whose load moved between 5 and 10 "
+    "during the run. The two boots that ran every mode disagreed by up to 2x on single ratios (our "
+    "TC against nf_flow_table by the kthread clock: 1.58x in the earlier one, whose directory was "
+    "not kept, 0.81x in this one), and the kthread clock and the host's vCPU-1 time disagree with "
+    "each other by as much. What held in both boots and by both measures: nf_flow_table and our TC "
+    "hook cost the router 3-10x less per packet than the slow path. By the kthread clock in both: "
+    "our XDP hook and the hybrid (XDP for UDP) cost more than TC on veth, and the bare TC ceiling "
+    "is at or above nf_flow_table; the vCPU-1 time does not confirm those two.")
 # What the hang of the first try was and what guards against it (filled in from
 # the runs' watch.log and console; printed in the docs section).
 HANG_NOTE: list[str] = [
     "**The hang of the first try** (three of four boots stuck at the first packet after the lab "
     "came up, qemu at 100%, no guest timeout). Not reproduced. In the six boots of 2026-12-01 "
-    "(11:36-13:10 UTC, host load 5-10 with other engineers' qemu boots on the same two cores) no "
+    "(11:36-13:02 UTC, host load 5-10 with other engineers' qemu boots on the same two cores) no "
     "guest kernel hung: each guest's `watch.log` (written every 4 s: kernel messages of level "
     "warning or worse, tasks in D state with their stacks, the NAPI kthreads' state) kept growing "
     "until the end or until the host stopped it, and neither it nor the console (booted with "
@@ -104,7 +114,11 @@ HANG_NOTE: list[str] = [
     "modules are now loaded up front); and an agent that missed the bench's 20 s start timeout "
     "was left running and came up beside the next mode's agent (the next mode then found XDP "
     "attached). `bench/run.py`'s `Agent` now stops an agent that did not come up, and its start "
-    "and stop timeouts are attributes (the lane gives 200 s and 60 s).",
+    "and stop timeouts are attributes (the lane gives 200 s and 60 s). Of the six boots, one was "
+    "stopped by hand when its budgets proved too small, one lost its lab to that `nft` timeout, "
+    "one was stopped by the host's deadline while the guest was still cleaning up after a "
+    "mode that had overrun (the cleanup now has a deadline of its own), one ran every mode but "
+    "lost XDP and the XDP ceiling to the agent left running, and two ran every mode.",
     "Guards, all bounded: a deadline per mode in the guest (SIGALRM; what the mode measured "
     "before it is kept, its cleanup kills what the mode left in the lab's namespaces and detaches "
     "its programs, under a deadline of its own), and on the host a deadline per mode and per "
@@ -480,7 +494,9 @@ def doc_section(s: dict[str, Any], meta: dict[str, Any], host: dict[str, Any], l
           "xdp_buff from the sender's skb and the WAN veth building an skb again; nf_flow_table and TC "
           "forward the skb they are given. On a NIC with native XDP the skb is never built, so this lab "
           "understates XDP against both.", ""]
-    L += [*HANG_NOTE, ""] if HANG_NOTE else []
+    L += [VARIANCE_NOTE, ""]
+    for para in HANG_NOTE:
+        L += [para, ""]
     return "\n".join(L)
 
 
@@ -523,8 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="diagnosis: no paced packets before the first measurement")
-    ap.add_argument("--no-ping-shim", action="store_true",
-                    help="diagnosis: leave the lab's neighbours unresolved (this userland has no ping)")
     ap.add_argument("--from", dest="from_dir", default="",
                     help="no boot: the figures of a kept run's directory (/tmp/klane-*)")
     args = ap.parse_args(argv)
@@ -544,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["rounds"] = args.rounds
     if args.modes:
         cfg["modes"] = [m for m in args.modes.split(",") if m in MODES]
-    cfg["warm_up"], cfg["ping_shim"] = not args.no_warm_up, not args.no_ping_shim
+    cfg["warm_up"] = not args.no_warm_up
     from bench import run as brun
     from bench import tools
     tools.build()
@@ -573,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     (shared / "host-vcpu.jsonl").write_text("".join(json.dumps(x) + "\n" for x in dog.samples))
     lane_info = (f"boot {res.boot_seconds or 0:.0f} s, whole run {time.monotonic() - t0:.0f} s"
                  + (f", STOPPED: {res.killed_by or 'overall timeout'}" if res.timed_out else ""))
-    (shared / "host.json").write_text(json.dumps({"host": host, "lane": lane_info}))
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    (shared / "host.json").write_text(json.dumps({"host": host, "lane": lane_info, "commit": commit}))
     s = render(shared, args)
     if not args.json and (res.timed_out or res.pytest_rc != 0):
         print(res.report(console_tail=40))
@@ -596,6 +612,8 @@ def render(shared: Path, args: argparse.Namespace) -> dict[str, Any]:
     merge_vcpu(records, vcpu_windows(parse_jsonl(read("host-vcpu.jsonl"))))
     info = json.loads(read("host.json") or "{}")
     host, lane_info = info.get("host", {}), info.get("lane", "")
+    if info.get("commit"):
+        lane_info += f"; code at {info['commit']}"
     s = summarize(records)
     s.update(host=host, meta=meta, lane=lane_info, shared_dir=str(shared))
     if args.json:

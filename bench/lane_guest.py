@@ -156,19 +156,6 @@ def watch(shared: Path, stop: threading.Event, every: float = 4.0) -> None:
             os.fsync(log.fileno())
 
 
-def _ping_shim(directory: Path) -> None:
-    """This userland has no ping (the lab's neighbour warm-up calls it and
-    ignores the failure, then polls the neighbour table 30 times, about a minute
-    under emulation). A guest-only stand-in: one UDP datagram to the address,
-    which makes the kernel resolve the neighbour, as ping's echo request did."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shim = directory / "ping"
-    shim.write_text('#!/bin/bash\nfor a; do t=$a; done\n'
-                    '{ echo warm > "/dev/udp/$t/9"; } 2>/dev/null\nsleep 0.05\nexit 0\n')
-    shim.chmod(0o755)
-    os.environ["PATH"] = f"{directory}:{os.environ['PATH']}"
-
-
 def _built() -> dict[str, Path]:
     """The helpers bench/tools.build() compiled on the host (the repository
     is read-only in the guest)."""
@@ -407,8 +394,6 @@ def bench_in_guest(shared: Path) -> None:
     brun.Agent.start_timeout = cfg["agent_start"]
     brun.Agent.stop_timeout = 60.0
     bins = _built()
-    if cfg.get("ping_shim", True):
-        _ping_shim(Path("/tmp/lane-bench-bin"))
     meta = {"kind": "meta", "uname": os.uname().release, "cpus": os.cpu_count(),
             "cpu": brun.machine()["machine"], "config": cfg}
     try:
