@@ -259,12 +259,15 @@ def enable_forwarding(ns: str) -> None:
     sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
 
 
-def masquerade(ns: str, oifname: str) -> None:
+def masquerade(ns: str, oifname: str, ipv6: bool = True) -> None:
+    """Masquerade what leaves `oifname`; IPv4 only unless `ipv6` (OpenWrt routes
+    IPv6 without NAT)."""
+    match = "" if ipv6 else "meta nfproto ipv4 "
     rules = f"""
 table inet kl_nat {{
     chain post {{
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "{oifname}" masquerade
+        {match}oifname "{oifname}" masquerade
     }}
 }}
 """
@@ -291,6 +294,7 @@ class Topology:
     wan_addr6: str | None = None
     router_wan_addr6: str | None = None
     nat: bool = False
+    nat6: bool = False  # IPv6 masqueraded too (else routed: the far host routes the LAN /64 back)
     tags: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # outer first
     pppoe: dict = dataclasses.field(default_factory=dict)  # PPPoE extras
     workdir: str = ""
@@ -340,9 +344,12 @@ def _checked_close(nss: Namespaces) -> None:
 
 
 @contextlib.contextmanager
-def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False) -> Iterator[Topology]:
+def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False,
+                    nat6: bool | None = None) -> Iterator[Topology]:
     """LAN - router - WAN host, the WAN link carrying `tags` (outer first), e.g.
-    [("802.1Q", 7)] or [("802.1ad", 100), ("802.1Q", 7)]."""
+    [("802.1Q", 7)] or [("802.1ad", 100), ("802.1Q", 7)]. `nat6` (default: `nat`)
+    masquerades IPv6 as well; without it IPv6 is routed."""
+    nat6 = nat if nat6 is None else nat6
     if not tags:
         raise ValueError("tags must name at least one tag")
     modprobe("8021q")
@@ -367,29 +374,32 @@ def tagged_topology(tags: Sequence[tuple[str, int]], nat: bool = False) -> Itera
         w_cmds += [f"addr add 198.18.{net}.2/24 dev {w_dev}",
                    f"addr add 2001:db8:{net}::2/64 dev {w_dev} nodad"]
         if not nat:
-            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.{net}.1",
-                       f"route add {LAN_NET6}::/64 via 2001:db8:{net}::1"]
+            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.{net}.1"]
+        if not nat6:
+            w_cmds += [f"route add {LAN_NET6}::/64 via 2001:db8:{net}::1"]
         ipb(rtr, r_cmds)
         ipb(wan, w_cmds)
-        if nat:
-            masquerade(rtr, r_dev)
+        if nat or nat6:
+            masquerade(rtr, r_dev, ipv6=nat6)
         yield Topology(
             kind=kind, lan_ns=lan, router_ns=rtr, wan_ns=wan,
             lan_addr=f"{LAN_NET4}.2", wan_addr=f"198.18.{net}.2",
             lan_addr6=f"{LAN_NET6}::2", wan_addr6=f"2001:db8:{net}::2",
             router_wan_addr=f"198.18.{net}.1", router_wan_addr6=f"2001:db8:{net}::1",
             router_lan_if="rl0", router_wan_if=r_dev, router_wan_lowest="rw0", wan_if=w_dev,
-            nat=nat, tags=list(tags),
+            nat=nat, nat6=nat6, tags=list(tags),
         )
     finally:
         _checked_close(nss)
 
 
 @contextlib.contextmanager
-def vlan_bridge_topology(vid: int = 7, nat: bool = False) -> Iterator[Topology]:
+def vlan_bridge_topology(vid: int = 7, nat: bool = False,
+                         nat6: bool | None = None) -> Iterator[Topology]:
     """As vlan_topology, but the router's WAN veth rw0 is a tagged member of
     VLAN `vid` on a VLAN-filtering bridge `brw`, and the router's address sits
     on the bridge's VLAN device `brw.<vid>` (OpenWrt's DSA/bridge-VLAN style)."""
+    nat6 = nat if nat6 is None else nat6
     modprobe("8021q")
     p = _prefix()
     nss = Namespaces()
@@ -415,31 +425,32 @@ def vlan_bridge_topology(vid: int = 7, nat: bool = False) -> Iterator[Topology]:
                   f"addr add 198.18.2.2/24 dev {w_dev}",
                   f"addr add 2001:db8:2::2/64 dev {w_dev} nodad"]
         if not nat:
-            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.2.1",
-                       f"route add {LAN_NET6}::/64 via 2001:db8:2::1"]
+            w_cmds += [f"route add {LAN_NET4}.0/24 via 198.18.2.1"]
+        if not nat6:
+            w_cmds += [f"route add {LAN_NET6}::/64 via 2001:db8:2::1"]
         ipb(wan, w_cmds)
-        if nat:
-            masquerade(rtr, r_dev)
+        if nat or nat6:
+            masquerade(rtr, r_dev, ipv6=nat6)
         yield Topology(
             kind="vlan", lan_ns=lan, router_ns=rtr, wan_ns=wan,
             lan_addr=f"{LAN_NET4}.2", wan_addr="198.18.2.2",
             lan_addr6=f"{LAN_NET6}::2", wan_addr6="2001:db8:2::2",
             router_wan_addr="198.18.2.1", router_wan_addr6="2001:db8:2::1",
             router_lan_if="rl0", router_wan_if=r_dev, router_wan_lowest="rw0", wan_if=w_dev,
-            nat=nat, tags=[("802.1Q", vid)],
+            nat=nat, nat6=nat6, tags=[("802.1Q", vid)],
         )
     finally:
         _checked_close(nss)
 
 
-def vlan_topology(vid: int = 7, nat: bool = False):
+def vlan_topology(vid: int = 7, nat: bool = False, nat6: bool | None = None):
     """Router WAN on an 802.1Q sub-interface `rw0.<vid>`; WAN host on the same VLAN."""
-    return tagged_topology([("802.1Q", vid)], nat=nat)
+    return tagged_topology([("802.1Q", vid)], nat=nat, nat6=nat6)
 
 
-def qinq_topology(svid: int = 100, cvid: int = 7, nat: bool = False):
+def qinq_topology(svid: int = 100, cvid: int = 7, nat: bool = False, nat6: bool | None = None):
     """Router WAN on `rw0.<svid>.<cvid>`: 802.1ad outer tag, 802.1Q inner tag."""
-    return tagged_topology([("802.1ad", svid), ("802.1Q", cvid)], nat=nat)
+    return tagged_topology([("802.1ad", svid), ("802.1Q", cvid)], nat=nat, nat6=nat6)
 
 
 # --------------------------------------------------------------------------- PPPoE
@@ -521,16 +532,29 @@ def server_sessions(ns: str) -> list[PppoeSession]:
 
 
 PPPOE_SECOND_TARGET = "198.18.201.1"  # on the ISP's lo, routed via the 2nd session
+PPPOE_ISP_ADDR6 = "2001:db8:200::1"  # on the ISP's lo; the LAN's /64 is routed, not NATed
 
 
-def _start_pppd(rtr: str, eth: str, ifname: str, log: Path, first: bool) -> subprocess.Popen:
+def _start_pppd(rtr: str, eth: str, ifname: str, log: Path, first: bool,
+                ipv6: bool = False) -> subprocess.Popen:
     args = ["ip", "netns", "exec", rtr, "pppd", "plugin", "pppoe.so", f"nic-{eth}",
             "noauth", "nodetach", "ifname", ifname, "persist", "maxfail", "1",
             "noipdefault", "lcp-echo-interval", "10", "lcp-echo-failure", "3",
             "logfile", str(log)]
+    if ipv6:
+        args.append("+ipv6")  # IPv6CP: link-local addresses on the ppp device
     args.append("defaultroute" if first else "nodefaultroute")
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def _ppp_link_local(ns: str, ifname: str) -> str | None:
+    """The IPv6 link-local address IPv6CP put on a ppp device, once it did."""
+    for link in ip_json(ns, "-6", "addr", "show", "dev", ifname):
+        for ai in link.get("addr_info", []):
+            if ai.get("scope") == "link" and ai.get("local"):
+                return ai["local"]
+    return None
 
 
 def _ppp_addr(ns: str, ifname: str) -> str | None:
@@ -559,7 +583,7 @@ def pppd_log_session(log: str | Path) -> tuple[int | None, str | None]:
 
 @contextlib.contextmanager
 def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
-                   up_timeout: float = 60.0) -> Iterator[Topology]:
+                   up_timeout: float = 60.0, ipv6: bool = False) -> Iterator[Topology]:
     """LAN - router ==PPPoE== ISP. pppoe-server (kernel mode) in the ISP namespace,
     pppd with the kernel PPPoE plugin in the router: PPP device `pppoe-wan` (default
     route through it). With `vid`, PPPoE runs over an 802.1Q VLAN `rw0.<vid>`.
@@ -567,7 +591,12 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
     `sessions` > 1 starts more pppd clients on the same Ethernet device, one after the
     other (so session N gets id N and 198.18.200.(9+N)): `pppoe-wan1`, `pppoe-wan2`...;
     the ISP then also has 198.18.201.1 on lo, routed by the router via `pppoe-wan1`.
-    `topo.pppoe["sessions"]` lists {ifname, addr, log, pppd_pid} per session."""
+    `topo.pppoe["sessions"]` lists {ifname, addr, log, pppd_pid} per session.
+
+    `ipv6`: IPv6 over the (first) session as a subscriber gets it: IPv6CP on both
+    ends (link-local addresses only on the PPP link), the router's default route
+    out of `pppoe-wan`, the LAN's 2001:db8:1::/64 routed by the ISP to the
+    session (no NAT), the ISP reachable at 2001:db8:200::1 (`topo.wan_addr6`)."""
     if not 1 <= sessions <= 4:
         raise ValueError("sessions: 1..4 (pppoe-server -N 4)")
     modprobe("pppoe", "ppp_generic")
@@ -587,7 +616,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
         plugin_link = _server_kernel_plugin()
         opts = Path(work, "pppoe-server-options")
         opts.write_text("noauth\nlcp-echo-interval 10\nlcp-echo-failure 3\nnodefaultroute\n"
-                        f"logfile {work}/server-pppd.log\n")
+                        f"logfile {work}/server-pppd.log\n" + ("+ipv6\n" if ipv6 else ""))
         pidfile = Path(work, "pppoe-server.pid")
         # pppoe-server forks into the background; it and its pppd children live in
         # the ISP namespace and are killed by pid when the namespace is removed.
@@ -598,7 +627,7 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
         for n in range(sessions):
             ifname = PPP_IFNAME if n == 0 else f"{PPP_IFNAME}{n}"
             log = Path(work, f"pppd-{ifname}.log")
-            client = _start_pppd(rtr, r_eth, ifname, log, first=(n == 0))
+            client = _start_pppd(rtr, r_eth, ifname, log, first=(n == 0), ipv6=ipv6)
             clients.append(client)
 
             def session_up(client=client, ifname=ifname, log=log):
@@ -627,9 +656,17 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
             if r.get("dst") == PPPOE_CPE_ADDR and r.get("dev") in isp_ppp:
                 isp_first = r["dev"]
         if nat:
-            masquerade(rtr, f"{PPP_IFNAME}*")
+            masquerade(rtr, f"{PPP_IFNAME}*", ipv6=False)
         else:
             ip(isp, "route", "add", f"{LAN_NET4}.0/24", "dev", isp_first)
+        if ipv6:
+            wait_for("IPv6CP on pppoe-wan", lambda: _ppp_link_local(rtr, PPP_IFNAME),
+                     timeout=20.0, interval=0.25)
+            wait_for(f"IPv6CP on the ISP's {isp_first}",
+                     lambda: _ppp_link_local(isp, isp_first), timeout=20.0, interval=0.25)
+            ipb(rtr, [f"route add ::/0 dev {PPP_IFNAME}"])
+            ipb(isp, [f"addr add {PPPOE_ISP_ADDR6}/128 dev lo",
+                      f"route add {LAN_NET6}::/64 dev {isp_first}"])
         if sessions > 1:
             ip(isp, "addr", "add", f"{PPPOE_SECOND_TARGET}/32", "dev", "lo")
             ip(rtr, "route", "add", f"{PPPOE_SECOND_TARGET}/32", "dev", sess[1]["ifname"])
@@ -637,6 +674,8 @@ def pppoe_topology(vid: int | None = None, nat: bool = True, sessions: int = 1,
             kind="pppoe", lan_ns=lan, router_ns=rtr, wan_ns=isp,
             lan_addr=f"{LAN_NET4}.2", wan_addr=PPPOE_ISP_ADDR,
             router_wan_addr=PPPOE_CPE_ADDR,
+            lan_addr6=f"{LAN_NET6}::2" if ipv6 else None,
+            wan_addr6=PPPOE_ISP_ADDR6 if ipv6 else None,
             router_lan_if="rl0", router_wan_if=PPP_IFNAME, router_wan_lowest="rw0",
             wan_if=isp_first, nat=nat,
             tags=[("802.1Q", vid)] if vid is not None else [],
@@ -784,7 +823,7 @@ def expected_peer(topo: Topology, family: int = 4) -> str:
     LAN host's without."""
     if family == 4:
         return topo.router_wan_addr if topo.nat else topo.lan_addr
-    return (topo.router_wan_addr6 if topo.nat else topo.lan_addr6) or ""
+    return (topo.router_wan_addr6 if topo.nat6 else topo.lan_addr6) or ""
 
 
 # --------------------------------------------------------------------------- wire view
@@ -871,6 +910,7 @@ class Sniffer:
         self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         self.sock.bind((dev, 0))
         self.sock.setblocking(False)
+        self.errors: list[int | None] = []  # errno of receives that failed
 
     def frames(self, limit: int = 20000) -> list[Frame]:
         import struct
@@ -881,6 +921,9 @@ class Sniffer:
                 data, anc, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(20))
             except BlockingIOError:
                 break
+            except OSError as e:  # seen once on 6.1 (EFAULT) under load: skip it
+                self.errors.append(e.errno)
+                continue
             aux = None
             for level, typ, cdata in anc:
                 if level == SOL_PACKET and typ == PACKET_AUXDATA and len(cdata) >= 20:
