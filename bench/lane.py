@@ -90,7 +90,9 @@ VARIANCE_NOTE = (
     "during the run. The two boots that ran every mode disagreed by up to 2x on single ratios (our "
     "TC against nf_flow_table by the kthread clock: 1.58x in the earlier one, whose directory was "
     "not kept, 0.81x in this one), and the kthread clock and the host's vCPU-1 time disagree with "
-    "each other by as much. What held in both boots and by both measures: nf_flow_table and our TC "
+    "each other by as much. The seventh boot, at a host load of 3-4, measured the slow path at "
+    "36,740 packets per kthread CPU-s and 5,185 per vCPU-1 host CPU-s, against 4,549 and 1,386 in "
+    "this table's boot at a load near 10: only ratios within one boot compare. What held in both boots and by both measures: nf_flow_table and our TC "
     "hook cost the router 3-10x less per packet than the slow path. By the kthread clock in both: "
     "our XDP hook and the hybrid (XDP for UDP) cost more than TC on veth, and the bare TC ceiling "
     "is at or above nf_flow_table; the vCPU-1 time does not confirm those two.")
@@ -98,8 +100,8 @@ VARIANCE_NOTE = (
 # the runs' watch.log and console; printed in the docs section).
 HANG_NOTE: list[str] = [
     "**The hang of the first try** (three of four boots stuck at the first packet after the lab "
-    "came up, qemu at 100%, no guest timeout). Not reproduced. In the six boots of 2026-12-01 "
-    "(11:36-13:02 UTC, host load 5-10 with other engineers' qemu boots on the same two cores) no "
+    "came up, qemu at 100%, no guest timeout). Not reproduced. In the seven boots of 2026-12-01 "
+    "(11:36-13:07 UTC, host load 5-10 with other engineers' qemu boots on the same two cores) no "
     "guest kernel hung: each guest's `watch.log` (written every 4 s: kernel messages of level "
     "warning or worse, tasks in D state with their stacks, the NAPI kthreads' state) kept growing "
     "until the end or until the host stopped it, and neither it nor the console (booted with "
@@ -107,7 +109,9 @@ HANG_NOTE: list[str] = [
     "`hrtimer: interrupt took 21-49 ms`, an emulation artefact. The first packets after the lab "
     "came up now are a warm-up of 5 paced packets, first with the kernel's default receive path "
     "and then with the NAPI kthreads as measured: 5 of 5 arrived each time, in every boot that got "
-    "there.",
+    "there. The seventh boot (code as landed, `--no-warm-up --modes slow_path`) sent the full-rate "
+    "burst as the first packets after the lab came up (main's lab now resolves the neighbours "
+    "without ping, which this userland lacks and the first try's lab relied on): no hang either.",
     "What did stop boots was slowness mistaken for a hang, and one bench defect: under that load "
     "the lab took 87-230 s to come up, an agent 76-130 s to answer, a 3 s UDP measurement 35-55 s "
     "of `ip netns exec` calls; the lab's first `nft -f` timed out after 60 s once (the nftables "
