@@ -7,24 +7,15 @@ nf_conntrack_max is reached)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from offloader.lab import Topology, lab_network
-from tests.conftest import need_root
+from offloader.lab import Topology
 
 from .campaign import churn, zones_and_helpers
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def lab(bpf_object: Any) -> Iterator[Topology]:
-    need_root()
-    with lab_network() as topo:
-        yield topo
 
 
 def _check(cases: list[dict[str, Any]]) -> None:

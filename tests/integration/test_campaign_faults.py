@@ -6,24 +6,14 @@ pass_stale counter moved), and `status` told the truth each time."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from offloader.lab import Topology, lab_network
-from tests.conftest import need_root
+from offloader.lab import Topology
 
 from .campaign import faults
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def lab(bpf_object: Any) -> Iterator[Topology]:
-    need_root()
-    with lab_network() as topo:
-        yield topo
 
 
 def test_kill_stop_and_restart_lose_no_connection(lab: Topology) -> None:

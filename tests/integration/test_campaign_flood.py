@@ -5,24 +5,14 @@ it for 60 s) while two TCP transfers are offloaded."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from offloader.lab import Topology, lab_network
-from tests.conftest import need_root
+from offloader.lab import Topology
 
 from .campaign import flood
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def lab(bpf_object: Any) -> Iterator[Topology]:
-    need_root()
-    with lab_network() as topo:
-        yield topo
 
 
 def test_a_flood_of_new_tuples_leaves_offloaded_flows_alone(lab: Topology) -> None:
