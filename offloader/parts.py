@@ -110,10 +110,8 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     ct = Conntrack()
     stack.callback(ct.close)
     # The event socket's buffer (the kernel doubles it: 8 MiB, some 6,500
-    # events of 1.3 KB each; memory only while the agent is behind). 8 MiB
-    # requested made the churn campaign's neighbour-MAC case fail every time
-    # (the flow never re-offloaded to the new MAC; cause not found), 4 MiB
-    # passes: kept at 4 until that is understood. EBPF_OFFLOADER_CT_RCVBUF
+    # events of 1.3 KB each; memory only while the agent is behind; an
+    # overflow costs a reconcile, not correctness). EBPF_OFFLOADER_CT_RCVBUF
     # sets it (a test hook: a small one makes an event storm overflow it).
     ct_events = CtEvents(int(os.environ.get("EBPF_OFFLOADER_CT_RCVBUF", 4 << 20)))
     stack.callback(ct_events.close)
