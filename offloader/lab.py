@@ -96,6 +96,16 @@ for addr in sys.argv[1:]:
 WARM_UP_S = 5.0  # IPv6 waits for the link-local addresses' DAD (about 1-2 s)
 
 
+def fixed_mac() -> str:
+    """A random locally administered MAC for a bridge. A bridge without one
+    set takes its lowest port's MAC, and takes another when a port with a
+    lower one joins. A host that cached the old one then sends to a port's
+    own MAC: the bridge delivers the frame locally, but it was marked for
+    another host when it arrived on a different port, and IP drops it.
+    OpenWrt's netifd sets br-lan's MAC; so does the lab."""
+    return "02:" + ":".join(secrets.token_hex(1) for _ in range(5))
+
+
 def unresolved(host: Host, addrs: Sequence[str]) -> list[str]:
     """The addresses ``host`` has no usable neighbour entry for."""
     entries = json.loads(host.sh("ip -j neigh show").stdout or "[]")
@@ -154,7 +164,7 @@ class Topology:
             _run(["ip", "netns", "add", h.name])
             h.sh("ip link set lo up")
         r = self.router
-        r.sh("ip link add br-lan type bridge && ip link set br-lan up")
+        r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
         self._veth(self.lan1, "eth0", "lan1p", master="br-lan")
         self._veth(self.lan2, "eth0", "lan2p", master="br-lan")
         self._veth(self.wan, "eth0", "wan0")

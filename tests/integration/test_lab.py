@@ -41,3 +41,22 @@ def test_warm_up_resolves_every_peer_without_ping(tmp_path: Path,
         assert not lab.warm_neighbours({topo.router: ("198.18.1.99",)}, timeout=0.5)
         err = capsys.readouterr().err
         assert "lab: neighbour warm-up failed" in err and "198.18.1.99" in err, err
+
+
+def test_br_lan_keeps_its_mac_when_a_port_with_a_lower_one_joins() -> None:
+    """A bridge whose MAC is not set follows its lowest port's; the lab's
+    (as OpenWrt's) is set. Arranged so that without it lan1 would send to
+    lan2p's MAC through lan1p when a lower port joins, which IP drops."""
+    need_root()
+    with lab.lab_network() as topo:
+        r = topo.router
+        mac = r.sh("cat /sys/class/net/br-lan/address").stdout.strip()
+        r.sh("ip link set lan1p address 02:ff:ff:ff:ff:f0 && "
+             "ip link set lan2p address 02:00:00:00:00:02")
+        topo.lan1.sh("ip neigh flush dev eth0")
+        assert lab.warm_neighbours({topo.lan1: (lab.ROUTER_LAN4,)})
+        r.sh("ip link add lowp address 02:00:00:00:00:01 type veth peer name lowq && "
+             "ip link set lowp master br-lan && ip link set lowp up")
+        assert r.sh("cat /sys/class/net/br-lan/address").stdout.strip() == mac
+        out = topo.transfer(proto="tcp", size=200_000, timeout=10)
+        assert out.get("intact"), out

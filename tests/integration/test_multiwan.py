@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _run, _transfer, warm_neighbours
+from offloader.lab import Host, Topology, _run, _transfer, fixed_mac, warm_neighbours
 from tests.conftest import need_root
 from tests.poll import poll
 
@@ -94,7 +94,7 @@ def _build(topo: Topology) -> None:
     for h in topo.hosts:
         _run(["ip", "netns", "add", h.name])
         h.sh("ip link set lo up")
-    r.sh("ip link add br-lan type bridge && ip link set br-lan up")
+    r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
     _veth(topo.lan1, "eth0", r, "lan1p")
     _veth(topo.lan2, "eth0", r, "lan2p")
     r.sh("ip link set lan1p master br-lan && ip link set lan2p master br-lan")

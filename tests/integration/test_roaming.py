@@ -82,6 +82,16 @@ def _lost(host: Host) -> int:
                 if "counter" in i)
 
 
+def _network(topo: Topology) -> str:
+    """What the kernels saw, for a failure message: the router's conntrack
+    entries and every namespace's neighbours (the agent's view is in
+    ``status``; this is the kernel's, when a connection never establishes)."""
+    parts = [topo.router.sh("conntrack -L 2>&1", check=False).stdout]
+    parts += [f"{h.name}: " + h.sh("ip neigh show", check=False).stdout
+              for h in (topo.router, topo.lan1, topo.wan)]
+    return "\n".join(parts)
+
+
 def _flows(topo: Topology, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     return [f for f in (topo.status() or {"flows": []})["flows"]
             if f["proto"] == "tcp" and f["state"] == "offloaded" and match(f)]
@@ -119,7 +129,8 @@ def test_host_roams_to_another_bridge_port(roaming_lab: Topology) -> None:
                                  rate_pps=RATE, timeout=40, sport=sport)
     try:
         before = poll(lambda: [f for f in towards("lan1p")() if f["packets"] >= 200])
-        assert before, f"download never offloaded into lan1p: {topo.status()}"
+        assert before, (f"download never offloaded into lan1p: {topo.status()}\n"
+                        f"{_network(topo)}")
         # The station leaves radio A (silent there from now on; what still
         # arrives is counted and lost) and associates on radio B with the
         # same MAC and address.
@@ -168,7 +179,8 @@ def test_next_hop_mac_changes(roaming_lab: Topology) -> None:
                                  timeout=40, sport=sport)
     try:
         before = poll(lambda: [f for f in upload() if f["packets"] >= 1000])
-        assert before, f"upload never offloaded out of wan0: {topo.status()}"
+        assert before, (f"upload never offloaded out of wan0: {topo.status()}\n"
+                        f"{_network(topo)}")
         most = max(f["packets"] for f in before)
         # Frames still addressed to the old MAC are counted (and lost: the
         # interface no longer has that address).
