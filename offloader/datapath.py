@@ -217,6 +217,31 @@ class Verdict:
         f.last_seen_ns = last_seen_ns
         return lay.to_bytes(f)
 
+    @classmethod
+    def unpack(cls, key: FlowKey, raw_flow: bytes) -> Verdict:
+        """The verdict an ofl_flow value of ``key`` holds (``pack``'s inverse
+        for the verdict; the hybrid hook's OFL_V_TC flag is not part of it)."""
+        lay = layout()
+        f = lay.from_bytes("struct ofl_flow", raw_flow)  # owns the memory v points into
+        v = f.v
+        ffi = lay.ffi
+        tags = tuple((socket.ntohs(v.vlan_proto[i]), socket.ntohs(v.vlan_tci[i]))
+                     for i in range(2) if v.vlan_proto[i])
+        l2 = L2Header(dmac=bytes(ffi.buffer(v.dmac, 6)), smac=bytes(ffi.buffer(v.smac, 6)),
+                      vlans=tags, pppoe_sid=v.pppoe_sid, dsa_proto=v.dsa_proto,
+                      dsa_port=v.dsa_port)
+        flags = v.flags
+        return cls(
+            oif=v.oif, l2=l2, mtu=v.mtu, key=key,
+            nat_src=_ip_from(bytes(ffi.buffer(v.nat_saddr, 16)), key.family)
+            if flags & lay.const("OFL_V_SNAT") else None,
+            nat_dst=_ip_from(bytes(ffi.buffer(v.nat_daddr, 16)), key.family)
+            if flags & lay.const("OFL_V_DNAT") else None,
+            nat_sport=socket.ntohs(v.nat_sport) if flags & lay.const("OFL_V_SPORT") else None,
+            nat_dport=socket.ntohs(v.nat_dport) if flags & lay.const("OFL_V_DPORT") else None,
+            reply=bool(flags & lay.const("OFL_V_REPLY")), zone=v.ct_zone, mark=v.ct_mark,
+            assured=bool(flags & lay.const("OFL_V_ASSURED")))
+
 
 @dataclass(frozen=True, slots=True)
 class FlowEntry:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from .config import Settings
-from .conntrack import CtEntry, nat_target
+from .conntrack import CtEntry, Tuple5, nat_target
 from .datapath import FlowKey
 from .decision import (
     Decision,
@@ -32,7 +32,7 @@ from .flowstate import FlowState, describe, key_id, key_tuple
 from .flowtable import FlowTable
 from .nftwatch import Probation
 from .parts import Parts
-from .routing import NotYet
+from .routing import Egress, NotYet
 from .status import Counters, Latencies
 
 log = logging.getLogger(__name__)
@@ -83,21 +83,11 @@ class Decider:
     def _offload(self, raw: bytes, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
         """Resolve the path of an offloadable ``key`` and write its verdict."""
         target = nat_target(entry, is_reply)
-        # TC may redirect into upper devices; XDP goes to the lowest.
-        full = self.hook_of(key.ifindex) != "tc"
-        try:
-            path = self.resolver.resolve(key, target.dst, full=full, mark=entry.mark)
-        except NotYet as exc:
-            log.debug("%s: %s, retrying", describe(key), exc)
+        path = self.path_of(key, target, entry.mark)
+        if isinstance(path, PassReason):
+            return self._pass(raw, key, path)
+        if path is None:
             return Decision.WAIT
-        except ResolveError as exc:
-            log.debug("%s: %s", describe(key), exc)
-            return self._pass(raw, key, unresolved(exc))
-        if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
-            return self._pass(raw, key, PassReason.EXCLUDED)
-        if source_nat_elsewhere(key, target, self.resolver.address_owner(target.src),
-                                path.l3_oif):
-            return self._pass(raw, key, PassReason.NAT_DEVICE)
         if key.proto == socket.IPPROTO_TCP:
             tag = raw
             self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
@@ -116,6 +106,29 @@ class Decider:
         if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the rest of the line
             log.debug("offload %s -> ifindex %d", describe(key), path.oif)
         return Decision.OFFLOAD
+
+    def path_of(self, key: FlowKey, target: Tuple5, mark: int) -> Egress | PassReason | None:
+        """The egress of ``key``'s packets, rewritten to ``target`` and routed
+        with conntrack mark ``mark``, as the resolver knows it now; why it
+        must stay with the kernel; or None when that cannot be told yet (a
+        neighbour or FDB entry missing). New decisions and the re-resolve
+        pass after a network change (offloader/reresolve.py) both ask this."""
+        # TC may redirect into upper devices; XDP goes to the lowest.
+        full = self.hook_of(key.ifindex) != "tc"
+        try:
+            path = self.resolver.resolve(key, target.dst, full=full, mark=mark)
+        except NotYet as exc:
+            log.debug("%s: %s, retrying", describe(key), exc)
+            return None
+        except ResolveError as exc:
+            log.debug("%s: %s", describe(key), exc)
+            return unresolved(exc)
+        if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
+            return PassReason.EXCLUDED
+        if source_nat_elsewhere(key, target, self.resolver.address_owner(target.src),
+                                path.l3_oif):
+            return PassReason.NAT_DEVICE
+        return path
 
     def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
         if not self.table.mark_pass(key, why):

@@ -39,6 +39,10 @@ class Timer:
     due: float
     urgent: bool = False
 
+    def hurry(self, within: float) -> None:
+        """Fire within ``within`` seconds at the latest (work came early)."""
+        self.due = min(self.due, time.monotonic() + within)
+
     def run_if_due(self, now: float) -> None:
         if now >= self.due:
             guarded(self.fire)
@@ -63,11 +67,13 @@ class EventLoop:
         del self._handlers[fd]
 
     def every(self, interval: Callable[[], float], fire: Callable[[], None], *,
-              first_in: float | None = None, urgent: bool = False) -> None:
+              first_in: float | None = None, urgent: bool = False) -> Timer:
         """Call ``fire`` every ``interval()`` seconds, first after ``first_in``
         (default: one interval); ``urgent`` ones also fire between handlers."""
         first = interval() if first_in is None else first_in
-        self._timers.append(Timer(interval, fire, time.monotonic() + first, urgent))
+        timer = Timer(interval, fire, time.monotonic() + first, urgent)
+        self._timers.append(timer)
+        return timer
 
     def on_signal(self, signum: int, handler: Callable[[], None]) -> None:
         self._signal_handlers[signum] = handler

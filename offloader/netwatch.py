@@ -3,7 +3,9 @@
 The watcher reads what the kernel says changed (links, addresses, routes,
 rules, neighbours, bridge FDB entries), drops the resolver's cached facts
 that the change touches, and answers with ``Changes``: which flows the loop
-must hand back. It never touches the maps itself.
+must resolve again (a route's prefix, a rule's selector, everything: see
+offloader/reresolve.py) and which it must hand back (all of them after a
+link change, the flows to a MAC). It never touches the maps itself.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
     RTM_DELLINK,
     RTM_DELNEIGH,
     RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
     RTM_NEWROUTE,
+    RTM_NEWRULE,
 )
 
 from .decision import Teardown
+from .reresolve import Scope, route_selector, rule_selector
 from .routing import NUD_VALID, RTM_F_CLONED, Resolver
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,13 @@ READ_BUDGET = 64  # datagrams per wake-up: the loop stays responsive under a sto
 class Changes:
     """What the loop must do after a batch of events."""
 
-    flush_all: bool = False  # routes, rules, addresses, a link that changed: decide again
+    # The offloaded flows that routes, rules or addresses that changed (or
+    # lost events) could re-route: resolved again (empty: none).
+    reresolve: Scope = field(default_factory=Scope)
+    # A link that changed or went: every flow handed back at once (a pass
+    # would leave flows redirected into a link that is down until it
+    # reached them).
+    flush_all: bool = False
     links_gone: set[int] = field(default_factory=set)  # ifindexes deleted
     macs: dict[bytes, Teardown] = field(default_factory=dict)  # flows to this MAC must go
 
@@ -48,6 +61,9 @@ class NetWatcher:
         self.parser = parser  # anything with .marshal.parse (an IPRoute)
         # (L3 output device, next hop) -> the MAC offloaded flows use
         self.nexthops: dict[tuple[int, Any], bytes] = {}
+        # local address -> its device, as the events left it (the socket
+        # was bound before this snapshot: no change falls in between)
+        self.addresses: dict[Any, int] = resolver.local_addresses()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -66,8 +82,9 @@ class NetWatcher:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
                 break
-            except OSError:
-                out.flush_all = True  # ENOBUFS: we missed changes
+            except OSError:  # ENOBUFS: changes were missed, nothing cached is sure
+                self.resolver.forget(links=True, routes=True, neigh=True)
+                out.reresolve.add(None)
                 break
             for msg in self.parser.marshal.parse(data):
                 self.on_message(msg, out)
@@ -81,10 +98,33 @@ class NetWatcher:
             self._on_neigh(msg, kind == RTM_DELNEIGH, out)
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["flags"] & RTM_F_CLONED:
             return  # a route cache entry (IPv6 creates them on lookups)
-        elif not irrelevant(msg):  # routes, rules, addresses
+        elif irrelevant(msg) or (kind in (RTM_NEWADDR, RTM_DELADDR)
+                                 and not self._address_changed(msg, kind == RTM_DELADDR)):
+            return
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE, RTM_NEWADDR,
+                      RTM_DELADDR):
             self.resolver.forget(routes=True)
-            out.flush_all = True
+            # An address moves local routes, the NAT source check and the
+            # walk up: every flow is resolved again.
+            out.reresolve.add(route_selector(msg) if kind in (RTM_NEWROUTE, RTM_DELROUTE)
+                              else rule_selector(msg) if kind in (RTM_NEWRULE, RTM_DELRULE)
+                              else None)
             log.debug("network change: %s", msg.get("event", kind))
+
+    def _address_changed(self, msg: Any, deleted: bool) -> bool:
+        """False for an address the device had already (a DHCP renewal or a
+        router advertisement refreshing its lifetimes): nothing moved."""
+        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        if not addr:
+            return True
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if deleted:
+            self.addresses.pop(ip, None)
+            return True
+        if self.addresses.get(ip) == msg["index"]:
+            return False
+        self.addresses[ip] = msg["index"]
+        return True
 
     def _on_link(self, msg: Any, deleted: bool, out: Changes) -> bool:
         index = msg["index"]

@@ -250,6 +250,10 @@ class Resolver:
         """The device that holds local address ``addr`` (None: not local)."""
         return self._address_owners().get(addr)
 
+    def local_addresses(self) -> dict[IPAddress, int]:
+        """A copy of every local address and its device."""
+        return dict(self._address_owners())
+
     def _address_owners(self) -> dict[IPAddress, int]:
         if self._owners is None:
             owners: dict[IPAddress, int] = {}
