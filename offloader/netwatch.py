@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
@@ -30,7 +31,7 @@ from pyroute2.netlink.rtnl import (
 )
 
 from .decision import Teardown
-from .reresolve import Scope, route_selector, rule_selector
+from .reresolve import Scope, address_selectors, route_selector, rule_selector
 from .routing import NUD_VALID, RTM_F_CLONED, Resolver
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,25 @@ class NetWatcher:
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE, RTM_NEWADDR,
                       RTM_DELADDR):
             self.resolver.forget(routes=True)
-            # An address moves local routes, the NAT source check and the
-            # walk up: every flow is resolved again.
-            out.reresolve.add(route_selector(msg) if kind in (RTM_NEWROUTE, RTM_DELROUTE)
-                              else rule_selector(msg) if kind in (RTM_NEWRULE, RTM_DELRULE)
-                              else None)
+            if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+                out.reresolve.add(route_selector(msg))
+            elif kind in (RTM_NEWRULE, RTM_DELRULE):
+                out.reresolve.add(rule_selector(msg))
+            elif self._under_macvlan(msg["index"]):
+                out.reresolve.add(None)  # the walk up from it may change (devstack.Macvlan)
+            else:
+                for sel in address_selectors(msg):
+                    out.reresolve.add(sel)
             log.debug("network change: %s", msg.get("event", kind))
+
+    def _under_macvlan(self, index: int) -> bool:
+        """Whether a macvlan sits on ``index``: frames arriving on a device
+        with one macvlan and no address of its own are the macvlan's."""
+        try:
+            return any(d.lower == index and d.kind in ("macvlan", "macvtap")
+                       for d in self.resolver.links())
+        except (NetlinkError, OSError):
+            return True
 
     def _address_changed(self, msg: Any, deleted: bool) -> bool:
         """False for an address the device had already (a DHCP renewal or a

@@ -11,8 +11,9 @@ NAT source check), with the resolver's caches already dropped:
   no longer offloadable handed back (``Teardown.NETWORK``), decided afresh by its next packet
 
 ``Scope`` says which flows a batch of changes could re-route (pure, tested
-without root): a route's prefix, a rule's selector, or everything (an
-address or link change, lost events). ``Pass`` is the walk: it reads the map
+without root): a route's prefix, a rule's selector, an address's own flows
+(sent or source-NATed to it), or everything (lost events, an address on a
+device under a macvlan). ``Pass`` is the walk: it reads the map
 a slice at a time, at most ``SLICE_BUDGET_S`` of work per loop tick, and
 coalesces: changes that come while a pass runs queue one more pass (the flows
 already walked were resolved before them), a burst costs two passes at most.
@@ -91,6 +92,7 @@ class Lookup(NamedTuple):
     family: int
     src: int
     dst: int  # after DNAT
+    nat_src: int  # after SNAT (the source itself without)
     proto: int
     sport: int
     dport: int
@@ -106,6 +108,7 @@ class Selector:
     family: int
     dst: tuple[int, int] = (0, 0)  # (value, mask) over the address word
     src: tuple[int, int] = (0, 0)
+    nat_src: tuple[int, int] = (0, 0)  # the source after SNAT (an address change)
     iif: str | None = None
     fwmark: tuple[int, int] | None = None  # (value, mask)
     proto: int | None = None
@@ -116,6 +119,8 @@ class Selector:
         if f.family != self.family:
             return False
         if f.dst & self.dst[1] != self.dst[0] or f.src & self.src[1] != self.src[0]:
+            return False
+        if f.nat_src & self.nat_src[1] != self.nat_src[0]:
             return False
         if self.fwmark is not None and f.mark is not None and (
                 f.mark & self.fwmark[1]) != self.fwmark[0]:
@@ -161,6 +166,17 @@ def rule_selector(msg: Any) -> Selector | None:
                     iif=msg.get("FRA_IIFNAME"), fwmark=fwmark, proto=msg.get("FRA_IP_PROTO"),
                     sport=_range(msg.get("FRA_SPORT_RANGE")),
                     dport=_range(msg.get("FRA_DPORT_RANGE")))
+
+
+def address_selectors(msg: Any) -> list[Selector]:
+    """A local address added or removed changes the decision of the flows
+    sent to it (local now, or no longer) and of those source-NATed to it
+    (the NAT source check asks its device). Its prefix route comes as a
+    route event of its own."""
+    family = msg["family"]
+    addr = (msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS") or "").split("%")[0]
+    exact = _prefix(family, addr, 32 if family == socket.AF_INET else 128)
+    return [Selector(family, dst=exact), Selector(family, nat_src=exact)]
 
 
 @dataclass
@@ -219,15 +235,21 @@ class Offsets:
         self.v_flags = off("struct ofl_verdict", "flags")
         self.v_mark = off("struct ofl_verdict", "ct_mark")
         self.v_nat_daddr = off("struct ofl_verdict", "nat_daddr")
+        self.v_nat_saddr = off("struct ofl_verdict", "nat_saddr")
         self.state_offload = lay.const("OFL_STATE_OFFLOAD")
         self.flag_dnat = lay.const("OFL_V_DNAT")
+        self.flag_snat = lay.const("OFL_V_SNAT")
 
     def lookup(self, k: bytes, v: bytes, packet_mark: Callable[[int], int | None],
                iif: Callable[[], str | None]) -> Lookup:
-        daddr = (v[self.v_nat_daddr : self.v_nat_daddr + 16] if v[self.v_flags] & self.flag_dnat
+        flags = v[self.v_flags]
+        daddr = (v[self.v_nat_daddr : self.v_nat_daddr + 16] if flags & self.flag_dnat
                  else k[self.k_daddr : self.k_daddr + 16])
-        return Lookup(k[self.k_family], int.from_bytes(k[self.k_saddr : self.k_saddr + 16], "big"),
-                      int.from_bytes(daddr, "big"), k[self.k_proto],
+        saddr = int.from_bytes(k[self.k_saddr : self.k_saddr + 16], "big")
+        nat_src = (int.from_bytes(v[self.v_nat_saddr : self.v_nat_saddr + 16], "big")
+                   if flags & self.flag_snat else saddr)
+        return Lookup(k[self.k_family], saddr, int.from_bytes(daddr, "big"), nat_src,
+                      k[self.k_proto],
                       int.from_bytes(k[self.k_sport : self.k_sport + 2], "big"),
                       int.from_bytes(k[self.k_dport : self.k_dport + 2], "big"),
                       packet_mark(int.from_bytes(v[self.v_mark : self.v_mark + 4], "little")), iif)

@@ -155,7 +155,8 @@ def _moving(w: Watched, dev: str, after: int) -> dict[str, Any] | None:
     return f if f and f["out_dev"] == dev and f["packets"] > after else None
 
 
-def test_unrelated_rule_and_route_changes_leave_the_entry_alone(uplinks: Topology) -> None:
+def test_unrelated_rule_route_and_address_changes_leave_the_entry_alone(
+        uplinks: Topology) -> None:
     topo, r = uplinks, uplinks.router
     w = Watched(topo, SERVER, PORT, 47100)
     try:
@@ -165,6 +166,7 @@ def test_unrelated_rule_and_route_changes_leave_the_entry_alone(uplinks: Topolog
         r.sh("ip rule add priority 300 from 198.18.77.0/24 lookup 102")
         r.sh("ip rule del priority 300 from 198.18.77.0/24 lookup 102")
         r.sh("ip route add 198.18.200.0/24 via 198.19.20.2 dev wan2")
+        r.sh("ip addr add 198.19.30.1/24 dev wan2")
         # The agent has read them (a pass re-resolved what they could
         # re-route; an agent that hands flows back counts that instead), and
         # the flow kept its entry: never handed back, its counter still
@@ -178,6 +180,7 @@ def test_unrelated_rule_and_route_changes_leave_the_entry_alone(uplinks: Topolog
         assert result.get("intact"), result
     finally:
         r.sh("ip route del 198.18.200.0/24", check=False)
+        r.sh("ip addr del 198.19.30.1/24 dev wan2", check=False)
         w.join()
 
 

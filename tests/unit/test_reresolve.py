@@ -43,9 +43,10 @@ def word(addr: str) -> int:
     return int(ip) << (96 if ip.version == 4 else 0)
 
 
-def flow(dst: str, *, src: str = "198.18.1.2", mark: int | None = 0, iif: str = "br-lan",
-         proto: int = 6, sport: int = 40000, dport: int = 443) -> Lookup:
-    return Lookup(V4, word(src), word(dst), proto, sport, dport, mark, lambda: iif)
+def flow(dst: str, *, src: str = "198.18.1.2", nat_src: str = "", mark: int | None = 0,
+         iif: str = "br-lan", proto: int = 6, sport: int = 40000, dport: int = 443) -> Lookup:
+    return Lookup(V4, word(src), word(dst), word(nat_src or src), proto, sport, dport, mark,
+                  lambda: iif)
 
 
 def route(dst: str | None, dst_len: int, family: int = V4) -> Msg:
@@ -71,8 +72,8 @@ def test_a_route_selects_the_destinations_inside_its_prefix() -> None:
 
 def test_an_ipv6_route_prefix() -> None:
     sel = route_selector(route("2001:db8:1::", 48, socket.AF_INET6))
-    inside = Lookup(socket.AF_INET6, word("2001:db8::1"), word("2001:db8:1:2::9"), 6, 1, 2, 0,
-                    lambda: None)
+    inside = Lookup(socket.AF_INET6, word("2001:db8::1"), word("2001:db8:1:2::9"),
+                    word("2001:db8::1"), 6, 1, 2, 0, lambda: None)
     assert sel.matches(inside)
     assert not sel.matches(inside._replace(dst=word("2001:db8:2::9")))
 
@@ -270,9 +271,18 @@ def test_a_verdict_reads_back_as_written(nat: bool) -> None:
 
 
 # -- netwatch: which changes ask for a pass --------------------------------------------------
+class Link:
+    def __init__(self, kind: str, lower: int) -> None:
+        self.kind, self.lower = kind, lower
+
+
 class Resolver:
-    def __init__(self) -> None:
+    def __init__(self, links: list[Link] | None = None) -> None:
         self.forgot: list[dict[str, bool]] = []
+        self._links = links or []
+
+    def links(self) -> list[Link]:
+        return self._links
 
     def local_addresses(self) -> dict[Any, int]:
         return {ipaddress.ip_address("198.19.10.1"): 5}
@@ -289,8 +299,9 @@ class Sock:
         raise self.error or BlockingIOError()
 
 
-def watcher(sock: Sock | None = None) -> tuple[NetWatcher, Resolver]:
-    res = Resolver()
+def watcher(sock: Sock | None = None, links: list[Link] | None = None
+            ) -> tuple[NetWatcher, Resolver]:
+    res = Resolver(links)
     return NetWatcher(sock or Sock(), res, None), res  # type: ignore[arg-type]
 
 
@@ -304,19 +315,36 @@ def test_a_route_change_asks_for_its_prefix_only() -> None:
     assert res.forgot == [{"routes": True}]
 
 
-def test_an_address_renewed_asks_nothing_a_new_one_everything() -> None:
+def address(addr: str, index: int, kind: int = 20) -> Msg:  # RTM_NEWADDR
+    return Msg({"IFA_ADDRESS": addr, "IFA_LOCAL": addr}, header={"type": kind}, family=V4,
+               index=index)
+
+
+def test_an_address_renewed_asks_nothing_a_new_one_its_own_flows() -> None:
     w, res = watcher()
-    renewed, out = Msg({"IFA_ADDRESS": "198.19.10.1", "IFA_LOCAL": "198.19.10.1"},
-                       header={"type": 20}, index=5), Changes()  # RTM_NEWADDR
-    w.on_message(renewed, out)
-    assert not out.reresolve and not res.forgot
-    moved = Msg({"IFA_ADDRESS": "198.19.10.1", "IFA_LOCAL": "198.19.10.1"},
-                header={"type": 20}, index=6)
-    w.on_message(moved, out)
-    assert out.reresolve.everything
     out = Changes()
-    w.on_message(moved, out)  # the same again: known now
+    w.on_message(address("198.19.10.1", 5), out)
+    assert not out.reresolve and not res.forgot
+    w.on_message(address("198.19.10.1", 6), out)  # moved to another device
+    scope = out.reresolve
+    assert scope and not scope.everything
+    assert scope.matches(flow("198.19.10.1"))  # sent to it: local now, or no longer
+    assert scope.matches(flow("8.8.8.8", nat_src="198.19.10.1"))  # NATed to it
+    assert not scope.matches(flow("8.8.8.8", nat_src="198.19.20.1"))
+    out = Changes()
+    w.on_message(address("198.19.10.1", 6), out)  # the same again: known now
     assert not out.reresolve
+    w.on_message(address("198.19.10.1", 6, kind=21), out)  # RTM_DELADDR
+    assert out.reresolve.matches(flow("198.19.10.1"))
+
+
+def test_an_address_under_a_macvlan_resolves_everything() -> None:
+    # A bare frame on a device with one macvlan and no address of its own
+    # is the macvlan's: an address there changes the walk up.
+    w, _res = watcher(links=[Link("macvlan", 7)])
+    out = Changes()
+    w.on_message(address("198.19.30.1", 7), out)
+    assert out.reresolve.everything
 
 
 def test_lost_events_resolve_everything_again_with_nothing_cached() -> None:
