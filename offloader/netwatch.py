@@ -102,19 +102,19 @@ class NetWatcher:
         elif irrelevant(msg) or (kind in (RTM_NEWADDR, RTM_DELADDR)
                                  and not self._address_changed(msg, kind == RTM_DELADDR)):
             return
-        elif kind in (RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE, RTM_NEWADDR,
-                      RTM_DELADDR):
-            self.resolver.forget(routes=True)
-            if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-                out.reresolve.add(route_selector(msg))
-            elif kind in (RTM_NEWRULE, RTM_DELRULE):
-                out.reresolve.add(rule_selector(msg))
-            elif self._under_macvlan(msg["index"]):
+        elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            sel = route_selector(msg)
+            self.resolver.forget_routes_to(sel.covers_dst)  # the rest of the cache holds
+            out.reresolve.add(sel)
+        elif kind in (RTM_NEWRULE, RTM_DELRULE):
+            self.resolver.forget(routes=True)  # which facts a lookup carries may change
+            out.reresolve.add(rule_selector(msg))
+        elif kind in (RTM_NEWADDR, RTM_DELADDR):
+            self.resolver.forget(routes=True)  # local addresses, the walks up
+            if self._under_macvlan(msg["index"]):
                 out.reresolve.add(None)  # the walk up from it may change (devstack.Macvlan)
-            else:
-                for sel in address_selectors(msg):
-                    out.reresolve.add(sel)
-            log.debug("network change: %s", msg.get("event", kind))
+            for sel in address_selectors(msg):
+                out.reresolve.add(sel)
 
     def _under_macvlan(self, index: int) -> bool:
         """Whether a macvlan sits on ``index``: frames arriving on a device

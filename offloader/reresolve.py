@@ -115,6 +115,11 @@ class Selector:
     sport: tuple[int, int] | None = None
     dport: tuple[int, int] | None = None
 
+    def covers_dst(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether a destination lies in the destination prefix."""
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        return family == self.family and address_word(addr) & self.dst[1] == self.dst[0]
+
     def matches(self, f: Lookup) -> bool:
         if f.family != self.family:
             return False
@@ -135,6 +140,11 @@ class Selector:
             return True
         name = f.iif()
         return name is None or name == self.iif
+
+
+def address_word(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    """An address as the 128-bit word a selector compares (IPv4 in the top 32 bits)."""
+    return int(addr) << (96 if addr.version == 4 else 0)
 
 
 def route_selector(msg: Any) -> Selector:

@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,13 @@ class Resolver:
         if neigh:
             self._neigh.clear()
             self._fdb.clear()
+
+    def forget_routes_to(self, inside: Callable[[IPAddress], bool]) -> None:
+        """A route changed: only the lookups of destinations it could decide
+        go (a route never decides one outside its prefix); the rules,
+        addresses and walks up stay."""
+        for ck in [ck for ck in self._routes if inside(ck[2])]:
+            del self._routes[ck]
 
     def fdb_ports(self, mac: bytes) -> list[int]:
         """Ports the FDB cache holds for ``mac``."""

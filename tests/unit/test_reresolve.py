@@ -290,6 +290,9 @@ class Resolver:
     def forget(self, **kw: bool) -> None:
         self.forgot.append(kw)
 
+    def forget_routes_to(self, inside: Any) -> None:
+        self.forgot.append({"routes_to": inside})
+
 
 class Sock:
     def __init__(self, error: OSError | None = None) -> None:
@@ -312,7 +315,30 @@ def test_a_route_change_asks_for_its_prefix_only() -> None:
                      header={"type": 24}, family=V4, dst_len=24, flags=0), out)  # RTM_NEWROUTE
     assert out.reresolve and not out.reresolve.everything
     assert out.reresolve.matches(flow("198.19.99.3")) and not out.reresolve.matches(flow("1.1.1.1"))
-    assert res.forgot == [{"routes": True}]
+    # Only the cached lookups of destinations inside the prefix go.
+    (forgot,) = res.forgot
+    inside = forgot["routes_to"]
+    assert inside(ipaddress.ip_address("198.19.99.3"))
+    assert not inside(ipaddress.ip_address("198.19.98.3"))
+    assert not inside(ipaddress.ip_address("2001:db8::1"))
+
+
+def test_a_route_change_keeps_the_cached_lookups_outside_its_prefix() -> None:
+    from offloader.routing import Resolver as RealResolver
+    from tests.unit.fakes import FakeIPRoute, key, link
+
+    ipr = FakeIPRoute([link(2, "lan"), link(3, "wan")],
+                      {"198.19.99.1": (3, "198.19.10.2"), "198.19.98.1": (3, "198.19.10.2")},
+                      {(3, "198.19.10.2"): "02:00:00:00:00:99"}, {})
+    res = RealResolver(ipr)  # type: ignore[arg-type]
+    near, far = key(2, "198.18.1.2", "198.19.99.1"), key(2, "198.18.1.2", "198.19.98.1")
+    for k in (near, far):
+        res.resolve(k, k.dst)
+    asked = len(ipr.route_queries)
+    res.forget_routes_to(route_selector(route("198.19.99.0", 24)).covers_dst)
+    for k in (near, far):
+        res.resolve(k, k.dst)
+    assert [q["dst"] for q in ipr.route_queries[asked:]] == ["198.19.99.1"]
 
 
 def address(addr: str, index: int, kind: int = 20) -> Msg:  # RTM_NEWADDR
