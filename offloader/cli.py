@@ -154,6 +154,9 @@ def _setup_logging(level: str, verbose: bool, syslog: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .lean import pyroute2_on_demand
+
+    pyroute2_on_demand()  # before the agent's modules import any of it
     from .agent import run_agent
 
     def effective() -> Settings:
