@@ -2,7 +2,10 @@
 // by default) from one socket with sendmmsg, round-robin over NFLOWS source
 // ports, unpaced (rate 0) or paced to RATE packets/s. Bounded by SECONDS and
 // by COUNT (0: no count limit). Prints one JSON line with what it sent.
-//   blast SRC DST DPORT SPORT_BASE NFLOWS RATE SECONDS COUNT [PAYLOAD]
+// Flow j has source port SPORT_BASE + j % 60000 and destination port
+// DPORT + j / 60000; the flows sent are FIRST .. FIRST + NFLOWS - 1 (FIRST
+// 0 by default), so flows can be created a chunk at a time.
+//   blast SRC DST DPORT SPORT_BASE NFLOWS RATE SECONDS COUNT [PAYLOAD [FIRST]]
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -38,7 +41,7 @@ static uint32_t sum16(const void *p, size_t n, uint32_t s) {
 
 int main(int argc, char **argv) {
 	if (argc < 9) {
-		fprintf(stderr, "usage: blast SRC DST DPORT SPORT_BASE NFLOWS RATE SECONDS COUNT [PAYLOAD]\n");
+		fprintf(stderr, "usage: blast SRC DST DPORT SPORT_BASE NFLOWS RATE SECONDS COUNT [PAYLOAD [FIRST]]\n");
 		return 2;
 	}
 	struct in_addr src, dst;
@@ -48,7 +51,8 @@ int main(int argc, char **argv) {
 	double rate = atof(argv[6]), seconds = atof(argv[7]);
 	long count = atol(argv[8]);
 	int payload = argc > 9 ? atoi(argv[9]) : 18;  // 14 + 20 + 8 + 18 + 4 FCS = 64
-	if (nflows < 1 || nflows > 1000000 || payload < 0 || payload > 1400 || seconds <= 0 || seconds > 600)
+	long first = argc > 10 ? atol(argv[10]) : 0;
+	if (first < 0 || first > 1000000 || nflows < 1 || nflows > 1000000 || payload < 0 || payload > 1400 || seconds <= 0 || seconds > 600)
 		return 2;
 	int len = sizeof(struct iphdr) + sizeof(struct udphdr) + payload;
 	uint8_t *pkts = calloc(nflows, len);
@@ -59,8 +63,9 @@ int main(int argc, char **argv) {
 		struct udphdr *udp = (struct udphdr *)(p + sizeof(*ip));
 		ip->version = 4; ip->ihl = 5; ip->ttl = 64; ip->protocol = IPPROTO_UDP;
 		ip->tot_len = htons(len); ip->saddr = src.s_addr; ip->daddr = dst.s_addr;
-		udp->source = htons((uint16_t)(sbase + (i % 60000)));
-		udp->dest = htons((uint16_t)(dport + (i / 60000)));
+		long j = first + i;
+		udp->source = htons((uint16_t)(sbase + (j % 60000)));
+		udp->dest = htons((uint16_t)(dport + (j / 60000)));
 		udp->len = htons(sizeof(*udp) + payload);
 		memset(p + sizeof(*ip) + sizeof(*udp), 0xab, payload);
 		uint32_t s = sum16(&ip->saddr, 8, 0) + IPPROTO_UDP + sizeof(*udp) + payload;

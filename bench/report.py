@@ -238,17 +238,20 @@ def write(r: dict[str, Any]) -> Path:
             L.append("![setup latency](img/bench-setup-latency.png)\n")
     if "agent" in r:
         L.append("## 5. Agent cost\n")
-        L.append("UDP flows offloaded from lan1, each then carrying a packet about every 2 s (so the agent "
-                 "refreshes their conntrack timeouts), measured over the window below.\n")
+        L.append("UDP flows created from lan1 a chunk at a time (each chunk once the agent has "
+                 "offloaded the flows so far), then each carrying a packet about every 2 s (so the agent "
+                 "refreshes their conntrack timeouts), measured over the window below; conntrack "
+                 "refreshes are those sent in the window.\n")
         L.append("A row whose flows were not all offloaded when the window began measures a backlog, "
                  "not the steady state.\n")
         L.append("| flows | offloaded at start | still offloaded at end | CPU share of one core | RSS MB | "
-                 "RSS idle MB | window s | conntrack refreshes |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "RSS idle MB | window s | conntrack refreshes | created in s | load average |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for x in r["agent"]:
             L.append(f"| {x['flows']:,} | {x.get('offloaded_at_start', 0):,} | {x['offloaded']:,} | "
                      f"{x['cpu_share'] * 100:.2f}% | {x['rss_mb']:.1f} | "
-                     f"{x['rss_idle_mb']:.1f} | {x['window_s']} | {x['conntrack_refreshes']} |")
+                     f"{x['rss_idle_mb']:.1f} | {x['window_s']} | {x['conntrack_refreshes']:,} | "
+                     f"{x.get('create_s', '')} | {x.get('loadavg', '')} |")
         L.append("")
     if "drop" in r:
         from bench.drop import report_lines
