@@ -82,6 +82,52 @@ def encode_tuple(kind: int, t: Raw5) -> bytes:
 def encode_update(seq: int, t: Raw5, *, reply: bool, zone: int = 0, timeout: int | None = None,
                   liberal: bool = False, ack: bool = False) -> bytes:
     """An update of the entry ``t`` belongs to (``reply``: t is its reply tuple)."""
+    if timeout is not None and not liberal:
+        return _encode_refresh(seq, t, reply, zone, timeout, ack)
+    return _encode_update_attrs(seq, t, reply=reply, zone=zone, timeout=timeout, liberal=liberal,
+                                ack=ack)
+
+
+def _refresh_struct(addr_len: int, zone: bool) -> struct.Struct:
+    """A timeout update as one struct: nlmsghdr, nfgenmsg, the tuple nest
+    (addresses, then protocol and ports), the timeout and maybe the zone,
+    each attribute with its header and padding (big-endian fields are
+    swapped by the caller)."""
+    a = f"HH{addr_len}s"
+    return struct.Struct("=IHHII" "BBH" "HH" "HH" + a + a + "HH" "HHB3x" "HHH2x" "HHH2x" "HHI"
+                         + ("HHH2x" if zone else ""))
+
+
+_REFRESH = {(n, z): _refresh_struct(n, z) for n in (4, 16) for z in (False, True)}
+
+
+def _encode_refresh(seq: int, t: Raw5, reply: bool, zone: int, timeout: int, ack: bool) -> bytes:
+    """encode_update for a timeout alone (the sweep's refreshes, thousands a
+    second at 100,000 flows): one struct.pack, the same bytes as the
+    attribute-by-attribute encoding (tests/unit/test_ctnetlink.py)."""
+    proto, src, dst, sport, dport = t
+    n = len(src)
+    ip_len = 4 + 2 * (4 + n)
+    tuple_len = 4 + ip_len + 28
+    values = [20 + tuple_len + 8 + (8 if zone else 0), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW,
+              NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, 0,
+              socket.AF_INET6 if n == 16 else socket.AF_INET, 0, 0,
+              tuple_len, (CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG) | NLA_F_NESTED,
+              ip_len, CTA_TUPLE_IP | NLA_F_NESTED,
+              4 + n, CTA_IP_V6_SRC if n == 16 else CTA_IP_V4_SRC, src,
+              4 + n, CTA_IP_V6_DST if n == 16 else CTA_IP_V4_DST, dst,
+              28, CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM, proto,
+              6, CTA_PROTO_SRC_PORT, socket.htons(sport), 6, CTA_PROTO_DST_PORT, socket.htons(dport),
+              8, CTA_TIMEOUT, socket.htonl(timeout)]
+    if zone:
+        values += [6, CTA_ZONE, socket.htons(zone)]
+    return _REFRESH[n, bool(zone)].pack(*values)
+
+
+def _encode_update_attrs(seq: int, t: Raw5, *, reply: bool, zone: int = 0,
+                         timeout: int | None = None, liberal: bool = False,
+                         ack: bool = False) -> bytes:
+    """encode_update attribute by attribute (any combination of fields)."""
     body = encode_tuple(CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG, t)
     if timeout is not None:
         body += _attr(CTA_TIMEOUT, struct.pack("!I", timeout))

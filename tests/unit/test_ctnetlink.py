@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,16 @@ def test_the_one_step_tuple_read_equals_the_attribute_walk(proto: int, v6: bool,
     finally:
         ctnetlink._FIXED.update(fixed)
     assert got == walked == t
+
+
+@pytest.mark.parametrize("src, dst", [
+    (bytes([198, 18, 1, 2]), bytes([198, 19, 2, 2])),
+    (bytes(range(16)), bytes(range(16, 32)))])
+@pytest.mark.parametrize("reply, zone, ack", [
+    (False, 0, False), (True, 0, False), (False, 7, False), (True, 65535, True)])
+def test_a_refresh_in_one_struct_is_the_attribute_encoding(src: bytes, dst: bytes, reply: bool,
+                                                           zone: int, ack: bool) -> None:
+    t = (17, src, dst, 40001, 443)
+    fast = ctnetlink.encode_update(9, t, reply=reply, zone=zone, timeout=432000, ack=ack)
+    assert fast == ctnetlink._encode_update_attrs(9, t, reply=reply, zone=zone, timeout=432000,
+                                                  ack=ack)
