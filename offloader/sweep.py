@@ -1,7 +1,8 @@
 """The sweep: the flow map's garbage collector and conntrack's keep-alive.
 
-Once a tick the sweep reads the flow map in batches and classifies every
-entry from its bytes alone:
+Each tick the sweep reads its share of a pass over the flow map in batches
+(the whole map below ``ENTRIES_PER_TICK`` entries, see ``Sweeper``) and
+classifies every entry it reads from its bytes alone:
 
   - hand back (``Teardown``): the datapath saw FIN/RST/SYN, the flow idled
     past its protocol's timeout, or conntrack destroyed or closed it;
@@ -20,14 +21,16 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import operator
 import socket
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import compress, islice
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import ctnetlink
 from .bpfobj import BPF_EXIST
@@ -41,6 +44,11 @@ NS = 1_000_000_000
 PASS_KEYS_KEPT = 4096  # pass entries remembered as room for offloadable flows
 BULK_BYTES = 1 << 20  # hybrid: a TCP flow that carried this much ...
 BULK_PACKET = 1000  # ... in packets this large on average is bulk: TC forwards it
+ENTRIES_PER_TICK = 20000  # a pass over a larger map is spread over ticks ...
+MAX_PASS_TICKS = 5  # ... but never over more than this many
+REFRESH_SPARE_S = 15.0  # a refresh period leaves at least this much of the timeout to spare
+IDS_KEPT = 16384  # destroyed or re-marked connections carried over; beyond, a pass ends at once
+FIRST_WINDOW_S = 3600.0  # the first pass: every active flow is due (nothing was read before)
 
 
 class RefreshClass(enum.Enum):
@@ -68,9 +76,9 @@ def conntrack_timeouts(base: Path = Path("/proc/sys/net/netfilter")) -> dict[Ref
     return out
 
 
-@dataclass(frozen=True)
-class Refresh:
-    """One conntrack timeout to renew."""
+class Refresh(NamedTuple):
+    """One conntrack timeout to renew (a named tuple: thousands are built a
+    second at 100,000 flows, and a frozen dataclass costs a microsecond a field)."""
 
     raw_key: bytes
     reply: bool
@@ -83,15 +91,15 @@ class SweepPlan:
     """What one sweep needs to know besides the map's bytes."""
 
     now_ns: int
-    sweep_no: int  # spreads refreshes over the sweeps of a period
+    sweep_no: int  # the agent's count of sweeps (for logs; refreshes follow the clock)
     tcp_idle_ns: int
     udp_idle_ns: int
     timeouts: dict[RefreshClass, int]  # the timeout each class gets
-    interval_s: float  # seconds between sweeps
+    interval_s: float  # seconds since the entries read now were last read (at most)
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
     hybrid: frozenset[int] = frozenset()  # ingress devices with XDP and TC (hybrid hook)
     marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
-    _due: bytes | None = field(default=None, init=False, repr=False)
+    _due: dict[RefreshClass | None, bytes] | None = field(default=None, init=False, repr=False)
     _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
                                                               repr=False)
 
@@ -103,17 +111,40 @@ class SweepPlan:
         return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
                    interval_s, dead, hybrid, marks or {})
 
-    def due_table(self) -> bytes:
-        """For each 16-bit port hash, whether any class's slice is due now:
-        built by slice assignment, so testing an entry is one index."""
+    def due_table(self, cls: RefreshClass | None = None) -> bytes:
+        """For each 16-bit port hash, whether a flow of ``cls`` (None: of
+        any class) with that hash is due now.
+
+        A hash h is due at the instants h / 65536 of the way through each
+        of its class's periods (on the monotonic clock, so the refreshes of
+        a class spread evenly over its period); a flow is due when such an
+        instant fell since it was last read, within ``interval_s`` before
+        now. Consecutive reads of an entry cover consecutive stretches of
+        time, so it is renewed at least once a period, however late the
+        ticks come.
+        The due hashes are one range (modulo 65536) per class, set by slice
+        assignment: testing an entry is one index."""
         if self._due is None:
-            table = bytearray(1 << 16)
-            for cls in RefreshClass:
-                n = self.slices(cls)
-                start = self.sweep_no % n
-                table[start::n] = b"\x01" * len(range(start, 1 << 16, n))
-            self._due = bytes(table)
-        return self._due
+            one = 1 << 16
+            tables: dict[RefreshClass | None, bytes] = {}
+            union = 0  # the tables as big integers, or'ed in C
+            window = int(self.interval_s * NS)
+            for c in RefreshClass:
+                period = int(self.period_s(c) * NS)
+                table = bytearray(one)
+                if window >= period:
+                    table[:] = b"\x01" * one
+                else:  # hashes in (lo, hi], wrapping round
+                    hi = self.now_ns % period * one // period
+                    lo = (self.now_ns - window) % period * one // period
+                    spans = [(lo + 1, hi + 1)] if lo <= hi else [(lo + 1, one), (0, hi + 1)]
+                    for start, end in spans:
+                        table[start:end] = b"\x01" * (end - start)
+                tables[c] = bytes(table)
+                union |= int.from_bytes(table, "little")
+            tables[None] = union.to_bytes(one, "little")
+            self._due = tables
+        return self._due[cls]
 
     def prefilter(self, which: str) -> set[tuple[int, int, int]]:
         """(proto, ports) of the ``dead`` or ``marks`` ids, built once per
@@ -125,12 +156,20 @@ class SweepPlan:
                 self.dead if which == "dead" else self.marks)
         return got
 
-    def period_s(self, cls: RefreshClass) -> float:
-        """Each class is renewed at a third of its timeout, within [1 s, 60 s]."""
-        return max(1.0, min(60.0, self.timeouts[cls] / 3))
+    def schedule(self, cls: RefreshClass) -> tuple[RefreshClass, bytes, int]:
+        """(class, its due table, the last-seen time after which a flow
+        counts as having carried traffic since its last refresh: a period
+        and the time since the last read ago)."""
+        since = self.now_ns - int((self.period_s(cls) + self.interval_s) * NS)
+        return cls, self.due_table(cls), since
 
-    def slices(self, cls: RefreshClass) -> int:
-        return max(1, int(self.period_s(cls) / self.interval_s))
+    def period_s(self, cls: RefreshClass) -> float:
+        """Each class is renewed at half its timeout when the other half
+        leaves REFRESH_SPARE_S to spare (a pass spread over ticks, a loop
+        running late), else at a third; within [1 s, 60 s]."""
+        timeout = self.timeouts[cls]
+        period = timeout / 2 if timeout / 2 >= REFRESH_SPARE_S else timeout / 3
+        return max(1.0, min(60.0, period))
 
 
 @dataclass
@@ -163,13 +202,18 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
     states = rec.flow_column(vb, rec.f_state, "I")
     n = len(lasts)
     out.entries += n
-    gone: dict[int, Teardown] = {i: Teardown.TCP_FLAGS for i, s in enumerate(seens) if s}
+    # Each test first runs over a whole column in C (map, compress, any),
+    # so that only the entries it picks cost a Python step.
+    gone: dict[int, Teardown] = {}
+    if any(seens):
+        gone = {i: Teardown.TCP_FLAGS for i in compress(range(n), seens)}
     # Idle: older than its protocol's timeout (the looser bound filters first).
     tcp = socket.IPPROTO_TCP
     cut_tcp, cut_udp = plan.now_ns - plan.tcp_idle_ns, plan.now_ns - plan.udp_idle_ns
     loose = max(cut_tcp, cut_udp)
-    for i in [i for i, last in enumerate(lasts) if 0 < last < loose]:
-        if i not in gone and lasts[i] < (cut_tcp if protos[i] == tcp else cut_udp):
+    for i in compress(range(n), map(loose.__gt__, lasts)):
+        last = lasts[i]
+        if last and i not in gone and last < (cut_tcp if protos[i] == tcp else cut_udp):
             gone[i] = Teardown.IDLE
     if plan.dead:
         _destroyed(kb, plan, rec, protos, sports, dports, gone)
@@ -182,7 +226,7 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
     if len(out.pass_keys) < PASS_KEYS_KEPT:
         room = PASS_KEYS_KEPT - len(out.pass_keys)
         out.pass_keys.extend(kb[i * ks : (i + 1) * ks] for i in
-                             [i for i, st in enumerate(states) if st != offload][:room]
+                             islice(compress(range(n), map(offload.__ne__, states)), room)
                              if i not in gone)
     _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, gone, out)
     if plan.hybrid:
@@ -202,7 +246,7 @@ def _bulk_to_tc(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byt
     flags_col = vb[rec.v_flags :: fs]
     ifindexes = rec.key_column(kb, rec.k_ifindex, "I")
     tcp, offload, to_tc = socket.IPPROTO_TCP, rec.state_offload, rec.flag_tc
-    for i in [i for i, b in enumerate(nbytes) if b >= BULK_BYTES]:
+    for i in compress(range(len(nbytes)), map(BULK_BYTES.__le__, nbytes)):
         if (protos[i] != tcp or states[i] != offload or flags_col[i] & to_tc or i in gone
                 or nbytes[i] < BULK_PACKET * packets[i] or ifindexes[i] not in plan.hybrid):
             continue
@@ -217,6 +261,8 @@ def _destroyed(kb: bytes, plan: SweepPlan, rec: Records, protos: bytes, sports: 
     (proto, ports) prefilter, then the exact wire id."""
     ks, dead = rec.key_size, plan.dead
     dead_ports = plan.prefilter("dead")
+    if dead_ports.isdisjoint(zip(protos, sports, dports, strict=True)):
+        return
     for i, t in enumerate(zip(protos, sports, dports, strict=True)):
         if t in dead_ports and i not in gone and rec.wire(kb[i * ks : (i + 1) * ks]) in dead:
             gone[i] = Teardown.CT_DESTROYED
@@ -229,6 +275,8 @@ def _remarked(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes
     send it elsewhere, so it is decided again."""
     ks, marks = rec.key_size, plan.marks
     prefilter = plan.prefilter("marks")
+    if prefilter.isdisjoint(zip(protos, sports, dports, strict=True)):
+        return
     flow_marks = rec.flow_column(vb, rec.v_mark, "I")
     for i, t in enumerate(zip(protos, sports, dports, strict=True)):
         if t in prefilter and i not in gone:
@@ -247,29 +295,27 @@ def _port_prefilter(ids: Iterable[bytes]) -> set[tuple[int, int, int]]:
 def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
                sports: Sequence[int], dports: Sequence[int], lasts: Sequence[int],
                states: Sequence[int], gone: dict[int, Teardown], out: SweepResult) -> None:
-    """Offloaded flows that carried traffic within their class's period and
-    whose slice of the sweeps is due now (a hash of their ports): each is
+    """Offloaded flows that carried traffic since their last refresh and
+    whose slice of the passes is due now (a hash of their ports): each is
     renewed once per period."""
     ks, fs = rec.key_size, rec.flow_size
-    slices = {cls: plan.slices(cls) for cls in RefreshClass}
-    due = {cls: plan.sweep_no % n for cls, n in slices.items()}
     table = plan.due_table()
-    candidates = [i for i, h in enumerate(map(operator.xor, sports, dports)) if table[h]]
+    hashes = list(map(operator.xor, sports, dports))
+    candidates = compress(range(len(lasts)), map(table.__getitem__, hashes))
     flags_col = vb[rec.v_flags :: fs]
     zones = rec.flow_column(vb, rec.v_zone, "H")
     offload, assured, reply = rec.state_offload, rec.flag_assured, rec.flag_reply
     tcp = socket.IPPROTO_TCP
+    # (class, due table, since when traffic counts), per class
+    tcp_s, udp_s, new_s = (plan.schedule(cls) for cls in
+                           (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
     for i in candidates:
         last = lasts[i]
         if states[i] != offload or not last or i in gone:
             continue
         flags = flags_col[i]
-        if protos[i] == tcp:
-            cls = RefreshClass.TCP
-        else:
-            cls = RefreshClass.UDP if flags & assured else RefreshClass.UDP_NEW
-        if ((sports[i] ^ dports[i]) % slices[cls] == due[cls]
-                and plan.now_ns - last < plan.period_s(cls) * NS):
+        cls, due, since = tcp_s if protos[i] == tcp else udp_s if flags & assured else new_s
+        if due[hashes[i]] and last > since:
             out.refresh.append(Refresh(kb[i * ks : (i + 1) * ks], bool(flags & reply), zones[i],
                                        cls))
 
@@ -289,40 +335,110 @@ class Keepalive(Protocol):
 
 
 class Sweeper:
-    """Handed the flow map and conntrack's keep-alive; runs one pass a tick."""
+    """Handed the flow map and conntrack's keep-alive; walks the map a share
+    of it a tick.
+
+    A pass (a walk of the whole map) is spread over as many ticks as it
+    takes to read at most ``per_tick`` entries a tick, and never over more
+    than ``max_ticks``: the last tick of a pass reads whatever is left. An
+    entry that stays in the map is therefore visited once in every pass,
+    and two visits are less than two passes (``2 * max_ticks`` ticks)
+    apart. A small map is walked whole every tick, as before.
+
+    Refreshes follow the clock, not the ticks (``SweepPlan.due_table``):
+    each read of an entry covers the time since the previous pass began
+    (when it was last read, at the earliest), so an active flow is renewed
+    once a period, at most a period plus two passes apart even when ticks
+    come late (more often when an entry is read late in one pass and early
+    in the next: the stretches overlap). Destroyed and re-marked
+    connections a tick brings are checked against the rest of this pass and
+    all of the next one, which covers every entry once.
+    """
 
     def __init__(self, flows: FlowMap, ct: Keepalive, rec: Records, *,
-                 on_remove: Callable[[list[bytes]], None] | None = None) -> None:
+                 on_remove: Callable[[list[bytes]], None] | None = None,
+                 per_tick: int = ENTRIES_PER_TICK, max_ticks: int = MAX_PASS_TICKS) -> None:
         """``on_remove`` is told the raw keys of each batch of entries the
         sweep removed (what the agent keeps about them goes too)."""
         self.flows = flows
         self.ct = ct
         self.rec = rec
         self.on_remove = on_remove or (lambda _keys: None)
-        self.passes = 0
+        self.per_tick = per_tick
+        self.max_ticks = max_ticks
+        self.passes = 0  # ticks run
+        self.walks = 0  # passes completed
         self.failures = 0
         self.refreshed = 0
         self.to_tc = 0  # flows handed to TC (hybrid)
+        self._walk: Iterator[tuple[bytes, bytes, int]] | None = None
+        self._ticks = 1  # ticks the current pass is spread over
+        self._tick = 0  # ticks of it run
+        self._read = 0  # entries it has read
+        self._expected = 0  # entries the last pass read
+        self._pass_started = 0  # monotonic ns of the current pass's first tick
+        self._previous_started: int | None = None  # of the last pass that completed
+        self._dead: tuple[set[bytes], set[bytes]] = (set(), set())  # (this pass, the previous)
+        self._marks: tuple[dict[bytes, int], dict[bytes, int]] = ({}, {})
 
     def run(self, plan: SweepPlan) -> SweepResult:
-        """One pass. Each batch's actions are applied before the next batch
-        is read, so what the pass holds at once is one batch's worth (the
-        flows visited are in buckets the walk has left behind)."""
+        """One tick: the next share of the current pass. Each batch's actions
+        are applied before the next batch is read, so what a tick holds at
+        once is one batch's worth (the flows visited are in buckets the walk
+        has left behind)."""
         self.passes += 1
+        if self._walk is None:
+            self._walk = iter(self.flows.batches())
+            self._ticks = max(1, min(self.max_ticks, math.ceil(self._expected / self.per_tick)))
+            self._tick = self._read = 0
+        self._tick += 1
+        if self._tick == 1:
+            self._pass_started = plan.now_ns
+        self._dead[0].update(plan.dead)
+        self._marks[0].update(plan.marks)
+        pending = len(self._dead[0]) + len(self._dead[1]) + len(self._marks[0]) + len(self._marks[1])
+        last_tick = self._tick >= self._ticks or pending > IDS_KEPT  # bounded memory: finish now
+        quota = math.ceil((self._expected - self._read) / (self._ticks - self._tick + 1))
+        # What this tick reads was last read in the previous pass, after it began.
+        since_read = (FIRST_WINDOW_S if self._previous_started is None
+                      else (plan.now_ns - self._previous_started) / NS)
+        tick_plan = replace(plan, interval_s=since_read, dead=self._dead[0] | self._dead[1],
+                            marks={**self._marks[1], **self._marks[0]})
         total = SweepResult()
+        done = failed = False
         try:
-            for kb, vb, _n in self.flows.batches():
-                part = classify(kb, vb, plan, self.rec)
-                self._apply(part, plan)
+            read = 0
+            while last_tick or read < quota:
+                batch = next(self._walk, None)
+                if batch is None:
+                    done = True
+                    break
+                kb, vb, n = batch
+                read += n
+                part = classify(kb, vb, tick_plan, self.rec)
+                self._apply(part, tick_plan)
                 total.entries += part.entries
                 total.reasons.update(part.reasons)
                 total.pass_keys.extend(part.pass_keys[: PASS_KEYS_KEPT - len(total.pass_keys)])
                 total.refreshes += len(part.refresh)
                 total.handed_to_tc += len(part.to_tc)
+            self._read += read
         except (OffloadError, OSError) as exc:
             self.failures += 1
             log.warning("sweep failed (will retry): %s", exc)
+            done = failed = True
+        if done:
+            self._end_pass(failed)
         return total
+
+    def _end_pass(self, failed: bool) -> None:
+        self._walk = None
+        self.walks += 1
+        if not failed:  # else what it did not read was last read before it: keep the older start
+            self._previous_started = self._pass_started
+        self._expected = self._read
+        self._dead = (set(), self._dead[0])
+        self._marks = ({}, self._marks[0])
 
     def _apply(self, part: SweepResult, plan: SweepPlan) -> None:
         if part.remove:

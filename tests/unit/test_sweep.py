@@ -3,6 +3,8 @@ a fake flow map (no BPF, no root)."""
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import ipaddress
 import socket
 from collections.abc import Iterator, Sequence
@@ -43,11 +45,6 @@ def plan(sweep_no: int = 0, dead: set[bytes] | None = None, interval: float = 1.
     return SweepPlan(now_ns=NOW, sweep_no=sweep_no, tcp_idle_ns=300 * NS, udp_idle_ns=60 * NS,
                      timeouts=TIMEOUTS, interval_s=interval, dead=dead or set())
 
-
-def slot(sport: int, dport: int, slices: int) -> int:
-    """The sweep a flow's refresh falls in: its ports as the key's bytes read
-    in host order (the sweep only hashes them)."""
-    return (socket.htons(sport) ^ socket.htons(dport)) % slices
 
 
 def run(entries: list[tuple[FlowKey, bytes]], p: SweepPlan) -> SweepResult:
@@ -91,30 +88,44 @@ def test_pass_entries_are_not_refreshed() -> None:
 
 @pytest.mark.parametrize("proto, assured, cls", [
     (6, True, RefreshClass.TCP), (17, True, RefreshClass.UDP), (17, False, RefreshClass.UDP_NEW)])
-def test_refresh_class_and_slice(proto: int, assured: bool, cls: RefreshClass) -> None:
+def test_refresh_class_and_once_a_period(proto: int, assured: bool, cls: RefreshClass) -> None:
     k = key(proto, sport=40000)
-    p = plan()
-    slices = p.slices(cls)
-    due = slot(40000, 443, slices)
-    found = [n for n in range(slices)
-             if run([(k, flow(k, assured=assured, reply=True, zone=4))], plan(sweep_no=n)).refresh]
-    assert found == [due]  # exactly once per period
-    (ref,) = run([(k, flow(k, assured=assured, reply=True, zone=4))], plan(sweep_no=due)).refresh
+    period = int(plan().period_s(cls))
+
+    def at(tick: int) -> SweepPlan:  # one sweep a second, each reading what the last one read
+        return SweepPlan(now_ns=NOW + tick * NS, sweep_no=tick, tcp_idle_ns=300 * NS,
+                         udp_idle_ns=60 * NS, timeouts=TIMEOUTS, interval_s=1.0)
+
+    def sweep(tick: int) -> SweepResult:
+        raw = flow(k, assured=assured, reply=True, zone=4, last=NOW + tick * NS - NS // 2)
+        return run([(k, raw)], at(tick))
+
+    found = [tick for tick in range(3 * period) if sweep(tick).refresh]
+    assert len(found) == 3 and found[1] - found[0] == found[2] - found[1] == period
+    (ref,) = sweep(found[0]).refresh
     assert (ref.cls, ref.reply, ref.zone, ref.raw_key) == (cls, True, 4, k.pack())
 
 
 def test_a_flow_idle_longer_than_the_period_is_not_refreshed() -> None:
     k = key(17)
-    p = plan(sweep_no=slot(40000, 443, plan().slices(RefreshClass.UDP_NEW)))
-    r = run([(k, flow(k, assured=False, last=NOW - 11 * NS))], p)  # UDP_NEW period: 10 s
-    assert r.refresh == [] and r.remove == []
+    for tick in range(16):  # a whole UDP_NEW period (15 s): its instant comes in one of them
+        p = plan()
+        p.now_ns = NOW + tick * NS
+        r = run([(k, flow(k, assured=False, last=NOW - 17 * NS))], p)  # period 15 s + 1 s
+        assert r.refresh == [] and r.remove == []
+    # the same flow with a packet a second ago is renewed in one of those sweeps
+    assert any(run([(k, flow(k, assured=False, last=NOW + (t - 1) * NS))],
+                   SweepPlan(NOW + t * NS, t, 300 * NS, 60 * NS, TIMEOUTS, 1.0)).refresh
+               for t in range(16))
 
 
-def test_periods_are_a_third_of_the_timeout_within_bounds() -> None:
+def test_periods_are_half_the_timeout_or_a_third_within_bounds() -> None:
     p = plan()
     assert p.period_s(RefreshClass.TCP) == 60.0
-    assert p.period_s(RefreshClass.UDP) == 40.0
-    assert p.period_s(RefreshClass.UDP_NEW) == 10.0
+    assert p.period_s(RefreshClass.UDP) == 60.0
+    assert p.period_s(RefreshClass.UDP_NEW) == 15.0  # 15 s to spare
+    short = SweepPlan(NOW, 0, 1, 1, {c: 12 for c in RefreshClass}, 1.0)
+    assert short.period_s(RefreshClass.UDP_NEW) == 4.0  # half would leave only 6 s
     assert SweepPlan(NOW, 0, 1, 1, {c: 1 for c in RefreshClass}, 1.0).period_s(
         RefreshClass.TCP) == 1.0
 
@@ -162,8 +173,7 @@ def test_sweeper_deletes_and_refreshes() -> None:
     fm = FakeMap([(gone, flow(gone, seen=1)), (kept, flow(kept))])
     ct = FakeConntrack()
     sw = Sweeper(fm, ct, REC)
-    p = plan(sweep_no=slot(2, 443, plan().slices(RefreshClass.TCP)))
-    result = sw.run(p)
+    result = sw.run(plan())  # the first pass: every active flow is due
     assert list(fm.entries) == [kept.pack()]
     assert result.reasons == {Teardown.TCP_FLAGS: 1}
     assert ct.sent == [((6, kept.src.packed, kept.dst.packed, 2, 443), False, 0, 432000)]
@@ -235,3 +245,135 @@ def test_a_flow_looked_up_with_another_mark_is_decided_again() -> None:
     p.marks = {REC.wire(moved.pack()): 0x200, REC.wire(same.pack()): 0x200}
     r = run([(moved, raw_moved), (same, raw_same)], p)
     assert r.remove == [moved.pack()] and r.reasons == {Teardown.CT_MARK: 1}
+
+
+# -- a pass spread over ticks ------------------------------------------------------------------
+class WalkedMap:
+    """A flow map walked the way the kernel walks a hash map in batches: in
+    a fixed bucket order (here a hash of the key), resuming after the last
+    bucket read, and seeing the map as it is at each batch (entries added or
+    removed meanwhile)."""
+
+    def __init__(self, entries: list[tuple[FlowKey, bytes]], batch: int = 100) -> None:
+        self.entries = {k.pack(): v for k, v in entries}
+        self.batch = batch
+        self.read_at: dict[bytes, list[int]] = {}  # key -> the ticks it was read in
+        self.tick = 0
+        self._order: list[tuple[int, bytes]] = []
+
+    def _ordered(self) -> list[tuple[int, bytes]]:
+        if len(self._order) != len(self.entries):  # keys added or removed
+            self._order = sorted((self.bucket(k), k) for k in self.entries)
+        return self._order
+
+    @staticmethod
+    def bucket(raw: bytes) -> int:
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+    def batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+        after = -1
+        while True:
+            order = self._ordered()
+            at = bisect.bisect_right(order, (after, b"\xff" * 64))
+            chunk = [k for _, k in order[at : at + self.batch]]
+            if not chunk:
+                return
+            after = self.bucket(chunk[-1])
+            for k in chunk:
+                self.read_at.setdefault(k, []).append(self.tick)
+            yield b"".join(chunk), b"".join(self.entries[k] for k in chunk), len(chunk)
+
+    def delete_batch(self, keys: list[bytes]) -> int:
+        return sum(self.entries.pop(k, None) is not None for k in keys)
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self.entries[key] = value
+
+
+def udp_key(i: int) -> FlowKey:
+    return FlowKey(2, socket.AF_INET, 17, ip("198.18.1.2"), ip("198.19.2.2"), 1024 + i % 60000,
+                   20000 + i // 60000)
+
+
+def tick_plan(now: int, dead: set[bytes] | None = None) -> SweepPlan:
+    return SweepPlan(now_ns=now, sweep_no=0, tcp_idle_ns=300 * NS, udp_idle_ns=60 * NS,
+                     timeouts=TIMEOUTS, interval_s=1.0, dead=dead or set())
+
+
+def test_every_entry_is_visited_once_a_pass_and_a_pass_ends_within_its_bound() -> None:
+    fm = WalkedMap([(udp_key(i), flow(udp_key(i), assured=False)) for i in range(2000)])
+    sw = Sweeper(fm, FakeConntrack(), REC, per_tick=300, max_ticks=4)
+    walks_at = []
+    for tick in range(40):
+        fm.tick = tick
+        if tick == 13:  # the map grows by half in the middle of a pass
+            fm.entries.update((udp_key(i).pack(), flow(udp_key(i), assured=False))
+                              for i in range(2000, 3000))
+        sw.run(tick_plan(NOW + tick * NS))
+        walks_at.append(sw.walks)
+    # The first pass reads the whole map at once, then passes take 4 ticks.
+    assert walks_at[:9] == [1, 1, 1, 1, 2, 2, 2, 2, 3]
+    ends = [t for t in range(1, 40) if walks_at[t] != walks_at[t - 1]]
+    assert all(b - a <= 4 for a, b in zip(ends, ends[1:], strict=False))
+    for i in range(3000):
+        ticks = fm.read_at[udp_key(i).pack()]
+        assert all(b - a < 2 * 4 for a, b in zip(ticks, ticks[1:], strict=False)), ticks
+        # the first pass saw the first 2,000; a later entry is seen within two passes
+        assert ticks[0] == 0 if i < 2000 else 13 <= ticks[0] < 13 + 2 * 4
+
+
+def test_an_active_flow_is_renewed_before_conntrack_would_drop_it() -> None:
+    """Unreplied UDP (a 30 s timeout, renewed half of it apart) in a map
+    walked over 6 ticks a pass, the ticks coming late now and then (3 s
+    instead of 1): each flow that carries a packet every 2 s is renewed at
+    most a period plus two passes apart, inside 30 s; one that stopped is
+    not renewed once a period and a pass have gone by."""
+    n = 3000
+    keys = [udp_key(i) for i in range(n)]
+    fm = WalkedMap([(k, flow(k, assured=False)) for k in keys], batch=128)
+    ct = FakeConntrack()
+    sw = Sweeper(fm, ct, REC, per_tick=500, max_ticks=6)
+    renewed: dict[tuple[int, int], list[float]] = {}
+    stopped = keys[0].pack()
+    clock = 0.0
+    for tick in range(100):
+        clock += 3.0 if tick % 7 == 6 else 1.0
+        now = NOW + int(clock * NS)
+        for k in keys:  # every flow carried a packet within the last 2 s ...
+            raw = k.pack()
+            last = now - (tick % 2) * NS if raw != stopped or clock < 60 else NOW + 59 * NS
+            fm.entries[raw] = flow(k, assured=False, last=last)
+        ct.sent.clear()
+        sw.run(tick_plan(now))
+        for (_proto, _src, _dst, sport, dport), _reply, _zone, timeout in ct.sent:
+            assert timeout == 30
+            renewed.setdefault((sport, dport), []).append(clock)
+    period = SweepPlan(NOW, 0, 0, 0, TIMEOUTS, 1.0).period_s(RefreshClass.UDP_NEW)
+    longest_pass = 6 * 3.0
+    for k in keys[1:]:
+        times = renewed[(k.sport, k.dport)]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert gaps and max(gaps) <= period + 2 * longest_pass
+        assert max(gaps) < 30  # conntrack's own timeout never ran out
+    late = [t for t in renewed[(keys[0].sport, keys[0].dport)] if t >= 60 + period + longest_pass]
+    assert late == []
+
+
+def test_a_connection_destroyed_during_a_pass_goes_within_two_passes() -> None:
+    keys = [udp_key(i) for i in range(2000)]
+    fm = WalkedMap([(k, flow(k, assured=False)) for k in keys])
+    sw = Sweeper(fm, FakeConntrack(), REC, per_tick=300, max_ticks=4)
+    sw.run(tick_plan(NOW))  # the first pass: the whole map
+    sw.run(tick_plan(NOW + NS))  # the first share of the second pass
+    first_read = [k for k, ticks in fm.read_at.items() if len(ticks) == 2]
+    assert first_read  # read already in this pass: only the next pass finds them again
+    victim = first_read[0]
+    dead = {REC.wire(victim)}
+    removed = []
+    for tick in range(2, 2 + 2 * 4):
+        fm.tick = tick
+        removed.append(sw.run(tick_plan(NOW + tick * NS, dead if tick == 2 else None)).reasons)
+        if victim not in fm.entries:
+            break
+    assert victim not in fm.entries
+    assert sum(r[Teardown.CT_DESTROYED] for r in removed) == 1
