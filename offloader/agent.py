@@ -35,9 +35,8 @@ from . import bpfobj
 from .attach import Attacher
 from .config import Settings, network_devices, redecide_needed
 from .conntrack import CtEntry
-from .datapath import FlowKey
 from .decider import Decider
-from .decision import Decision, Exclusions, PassReason, Teardown, closing
+from .decision import Decision, Exclusions, Teardown, closing
 from .errors import OffloadError
 from .flowstate import FlowState, Seen, tuple_id
 from .flowtable import FlowTable
@@ -47,7 +46,7 @@ from .nftwatch import end_probation, put_on_probation
 from .parts import Parts, open_parts
 from .reconcile import Reconciliation, adopt
 from .records import Records
-from .reresolve import SETTLE_S, SLICE_ENTRIES, Lookup, Outcome, Pass, Rerouter
+from .reresolve import SETTLE_S, Reresolver
 from .status import AgentFacts, Counters, build_status
 from .sweep import Sweeper, SweepPlan, conntrack_timeouts
 
@@ -57,11 +56,6 @@ HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
 RECHECK_BUDGET = 128  # direct conntrack queries (tens of us each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
-IDLE_S = 3600.0  # the re-resolve timer's interval while no pass is wanted (hurried by changes)
-# Pass entries whose reason a route can change: removed on a route, rule,
-# address or link change, so that their next packet is decided afresh.
-ROUTE_PASSES = frozenset({PassReason.NO_PATH, PassReason.POLICY_MARK, PassReason.POLICY_TOS,
-                          PassReason.NAT_DEVICE, PassReason.EXCLUDED})
 
 
 class Agent:
@@ -93,12 +87,10 @@ class Agent:
                                self.attacher.hook_of)
         self.decide = self.decider.decide
         self.probation, self.early_drop = self.decider.probation, self.decider.early_drop
-        self.rerouter = Rerouter(self.dp, self.rec, self.decider.path_of, self.net.used)
-        self.reresolve = Pass(lambda: self.dp.flows.batches(SLICE_ENTRIES), self._reresolve_one,
-                              self._reresolve_lookups, self._reresolved)
+        self.reresolver = Reresolver(self.dp, self.rec, self.resolver, self.table, self.probation,
+                                     self.decider.path_of, self.net.used,
+                                     self.counters.torn_down)
         self._reresolve_timer: Timer | None = None
-        self.rerouted = 0
-        self.last_reresolve: Outcome | None = None
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -142,8 +134,7 @@ class Agent:
         loop.every(lambda: self.settings.sweep_interval, self.sweep)
         # A slice of the re-resolve pass each round of the loop while one is
         # wanted, the other sources served in between.
-        self._reresolve_timer = loop.every(lambda: 0.0 if self.reresolve.busy else IDLE_S,
-                                           self._reresolve_step)
+        self._reresolve_timer = loop.every(self.reresolver.interval, self.reresolver.step)
         loop.on_signal(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.on_signal(sig, loop.stop)
@@ -306,50 +297,11 @@ class Agent:
             return
         if changes.reresolve:
             self.early_drop.forget()  # a route drop or an unreachable one may be gone
-            self._drop_route_passes()
-            self.reresolve.wanted(changes.reresolve)
+            self.reresolver.changed(changes.reresolve)
             if self._reresolve_timer is not None:
                 self._reresolve_timer.hurry(SETTLE_S)  # a burst of changes: one pass
         for mac, reason in changes.macs.items():
             self.flush_where_dmac(mac, reason)
-
-    def _reresolve_step(self) -> None:
-        self.reresolve.step()
-
-    def _drop_route_passes(self) -> None:
-        """Pass entries a route decided (no path, policy, NAT device,
-        excluded zone) go: their next packet is decided with the new routes."""
-        keys = [raw for raw, why in self.table.why.items()
-                if why in ROUTE_PASSES and not self.probation.holds(raw)]
-        self.table.forget(keys)
-        self.dp.flows.delete_batch(keys)
-
-    def _reresolve_one(self, raw_key: bytes, raw_flow: bytes) -> bool | None:
-        kept = self.rerouter.judge(raw_key, raw_flow)
-        if kept is None:
-            self.counters.torn_down[Teardown.NETWORK] += 1
-        elif not kept:
-            self.rerouted += 1
-        return kept
-
-    def _reresolve_lookups(self) -> Callable[[bytes, bytes], Lookup]:
-        """What a scope compares, for one slice (the ruleset's mark setters
-        are asked once a slice)."""
-        setters, off = self.resolver.ruleset.setters(), self.reresolve.off
-        return lambda k, v: off.lookup(k, v, setters.packet_mark,
-                                       functools.partial(self._ingress_name, k))
-
-    def _ingress_name(self, raw_key: bytes) -> str | None:
-        try:
-            return self.resolver.link(self.resolver.ingress(FlowKey.unpack(raw_key)).l3_iif).name
-        except OffloadError:
-            return None
-
-    def _reresolved(self, out: Outcome) -> None:
-        self.last_reresolve = out
-        log.debug("network change: %d flows resolved again in %.3f s: %d kept, %d rerouted, "
-                  "%d handed back", out.checked, out.seconds, out.kept, out.rerouted,
-                  out.torn_down)
 
     # -- handing flows back --------------------------------------------------------------
 
@@ -379,9 +331,7 @@ class Agent:
     def status(self, limit: int = 0) -> dict[str, Any]:
         agent = self.counters.report()
         agent.update(self.early_drop.counts.report())
-        last = self.last_reresolve
-        agent.update(rerouted=self.rerouted, reresolve_passes=self.reresolve.passes,
-                     last_reresolve=last._asdict() if last else None)
+        agent.update(self.reresolver.report())
         agent.update(ruleset_changes=self.parts.nft.changes, on_probation=len(self.probation),
                      conntrack_refreshes=self.sweeper.refreshed, handed_to_tc=self.sweeper.to_tc,
                      conntrack_update_failures=self.ct.update_failures,

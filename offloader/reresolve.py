@@ -24,6 +24,7 @@ when the change was read.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -35,17 +36,20 @@ from typing import Any, NamedTuple
 from .bpfobj import BPF_EXIST
 from .conntrack import Tuple5
 from .datapath import Datapath, FlowKey, Verdict
-from .decision import PassReason
+from .decision import PassReason, Teardown
 from .errors import MapError, OffloadError
+from .flowtable import FlowTable
 from .layout import layout
+from .nftwatch import Probation
 from .records import Records
-from .routing import Egress
+from .routing import Egress, Resolver
 
 log = logging.getLogger(__name__)
 
 SLICE_BUDGET_S = 0.005  # work per loop tick: the loop answers everything else in between
 SLICE_ENTRIES = 256  # map entries read per batch lookup
 SETTLE_S = 0.02  # a pass starts this long after the first change: a burst is one pass
+IDLE_S = 3600.0  # the pass's timer interval while no pass is wanted (hurried by changes)
 SELECTORS_KEPT = 64  # beyond this many changes in one batch, the scope is everything
 FIB_RULE_INVERT = 0x2  # uapi fib_rules.h: "not" in `ip rule`
 
@@ -412,3 +416,76 @@ class Rerouter:
         except MapError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+# Pass entries whose reason a route can change: removed on a route, rule or
+# address change, so that their next packet is decided afresh.
+ROUTE_PASSES = frozenset({PassReason.NO_PATH, PassReason.POLICY_MARK, PassReason.POLICY_TOS,
+                          PassReason.NAT_DEVICE, PassReason.EXCLUDED})
+
+
+class Reresolver:
+    """The agent's re-resolving: what a change drops at once, the pass it
+    asks for, each verdict applied and counted, and what ``status`` shows.
+    ``torn_down`` is the agent's teardown counter."""
+
+    def __init__(self, dp: Datapath, rec: Records, resolver: Resolver, table: FlowTable,
+                 probation: Probation,
+                 path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
+                 used: Callable[[int, Any, bytes], None], torn_down: dict[Teardown, int]) -> None:
+        self.dp, self.resolver, self.table, self.probation = dp, resolver, table, probation
+        self.rerouter = Rerouter(dp, rec, path_of, used)
+        self.walk = Pass(lambda: dp.flows.batches(SLICE_ENTRIES), self._judge, self._lookups,
+                         self._done)
+        self.torn_down = torn_down
+        self.rerouted = 0
+        self.last: Outcome | None = None
+
+    def interval(self) -> float:
+        """The timer's: a slice every loop round while a pass is wanted."""
+        return 0.0 if self.walk.busy else IDLE_S
+
+    def step(self) -> None:
+        self.walk.step()
+
+    def changed(self, scope: Scope) -> None:
+        """Changes were read: the pass entries a route decided go now (their
+        next packet is decided with the new routes), the offloaded flows in
+        ``scope`` are resolved again by the pass."""
+        keys = [raw for raw, why in self.table.why.items()
+                if why in ROUTE_PASSES and not self.probation.holds(raw)]
+        self.table.forget(keys)
+        self.dp.flows.delete_batch(keys)
+        self.walk.wanted(scope)
+
+    def report(self) -> dict[str, Any]:
+        last = self.last
+        return {"rerouted": self.rerouted, "reresolve_passes": self.walk.passes,
+                "last_reresolve": last._asdict() if last else None}
+
+    def _judge(self, raw_key: bytes, raw_flow: bytes) -> bool | None:
+        kept = self.rerouter.judge(raw_key, raw_flow)
+        if kept is None:
+            self.torn_down[Teardown.NETWORK] += 1
+        elif not kept:
+            self.rerouted += 1
+        return kept
+
+    def _lookups(self) -> Callable[[bytes, bytes], Lookup]:
+        """What a scope compares, for one slice (the ruleset's mark setters
+        are asked once a slice)."""
+        setters, off = self.resolver.ruleset.setters(), self.walk.off
+        return lambda k, v: off.lookup(k, v, setters.packet_mark,
+                                       functools.partial(self._ingress_name, k))
+
+    def _ingress_name(self, raw_key: bytes) -> str | None:
+        try:
+            return self.resolver.link(self.resolver.ingress(FlowKey.unpack(raw_key)).l3_iif).name
+        except OffloadError:
+            return None
+
+    def _done(self, out: Outcome) -> None:
+        self.last = out
+        log.debug("network change: %d flows resolved again in %.3f s: %d kept, %d rerouted, "
+                  "%d handed back", out.checked, out.seconds, out.kept, out.rerouted,
+                  out.torn_down)
