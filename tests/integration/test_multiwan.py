@@ -27,6 +27,7 @@ import pytest
 
 from offloader.lab import Host, Topology, _run, _transfer, fixed_mac, warm_neighbours
 from tests.conftest import need_root
+from tests.integration.links import wire
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -77,29 +78,17 @@ table inet srv {{
 """
 
 
-def _veth(a: Host, a_dev: str, b: Host, b_dev: str) -> None:
-    x, y = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
-    _run(["ip", "link", "add", x, "type", "veth", "peer", "name", y])
-    _run(["ip", "link", "set", x, "netns", a.name, "name", a_dev])
-    _run(["ip", "link", "set", y, "netns", b.name, "name", b_dev])
-    for host, dev in ((a, a_dev), (b, b_dev)):
-        # Complete checksums (CHECKSUM_PARTIAL does not survive an XDP
-        # redirect on veth), no TSO/GSO (packet counts mean packets), GRO on
-        # (veth delivers XDP redirects only then).
-        host.sh(f"ip link set {dev} up && ethtool -K {dev} tx off tso off gso off gro on >/dev/null")
-
-
 def _build(topo: Topology) -> None:
     r, internet = topo.router, topo.wan
     for h in topo.hosts:
         _run(["ip", "netns", "add", h.name])
         h.sh("ip link set lo up")
     r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
-    _veth(topo.lan1, "eth0", r, "lan1p")
-    _veth(topo.lan2, "eth0", r, "lan2p")
+    wire(topo.lan1, "eth0", r, "lan1p")
+    wire(topo.lan2, "eth0", r, "lan2p")
     r.sh("ip link set lan1p master br-lan && ip link set lan2p master br-lan")
-    _veth(r, "wan1", internet, "i1")
-    _veth(r, "wan2", internet, "i2")
+    wire(r, "wan1", internet, "i1")
+    wire(r, "wan2", internet, "i2")
     r.sh(f"ip addr add 198.18.1.1/24 dev br-lan && ip addr add {WAN1}/24 dev wan1"
          f" && ip addr add {WAN2}/24 dev wan2")
     # Per-namespace settings of the router and internet namespaces only.

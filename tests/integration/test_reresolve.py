@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _run, _transfer, warm_neighbours
+from offloader.lab import Host, Topology, _run, _transfer, fixed_mac, warm_neighbours
 from tests.conftest import need_root
+from tests.integration.links import wire
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -46,27 +47,16 @@ table inet lab {
 """
 
 
-def _veth(a: Host, a_dev: str, b: Host, b_dev: str) -> None:
-    x, y = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
-    _run(["ip", "link", "add", x, "type", "veth", "peer", "name", y])
-    _run(["ip", "link", "set", x, "netns", a.name, "name", a_dev])
-    _run(["ip", "link", "set", y, "netns", b.name, "name", b_dev])
-    for host, dev in ((a, a_dev), (b, b_dev)):
-        # Complete checksums (an XDP redirect on veth keeps CHECKSUM_PARTIAL
-        # incomplete), no TSO/GSO, GRO on (veth takes XDP redirects only then).
-        host.sh(f"ip link set {dev} up && ethtool -K {dev} tx off tso off gso off gro on >/dev/null")
-
-
 def _build(topo: Topology) -> None:
     r, internet = topo.router, topo.wan
     for h in (r, topo.lan1, internet):
         _run(["ip", "netns", "add", h.name])
         h.sh("ip link set lo up")
-    r.sh("ip link add br-lan type bridge && ip link set br-lan up")
-    _veth(topo.lan1, "eth0", r, "lan1p")
+    r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
+    wire(topo.lan1, "eth0", r, "lan1p")
     r.sh("ip link set lan1p master br-lan")
-    _veth(r, "wan1", internet, "i1")
-    _veth(r, "wan2", internet, "i2")
+    wire(r, "wan1", internet, "i1")
+    wire(r, "wan2", internet, "i2")
     r.sh(f"ip addr add 198.18.1.1/24 dev br-lan && ip addr add {WAN1}/24 dev wan1"
          f" && ip addr add {WAN2}/24 dev wan2")
     r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0"
