@@ -17,10 +17,12 @@ Attribute numbers are those of uapi linux/netfilter/nfnetlink_conntrack.h.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 from pyroute2.netlink import (
     NLA_F_NESTED,
@@ -122,6 +124,41 @@ def _encode_refresh(seq: int, t: Raw5, reply: bool, zone: int, timeout: int, ack
     if zone:
         values += [6, CTA_ZONE, socket.htons(zone)]
     return _REFRESH[n, bool(zone)].pack(*values)
+
+
+class RefreshTemplate:
+    """Timeout updates of one shape (address length, protocol, direction,
+    zone, timeout) from the fields that vary, in network byte order as a
+    flow key holds them: one struct.pack of the constant parts around the
+    sequence number, addresses and ports; the same bytes as encode_update."""
+
+    def __init__(self, addr_len: int, proto: int, *, reply: bool, zone: int, timeout: int) -> None:
+        n = addr_len
+        whole = encode_update(0, (proto, b"\0" * n, b"\0" * n, 0, 0), reply=reply, zone=zone,
+                              timeout=timeout)
+        # seq at 8, addresses at 32 and 36 + n, ports at 52 + 2n and 60 + 2n
+        cuts = [(8, 4), (32, n), (36 + n, n), (52 + 2 * n, 2), (60 + 2 * n, 2)]
+        self._parts: list[bytes] = []
+        fmt, pos = "=", 0
+        for at, size in cuts:
+            self._parts.append(whole[pos:at])
+            fmt += f"{at - pos}s" + ("I" if at == 8 else f"{size}s")
+            pos = at + size
+        self._parts.append(whole[pos:])
+        fmt += f"{len(whole) - pos}s"
+        self._struct = struct.Struct(fmt)
+        p = self._parts
+        self._pack = functools.partial(_pack_around, self._struct.pack, p[0], p[1], p[2], p[3],
+                                       p[4], p[5])
+
+    def message(self, seq: int, src: bytes, dst: bytes, sport: bytes, dport: bytes) -> bytes:
+        return self._pack(seq, src, dst, sport, dport)
+
+
+def _pack_around(pack: Any, p0: bytes, p1: bytes, p2: bytes, p3: bytes, p4: bytes, p5: bytes,
+                 seq: int, src: bytes, dst: bytes, sport: bytes, dport: bytes) -> bytes:
+    out: bytes = pack(p0, seq, p1, src, p2, dst, p3, sport, p4, dport, p5)
+    return out
 
 
 def _encode_update_attrs(seq: int, t: Raw5, *, reply: bool, zone: int = 0,

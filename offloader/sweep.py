@@ -32,7 +32,6 @@ from itertools import compress, islice
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from . import ctnetlink
 from .bpfobj import BPF_EXIST
 from .decision import Teardown
 from .errors import MapError, OffloadError
@@ -329,8 +328,8 @@ class FlowMap(Protocol):
 class Keepalive(Protocol):
     """Conntrack's side: renew timeouts, and say which entries were gone."""
 
-    def refresh_many(self, items: Sequence[tuple[ctnetlink.Raw5, bool, int, int]],
-                     tags: Sequence[bytes] | None = None) -> int: ...
+    def refresh_keys(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]],
+                     tags: Sequence[bytes]) -> int: ...
     def take_gone(self) -> list[bytes]: ...
 
 
@@ -445,9 +444,15 @@ class Sweeper:
             self.flows.delete_batch(part.remove)
             self.on_remove(part.remove)
         if part.refresh:
-            items = [(self.rec.raw5(r.raw_key), r.reply, r.zone, plan.timeouts[r.cls])
-                     for r in part.refresh]
-            self.refreshed += self.ct.refresh_many(items, [r.raw_key for r in part.refresh])
+            # The key's own bytes: addresses, ports in network order, protocol.
+            rec, timeouts = self.rec, plan.timeouts
+            sa, da, sp, fam, pr = rec.k_saddr, rec.k_daddr, rec.k_sport, rec.k_family, rec.k_proto
+            items = []
+            for k, reply, zone, cls in part.refresh:
+                n = 4 if k[fam] == socket.AF_INET else 16
+                items.append((k[sa : sa + n], k[da : da + n], k[sp : sp + 2], k[sp + 2 : sp + 4],
+                              k[pr], reply, zone, timeouts[cls]))
+            self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in part.refresh])
         for raw_key, raw_flow in part.to_tc:
             # Rewritten whole: the packets counted since the batch was read
             # are lost from the counters (a few, once per flow).

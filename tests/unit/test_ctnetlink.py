@@ -106,3 +106,15 @@ def test_a_refresh_in_one_struct_is_the_attribute_encoding(src: bytes, dst: byte
     fast = ctnetlink.encode_update(9, t, reply=reply, zone=zone, timeout=432000, ack=ack)
     assert fast == ctnetlink._encode_update_attrs(9, t, reply=reply, zone=zone, timeout=432000,
                                                   ack=ack)
+
+
+@pytest.mark.parametrize("src, dst", [
+    (bytes([198, 18, 1, 2]), bytes([198, 19, 2, 2])),
+    (bytes(range(16)), bytes(range(16, 32)))])
+@pytest.mark.parametrize("proto, reply, zone", [(17, False, 0), (6, True, 0), (17, True, 9)])
+def test_a_refresh_from_its_template_is_the_same_message(src: bytes, dst: bytes, proto: int,
+                                                         reply: bool, zone: int) -> None:
+    tmpl = ctnetlink.RefreshTemplate(len(src), proto, reply=reply, zone=zone, timeout=30)
+    got = tmpl.message(77, src, dst, (40001).to_bytes(2, "big"), (443).to_bytes(2, "big"))
+    assert got == ctnetlink._encode_update_attrs(77, (proto, src, dst, 40001, 443), reply=reply,
+                                                 zone=zone, timeout=30)

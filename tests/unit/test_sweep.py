@@ -156,11 +156,13 @@ class FakeConntrack:
         self.missing = missing or set()
         self.gone: list[bytes] = []
 
-    def refresh_many(self, items: Sequence[tuple[tuple[int, bytes, bytes, int, int], bool, int,
-                                                 int]],
-                     tags: Sequence[bytes] | None = None) -> int:
-        self.sent.extend(items)
-        self.gone.extend(t for t in tags or () if t in self.missing)
+    def refresh_keys(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]],
+                     tags: Sequence[bytes]) -> int:
+        """Recorded as ((proto, src, dst, sport, dport), reply, zone, timeout)."""
+        self.sent.extend(((proto, src, dst, int.from_bytes(sport, "big"),
+                           int.from_bytes(dport, "big")), reply, zone, timeout)
+                         for src, dst, sport, dport, proto, reply, zone, timeout in items)
+        self.gone.extend(t for t in tags if t in self.missing)
         return len(items)
 
     def take_gone(self) -> list[bytes]:
