@@ -315,8 +315,9 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byte
         flags = flags_col[i]
         cls, due, since = tcp_s if protos[i] == tcp else udp_s if flags & assured else new_s
         if due[hashes[i]] and last > since:
-            out.refresh.append(Refresh(kb[i * ks : (i + 1) * ks], bool(flags & reply), zones[i],
-                                       cls))
+            # tuple.__new__: a named tuple's own constructor is Python code
+            out.refresh.append(tuple.__new__(Refresh, (kb[i * ks : (i + 1) * ks],
+                                                      bool(flags & reply), zones[i], cls)))
 
 
 class FlowMap(Protocol):
