@@ -185,11 +185,14 @@ class Agent:
         for record in batch:
             self.counters.events += 1
             key = record[:ks]
-            seen, recent = self.state.seen(key, now, int.from_bytes(record[ts:], "little"))
-            if seen is Seen.NEW and recent is not None:
-                # Conntrack's event for this connection was read before the
-                # ring record arrived: decide with it now.
-                guarded(functools.partial(self.decider.decide_with, key, recent))
+            stamp = int.from_bytes(record[ts:], "little")
+            seen, recent = self.state.seen(key, now, stamp)
+            if seen is Seen.NEW:
+                self.decider.noted(key, stamp)
+                if recent is not None:
+                    # Conntrack's event for this connection was read before
+                    # the ring record arrived: decide with it now.
+                    guarded(functools.partial(self.decider.decide_with, key, recent))
             elif seen is Seen.RECHECK and asks > 0:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly. At
@@ -316,6 +319,7 @@ class Agent:
         n = self.table.clear()
         self.state.clear_waiting()
         self.net.forget_nexthops()
+        self.dp.forget_tx_ports()
         self.counters.torn_down[reason] += n
         return n
 

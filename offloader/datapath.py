@@ -375,6 +375,7 @@ class Datapath:
         self.stats_map: Map = self.obj.map("ofl_stats")
         self.drops: Map = self.obj.map("ofl_drops")
         self.probes: Map = self.obj.map("ofl_probes")
+        self.tx_known: set[int] = set()  # ports written to tx_ports (offload skips them)
         self._cfg_flags = 0
         self._heartbeat_timeout_ns = 3_000_000_000
         self._renotify_ns = 200_000_000
@@ -431,6 +432,12 @@ class Datapath:
 
     def add_tx_port(self, ifindex: int) -> None:
         self.tx_ports.update(ifindex.to_bytes(4, "little"), ifindex.to_bytes(4, "little"))
+        self.tx_known.add(ifindex)
+
+    def forget_tx_ports(self) -> None:
+        """A link changed: the kernel drops a device's devmap entry when the
+        device goes, so ``offload`` writes each port again from now on."""
+        self.tx_known.clear()
 
     def set_iface(self, ifindex: int, dsa_proto: int = 0, *, l3: bool = False,
                   hybrid: bool = False) -> None:
@@ -499,13 +506,15 @@ class Datapath:
             yield raw_key, p.armed_ns, p.packets
 
     # -- flows ----------------------------------------------------------------
-    def offload(self, key: FlowKey, verdict: Verdict, *, replace: bool = True) -> bool:
+    def offload(self, key: FlowKey, verdict: Verdict, *, replace: bool = True,
+                raw: bytes | None = None) -> bool:
         """Write the verdict. With ``replace`` False, a flow offloaded
         already (a late ring record or event for it) keeps its entry,
         counters included, and False is returned; a pass entry (probation)
-        is replaced either way."""
-        self.add_tx_port(verdict.oif)
-        raw = key.pack()
+        is replaced either way. ``raw``: ``key`` packed, if the caller has it."""
+        if verdict.oif not in self.tx_known:
+            self.add_tx_port(verdict.oif)
+        raw = key.pack() if raw is None else raw
         # Stamped now, so a flow that never carries a packet still idles out.
         value = verdict.pack(last_seen_ns=time.monotonic_ns())
         try:

@@ -38,6 +38,7 @@ from .status import Counters, Latencies
 log = logging.getLogger(__name__)
 
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
+FIRST_SEEN_KEPT = 65536  # ring stamps of undecided keys kept (about 100 bytes each)
 
 
 class Decider:
@@ -55,6 +56,18 @@ class Decider:
         self.probation = Probation()
         self.early_drop = EarlyDrop(self.dp, self.resolver)
         self.ruleset = parts.nft.scan()
+        # raw key -> the datapath's stamp on its first ring record (the
+        # pending entry's first_seen_ns): the setup latency without a map
+        # lookup per flow. Keys not in it (their record was lost, or found
+        # by the sweep) are looked up in the pending map.
+        self.first_seen: dict[bytes, int] = {}
+
+    def noted(self, raw: bytes, stamp_ns: int) -> None:
+        """The ring reported ``raw`` for the first time, stamped ``stamp_ns``."""
+        first = self.first_seen
+        first[raw] = stamp_ns
+        if len(first) > FIRST_SEEN_KEPT:
+            del first[next(iter(first))]
 
     def decide_with(self, raw: bytes, entry: CtEntry) -> Decision:
         """Decide with a conntrack entry an event brought (either direction)."""
@@ -94,14 +107,16 @@ class Decider:
             if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
                 self.ct.gone.remove(tag)
                 return Decision.WAIT
-        first_seen = self.dp.pending_first_seen(key)
-        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply)):
+        first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(key)
+        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply), raw):
             self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
+        now = time.monotonic_ns()
         if first_seen:
-            self.latencies.note((time.monotonic_ns() - first_seen) / 1e6)
+            self.latencies.note((now - first_seen) / 1e6)
+        self.first_seen.pop(raw, None)
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
-        self.state.decided(raw, time.monotonic_ns())
+        self.state.decided(raw, now)
         self.counters.offloaded += 1
         if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the rest of the line
             log.debug("offload %s -> ifindex %d", describe(key), path.oif)
@@ -134,6 +149,7 @@ class Decider:
         if not self.table.mark_pass(key, why):
             self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
+        self.first_seen.pop(raw, None)
         self.state.decided(raw, time.monotonic_ns())
         self.counters.passed[why] += 1
         log.debug("pass %s: %s", describe(key), why)

@@ -74,7 +74,8 @@ class FakeDatapath:
         self.layout = layout()
         self.pin_dir: Path | None = None
 
-    def offload(self, k: FlowKey, verdict: Verdict, *, replace: bool = True) -> bool:
+    def offload(self, k: FlowKey, verdict: Verdict, *, replace: bool = True,
+                raw: bytes | None = None) -> bool:
         self.flows.update(k.pack(), verdict.pack(last_seen_ns=1))
         return True
 

@@ -1,0 +1,136 @@
+"""The decider's per-flow shortcuts: the setup latency from the ring
+record's stamp (no pending-map lookup per flow), the key packed once, and
+each transmit port written to the devmap once. Fakes stand for the maps,
+the resolver and conntrack (no BPF object or netlink is needed here)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED
+
+from offloader.conntrack import CtEntry, Tuple5
+from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
+from offloader.decider import FIRST_SEEN_KEPT, Decider
+from offloader.decision import Decision
+from offloader.flowstate import FlowState
+from offloader.flowtable import FlowTable
+from offloader.records import Records
+from offloader.routing import Egress
+from offloader.status import Counters
+
+LAN, WAN = ipaddress.IPv4Address("198.18.1.2"), ipaddress.IPv4Address("198.19.1.2")
+
+
+class FakeMap:
+    def __init__(self) -> None:
+        self.updates: list[tuple[bytes, bytes]] = []
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self.updates.append((key, value))
+
+    def delete(self, key: bytes) -> bool:
+        return True
+
+
+class FakeDatapath:
+    """Datapath's own offload and add_tx_port, over fake maps."""
+
+    def __init__(self) -> None:
+        self.flows, self.pending, self.tx_ports = FakeMap(), FakeMap(), FakeMap()
+        self.pending_lookups = 0
+        self.tx_known: set[int] = set()
+        self.keys: list[bytes] = []
+
+    def pending_first_seen(self, key: FlowKey) -> int:
+        self.pending_lookups += 1
+        return time.monotonic_ns() - 7_000_000  # 7 ms ago
+
+    def offload(self, key: FlowKey, verdict: Verdict, *, replace: bool = True,
+                raw: bytes | None = None) -> bool:
+        assert raw == key.pack()
+        self.keys.append(raw)
+        return Datapath.offload(self, key, verdict, replace=replace, raw=raw)  # type: ignore[arg-type]
+
+    def add_tx_port(self, ifindex: int) -> None:
+        Datapath.add_tx_port(self, ifindex)  # type: ignore[arg-type]
+
+    def forget_tx_ports(self) -> None:
+        Datapath.forget_tx_ports(self)  # type: ignore[arg-type]
+
+
+class FakeResolver:
+    def resolve(self, key: FlowKey, dst: Any, *, full: bool, mark: int) -> Egress:
+        return Egress(oif=4, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, l3_oif=4,
+                      nexthop=WAN)
+
+    def address_owner(self, addr: Any) -> int | None:
+        return None
+
+
+def decider() -> tuple[Decider, FakeDatapath]:
+    dp = FakeDatapath()
+    parts: Any = SimpleNamespace(dp=dp, resolver=FakeResolver(), ct=None,
+                                 net=SimpleNamespace(used=lambda *a: None),
+                                 nft=SimpleNamespace(scan=lambda: None))
+    rec = Records()
+    state = FlowState(max_waiting=1024, ident=rec.wire)
+    counters = Counters()
+    table = FlowTable(dp, counters, rec)  # type: ignore[arg-type]
+    return Decider(settings_udp(), parts, state, table, counters, lambda i: "xdp"), dp
+
+
+def settings_udp() -> Any:  # only the field the UDP gate reads
+    return SimpleNamespace(offload_udp="yes")
+
+
+def udp(sport: int) -> tuple[bytes, CtEntry]:
+    key = FlowKey(ifindex=3, family=socket.AF_INET, proto=socket.IPPROTO_UDP, src=LAN, dst=WAN,
+                  sport=sport, dport=7000)
+    orig = Tuple5(socket.IPPROTO_UDP, LAN, WAN, sport, 7000)
+    reply = Tuple5(socket.IPPROTO_UDP, WAN, LAN, 7000, sport)
+    return key.pack(), CtEntry(orig, reply, IPS_CONFIRMED | IPS_ASSURED, -1, 0, False, 30)
+
+
+def test_latency_comes_from_the_ring_stamp_without_a_map_lookup() -> None:
+    d, dp = decider()
+    raw, entry = udp(10000)
+    d.noted(raw, time.monotonic_ns() - 3_000_000)  # first record stamped 3 ms ago
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert dp.pending_lookups == 0
+    got = d.latencies.percentiles()
+    assert got["n"] == 1 and 3.0 <= float(got["max"]) < 6.0
+    assert raw not in d.first_seen  # forgotten once decided
+
+
+def test_a_key_the_ring_did_not_report_is_looked_up_in_the_pending_map() -> None:
+    d, dp = decider()
+    raw, entry = udp(10001)
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert dp.pending_lookups == 1
+    assert float(d.latencies.percentiles()["max"]) >= 7.0
+
+
+def test_the_transmit_port_is_written_once_for_many_flows() -> None:
+    d, dp = decider()
+    for sport in range(10100, 10110):
+        raw, entry = udp(sport)
+        assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert len(dp.flows.updates) == 10
+    assert dp.tx_ports.updates == [((4).to_bytes(4, "little"), (4).to_bytes(4, "little"))]
+    dp.forget_tx_ports()  # a link change: written again with the next flow
+    raw, entry = udp(10200)
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert len(dp.tx_ports.updates) == 2
+
+
+def test_stamps_of_undecided_keys_are_bounded() -> None:
+    d, _ = decider()
+    for i in range(FIRST_SEEN_KEPT + 10):
+        d.noted(i.to_bytes(52, "little"), i)
+    assert len(d.first_seen) == FIRST_SEEN_KEPT
+    assert (0).to_bytes(52, "little") not in d.first_seen  # the oldest went
