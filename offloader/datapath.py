@@ -512,11 +512,15 @@ class Datapath:
         already (a late ring record or event for it) keeps its entry,
         counters included, and False is returned; a pass entry (probation)
         is replaced either way. ``raw``: ``key`` packed, if the caller has it."""
-        if verdict.oif not in self.tx_known:
-            self.add_tx_port(verdict.oif)
         raw = key.pack() if raw is None else raw
         # Stamped now, so a flow that never carries a packet still idles out.
         value = verdict.pack(last_seen_ns=time.monotonic_ns())
+        return self.offload_packed(raw, verdict.oif, value, replace=replace)
+
+    def offload_packed(self, raw: bytes, oif: int, value: bytes, *, replace: bool = True) -> bool:
+        """``offload`` with the key and the ofl_flow value (to ``oif``) packed already."""
+        if oif not in self.tx_known:
+            self.add_tx_port(oif)
         try:
             self.flows.update(raw, value, BPF_ANY if replace else BPF_NOEXIST)
         except MapError as exc:

@@ -21,10 +21,10 @@ from .decision import (
     Decision,
     Exclusions,
     PassReason,
+    VerdictPacker,
     offloadable,
     source_nat_elsewhere,
     unresolved,
-    verdict_for,
 )
 from .earlydrop import EarlyDrop
 from .errors import ResolveError
@@ -61,6 +61,7 @@ class Decider:
         # lookup per flow. Keys not in it (their record was lost, or found
         # by the sweep) are looked up in the pending map.
         self.first_seen: dict[bytes, int] = {}
+        self.packer = VerdictPacker()
 
     def noted(self, raw: bytes, stamp_ns: int) -> None:
         """The ring reported ``raw`` for the first time, stamped ``stamp_ns``."""
@@ -108,10 +109,12 @@ class Decider:
                 self.ct.gone.remove(tag)
                 return Decision.WAIT
         first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(key)
-        if not self.table.offload(key, verdict_for(key, path, target, entry, is_reply), raw):
-            self.state.defer(raw, time.monotonic_ns() + MAP_FULL_BACKOFF_NS)
-            return Decision.WAIT
         now = time.monotonic_ns()
+        # Stamped now, so a flow that never carries a packet still idles out.
+        value = self.packer.pack(key, path, target, entry, is_reply, now)
+        if not self.table.offload_packed(raw, path.oif, value):
+            self.state.defer(raw, now + MAP_FULL_BACKOFF_NS)
+            return Decision.WAIT
         if first_seen:
             self.latencies.note((now - first_seen) / 1e6)
         self.first_seen.pop(raw, None)

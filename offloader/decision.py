@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,9 +28,11 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     TCP_CONNTRACK_ESTABLISHED,
 )
 
+from . import csum
 from .conntrack import IPS_HW_OFFLOAD, CtEntry, IPAddress, IPNetwork, Tuple5, tcp_closing
 from .datapath import FlowKey, Verdict
 from .errors import ResolveError
+from .layout import layout
 from .routing import Egress, PerPacketRoute
 
 
@@ -161,3 +164,53 @@ def verdict_for(key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry,
                    nat_dst=target.dst, nat_sport=target.sport, nat_dport=target.dport,
                    reply=is_reply, zone=entry.zone, assured=entry.assured,
                    mark=entry.mark)
+
+
+TEMPLATES_KEPT = 4096  # verdict templates (112 bytes and a key each); all dropped when full
+
+
+class VerdictPacker:
+    """The ofl_flow value of a new flow, without building a Verdict.
+
+    Of a verdict, only the ports (the NAT ports and the port checksum
+    delta) and the last-seen stamp differ between the flows of one path,
+    addresses and conntrack facts: everything else is packed once by
+    ``Verdict.pack`` into a template, keyed by all that it depends on, and
+    each flow patches its few bytes in. ``pack`` returns what
+    ``verdict_for(...).pack(last_seen_ns=...)`` returns (a unit test holds
+    the two equal)."""
+
+    def __init__(self) -> None:
+        lay = layout()
+        off = lay.ffi.offsetof
+        self._sport = off("struct ofl_flow", "v", "nat_sport")
+        self._dport = off("struct ofl_flow", "v", "nat_dport")
+        self._l4_port = off("struct ofl_flow", "v", "csum_l4_port")
+        self._last = off("struct ofl_flow", "last_seen_ns")
+        self._templates: dict[tuple[object, ...], bytes] = {}
+
+    def pack(self, key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry, is_reply: bool,
+             last_seen_ns: int) -> bytes:
+        sport, dport, new_sport, new_dport = key.sport, key.dport, target.sport, target.dport
+        nat_sport, nat_dport = new_sport != sport, new_dport != dport
+        tk = (path, key.family, key.src, key.dst, target.src, target.dst, is_reply, entry.zone,
+              entry.status, entry.mark, nat_sport, nat_dport)
+        template = self._templates.get(tk)
+        if template is None:
+            if len(self._templates) >= TEMPLATES_KEPT:
+                self._templates.clear()
+            template = verdict_for(key, path, target, entry, is_reply).pack()
+            self._templates[tk] = template
+        out = bytearray(template)
+        if nat_sport:
+            struct.pack_into("!H", out, self._sport, new_sport)
+        if nat_dport:
+            struct.pack_into("!H", out, self._dport, new_dport)
+        if nat_sport or nat_dport:
+            port_delta = csum.delta(struct.pack("!HH", sport, dport),
+                                    struct.pack("!HH", new_sport, new_dport))
+        else:
+            port_delta = 0
+        struct.pack_into("!H", out, self._l4_port, port_delta)
+        struct.pack_into("=Q", out, self._last, last_seen_ns)
+        return bytes(out)

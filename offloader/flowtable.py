@@ -40,13 +40,16 @@ class FlowTable:
         self.why: dict[bytes, PassReason] = {}  # raw key of a pass entry -> why it was passed
         self._logged = -LOG_EVERY_S
 
-    def offload(self, key: FlowKey, verdict: Verdict, raw: bytes | None = None) -> bool:
-        """Write the verdict; False when the full map had no room for it.
-        ``raw``: ``key`` packed, when the caller has it."""
-        raw = key.pack() if raw is None else raw
+    def offload(self, key: FlowKey, verdict: Verdict) -> bool:
+        """Write the verdict; False when the full map had no room for it."""
+        return self.offload_packed(key.pack(), verdict.oif, verdict.pack(
+            last_seen_ns=time.monotonic_ns()))
+
+    def offload_packed(self, raw: bytes, oif: int, value: bytes) -> bool:
+        """``offload`` with key and ofl_flow value packed (decision.VerdictPacker)."""
         # Not over an offloaded entry: a late ring record or event for a flow
         # decided already must not reset its counters.
-        if not self._store(lambda: self.dp.offload(key, verdict, replace=False, raw=raw),
+        if not self._store(lambda: self.dp.offload_packed(raw, oif, value, replace=False),
                            evict=True):
             return False
         self.why.pop(raw, None)

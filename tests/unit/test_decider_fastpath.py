@@ -14,7 +14,7 @@ from typing import Any
 from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED
 
 from offloader.conntrack import CtEntry, Tuple5
-from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
+from offloader.datapath import Datapath, FlowKey, L2Header
 from offloader.decider import FIRST_SEEN_KEPT, Decider
 from offloader.decision import Decision
 from offloader.flowstate import FlowState
@@ -50,11 +50,11 @@ class FakeDatapath:
         self.pending_lookups += 1
         return time.monotonic_ns() - 7_000_000  # 7 ms ago
 
-    def offload(self, key: FlowKey, verdict: Verdict, *, replace: bool = True,
-                raw: bytes | None = None) -> bool:
-        assert raw == key.pack()
+    def offload_packed(self, raw: bytes, oif: int, value: bytes, *,
+                       replace: bool = True) -> bool:
         self.keys.append(raw)
-        return Datapath.offload(self, key, verdict, replace=replace, raw=raw)  # type: ignore[arg-type]
+        return Datapath.offload_packed(self, raw, oif, value,  # type: ignore[arg-type]
+                                       replace=replace)
 
     def add_tx_port(self, ifindex: int) -> None:
         Datapath.add_tx_port(self, ifindex)  # type: ignore[arg-type]

@@ -74,9 +74,9 @@ class FakeDatapath:
         self.layout = layout()
         self.pin_dir: Path | None = None
 
-    def offload(self, k: FlowKey, verdict: Verdict, *, replace: bool = True,
-                raw: bytes | None = None) -> bool:
-        self.flows.update(k.pack(), verdict.pack(last_seen_ns=1))
+    def offload_packed(self, raw: bytes, oif: int, value: bytes, *,
+                       replace: bool = True) -> bool:
+        self.flows.update(raw, value)
         return True
 
     def mark_pass(self, k: FlowKey) -> None:
