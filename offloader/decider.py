@@ -32,12 +32,14 @@ from .flowstate import FlowState, describe, key_id, key_tuple
 from .flowtable import FlowTable
 from .nftwatch import Probation
 from .parts import Parts
+from .records import Records
 from .routing import Egress, NotYet
 from .status import Counters, Latencies
 
 log = logging.getLogger(__name__)
 
 MAP_FULL_BACKOFF_NS = 2_000_000_000  # a key the full map refused is asked about again after
+PATHS_KEPT = 4096  # paths remembered (all dropped when full)
 FIRST_SEEN_KEPT = 65536  # ring stamps of undecided keys kept (about 100 bytes each)
 
 
@@ -62,6 +64,8 @@ class Decider:
         # by the sweep) are looked up in the pending map.
         self.first_seen: dict[bytes, int] = {}
         self.packer = VerdictPacker()
+        self.rec = Records()
+        self._paths: dict[tuple[object, ...], Egress | PassReason] = {}
 
     def noted(self, raw: bytes, stamp_ns: int) -> None:
         """The ring reported ``raw`` for the first time, stamped ``stamp_ns``."""
@@ -72,46 +76,49 @@ class Decider:
 
     def decide_with(self, raw: bytes, entry: CtEntry) -> Decision:
         """Decide with a conntrack entry an event brought (either direction)."""
-        return self.decide(raw, (entry, entry.orig != key_tuple(FlowKey.unpack(raw))))
+        return self.decide(raw, (entry, not self._is_tuple(raw, entry.orig)))
 
     def decide(self, raw: bytes, found: tuple[CtEntry, bool] | None = None) -> Decision:
         """Offload the tuple of raw key ``raw``, pass it for good, or leave it waiting."""
-        key = FlowKey.unpack(raw)
         if self.probation and self.probation.holds(raw):
             # Handed back after a ruleset change, not yet seen forwarded.
-            self.dp.mark_pass(key)
+            self.dp.mark_pass(FlowKey.unpack(raw))
             self.state.decided(raw, time.monotonic_ns())
             return Decision.PASS
         if found is None:
+            key = FlowKey.unpack(raw)
             found = self.ct.get(key_tuple(key), self.state.zone(key_id(key)))
             if found is None:
                 return self._maybe_drop(key)
         entry, is_reply = found
         gate = offloadable(entry, offload_udp=self.settings.offload_udp)
         if isinstance(gate, PassReason):
-            return self._pass(raw, key, gate)
+            return self._pass(raw, FlowKey.unpack(raw), gate)
         if gate is Decision.WAIT:
             return gate
-        return self._offload(raw, key, entry, is_reply)
+        return self._offload(raw, entry, is_reply)
 
-    def _offload(self, raw: bytes, key: FlowKey, entry: CtEntry, is_reply: bool) -> Decision:
-        """Resolve the path of an offloadable ``key`` and write its verdict."""
+    def _offload(self, raw: bytes, entry: CtEntry, is_reply: bool) -> Decision:
+        """Resolve the path of an offloadable tuple and write its verdict.
+        A FlowKey is built only when the path is not cached: the key's
+        tuple is the entry's tuple of its direction."""
         target = nat_target(entry, is_reply)
-        path = self.path_of(key, target, entry.mark)
+        path = self._path_cached(raw, target, entry.mark)
         if isinstance(path, PassReason):
-            return self._pass(raw, key, path)
+            return self._pass(raw, FlowKey.unpack(raw), path)
         if path is None:
             return Decision.WAIT
-        if key.proto == socket.IPPROTO_TCP:
+        own = entry.reply if is_reply else entry.orig
+        if own.proto == socket.IPPROTO_TCP:
             tag = raw
-            self.ct.set_liberal(key_tuple(key), is_reply, entry.zone, tag)
+            self.ct.set_liberal(own, is_reply, entry.zone, tag)
             if tag in self.ct.gone:  # answered at once: the entry went away meanwhile
                 self.ct.gone.remove(tag)
                 return Decision.WAIT
-        first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(key)
+        first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(FlowKey.unpack(raw))
         now = time.monotonic_ns()
         # Stamped now, so a flow that never carries a packet still idles out.
-        value = self.packer.pack(key, path, target, entry, is_reply, now)
+        value = self.packer.pack(raw, own, path, target, entry, is_reply, now)
         if not self.table.offload_packed(raw, path.oif, value):
             self.state.defer(raw, now + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
@@ -122,8 +129,41 @@ class Decider:
         self.state.decided(raw, now)
         self.counters.offloaded += 1
         if log.isEnabledFor(logging.DEBUG):  # describe() costs more than the rest of the line
-            log.debug("offload %s -> ifindex %d", describe(key), path.oif)
+            log.debug("offload %s -> ifindex %d", describe(FlowKey.unpack(raw)), path.oif)
         return Decision.OFFLOAD
+
+    def _is_tuple(self, raw: bytes, t: Tuple5) -> bool:
+        """Whether raw key ``raw`` is tuple ``t``'s direction (addresses and ports)."""
+        rec = self.rec
+        n = len(t.src.packed)
+        return (raw[rec.k_saddr : rec.k_saddr + n] == t.src.packed
+                and raw[rec.k_daddr : rec.k_daddr + n] == t.dst.packed
+                and int.from_bytes(raw[rec.k_sport : rec.k_sport + 2], "big") == t.sport
+                and int.from_bytes(raw[rec.k_sport + 2 : rec.k_sport + 4], "big") == t.dport)
+
+    def _path_cached(self, raw: bytes, target: Tuple5, mark: int) -> Egress | PassReason | None:
+        """``path_of`` for a new flow, remembered per ingress attributes,
+        addresses before and after NAT and mark (and ports, when a policy
+        rule matches on them) until ``forget_paths``: the flows of one host
+        pair share a path. An answer of None (not yet) is not kept."""
+        sp = self.rec.k_sport
+        ck = ((raw if self.resolver.routes_by_port() else raw[:sp] + raw[sp + 4 :]),
+              target.src, target.dst, mark)
+        paths = self._paths
+        hit = paths.get(ck)
+        if hit is not None:
+            return hit
+        path = self.path_of(FlowKey.unpack(raw), target, mark)
+        if path is not None:
+            if len(paths) >= PATHS_KEPT:
+                paths.clear()
+            paths[ck] = path
+        return path
+
+    def forget_paths(self) -> None:
+        """The network, the configuration or the ruleset changed: paths are
+        resolved afresh (the resolver keeps its own finer-grained caches)."""
+        self._paths.clear()
 
     def path_of(self, key: FlowKey, target: Tuple5, mark: int) -> Egress | PassReason | None:
         """The egress of ``key``'s packets, rewritten to ``target`` and routed

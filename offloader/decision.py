@@ -189,17 +189,18 @@ class VerdictPacker:
         self._last = off("struct ofl_flow", "last_seen_ns")
         self._templates: dict[tuple[object, ...], bytes] = {}
 
-    def pack(self, key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry, is_reply: bool,
-             last_seen_ns: int) -> bytes:
-        sport, dport, new_sport, new_dport = key.sport, key.dport, target.sport, target.dport
+    def pack(self, raw: bytes, own: Tuple5, path: Egress, target: Tuple5, entry: CtEntry,
+             is_reply: bool, last_seen_ns: int) -> bytes:
+        """The value for raw key ``raw``, whose tuple is ``own``."""
+        sport, dport, new_sport, new_dport = own.sport, own.dport, target.sport, target.dport
         nat_sport, nat_dport = new_sport != sport, new_dport != dport
-        tk = (path, key.family, key.src, key.dst, target.src, target.dst, is_reply, entry.zone,
+        tk = (path, own.src, own.dst, target.src, target.dst, is_reply, entry.zone,
               entry.status, entry.mark, nat_sport, nat_dport)
         template = self._templates.get(tk)
         if template is None:
             if len(self._templates) >= TEMPLATES_KEPT:
                 self._templates.clear()
-            template = verdict_for(key, path, target, entry, is_reply).pack()
+            template = verdict_for(FlowKey.unpack(raw), path, target, entry, is_reply).pack()
             self._templates[tk] = template
         out = bytearray(template)
         if nat_sport:

@@ -209,6 +209,12 @@ class Resolver:
             self._neigh.clear()
             self._fdb.clear()
 
+    def routes_by_port(self) -> bool:
+        """Whether a policy rule matches on the protocol or ports (True until
+        the rules are read): two flows between the same hosts may then route
+        apart."""
+        return self._rules is None or self._rules.ports
+
     def forget_routes_to(self, inside: Callable[[IPAddress], bool]) -> None:
         """A route changed: only the lookups of destinations it could decide
         go (a route never decides one outside its prefix); the rules,

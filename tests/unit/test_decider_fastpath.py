@@ -20,7 +20,7 @@ from offloader.decision import Decision
 from offloader.flowstate import FlowState
 from offloader.flowtable import FlowTable
 from offloader.records import Records
-from offloader.routing import Egress
+from offloader.routing import Egress, NotYet
 from offloader.status import Counters
 
 LAN, WAN = ipaddress.IPv4Address("198.18.1.2"), ipaddress.IPv4Address("198.19.1.2")
@@ -64,7 +64,18 @@ class FakeDatapath:
 
 
 class FakeResolver:
+    def __init__(self) -> None:
+        self.resolved = 0
+        self.by_port = False
+        self.not_yet = False
+
+    def routes_by_port(self) -> bool:
+        return self.by_port
+
     def resolve(self, key: FlowKey, dst: Any, *, full: bool, mark: int) -> Egress:
+        self.resolved += 1
+        if self.not_yet:
+            raise NotYet("no neighbour entry yet")
         return Egress(oif=4, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, l3_oif=4,
                       nexthop=WAN)
 
@@ -134,3 +145,49 @@ def test_stamps_of_undecided_keys_are_bounded() -> None:
         d.noted(i.to_bytes(52, "little"), i)
     assert len(d.first_seen) == FIRST_SEEN_KEPT
     assert (0).to_bytes(52, "little") not in d.first_seen  # the oldest went
+
+
+def test_flows_of_one_host_pair_share_a_resolved_path_until_forgotten() -> None:
+    d, dp = decider()
+    resolver: FakeResolver = d.resolver  # type: ignore[assignment]
+    for sport in range(10300, 10320):
+        raw, entry = udp(sport)
+        assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert resolver.resolved == 1 and len(dp.flows.updates) == 20
+    d.forget_paths()  # a network change
+    raw, entry = udp(10400)
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert resolver.resolved == 2
+
+
+def test_ports_are_part_of_the_path_when_a_policy_rule_matches_on_them() -> None:
+    d, _ = decider()
+    resolver: FakeResolver = d.resolver  # type: ignore[assignment]
+    resolver.by_port = True
+    for sport in range(10500, 10505):
+        raw, entry = udp(sport)
+        assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert resolver.resolved == 5
+
+
+def test_not_yet_is_asked_again() -> None:
+    d, dp = decider()
+    resolver: FakeResolver = d.resolver  # type: ignore[assignment]
+    resolver.not_yet = True
+    raw, entry = udp(10600)
+    assert d.decide(raw, (entry, False)) is Decision.WAIT
+    resolver.not_yet = False
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    assert resolver.resolved == 2 and len(dp.flows.updates) == 1
+
+
+def test_decide_with_tells_the_direction_from_the_key_bytes() -> None:
+    d, dp = decider()
+    raw, entry = udp(10700)
+    assert d.decide_with(raw, entry) is Decision.OFFLOAD  # the original direction
+    flags = dp.flows.updates[-1][1][d.rec.v_flags]
+    assert not flags & d.rec.flag_reply
+    reply_key = FlowKey(ifindex=4, family=socket.AF_INET, proto=socket.IPPROTO_UDP, src=WAN,
+                        dst=LAN, sport=7000, dport=10700)
+    assert d.decide_with(reply_key.pack(), entry) is Decision.OFFLOAD
+    assert dp.flows.updates[-1][1][d.rec.v_flags] & d.rec.flag_reply

@@ -52,7 +52,8 @@ def test_same_bytes_as_verdict_pack(name: str, reply: bool, vlans: tuple[tuple[i
         entry = CtEntry(Tuple5(17, A(src), A(dst), sport, 53), Tuple5(17, A(dst), A(src), 53, sport),
                         status, -1, zone, False, 30, mark)
         want = verdict_for(key, path(vlans), target, entry, reply).pack(last_seen_ns=123 + sport)
-        assert packer.pack(key, path(vlans), target, entry, reply, 123 + sport) == want
+        own = Tuple5(17, key.src, key.dst, key.sport, key.dport)  # the key's own tuple
+        assert packer.pack(key.pack(), own, path(vlans), target, entry, reply, 123 + sport) == want
 
 
 def test_a_template_is_kept_per_path() -> None:
@@ -64,5 +65,6 @@ def test_a_template_is_kept_per_path() -> None:
                           sport=sport, dport=53)
             entry = CtEntry(Tuple5(17, src, dst, sport, 53), Tuple5(17, dst, src, 53, sport),
                             IPS_CONFIRMED, -1, 0, False, 30)
-            packer.pack(key, path(oif_vlans), Tuple5(17, src, dst, sport, 53), entry, False, 0)
+            packer.pack(key.pack(), entry.orig, path(oif_vlans), Tuple5(17, src, dst, sport, 53), entry,
+                        False, 0)
     assert len(packer._templates) == 2
