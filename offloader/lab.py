@@ -343,6 +343,11 @@ kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
 deadline = time.monotonic() + float(os.environ.get("PEER_TIMEOUT", "60"))
 if mode == "recv":
     s = socket.socket(fam, kind); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # UDP: room for a few seconds of datagrams while this process waits for
+    # a CPU (SO_RCVBUFFORCE, root: past rmem_max), so loss means the network's
+    if proto == "udp":
+        try: s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+        except OSError: pass
     s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
     h = hashlib.sha256(); got = 0
     print("ready", flush=True)
