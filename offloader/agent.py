@@ -57,6 +57,7 @@ HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
 RECHECK_BUDGET = 128  # direct conntrack queries (tens of us each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
+WARM_FIRST_S, WARM_EVERY_S = 0.05, 0.5  # the resolver's caches refilled (Decider.warm)
 # Allocations between young-generation collections (CPython's default 700):
 # a new flow allocates some tens of objects, nearly all freed at once, and a
 # burst of new flows ran a collection every few flows (3% of the agent's
@@ -139,6 +140,8 @@ class Agent:
         loop.every(lambda: self.settings.heartbeat_timeout / HEARTBEAT_FRACTION,
                    self.dp.heartbeat, first_in=0.0, urgent=True)
         loop.every(lambda: self.settings.sweep_interval, self.sweep)
+        loop.every(lambda: WARM_EVERY_S, lambda: self.decider.warm(self.attacher.attached),
+                   first_in=WARM_FIRST_S)
         # A slice of the re-resolve pass each round of the loop while one is
         # wanted, the other sources served in between.
         self._reresolve_timer = loop.every(self.reresolver.interval, self.reresolver.step)

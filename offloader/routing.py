@@ -210,10 +210,12 @@ class Resolver:
             self._fdb.clear()
 
     def routes_by_port(self) -> bool:
-        """Whether a policy rule matches on the protocol or ports (True until
-        the rules are read): two flows between the same hosts may then route
-        apart."""
-        return self._rules is None or self._rules.ports
+        """Whether a policy rule matches on the protocol or ports: two flows
+        between the same hosts may then route apart. Reads the rules when
+        they are not cached (as ``route`` does)."""
+        if self._rules is None:
+            self._rules = self._rule_facts()
+        return self._rules.ports
 
     def forget_routes_to(self, inside: Callable[[IPAddress], bool]) -> None:
         """A route changed: only the lookups of destinations it could decide

@@ -17,6 +17,7 @@ from offloader.conntrack import CtEntry, Tuple5
 from offloader.datapath import Datapath, FlowKey, L2Header
 from offloader.decider import FIRST_SEEN_KEPT, Decider
 from offloader.decision import Decision
+from offloader.errors import ResolveError
 from offloader.flowstate import FlowState
 from offloader.flowtable import FlowTable
 from offloader.records import Records
@@ -68,9 +69,19 @@ class FakeResolver:
         self.resolved = 0
         self.by_port = False
         self.not_yet = False
+        self.walked: list[int] = []
+        self.owners_read = 0
+        self.rules_read = 0
 
     def routes_by_port(self) -> bool:
+        self.rules_read += 1
         return self.by_port
+
+    def ingress(self, key: FlowKey) -> object:
+        self.walked.append(key.ifindex)
+        if key.ifindex == 99:
+            raise ResolveError("no device with ifindex 99")
+        return object()
 
     def resolve(self, key: FlowKey, dst: Any, *, full: bool, mark: int) -> Egress:
         self.resolved += 1
@@ -80,6 +91,7 @@ class FakeResolver:
                       nexthop=WAN)
 
     def address_owner(self, addr: Any) -> int | None:
+        self.owners_read += 1
         return None
 
 
@@ -191,3 +203,10 @@ def test_decide_with_tells_the_direction_from_the_key_bytes() -> None:
                         dst=LAN, sport=7000, dport=10700)
     assert d.decide_with(reply_key.pack(), entry) is Decision.OFFLOAD
     assert dp.flows.updates[-1][1][d.rec.v_flags] & d.rec.flag_reply
+
+
+def test_warm_walks_up_from_each_attached_device_and_reads_the_addresses() -> None:
+    d, _ = decider()
+    resolver: FakeResolver = d.resolver  # type: ignore[assignment]
+    d.warm([3, 99, 4])  # 99 is gone: logged, the others still warmed
+    assert resolver.walked == [3, 99, 4] and resolver.owners_read == resolver.rules_read == 1
