@@ -309,6 +309,7 @@ class Agent:
         self.decider.forget_paths()
         for index in changes.links_gone:
             self.attacher.gone(index)
+            self.dp.forget_tx_ports()  # the kernel dropped its devmap entry
         if changes.flush_all:
             self.early_drop.forget()
             n = self.flush(Teardown.NETWORK)
