@@ -25,15 +25,14 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _run, _transfer, fixed_mac, warm_neighbours
+from offloader.lab import Host, Topology, _transfer, warm_neighbours
 from tests.conftest import need_root
-from tests.integration.links import wire
+from tests.integration.links import WAN1, WAN2, two_uplinks
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
 HOST1, HOST2 = "198.18.1.2", "198.18.1.3"
-WAN1, WAN2 = "198.19.10.1", "198.19.20.1"
 SERVER = "198.19.99.1"
 PORT = 9000
 
@@ -80,28 +79,11 @@ table inet srv {{
 
 def _build(topo: Topology) -> None:
     r, internet = topo.router, topo.wan
-    for h in topo.hosts:
-        _run(["ip", "netns", "add", h.name])
-        h.sh("ip link set lo up")
-    r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
-    wire(topo.lan1, "eth0", r, "lan1p")
-    wire(topo.lan2, "eth0", r, "lan2p")
-    r.sh("ip link set lan1p master br-lan && ip link set lan2p master br-lan")
-    wire(r, "wan1", internet, "i1")
-    wire(r, "wan2", internet, "i2")
-    r.sh(f"ip addr add 198.18.1.1/24 dev br-lan && ip addr add {WAN1}/24 dev wan1"
-         f" && ip addr add {WAN2}/24 dev wan2")
-    # Per-namespace settings of the router and internet namespaces only.
-    r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0"
-         " net.ipv4.conf.default.rp_filter=0")
-    r.sh("ip route add default via 198.19.10.2 dev wan1"
-         " && ip route add default via 198.19.20.2 dev wan2 table 102"
-         # Connected networks first (mwan3 does the same), then the mark.
-         " && ip rule add priority 100 lookup main suppress_prefixlength 0"
+    two_uplinks(topo, [(topo.lan1, "lan1p"), (topo.lan2, "lan2p")], ROUTER_NFT)
+    # Connected networks first (mwan3 does the same), then the mark.
+    r.sh("ip rule add priority 100 lookup main suppress_prefixlength 0"
          " && ip rule add priority 200 fwmark 0x200/0x300 lookup 102")
-    r.sh("nft -f -", input=ROUTER_NFT)
-    internet.sh("ip addr add 198.19.10.2/24 dev i1 && ip addr add 198.19.20.2/24 dev i2"
-                f" && ip addr add {SERVER}/32 dev lo")
+    internet.sh(f"ip addr add {SERVER}/32 dev lo")
     internet.sh("sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1"
                 " net.ipv4.conf.i1.rp_filter=1 net.ipv4.conf.i2.rp_filter=1")
     internet.sh("nft -f -", input=INTERNET_NFT)

@@ -24,15 +24,14 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _run, _transfer, fixed_mac, warm_neighbours
+from offloader.lab import Host, Topology, _transfer, warm_neighbours
 from tests.conftest import need_root
-from tests.integration.links import wire
+from tests.integration.links import two_uplinks
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
 
 HOST = "198.18.1.2"
-WAN1, WAN2 = "198.19.10.1", "198.19.20.1"
 SERVER, SERVER2 = "198.19.99.1", "198.19.98.1"
 NETWORK = "route or link change"  # Teardown.NETWORK
 PORT = 9100
@@ -49,23 +48,8 @@ table inet lab {
 
 def _build(topo: Topology) -> None:
     r, internet = topo.router, topo.wan
-    for h in (r, topo.lan1, internet):
-        _run(["ip", "netns", "add", h.name])
-        h.sh("ip link set lo up")
-    r.sh(f"ip link add br-lan address {fixed_mac()} type bridge && ip link set br-lan up")
-    wire(topo.lan1, "eth0", r, "lan1p")
-    r.sh("ip link set lan1p master br-lan")
-    wire(r, "wan1", internet, "i1")
-    wire(r, "wan2", internet, "i2")
-    r.sh(f"ip addr add 198.18.1.1/24 dev br-lan && ip addr add {WAN1}/24 dev wan1"
-         f" && ip addr add {WAN2}/24 dev wan2")
-    r.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0"
-         " net.ipv4.conf.default.rp_filter=0")
-    r.sh("ip route add default via 198.19.10.2 dev wan1"
-         " && ip route add default via 198.19.20.2 dev wan2 table 102")
-    r.sh("nft -f -", input=ROUTER_NFT)
-    internet.sh("ip addr add 198.19.10.2/24 dev i1 && ip addr add 198.19.20.2/24 dev i2"
-                f" && ip addr add {SERVER}/32 dev lo && ip addr add {SERVER2}/32 dev lo"
+    two_uplinks(topo, [(topo.lan1, "lan1p")], ROUTER_NFT)
+    internet.sh(f"ip addr add {SERVER}/32 dev lo && ip addr add {SERVER2}/32 dev lo"
                 " && ip route add 198.18.1.0/24 via 198.19.10.1")
     internet.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
                 " net.ipv4.conf.i1.rp_filter=0 net.ipv4.conf.i2.rp_filter=0")
