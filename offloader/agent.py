@@ -306,7 +306,8 @@ class Agent:
     def apply(self, changes: Changes) -> None:
         """Resolve again what a network change could re-route; hand back
         every flow after a link change, the flows to a MAC that changed."""
-        self.decider.forget_paths()
+        if changes.paths_moved:  # not for a neighbour that only aged (REACHABLE -> STALE)
+            self.decider.forget_paths()
         for index in changes.links_gone:
             self.attacher.gone(index)
             self.dp.forget_tx_ports()  # the kernel dropped its devmap entry

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RT_TABLE_LOCAL = 255
 READ_BUDGET = 64  # datagrams per wake-up: the loop stays responsive under a storm
+NEIGHBOURS_KEPT = 8192  # neighbours' last known MACs (all dropped when full)
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Changes:
     flush_all: bool = False
     links_gone: set[int] = field(default_factory=set)  # ifindexes deleted
     macs: dict[bytes, Teardown] = field(default_factory=dict)  # flows to this MAC must go
+    # Something a resolved path depends on moved (a route, rule or address,
+    # a link, a neighbour's MAC, appearance or disappearance, an FDB entry):
+    # the paths cached per host pair go. A neighbour that only ages
+    # (REACHABLE -> STALE -> DELAY) moves nothing.
+    paths_moved: bool = False
 
 
 class NetWatcher:
@@ -65,6 +71,8 @@ class NetWatcher:
         # local address -> its device, as the events left it (the socket
         # was bound before this snapshot: no change falls in between)
         self.addresses: dict[Any, int] = resolver.local_addresses()
+        # (device, neighbour) -> its MAC while valid, as the last event said
+        self.neighbours: dict[tuple[int, Any], bytes] = {}
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -85,7 +93,9 @@ class NetWatcher:
                 break
             except OSError:  # ENOBUFS: changes were missed, nothing cached is sure
                 self.resolver.forget(links=True, routes=True, neigh=True)
+                self.neighbours.clear()
                 out.reresolve.add(None)
+                out.paths_moved = True
                 break
             for msg in self.parser.marshal.parse(data):
                 self.on_message(msg, out)
@@ -94,6 +104,7 @@ class NetWatcher:
     def on_message(self, msg: Any, out: Changes) -> None:
         kind = msg["header"]["type"]
         if kind in (RTM_NEWLINK, RTM_DELLINK):
+            out.paths_moved = True
             out.flush_all |= self._on_link(msg, kind == RTM_DELLINK, out)
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
             self._on_neigh(msg, kind == RTM_DELNEIGH, out)
@@ -106,11 +117,14 @@ class NetWatcher:
             sel = route_selector(msg)
             self.resolver.forget_routes_to(sel.covers_dst)  # the rest of the cache holds
             out.reresolve.add(sel)
+            out.paths_moved = True
         elif kind in (RTM_NEWRULE, RTM_DELRULE):
             self.resolver.forget(routes=True)  # which facts a lookup carries may change
             out.reresolve.add(rule_selector(msg))
+            out.paths_moved = True
         elif kind in (RTM_NEWADDR, RTM_DELADDR):
             self.resolver.forget(routes=True)  # local addresses, the walks up
+            out.paths_moved = True
             if self._under_macvlan(msg["index"]):
                 out.reresolve.add(None)  # the walk up from it may change (devstack.Macvlan)
             for sel in address_selectors(msg):
@@ -163,12 +177,19 @@ class NetWatcher:
             return
         hop = ipaddress.ip_address(dst)
         ck = (msg["ifindex"], hop)
-        used = self.nexthops.get(ck)
-        self.resolver.forget_neigh(msg["ifindex"], hop)
-        if used is None:
-            return
         lladdr = msg.get("NDA_LLADDR")
         new = bytes.fromhex(lladdr.replace(":", "")) if lladdr else b""
+        valid = b"" if deleted or not msg["state"] & NUD_VALID else new
+        if self.neighbours.get(ck) != valid:
+            # appeared, went, or another MAC: paths through it are stale
+            self.resolver.forget_neigh(msg["ifindex"], hop)
+            out.paths_moved = True
+            if len(self.neighbours) >= NEIGHBOURS_KEPT:
+                self.neighbours.clear()
+            self.neighbours[ck] = valid
+        used = self.nexthops.get(ck)
+        if used is None:
+            return
         if deleted or new != used or not msg["state"] & NUD_VALID:
             del self.nexthops[ck]
             out.macs[used] = Teardown.NEIGHBOUR
@@ -184,6 +205,7 @@ class NetWatcher:
         if deleted or any(p != port for p in cached):
             self.resolver.forget_fdb(raw)
             out.macs[raw] = Teardown.FDB
+            out.paths_moved = True
 
 
 def irrelevant(msg: Any) -> bool:
