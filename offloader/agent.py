@@ -80,6 +80,7 @@ class Agent:
         self.counters = Counters()
         self.table = FlowTable(self.dp, self.counters, self.rec)
         self.sweeper = Sweeper(self.dp.flows, self.ct, self.rec, on_remove=self._swept)
+        self.table.handed_back = self.sweeper.hand_back  # conntrack's own timeout goes back
         self._swept_on_probation: list[bytes] = []
         self.timeouts = conntrack_timeouts()
         self.started = time.time()
@@ -97,6 +98,7 @@ class Agent:
         self.reresolver = Reresolver(self.dp, self.rec, self.resolver, self.table, self.probation,
                                      self.decider.path_of, self.net.used,
                                      self.counters.torn_down)
+        self.reresolver.handed_back = self.sweeper.hand_back
         self._reresolve_timer: Timer | None = None
 
     # -- start and stop ---------------------------------------------------------------
@@ -122,6 +124,10 @@ class Agent:
             self.dp.configure(enabled=False)
         except OffloadError as exc:
             log.warning("disabling the datapath: %s", exc)
+        try:  # the kernel has them all now: conntrack's own timeouts go back
+            self.sweeper.hand_back_all(self.timeouts, delete=False)
+        except (OffloadError, OSError) as exc:
+            log.warning("putting conntrack timeouts back: %s", exc)
         self.attacher.detach_all()
         self.ring.close()
 
@@ -281,6 +287,7 @@ class Agent:
         self.decider.ruleset = self.parts.nft.scan()
         self.decider.forget_paths()  # a packet mark the ruleset sets may route otherwise
         self.early_drop.forget()
+        self.sweeper.hand_back(self.dp.flows.items())  # passed: held, then put back
         n = put_on_probation(self.dp, self.probation, self.rec.state_offload)
         self.counters.torn_down[reason] += n
         return n
@@ -334,7 +341,7 @@ class Agent:
     def flush(self, reason: Teardown) -> int:
         """Hand every flow back to the kernel; they are decided afresh (flows
         on probation stay there)."""
-        n = self.table.clear()
+        n = self.sweeper.hand_back_all(self.timeouts) + self.table.clear()
         self.state.clear_waiting()
         self.net.forget_nexthops()
         self.dp.forget_tx_ports()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # Constants from their owner: pyroute2's netlink modules (uapi values).
 CT_GROUPS = (1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
              | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+OFFLOADED_KEPT = 65536  # new flows queued for their long timeout between two sweep ticks
 IPS_HW_OFFLOAD = 1 << 15  # ip_conntrack_status (uapi nf_conntrack_common.h); pyroute2 lacks it
 
 
@@ -156,12 +157,15 @@ class Conntrack:
     def __init__(self) -> None:
         self._query: socket.socket | None = None
         self._raw: socket.socket | None = None
+        self._delete: socket.socket | None = None
         self._seq = 0
         self._qseq = 0
         self.update_failures = 0
         self.gone: list[bytes] = []
         self._inflight: dict[int, bytes] = {}  # sequence number -> tag, until answered
         self._templates: dict[tuple[int, int, bool, int, int], ctnetlink.RefreshTemplate] = {}
+        self._offloaded: list[tuple[bytes, bool, int, bool]] = []
+        self.offloaded_dropped = 0  # beyond OFFLOADED_KEPT: renewed when first due instead
 
     def get(self, t: Tuple5, zone: int = 0) -> tuple[CtEntry, bool] | None:
         """The entry ``t`` belongs to, and True when ``t`` is its reply
@@ -210,12 +214,22 @@ class Conntrack:
             self._raw.setblocking(False)  # never stall the agent's loop
         return self._raw
 
-    def _drain(self) -> None:
+    def _deleter(self) -> socket.socket:
+        """Deletions go out from a socket of their own: the agent's event
+        socket drops what the writer causes (CtEvents.ignore_sender), and a
+        deleted entry's DESTROY event must reach it as the kernel's own."""
+        if self._delete is None:
+            self._delete = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            self._delete.bind((0, 0))
+            self._delete.setblocking(False)
+        return self._delete
+
+    def _drain(self, sock: socket.socket | None = None) -> None:
         """Read what the kernel answered. It handles each message inside the
         sendmsg() call, so the answers to what was just sent are queued by
         now: nothing here waits. An update that failed because the entry is
         gone (ENOENT) puts its tag on ``gone``; other failures are counted."""
-        sock = self._writer()
+        sock = sock or self._writer()
         while True:
             try:
                 data = sock.recv(1 << 16)
@@ -230,22 +244,25 @@ class Conntrack:
                     continue
                 tag = self._inflight.pop(msg.seq, None)
                 if msg.error == -errno.ENOENT and tag is not None:
-                    self.gone.append(tag)
+                    if tag:  # b"": gone is fine (a timeout put back, an entry deleted)
+                        self.gone.append(tag)
                 elif msg.error:
                     self.update_failures += 1
         self._inflight.clear()
 
-    def _send(self, messages: list[tuple[bytes, bytes | None]]) -> None:
+    def _send(self, messages: list[tuple[bytes, bytes | None]],
+              sock: socket.socket | None = None) -> None:
         """Send (message, tag) pairs in one sendmsg() and read the answers."""
         for msg, tag in messages:
             if tag is not None:
                 self._inflight[struct.unpack_from("=I", msg, 8)[0]] = tag
+        sock = sock or self._writer()
         try:
-            self._writer().send(b"".join(m for m, _ in messages))
+            sock.send(b"".join(m for m, _ in messages))
         except OSError as exc:
             self._inflight.clear()
             raise OffloadError(f"conntrack update failed: {exc}") from exc
-        self._drain()
+        self._drain(sock)
 
     def set_liberal(self, t: Tuple5, reply: bool, zone: int, tag: bytes) -> None:
         """Make conntrack's TCP window tracking liberal for this connection,
@@ -307,6 +324,46 @@ class Conntrack:
             sent += len(chunk)
         return sent
 
+    def offloaded(self, raw_key: bytes, reply: bool, zone: int, assured: bool) -> None:
+        """A flow was just offloaded (raw key, is reply, zone, assured): the
+        sweep's next tick gives its entry the long timeout (take_offloaded).
+        Queued, not sent: new flows come by the thousand a second and the
+        tick sends them 256 to a sendmsg()."""
+        if len(self._offloaded) < OFFLOADED_KEPT:
+            self._offloaded.append((raw_key, reply, zone, assured))
+        else:
+            self.offloaded_dropped += 1
+
+    def take_offloaded(self) -> list[tuple[bytes, bool, int, bool]]:
+        got, self._offloaded = self._offloaded, []
+        return got
+
+    def put_back(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]],
+                 batch: int = 256) -> int:
+        """Hand entries back to their own timeout: (source, destination,
+        source port, destination port in network order, protocol, is reply,
+        zone, timeout) each; timeout 0 deletes the entry (the kernel would
+        have forgotten it by now: deleted, it leaves ``conntrack -L`` at once
+        and its DESTROY event goes out, as when conntrack reaps it). An
+        entry already gone is no failure. Returns how many were sent."""
+        self._drain()
+        updates: list[tuple[bytes, bytes | None]] = []
+        deletes: list[tuple[bytes, bytes | None]] = []
+        for src, dst, sport, dport, proto, reply, zone, timeout in items:
+            self._seq += 1
+            raw = (proto, src, dst, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"))
+            if timeout > 0:
+                updates.append((ctnetlink.encode_update(self._seq, raw, reply=reply, zone=zone,
+                                                        timeout=timeout), b""))
+            else:
+                deletes.append((ctnetlink.encode_delete(self._seq, raw, reply=reply, zone=zone),
+                                b""))
+        for i in range(0, len(updates), batch):
+            self._send(updates[i : i + batch])
+        for i in range(0, len(deletes), batch):
+            self._send(deletes[i : i + batch], self._deleter())
+        return len(updates) + len(deletes)
+
     def portid(self) -> int:
         """The netlink port id the updates go out from: the kernel stamps it
         on the UPDATE event each of them causes (CtEvents.ignore_sender)."""
@@ -325,6 +382,9 @@ class Conntrack:
         if self._raw is not None:
             self._raw.close()
             self._raw = None
+        if self._delete is not None:
+            self._delete.close()
+            self._delete = None
 
 
 class CtEvents:

@@ -7,6 +7,7 @@ hot paths need only a few attributes, so they are encoded and decoded here:
 
   - events (NEW/UPDATE/DESTROY): tuples, status, TCP state, helper, zone, mark;
   - updates (IPCTNL_MSG_CT_NEW on an existing entry): timeout, TCP flags;
+  - deletions (IPCTNL_MSG_CT_DELETE of one tuple);
   - queries (IPCTNL_MSG_CT_GET of one tuple), answered inside sendmsg().
 
 Updates go out many to one sendmsg() without NLM_F_ACK. The kernel handles
@@ -36,6 +37,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import (
     IP_CT_TCP_FLAG_BE_LIBERAL,
+    IPCTNL_MSG_CT_DELETE,
     IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW,
 )
@@ -180,6 +182,19 @@ def _encode_update_attrs(seq: int, t: Raw5, *, reply: bool, zone: int = 0,
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
+
+
+def encode_delete(seq: int, t: Raw5, *, reply: bool, zone: int = 0) -> bytes:
+    """A deletion of the entry ``t`` belongs to (``reply``: t is its reply
+    tuple), without acknowledgement: only a failure comes back. The kernel
+    sends the entry's DESTROY event, as when its own timeout reaps it."""
+    body = encode_tuple(CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG, t)
+    if zone:
+        body += _attr(CTA_ZONE, struct.pack("!H", zone))
+    family = socket.AF_INET6 if len(t[1]) == 16 else socket.AF_INET
+    payload = _NFGENMSG.pack(family, 0, 0) + body
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST, seq, 0) + payload
 
 
 def encode_get(seq: int, t: Raw5, *, zone: int = 0) -> bytes:

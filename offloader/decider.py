@@ -127,6 +127,7 @@ class Decider:
         if first_seen:
             self.latencies.note((now - first_seen) / 1e6)
         self.first_seen.pop(raw, None)
+        self.ct.offloaded(raw, is_reply, entry.zone, entry.assured)  # its long timeout: next tick
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
         self.state.decided(raw, now)
         self.counters.offloaded += 1

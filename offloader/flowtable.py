@@ -38,6 +38,8 @@ class FlowTable:
         self.rec = rec
         self.evictable: list[bytes] = []  # pass entries the last sweep saw
         self.why: dict[bytes, PassReason] = {}  # raw key of a pass entry -> why it was passed
+        # told the (key, value) of flows removed to hand them back (Sweeper.hand_back)
+        self.handed_back: Callable[[list[tuple[bytes, bytes]]], None] = lambda _pairs: None
         self._logged = -LOG_EVERY_S
 
     def offload(self, key: FlowKey, verdict: Verdict) -> bool:
@@ -75,9 +77,12 @@ class FlowTable:
     def remove_where_dmac(self, mac: bytes) -> int:
         """Remove the flows sent to ``mac``; how many went."""
         rec = self.rec
-        keys = [k for k, v in self.dp.flows.items() if rec.dmac(v) == mac]
+        pairs = [(k, v) for k, v in self.dp.flows.items() if rec.dmac(v) == mac]
+        keys = [k for k, _ in pairs]
         self.forget(keys)
-        return self.dp.flows.delete_batch(keys)
+        n = self.dp.flows.delete_batch(keys)
+        self.handed_back(pairs)
+        return n
 
     def clear(self) -> int:
         """Remove every flow and pending tuple; how many flows went."""

@@ -438,6 +438,8 @@ class Reresolver:
         self.walk = Pass(lambda: dp.flows.batches(SLICE_ENTRIES), self._judge, self._lookups,
                          self._done)
         self.torn_down = torn_down
+        # told the (key, value) of each offloaded flow handed back (Sweeper.hand_back)
+        self.handed_back: Callable[[list[tuple[bytes, bytes]]], None] = lambda _pairs: None
         self.rerouted = 0
         self.last: Outcome | None = None
 
@@ -467,6 +469,7 @@ class Reresolver:
         kept = self.rerouter.judge(raw_key, raw_flow)
         if kept is None:
             self.torn_down[Teardown.NETWORK] += 1
+            self.handed_back([(raw_key, raw_flow)])
         elif not kept:
             self.rerouted += 1
         return kept

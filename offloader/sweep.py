@@ -19,12 +19,12 @@ the next tick tries again.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 import operator
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +35,7 @@ from typing import NamedTuple, Protocol
 from .bpfobj import BPF_EXIST
 from .decision import Teardown
 from .errors import MapError, OffloadError
+from .handback import Handback, RefreshClass
 from .records import Records
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,11 @@ BULK_PACKET = 1000  # ... in packets this large on average is bulk: TC forwards 
 ENTRIES_PER_TICK = 20000  # a pass over a larger map is spread over ticks ...
 MAX_PASS_TICKS = 5  # ... but never over more than this many
 REFRESH_SPARE_S = 15.0  # a refresh period leaves at least this much of the timeout to spare
+OFFLOAD_TIMEOUT_S = 300  # an offloaded flow's conntrack timeout (at least its class's own)
+MAX_PERIOD_S = 150.0  # the longest refresh period
+OFFLOADED_KEPT = 65536  # flows offloaded since the last tick whose long timeout is still due
 IDS_KEPT = 16384  # destroyed or re-marked connections carried over; beyond, a pass ends at once
 FIRST_WINDOW_S = 3600.0  # the first pass: every active flow is due (nothing was read before)
-
-
-class RefreshClass(enum.Enum):
-    """Conntrack timeout classes: which of the namespace's timeouts applies."""
-
-    TCP = "tcp"  # nf_conntrack_tcp_timeout_established
-    UDP = "udp"  # nf_conntrack_udp_timeout_stream (assured)
-    UDP_NEW = "udp-new"  # nf_conntrack_udp_timeout (not assured)
 
 
 _SYSCTL = {RefreshClass.TCP: ("nf_conntrack_tcp_timeout_established", 432000),
@@ -98,6 +94,8 @@ class SweepPlan:
     dead: set[bytes] = field(default_factory=set)  # wire ids conntrack destroyed or closed
     hybrid: frozenset[int] = frozenset()  # ingress devices with XDP and TC (hybrid hook)
     marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
+    held: set[bytes] = field(default_factory=set)  # wire ids of connections handed back (Handback)
+    offload_timeout_s: int = OFFLOAD_TIMEOUT_S
     _due: dict[RefreshClass | None, bytes] | None = field(default=None, init=False, repr=False)
     _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
                                                               repr=False)
@@ -151,8 +149,8 @@ class SweepPlan:
         thousands of ids and the map a hundred batches)."""
         got = self._prefilters.get(which)
         if got is None:
-            got = self._prefilters[which] = _port_prefilter(
-                self.dead if which == "dead" else self.marks)
+            ids = {"dead": self.dead, "marks": self.marks, "held": self.held}[which]
+            got = self._prefilters[which] = _port_prefilter(ids)
         return got
 
     def schedule(self, cls: RefreshClass) -> tuple[RefreshClass, bytes, int]:
@@ -162,13 +160,31 @@ class SweepPlan:
         since = self.now_ns - int((self.period_s(cls) + self.interval_s) * NS)
         return cls, self.due_table(cls), since
 
+    def keep_s(self, cls: RefreshClass) -> int:
+        """The conntrack timeout an offloaded flow of ``cls`` is renewed
+        with: ``offload_timeout_s``, never less than the class's own (TCP
+        established's 5 days stay), as nf_flow_table pushes an offloaded
+        connection's timeout out (nf_ct_offload_timeout). Handing the flow
+        back puts the class's own back (Handback)."""
+        return max(self.timeouts[cls], self.offload_timeout_s)
+
+    def idle_ns(self, cls: RefreshClass) -> int:
+        """How long a flow of ``cls`` may go without a packet before it is
+        handed back: the configured idle timeout, never more than the
+        class's conntrack timeout. The long timeout keeps the entry alive,
+        so without this bound a flow the kernel would have forgotten (an
+        unreplied UDP flow after 30 s) would still be forwarded."""
+        idle = self.tcp_idle_ns if cls is RefreshClass.TCP else self.udp_idle_ns
+        return min(idle, self.timeouts[cls] * NS)
+
     def period_s(self, cls: RefreshClass) -> float:
-        """Each class is renewed at half its timeout when the other half
-        leaves REFRESH_SPARE_S to spare (a pass spread over ticks, a loop
-        running late), else at a third; within [1 s, 60 s]."""
-        timeout = self.timeouts[cls]
+        """Each class is renewed at half its long timeout (``keep_s``) when
+        the other half leaves REFRESH_SPARE_S to spare (a pass spread over
+        ticks, a loop running late), else at a third; within [1 s,
+        MAX_PERIOD_S]."""
+        timeout = self.keep_s(cls)
         period = timeout / 2 if timeout / 2 >= REFRESH_SPARE_S else timeout / 3
-        return max(1.0, min(60.0, period))
+        return max(1.0, min(MAX_PERIOD_S, period))
 
 
 @dataclass
@@ -178,6 +194,8 @@ class SweepResult:
     refresh: list[Refresh] = field(default_factory=list)
     pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
     to_tc: list[tuple[bytes, bytes]] = field(default_factory=list)  # hybrid: (key, new value)
+    handed: list[tuple[bytes, bytes, RefreshClass]] = field(default_factory=list)  # to put back
+    found: list[tuple[bytes, bool]] = field(default_factory=list)  # held wire, still offloaded
     entries: int = 0
     refreshes: int = 0  # totals of a whole pass (the lists above are per batch)
     handed_to_tc: int = 0
@@ -206,21 +224,31 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
     gone: dict[int, Teardown] = {}
     if any(seens):
         gone = {i: Teardown.TCP_FLAGS for i in compress(range(n), seens)}
-    # Idle: older than its protocol's timeout (the looser bound filters first).
-    tcp = socket.IPPROTO_TCP
-    cut_tcp, cut_udp = plan.now_ns - plan.tcp_idle_ns, plan.now_ns - plan.udp_idle_ns
-    loose = max(cut_tcp, cut_udp)
+    # Idle: older than its class's bound (the loosest bound filters first).
+    tcp, assured = socket.IPPROTO_TCP, rec.flag_assured
+    flags_col = vb[rec.v_flags :: rec.flow_size]
+    cut_tcp, cut_udp, cut_new = (plan.now_ns - plan.idle_ns(c) for c in
+                                 (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
+    loose = max(cut_tcp, cut_udp, cut_new)
     for i in compress(range(n), map(loose.__gt__, lasts)):
         last = lasts[i]
-        if last and i not in gone and last < (cut_tcp if protos[i] == tcp else cut_udp):
+        if last and i not in gone and last < (cut_tcp if protos[i] == tcp else cut_udp
+                                              if flags_col[i] & assured else cut_new):
             gone[i] = Teardown.IDLE
     if plan.dead:
         _destroyed(kb, plan, rec, protos, sports, dports, gone)
     if plan.marks:
         _remarked(kb, vb, plan, rec, protos, sports, dports, gone)
+    if plan.held:
+        _held(kb, plan, rec, protos, sports, dports, states, gone, out)
+    fs = rec.flow_size
     for i, reason in gone.items():
         out.remove.append(kb[i * ks : (i + 1) * ks])
         out.reasons[reason] += 1
+        if reason in _PUT_BACK and states[i] == rec.state_offload:
+            cls = class_of(protos[i], flags_col[i], rec)
+            if plan.keep_s(cls) > plan.timeouts[cls]:
+                out.handed.append((kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs], cls))
     offload = rec.state_offload
     if len(out.pass_keys) < PASS_KEYS_KEPT:
         room = PASS_KEYS_KEPT - len(out.pass_keys)
@@ -231,6 +259,37 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
     if plan.hybrid:
         _bulk_to_tc(kb, vb, plan, rec, protos, states, gone, out)
     return out
+
+
+# Hand-backs after which the conntrack entry's own timeout goes back: not a
+# destroyed entry, nor FIN/RST/SYN (the datapath passes that packet, and the
+# kernel sets the timeout of the state it moves to).
+_PUT_BACK = frozenset({Teardown.IDLE, Teardown.CT_MARK})
+
+
+def class_of(proto: int, flags: int, rec: Records) -> RefreshClass:
+    """The timeout class of a flow from its protocol and verdict flags."""
+    if proto == socket.IPPROTO_TCP:
+        return RefreshClass.TCP
+    return RefreshClass.UDP if flags & rec.flag_assured else RefreshClass.UDP_NEW
+
+
+def _held(kb: bytes, plan: SweepPlan, rec: Records, protos: bytes, sports: Sequence[int],
+          dports: Sequence[int], states: Sequence[int], gone: dict[int, Teardown],
+          out: SweepResult) -> None:
+    """Directions of connections handed back (``plan.held``) still in the
+    map: offloaded (the connection lives on) or passed (the kernel sees
+    them). Those going now are handed back themselves."""
+    ks, held = rec.key_size, plan.held
+    prefilter = plan.prefilter("held")
+    if prefilter.isdisjoint(zip(protos, sports, dports, strict=True)):
+        return
+    offload = rec.state_offload
+    for i, t in enumerate(zip(protos, sports, dports, strict=True)):
+        if t in prefilter and i not in gone:
+            wire = rec.wire(kb[i * ks : (i + 1) * ks])
+            if wire in held:
+                out.found.append((wire, states[i] == offload))
 
 
 def _bulk_to_tc(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
@@ -332,6 +391,9 @@ class Keepalive(Protocol):
     def refresh_keys(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]],
                      tags: Sequence[bytes]) -> int: ...
     def take_gone(self) -> list[bytes]: ...
+    def put_back(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]]
+                 ) -> int: ...
+    def take_offloaded(self) -> list[tuple[bytes, bool, int, bool]]: ...
 
 
 class Sweeper:
@@ -353,6 +415,11 @@ class Sweeper:
     in the next: the stretches overlap). Destroyed and re-marked
     connections a tick brings are checked against the rest of this pass and
     all of the next one, which covers every entry once.
+
+    Renewals set the long timeout (``SweepPlan.keep_s``); a flow offloaded
+    since the last tick gets it at the next tick (``take_offloaded``), since
+    its first due instant may be a long period away. Connections handed back
+    are ``Handback``'s until their own timeout is put back.
     """
 
     def __init__(self, flows: FlowMap, ct: Keepalive, rec: Records, *,
@@ -380,6 +447,8 @@ class Sweeper:
         self._previous_started: int | None = None  # of the last pass that completed
         self._dead: tuple[set[bytes], set[bytes]] = (set(), set())  # (this pass, the previous)
         self._marks: tuple[dict[bytes, int], dict[bytes, int]] = ({}, {})
+        self.handback = Handback(ct, rec)
+        self._timeouts: dict[RefreshClass, int] = {}  # the last plan's
 
     def run(self, plan: SweepPlan) -> SweepResult:
         """One tick: the next share of the current pass. Each batch's actions
@@ -387,6 +456,8 @@ class Sweeper:
         once is one batch's worth (the flows visited are in buckets the walk
         has left behind)."""
         self.passes += 1
+        self._timeouts = plan.timeouts
+        self._keep_offloaded(plan)
         if self._walk is None:
             self._walk = iter(self.flows.batches())
             self._ticks = max(1, min(self.max_ticks, math.ceil(self._expected / self.per_tick)))
@@ -397,13 +468,15 @@ class Sweeper:
         self._dead[0].update(plan.dead)
         self._marks[0].update(plan.marks)
         pending = len(self._dead[0]) + len(self._dead[1]) + len(self._marks[0]) + len(self._marks[1])
-        last_tick = self._tick >= self._ticks or pending > IDS_KEPT  # bounded memory: finish now
+        last_tick = (self._tick >= self._ticks or pending > IDS_KEPT  # bounded memory: finish now
+                     or self.handback.overflowing())
         quota = math.ceil((self._expected - self._read) / (self._ticks - self._tick + 1))
         # What this tick reads was last read in the previous pass, after it began.
         since_read = (FIRST_WINDOW_S if self._previous_started is None
                       else (plan.now_ns - self._previous_started) / NS)
         tick_plan = replace(plan, interval_s=since_read, dead=self._dead[0] | self._dead[1],
-                            marks={**self._marks[1], **self._marks[0]})
+                            marks={**self._marks[1], **self._marks[0]},
+                            held=self.handback.wires() if len(self.handback) else set())
         total = SweepResult()
         done = failed = False
         try:
@@ -429,7 +502,71 @@ class Sweeper:
             done = failed = True
         if done:
             self._end_pass(failed)
+            if not failed:  # else what it held was not checked against every entry
+                with contextlib.suppress(OffloadError, OSError):
+                    self.handback.end_pass(plan.timeouts, plan.now_ns)
         return total
+
+    def _keep_offloaded(self, plan: SweepPlan) -> None:
+        """Flows offloaded since the last tick: their conntrack entry still
+        has the timeout the kernel set (30 s for unreplied UDP), and their
+        first due instant may be a long period away: renew it now."""
+        fresh = self.ct.take_offloaded()
+        if not fresh:
+            return
+        rec = self.rec
+        if len(self.handback):
+            self.handback.offloaded_again(rec.wire(k) for k, _reply, _zone, _assured in fresh)
+        refresh = []
+        for raw_key, reply, zone, assured in fresh:
+            cls = class_of(raw_key[rec.k_proto], rec.flag_assured if assured else 0, rec)
+            if plan.keep_s(cls) > plan.timeouts[cls]:
+                refresh.append(tuple.__new__(Refresh, (raw_key, reply, zone, cls)))
+        if refresh:
+            try:
+                self._apply(SweepResult(refresh=refresh), plan)
+            except (OffloadError, OSError) as exc:
+                log.warning("renewing new flows' conntrack timeout failed: %s", exc)
+
+    def hand_back(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Flows the agent removed from the map or passed (a MAC or route
+        change, a ruleset change): their connections are held until the next
+        pass has shown whether another direction lives on, then their
+        conntrack timeout is put back."""
+        timeouts = self._timeouts
+        if not timeouts:
+            return  # no sweep ran yet: nothing was renewed
+        plan = SweepPlan(0, 0, 0, 0, timeouts, 0.0)
+        self.handback.hold(self._extended(entries, plan))
+
+    def hand_back_all(self, timeouts: dict[RefreshClass, int], *, delete: bool = True,
+                      now_ns: int | None = None) -> int:
+        """Every offloaded flow goes back to the kernel at once (a flush,
+        shutdown): put back the conntrack timeout of their connections now,
+        and delete every entry (``delete``). Returns how many were deleted."""
+        plan = SweepPlan(0, 0, 0, 0, timeouts, 0.0)
+        removed = 0
+        for kb, vb, n in self.flows.batches():
+            ks, fs = self.rec.key_size, self.rec.flow_size
+            pairs = [(kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs]) for i in range(n)]
+            if delete:
+                removed += self.flows.delete_batch([k for k, _ in pairs])
+            self.handback.hold(self._extended(pairs, plan))
+        self._walk = None  # a walk in progress has lost its place
+        self.handback.send_all(timeouts, time.monotonic_ns() if now_ns is None else now_ns)
+        return removed
+
+    def _extended(self, entries: Iterable[tuple[bytes, bytes]], plan: SweepPlan
+                  ) -> Iterator[tuple[bytes, bytes, RefreshClass]]:
+        """The offloaded ones among ``entries`` whose class gets a longer
+        timeout while offloaded, with their class."""
+        rec = self.rec
+        for raw_key, raw_flow in entries:
+            if int.from_bytes(raw_flow[rec.f_state : rec.f_state + 4], "little") != rec.state_offload:
+                continue
+            cls = class_of(raw_key[rec.k_proto], raw_flow[rec.v_flags], rec)
+            if plan.keep_s(cls) > plan.timeouts[cls]:
+                yield raw_key, raw_flow, cls
 
     def _end_pass(self, failed: bool) -> None:
         self._walk = None
@@ -441,18 +578,22 @@ class Sweeper:
         self._marks = ({}, self._marks[0])
 
     def _apply(self, part: SweepResult, plan: SweepPlan) -> None:
+        for wire, offloaded in part.found:
+            self.handback.found(wire, offloaded)
         if part.remove:
             self.flows.delete_batch(part.remove)
             self.on_remove(part.remove)
+            self.handback.hold(part.handed)
         if part.refresh:
             # The key's own bytes: addresses, ports in network order, protocol.
-            rec, timeouts = self.rec, plan.timeouts
+            rec = self.rec
+            keep = {c: plan.keep_s(c) for c in RefreshClass}
             sa, da, sp, fam, pr = rec.k_saddr, rec.k_daddr, rec.k_sport, rec.k_family, rec.k_proto
             items = []
             for k, reply, zone, cls in part.refresh:
                 n = 4 if k[fam] == socket.AF_INET else 16
                 items.append((k[sa : sa + n], k[da : da + n], k[sp : sp + 2], k[sp + 2 : sp + 4],
-                              k[pr], reply, zone, timeouts[cls]))
+                              k[pr], reply, zone, keep[cls]))
             self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in part.refresh])
         for raw_key, raw_flow in part.to_tc:
             # Rewritten whole: the packets counted since the batch was read

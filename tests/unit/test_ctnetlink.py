@@ -37,6 +37,17 @@ def test_update_roundtrip_ipv6() -> None:
     assert decoded.orig == t and decoded.timeout == 30 and decoded.zone == 0
 
 
+def test_a_deletion_names_its_tuple_and_zone_without_ack() -> None:
+    t = (17, ipaddress.ip_address("198.18.1.2").packed, ipaddress.ip_address("198.19.2.2").packed,
+         40000, 443)
+    msg = ctnetlink.encode_delete(3, t, reply=True, zone=5)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, flags, seq) == (len(msg), (1 << 8) | 2, 0x1, 3)  # CT_DELETE, request
+    (decoded,) = list(ctnetlink.decode(msg))
+    assert isinstance(decoded, ctnetlink.Decoded)
+    assert decoded.reply == t and decoded.orig is None and decoded.zone == 5
+
+
 def test_acks_carry_sequence_and_error() -> None:
     err = struct.pack("=IHHII", 36, 2, 0, 9, 0) + struct.pack("=i", -2) + b"\0" * 16
     (ack,) = list(ctnetlink.decode(err))

@@ -97,7 +97,10 @@ class FakeResolver:
 
 def decider() -> tuple[Decider, FakeDatapath]:
     dp = FakeDatapath()
-    parts: Any = SimpleNamespace(dp=dp, resolver=FakeResolver(), ct=None,
+    queued: list[tuple[bytes, bool, int, bool]] = []  # flows offloaded, for their long timeout
+    parts: Any = SimpleNamespace(dp=dp, resolver=FakeResolver(),
+                                 ct=SimpleNamespace(offloaded=lambda *a: queued.append(a),
+                                                    queued=queued),
                                  net=SimpleNamespace(used=lambda *a: None),
                                  nft=SimpleNamespace(scan=lambda: None))
     rec = Records()
@@ -125,6 +128,7 @@ def test_latency_comes_from_the_ring_stamp_without_a_map_lookup() -> None:
     d.noted(raw, time.monotonic_ns() - 3_000_000)  # first record stamped 3 ms ago
     assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
     assert dp.pending_lookups == 0
+    assert d.ct.queued == [(raw, False, 0, True)]  # its long conntrack timeout: the next tick
     got = d.latencies.percentiles()
     assert got["n"] == 1 and 3.0 <= float(got["max"]) < 6.0
     assert raw not in d.first_seen  # forgotten once decided

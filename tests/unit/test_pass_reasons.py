@@ -164,3 +164,9 @@ class _NoConntrack:
 
     def take_gone(self) -> list[bytes]:
         return []
+
+    def take_offloaded(self) -> list[tuple[bytes, bool, int, bool]]:
+        return []
+
+    def put_back(self, items: Any) -> int:
+        return 0

@@ -58,11 +58,16 @@ def test_tcp_flags_hand_the_flow_back() -> None:
     assert r.remove == [key().pack()] and r.reasons == {Teardown.TCP_FLAGS: 1}
 
 
-@pytest.mark.parametrize("proto, idle_s, gone", [
-    (6, 299, False), (6, 301, True), (17, 59, False), (17, 61, True)])
-def test_idle_per_protocol(proto: int, idle_s: int, gone: bool) -> None:
+@pytest.mark.parametrize("proto, assured, idle_s, gone", [
+    (6, True, 299, False), (6, True, 301, True), (17, True, 59, False), (17, True, 61, True),
+    # Unreplied UDP: conntrack's own 30 s, not udp_timeout's 60 s: its entry
+    # has the long timeout while offloaded, and the kernel would have
+    # forgotten the connection after 30 s.
+    (17, False, 29, False), (17, False, 31, True)])
+def test_idle_per_class_never_past_conntrack_own_timeout(proto: int, assured: bool, idle_s: int,
+                                                         gone: bool) -> None:
     k = key(proto)
-    r = run([(k, flow(k, last=NOW - idle_s * NS))], plan())
+    r = run([(k, flow(k, last=NOW - idle_s * NS, assured=assured))], plan())
     assert (r.reasons == {Teardown.IDLE: 1}) is gone
 
 
@@ -107,27 +112,36 @@ def test_refresh_class_and_once_a_period(proto: int, assured: bool, cls: Refresh
 
 
 def test_a_flow_idle_longer_than_the_period_is_not_refreshed() -> None:
-    k = key(17)
-    for tick in range(16):  # a whole UDP_NEW period (15 s): its instant comes in one of them
+    k = key(6)  # TCP: idles out after 300 s, renewed every 150 s
+    period = int(plan().period_s(RefreshClass.TCP))
+    for tick in range(period + 1):  # a whole period: its instant comes in one of them
         p = plan()
         p.now_ns = NOW + tick * NS
-        r = run([(k, flow(k, assured=False, last=NOW - 17 * NS))], p)  # period 15 s + 1 s
+        r = run([(k, flow(k, last=p.now_ns - (period + 2) * NS))], p)  # period + 1 s, and 1 s more
         assert r.refresh == [] and r.remove == []
     # the same flow with a packet a second ago is renewed in one of those sweeps
-    assert any(run([(k, flow(k, assured=False, last=NOW + (t - 1) * NS))],
+    assert any(run([(k, flow(k, last=NOW + (t - 1) * NS))],
                    SweepPlan(NOW + t * NS, t, 300 * NS, 60 * NS, TIMEOUTS, 1.0)).refresh
-               for t in range(16))
+               for t in range(period + 1))
 
 
-def test_periods_are_half_the_timeout_or_a_third_within_bounds() -> None:
+def test_offloaded_flows_keep_a_long_timeout_never_shorter_than_their_class() -> None:
     p = plan()
-    assert p.period_s(RefreshClass.TCP) == 60.0
-    assert p.period_s(RefreshClass.UDP) == 60.0
-    assert p.period_s(RefreshClass.UDP_NEW) == 15.0  # 15 s to spare
-    short = SweepPlan(NOW, 0, 1, 1, {c: 12 for c in RefreshClass}, 1.0)
+    assert p.keep_s(RefreshClass.TCP) == 432000  # established's 5 days stay
+    assert p.keep_s(RefreshClass.UDP) == p.keep_s(RefreshClass.UDP_NEW) == 300
+    p.offload_timeout_s = 100
+    assert (p.keep_s(RefreshClass.UDP), p.keep_s(RefreshClass.UDP_NEW)) == (120, 100)
+
+
+def test_periods_are_half_the_long_timeout_or_a_third_within_bounds() -> None:
+    p = plan()
+    assert p.period_s(RefreshClass.TCP) == 150.0  # capped
+    assert p.period_s(RefreshClass.UDP) == 150.0  # half of 300 s
+    assert p.period_s(RefreshClass.UDP_NEW) == 150.0  # was 15 s with its own 30 s
+    short = SweepPlan(NOW, 0, 1, 1, {c: 12 for c in RefreshClass}, 1.0, offload_timeout_s=12)
     assert short.period_s(RefreshClass.UDP_NEW) == 4.0  # half would leave only 6 s
-    assert SweepPlan(NOW, 0, 1, 1, {c: 1 for c in RefreshClass}, 1.0).period_s(
-        RefreshClass.TCP) == 1.0
+    assert SweepPlan(NOW, 0, 1, 1, {c: 1 for c in RefreshClass}, 1.0,
+                     offload_timeout_s=1).period_s(RefreshClass.TCP) == 1.0
 
 
 class FakeMap:
@@ -153,8 +167,10 @@ class FakeConntrack:
 
     def __init__(self, missing: set[bytes] | None = None) -> None:
         self.sent: list[object] = []
+        self.back: list[tuple[tuple[int, bytes, bytes, int, int], bool, int, int]] = []
         self.missing = missing or set()
         self.gone: list[bytes] = []
+        self.fresh: list[tuple[bytes, bool, int, bool]] = []
 
     def refresh_keys(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]],
                      tags: Sequence[bytes]) -> int:
@@ -168,6 +184,21 @@ class FakeConntrack:
     def take_gone(self) -> list[bytes]:
         gone, self.gone = self.gone, []
         return gone
+
+    def offloaded(self, raw_key: bytes, reply: bool, zone: int, assured: bool) -> None:
+        self.fresh.append((raw_key, reply, zone, assured))
+
+    def take_offloaded(self) -> list[tuple[bytes, bool, int, bool]]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+    def put_back(self, items: Sequence[tuple[bytes, bytes, bytes, bytes, int, bool, int, int]]
+                 ) -> int:
+        """Recorded as in ``sent``, in ``back``; timeout 0 is a deletion."""
+        self.back.extend(((proto, src, dst, int.from_bytes(sport, "big"),
+                           int.from_bytes(dport, "big")), reply, zone, timeout)
+                         for src, dst, sport, dport, proto, reply, zone, timeout in items)
+        return len(items)
 
 
 def test_sweeper_deletes_and_refreshes() -> None:
@@ -297,9 +328,10 @@ def udp_key(i: int) -> FlowKey:
                    20000 + i // 60000)
 
 
-def tick_plan(now: int, dead: set[bytes] | None = None) -> SweepPlan:
+def tick_plan(now: int, dead: set[bytes] | None = None, keep: int = 300) -> SweepPlan:
     return SweepPlan(now_ns=now, sweep_no=0, tcp_idle_ns=300 * NS, udp_idle_ns=60 * NS,
-                     timeouts=TIMEOUTS, interval_s=1.0, dead=dead or set())
+                     timeouts=TIMEOUTS, interval_s=1.0, dead=dead or set(),
+                     offload_timeout_s=keep)
 
 
 def test_every_entry_is_visited_once_a_pass_and_a_pass_ends_within_its_bound() -> None:
@@ -325,11 +357,12 @@ def test_every_entry_is_visited_once_a_pass_and_a_pass_ends_within_its_bound() -
 
 
 def test_an_active_flow_is_renewed_before_conntrack_would_drop_it() -> None:
-    """Unreplied UDP (a 30 s timeout, renewed half of it apart) in a map
-    walked over 6 ticks a pass, the ticks coming late now and then (3 s
-    instead of 1): each flow that carries a packet every 2 s is renewed at
-    most a period plus two passes apart, inside 30 s; one that stopped is
-    not renewed once a period and a pass have gone by."""
+    """Unreplied UDP offloaded with a 30 s long timeout (the schedule at
+    100 s of clock: 300 s would need 1,000 ticks), renewed half of it apart,
+    in a map walked over 6 ticks a pass, the ticks coming late now and then
+    (3 s instead of 1): each flow that carries a packet every 2 s is renewed
+    with that timeout at most a period plus two passes apart, inside 30 s;
+    one that stopped is not renewed once a period and a pass have gone by."""
     n = 3000
     keys = [udp_key(i) for i in range(n)]
     fm = WalkedMap([(k, flow(k, assured=False)) for k in keys], batch=128)
@@ -346,11 +379,12 @@ def test_an_active_flow_is_renewed_before_conntrack_would_drop_it() -> None:
             last = now - (tick % 2) * NS if raw != stopped or clock < 60 else NOW + 59 * NS
             fm.entries[raw] = flow(k, assured=False, last=last)
         ct.sent.clear()
-        sw.run(tick_plan(now))
+        sw.run(tick_plan(now, keep=30))
         for (_proto, _src, _dst, sport, dport), _reply, _zone, timeout in ct.sent:
             assert timeout == 30
             renewed.setdefault((sport, dport), []).append(clock)
-    period = SweepPlan(NOW, 0, 0, 0, TIMEOUTS, 1.0).period_s(RefreshClass.UDP_NEW)
+    period = tick_plan(NOW, keep=30).period_s(RefreshClass.UDP_NEW)
+    assert period == 15.0
     longest_pass = 6 * 3.0
     for k in keys[1:]:
         times = renewed[(k.sport, k.dport)]
