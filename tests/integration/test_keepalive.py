@@ -73,10 +73,10 @@ def test_an_unreplied_udp_flow_lives_on_the_long_timeout_and_expires_when_idle(
             _long_while_offloaded(topo, sport, 4, result)
         finally:
             t.join(timeout=60)
-        stopped = time.monotonic()
+        # Handed back by idling out after conntrack's 4 s (plus passes, and
+        # ticks late on a loaded machine), far before the agent's udp_timeout
+        # of 60 s; the kernel would have forgotten it, so the entry is gone.
         assert poll(lambda: _entry(topo, sport) is None, timeout=20), _entry(topo, sport)
-        # Handed back by idling out, within a few passes of conntrack's 4 s.
-        assert time.monotonic() - stopped < 4 + 10
         st = topo.status()
         assert st and st["agent"]["torn_down"].get("idle", 0) >= 1, st["agent"]
 
@@ -100,12 +100,15 @@ def test_a_flow_handed_back_gets_the_kernels_timeout_and_the_kernel_takes_over(
         stopped = time.monotonic()  # the last datagram went before this
         assert poll(lambda: not _offloaded(topo, sport), timeout=15), topo.status()
 
+        read = 0.0
+
         def put_back() -> tuple[str, int] | None:
+            nonlocal read
+            read = time.monotonic()  # the entry is read after this
             got = _entry(topo, sport)
             return got if got is not None and got[1] <= 20 else None
 
         got = poll(put_back, timeout=10)
-        read = time.monotonic()
         assert got, _entry(topo, sport)
         # The kernel's value: 20 s from the last packet, so no more than what
         # is left of 20 s since the stream stopped (a second for rounding).
