@@ -35,7 +35,7 @@ from typing import NamedTuple, Protocol
 from .bpfobj import BPF_EXIST
 from .decision import Teardown
 from .errors import MapError, OffloadError
-from .handback import Handback, RefreshClass
+from .handback import Handback, Held, RefreshClass
 from .records import Records
 
 log = logging.getLogger(__name__)
@@ -543,18 +543,68 @@ class Sweeper:
                       now_ns: int | None = None) -> int:
         """Every offloaded flow goes back to the kernel at once (a flush,
         shutdown): put back the conntrack timeout of their connections now,
-        and delete every entry (``delete``). Returns how many were deleted."""
-        plan = SweepPlan(0, 0, 0, 0, timeouts, 0.0)
+        and delete every entry (``delete``). Returns how many were deleted.
+
+        Two walks, memory bounded by what is held: the first holds the
+        directions that would expire (idle for their class's timeout: few,
+        the sweep hands those back within a pass); the second puts every
+        other direction's timeout back at once, from its own last packet
+        (each direction of a connection sends its own, the last one sent
+        wins: short by at most the gap between the two directions' last
+        packets, while the kernel sees their packets from now on), and a
+        held direction whose partner
+        it meets goes with the partner (not deleted), a partner the kernel
+        forwards gives it the whole class timeout; what is still held at
+        the end has no live direction left and is deleted."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        plan = SweepPlan(now, 0, 0, 0, timeouts, 0.0)
+        for batch in self._pairs():
+            self.handback.hold(e for e in self._extended(batch, plan) if self._expired(e, plan))
         removed = 0
-        for kb, vb, n in self.flows.batches():
-            ks, fs = self.rec.key_size, self.rec.flow_size
-            pairs = [(kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs]) for i in range(n)]
+        for batch in self._pairs():
             if delete:
-                removed += self.flows.delete_batch([k for k, _ in pairs])
-            self.handback.hold(self._extended(pairs, plan))
+                removed += self.flows.delete_batch([k for k, _ in batch])
+            self._put_back_live(batch, plan)
         self._walk = None  # a walk in progress has lost its place
-        self.handback.send_all(timeouts, time.monotonic_ns() if now_ns is None else now_ns)
+        self.handback.send_all(timeouts, now)
         return removed
+
+    def _pairs(self) -> Iterator[list[tuple[bytes, bytes]]]:
+        ks, fs = self.rec.key_size, self.rec.flow_size
+        for kb, vb, n in self.flows.batches():
+            yield [(kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs]) for i in range(n)]
+
+    def _expired(self, entry: tuple[bytes, bytes, RefreshClass], plan: SweepPlan) -> bool:
+        """Whether this direction went its class's whole timeout without a packet."""
+        rec, raw_flow = self.rec, entry[1]
+        last = int.from_bytes(raw_flow[rec.f_last : rec.f_last + 8], "little")
+        return bool(last) and plan.now_ns - last >= plan.timeouts[entry[2]] * NS
+
+    def _put_back_live(self, batch: list[tuple[bytes, bytes]], plan: SweepPlan) -> None:
+        """hand_back_all's second walk, one batch: the timeout of each live
+        direction put back now; held connections it belongs to go with it."""
+        rec, hb = self.rec, self.handback
+        items = []
+        for entry in self._extended(batch, plan):
+            if self._expired(entry, plan):
+                continue  # held
+            raw_key, raw_flow, cls = entry
+            if len(hb):
+                hb.found(rec.wire(raw_key), True)
+                hb.found(hb.partner_wire(raw_key, raw_flow), True)
+            items.append(hb.item(self._held(raw_key, raw_flow, cls), plan.timeouts, plan.now_ns))
+        if len(hb):  # passed directions of held connections: the kernel sees them
+            for raw_key, raw_flow in batch:
+                if raw_flow[rec.f_state] != rec.state_offload:
+                    hb.found(rec.wire(raw_key), False)
+        if items:
+            self.ct.put_back(items)
+
+    def _held(self, raw_key: bytes, raw_flow: bytes, cls: RefreshClass) -> Held:
+        rec = self.rec
+        return Held(raw_key, (b"", b""), bool(raw_flow[rec.v_flags] & rec.flag_reply),
+                    rec.zone(raw_flow), cls,
+                    int.from_bytes(raw_flow[rec.f_last : rec.f_last + 8], "little"))
 
     def _extended(self, entries: Iterable[tuple[bytes, bytes]], plan: SweepPlan
                   ) -> Iterator[tuple[bytes, bytes, RefreshClass]]:

@@ -161,7 +161,28 @@ def test_a_flush_puts_every_timeout_back_at_once() -> None:
     sw = Sweeper(fm, ct, REC)
     assert sw.hand_back_all(TIMEOUTS, now_ns=NOW) == 3
     assert fm.entries == {}
-    assert sorted(t for *_, t in ct.back) == [0, 28]  # other expired; the pair from its reply
+    # other expired (deleted); each direction of the pair from its own last packet
+    assert sorted(t for *_, t in ct.back) == [0, 25, 28]
+
+
+def test_a_flush_never_deletes_a_connection_whose_other_direction_is_live() -> None:
+    """The original direction went 31 s without a packet (the sweep had not
+    come to it yet), the reply carried one a second ago: the connection is
+    alive, its entry gets the reply's timeout, and is not deleted. Held
+    directions stay bounded: the walk holds only those about to expire."""
+    orig, reply = pair()
+    lone, _ = pair(sport=40002)
+    passed, passed_reply = pair(sport=40003)
+    fm = FakeMap([(orig, value(orig, last=NOW - 31 * NS)), (reply, value(reply, last=NOW - NS)),
+                  (lone, value(lone, last=NOW - 31 * NS)),
+                  (passed, value(passed, last=NOW - 31 * NS)),
+                  (passed_reply, value(passed_reply, last=NOW - NS, state=REC.state_offload + 1))])
+    ct = FakeConntrack()
+    sw = Sweeper(fm, ct, REC)
+    sw.hand_back_all(TIMEOUTS, now_ns=NOW)
+    by_port = {(sport, dport): t for (_p, _s, _d, sport, dport), _r, _z, t in ct.back}
+    assert by_port == {(443, 50000): 29, (40002, 443): 0, (40003, 443): 30}, by_port
+    assert len(sw.handback) == 0
 
 
 def test_shutdown_puts_timeouts_back_and_keeps_the_entries() -> None:
