@@ -18,6 +18,7 @@ from offloader.flowstate import (
     STUCK_AFTER_NS,
     STUCK_BUDGET,
     FlowState,
+    Generations,
     Seen,
     key_id,
     raw_key_id,
@@ -76,10 +77,24 @@ def test_a_record_sent_before_the_decision_is_stale() -> None:
 
 def test_decision_times_are_bounded() -> None:
     fs = FlowState(ident=REC.wire, max_waiting=16)
-    for sport in range(DECIDED_KEPT + 10):
+    # At least the last DECIDED_KEPT are kept, never more than twice that.
+    for sport in range(2 * DECIDED_KEPT + 10):
         fs.decided(key(sport=sport % 65536), 100)
     assert fs.seen(key(sport=0), 300, stamp_ns=50) == (Seen.NEW, None)  # forgotten: asks
-    assert fs.seen(key(sport=DECIDED_KEPT + 9), 300, stamp_ns=50) == (Seen.NOTHING, None)
+    for sport in (DECIDED_KEPT + 10, 2 * DECIDED_KEPT + 9):
+        assert fs.seen(key(sport=sport), 300, stamp_ns=50) == (Seen.NOTHING, None)
+
+
+def test_generations_keep_the_last_size_keys_and_at_most_twice_that() -> None:
+    g: Generations[int, int] = Generations(100)
+    for i in range(1, 1000):
+        g.set(i, i)
+        assert len(g) <= 200
+        assert all(g.get(j) == j for j in range(max(1, i - 99), i + 1))
+    g.set(999, 5)  # set again: the newest value wins
+    assert g.get(999) == 5
+    g.pop(999)
+    assert g.get(999) is None
 
 
 def test_an_event_read_before_the_ring_record_is_used() -> None:
