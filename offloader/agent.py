@@ -41,7 +41,7 @@ from .decision import Decision, Exclusions, Teardown, closing
 from .errors import OffloadError
 from .flowstate import FlowState, Seen, tuple_id
 from .flowtable import FlowTable
-from .loop import EventLoop, Timer, guarded
+from .loop import EventLoop, ServedBetween, Timer, guarded
 from .netwatch import Changes
 from .nftwatch import end_probation, put_on_probation
 from .parts import Parts, open_parts
@@ -100,6 +100,8 @@ class Agent:
                                      self.counters.torn_down)
         self.reresolver.handed_back = self.sweeper.hand_back
         self._reresolve_timer: Timer | None = None
+        self._sweep_timer = self.loop.every(lambda: self.settings.sweep_interval, self.sweep,
+                                            serves=(self.ring.fd, self.parts.ct_events.fileno()))
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> None:
@@ -145,7 +147,7 @@ class Agent:
         # the datapath: the heartbeat is urgent, it beats between handlers.
         loop.every(lambda: self.settings.heartbeat_timeout / HEARTBEAT_FRACTION,
                    self.dp.heartbeat, first_in=0.0, urgent=True)
-        loop.every(lambda: self.settings.sweep_interval, self.sweep)
+        self.sweeper.flows = ServedBetween(self.dp.flows, loop.serve_ready)  # new flows meanwhile
         loop.every(lambda: WARM_EVERY_S, lambda: self.decider.warm(self.attacher.attached),
                    first_in=WARM_FIRST_S)
         # A slice of the re-resolve pass each round of the loop while one is
@@ -238,7 +240,7 @@ class Agent:
         for ev in events:
             if ev.kind == "destroy":
                 if self.state.forget(ev.orig_id, ev.reply_id):
-                    self.sweep()  # a flood of destroys: settle them now, bounded memory
+                    self._sweep_timer.hurry(0.0)  # a flood of destroys: bounded memory
                 continue
             entry: CtEntry = ev.entry
             orig, reply = tuple_id(entry.orig), tuple_id(entry.reply)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from offloader.loop import EventLoop
+from offloader.loop import EventLoop, ServedBetween
 
 
 @pytest.fixture
@@ -78,3 +79,44 @@ def test_a_signal_is_handled_after_the_round_and_the_old_handler_restored(
     loop.run()
     assert calls[:3] == ["source", "other", "signal"]
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_long_timer_serves_its_ready_sources_between_its_steps(
+        readable: list[socket.socket]) -> None:
+    """The sweep walks the flow map through ServedBetween: after each batch
+    the ring and conntrack handlers run if readable, other sources wait for
+    the round, and a handler run there cannot start the walk again."""
+    loop, calls = EventLoop(), []
+    ring, other = readable
+
+    class Map:
+        def batches(self) -> Iterator[int]:
+            yield from (1, 2, 3)
+
+        def delete_batch(self, keys: list[bytes]) -> int:
+            return len(keys)
+
+    flows = ServedBetween(Map(), loop.serve_ready)
+
+    def on_ring() -> None:
+        calls.append("ring")
+        ring.recv(1)
+        loop.serve_ready()  # nested: nothing
+
+    def sweep() -> None:
+        for batch in flows.batches():
+            calls.append(f"batch {batch}")
+            if batch == 2:
+                timer.hurry(0.0)  # asked for again while it runs: kept
+        loop.stop()
+
+    loop.watch(ring.fileno(), on_ring)
+    loop.watch(other.fileno(), lambda: calls.append("other"))
+    timer = loop.every(lambda: 3600.0, sweep, first_in=0.0, serves=(ring.fileno(),))
+    loop.serve_ready()  # outside the timer: nothing
+    assert calls == []
+    loop.run()
+    assert calls[:4] == ["batch 1", "ring", "batch 2", "batch 3"]
+    assert "other" in calls and calls.count("ring") == 1
+    assert flows.delete_batch([b"k"]) == 1  # the rest is the map's own
+    assert timer.due <= time.monotonic()
