@@ -227,8 +227,9 @@ class FlowState:
     def sync_pending(self, present: Iterable[RawKey], now_ns: int) -> list[RawKey]:
         """Match the waiting keys to what the pending map holds: keys whose
         ring record was lost start waiting, keys evicted or decided stop.
-        Returns the keys waiting longer than STUCK_AFTER_NS (at most
-        STUCK_BUDGET, re-stamped), to be asked about directly.
+        Returns the keys waiting longer than STUCK_AFTER_NS (re-stamped),
+        and those it adopted whose conntrack event was read already, at
+        most STUCK_BUDGET, to be asked about directly.
 
         Done with set arithmetic on the raw keys; a connection id is built
         only for a key whose ring record was lost. After a burst the
@@ -236,11 +237,17 @@ class FlowState:
         each of them every sweep cost more than deciding them."""
         here = set(present)
         known = {k for keys in self._waiting.values() for k in keys}
+        stuck: list[RawKey] = []
         for key in here - known:
-            self._waiting.setdefault(self.ident(key), {})[key] = now_ns
+            tid = self.ident(key)
+            self._waiting.setdefault(tid, {})[key] = now_ns
+            if self._recent.get(tid) is not None and len(stuck) < STUCK_BUDGET:
+                # Its conntrack event came already, and its ring record
+                # (in flight, or lost) will find it waiting and ask
+                # nothing: nothing else would decide it before it is stuck.
+                stuck.append(key)
         gone = known - here
         cutoff = now_ns - STUCK_AFTER_NS
-        stuck: list[RawKey] = []
         for tid in list(self._waiting):
             keys = self._waiting[tid]
             if gone:

@@ -172,6 +172,19 @@ def test_sync_pending_adopts_lost_records_drops_evicted_and_reports_stuck() -> N
     assert fs.sync_pending([key(1), key(3)], STUCK_AFTER_NS + 2) == []  # re-stamped
 
 
+def test_a_key_adopted_after_its_conntrack_event_is_asked_about_at_once() -> None:
+    # The event was read, the ring record not yet when the sweep found the
+    # key in the pending map: the record then finds it waiting and asks
+    # nothing, and the event is gone; without an answer now it waited until
+    # stuck, a whole sweep later (1 s instead of some microseconds).
+    fs = FlowState(ident=REC.wire, max_waiting=1000)
+    e = entry(41000)
+    assert fs.updated(e, *ids(e), new=True) == []
+    assert fs.sync_pending([key(41000), key(41001)], 10) == [key(41000)]
+    assert fs.seen(key(41000), 20) == (Seen.NOTHING, None)  # the record, late
+    assert fs.sync_pending([key(41000), key(41001)], 30) == []  # asked once
+
+
 def test_stuck_queries_are_bounded() -> None:
     fs = FlowState(ident=REC.wire, max_waiting=10_000)
     keys = [key(p) for p in range(STUCK_BUDGET + 50)]
