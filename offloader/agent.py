@@ -39,7 +39,7 @@ from .conntrack import CtEntry
 from .decider import Decider
 from .decision import Decision, Exclusions, Teardown, closing
 from .errors import OffloadError
-from .flowstate import FlowState, Seen, tuple_id
+from .flowstate import FlowState, Seen
 from .flowtable import FlowTable
 from .loop import EventLoop, ServedBetween, Timer, guarded
 from .netwatch import Changes
@@ -243,7 +243,7 @@ class Agent:
                     self._sweep_timer.hurry(0.0)  # a flood of destroys: bounded memory
                 continue
             entry: CtEntry = ev.entry
-            orig, reply = tuple_id(entry.orig), tuple_id(entry.reply)
+            orig, reply = ev.orig_id, ev.reply_id
             if closing(entry):
                 # Also catches a flow offloaded from an older event after its
                 # FIN had already gone through.

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_CREATE
@@ -96,8 +96,9 @@ class CtEntry(NamedTuple):
 
 
 class CtEvent(NamedTuple):
-    """A conntrack event. A destroy carries only the two tuples' wire ids
-    (cheap bytes: an event flood must not build objects the heap keeps)."""
+    """A conntrack event, with its two tuples' wire ids (read from the
+    message's bytes). A destroy carries only those (cheap bytes: an event
+    flood must not build objects the heap keeps)."""
 
     kind: str  # "new", "update", "destroy"
     entry: CtEntry | None
@@ -404,6 +405,7 @@ class CtEvents:
         self.sock.setblocking(False)
         self.overflows = 0
         self._filter: ctypes.Array[ctypes.c_char] | None = None
+        self._addresses = Addresses()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -442,10 +444,11 @@ class CtEvents:
                         out.append(CtEvent("destroy", None, raw_wire_id(msg.orig),
                                            raw_wire_id(msg.reply)))
                     continue
-                entry = _entry_from(msg)
-                if entry is None:
+                entry = _entry_from(msg, self._addresses)
+                if entry is None or msg.orig is None or msg.reply is None:
                     continue
-                out.append(CtEvent("new" if msg.flags & NLM_F_CREATE else "update", entry))
+                out.append(CtEvent("new" if msg.flags & NLM_F_CREATE else "update", entry,
+                                   raw_wire_id(msg.orig), raw_wire_id(msg.reply)))
         return out
 
     def close(self) -> None:
@@ -473,15 +476,40 @@ def _raw5(t: Tuple5) -> ctnetlink.Raw5:
     return (t.proto, t.src.packed, t.dst.packed, t.sport, t.dport)
 
 
-def _t5(raw: ctnetlink.Raw5 | None) -> Tuple5 | None:
+def _new_address(raw: bytes) -> IPAddress:
+    return ipaddress.IPv4Address(raw) if len(raw) == 4 else ipaddress.IPv6Address(raw)
+
+
+class Addresses:
+    """Packed address -> its (immutable) ipaddress object, kept for the
+    events: a router's events name the same hosts over and over, and
+    building the four address objects of an event cost about as much as
+    decoding the whole message. Bounded: emptied when full."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._known: dict[bytes, IPAddress] = {}
+
+    def __call__(self, raw: bytes) -> IPAddress:
+        known = self._known
+        got = known.get(raw)
+        if got is None:
+            if len(known) >= self.size:
+                known.clear()
+            got = known[raw] = _new_address(raw)
+        return got
+
+
+def _t5(raw: ctnetlink.Raw5 | None,
+        addr: Callable[[bytes], IPAddress] = _new_address) -> Tuple5 | None:
     if raw is None or raw[0] not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         return None
-    addr = ipaddress.IPv4Address if len(raw[1]) == 4 else ipaddress.IPv6Address
     return Tuple5(raw[0], addr(raw[1]), addr(raw[2]), raw[3], raw[4])
 
 
-def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
-    orig, reply = _t5(msg.orig), _t5(msg.reply)
+def _entry_from(msg: ctnetlink.Decoded,
+                addr: Callable[[bytes], IPAddress] = _new_address) -> CtEntry | None:
+    orig, reply = _t5(msg.orig, addr), _t5(msg.reply, addr)
     if orig is None or reply is None:
         return None
     return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout,
