@@ -517,16 +517,20 @@ class Sweeper:
         rec = self.rec
         if len(self.handback):
             self.handback.offloaded_again(rec.wire(k) for k, _reply, _zone, _assured in fresh)
-        refresh = []
-        for raw_key, reply, zone, assured in fresh:
-            cls = class_of(raw_key[rec.k_proto], rec.flag_assured if assured else 0, rec)
-            if plan.keep_s(cls) > plan.timeouts[cls]:
-                refresh.append(tuple.__new__(Refresh, (raw_key, reply, zone, cls)))
-        if refresh:
-            try:
-                self._apply(SweepResult(refresh=refresh), plan)
-            except (OffloadError, OSError) as exc:
-                log.warning("renewing new flows' conntrack timeout failed: %s", exc)
+        # 256 at a time (a sendmsg's worth): a burst of new flows queues
+        # thousands, and what a tick builds at once stays in the heap.
+        for start in range(0, len(fresh), 256):
+            refresh = []
+            for raw_key, reply, zone, assured in fresh[start : start + 256]:
+                cls = class_of(raw_key[rec.k_proto], rec.flag_assured if assured else 0, rec)
+                if plan.keep_s(cls) > plan.timeouts[cls]:
+                    refresh.append(tuple.__new__(Refresh, (raw_key, reply, zone, cls)))
+            if refresh:
+                try:
+                    self._apply(SweepResult(refresh=refresh), plan)
+                except (OffloadError, OSError) as exc:
+                    log.warning("renewing new flows' conntrack timeout failed: %s", exc)
+                    return
 
     def hand_back(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
         """Flows the agent removed from the map or passed (a MAC or route
