@@ -457,7 +457,7 @@ class Sweeper:
         has left behind)."""
         self.passes += 1
         self._timeouts = plan.timeouts
-        self._keep_offloaded(plan)
+        fresh_gone = self._keep_offloaded(plan)
         if self._walk is None:
             self._walk = iter(self.flows.batches())
             self._ticks = max(1, min(self.max_ticks, math.ceil(self._expected / self.per_tick)))
@@ -478,6 +478,7 @@ class Sweeper:
                             marks={**self._marks[1], **self._marks[0]},
                             held=self.handback.wires() if len(self.handback) else set())
         total = SweepResult()
+        total.reasons.update(fresh_gone)
         done = failed = False
         try:
             read = 0
@@ -507,13 +508,15 @@ class Sweeper:
                     self.handback.end_pass(plan.timeouts, plan.now_ns)
         return total
 
-    def _keep_offloaded(self, plan: SweepPlan) -> None:
+    def _keep_offloaded(self, plan: SweepPlan) -> Counter[Teardown]:
         """Flows offloaded since the last tick: their conntrack entry still
         has the timeout the kernel set (30 s for unreplied UDP), and their
-        first due instant may be a long period away: renew it now."""
+        first due instant may be a long period away: renew it now. Returns
+        the flows torn down because their entry was gone meanwhile."""
+        gone: Counter[Teardown] = Counter()
         fresh = self.ct.take_offloaded()
         if not fresh:
-            return
+            return gone
         rec = self.rec
         if len(self.handback):
             self.handback.offloaded_again(rec.wire(k) for k, _reply, _zone, _assured in fresh)
@@ -526,11 +529,14 @@ class Sweeper:
                 if plan.keep_s(cls) > plan.timeouts[cls]:
                     refresh.append(tuple.__new__(Refresh, (raw_key, reply, zone, cls)))
             if refresh:
+                part = SweepResult(refresh=refresh)
                 try:
-                    self._apply(SweepResult(refresh=refresh), plan)
+                    self._apply(part, plan)
                 except (OffloadError, OSError) as exc:
                     log.warning("renewing new flows' conntrack timeout failed: %s", exc)
-                    return
+                    break
+                gone.update(part.reasons)
+        return gone
 
     def hand_back(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
         """Flows the agent removed from the map or passed (a MAC or route

@@ -205,3 +205,13 @@ def test_flows_the_agent_removes_are_held_then_put_back() -> None:
     sw.hand_back([(orig.pack(), value(orig, last=NOW - 10 * NS))])
     run_passes(sw, NOW + NS, 2)
     assert [t for *_, t in ct.back] == [30 - 12]  # held after a pass: put back two passes on
+
+
+def test_a_new_flow_whose_entry_went_meanwhile_is_torn_down_and_counted() -> None:
+    orig, _ = pair()
+    fm = FakeMap([(orig, value(orig, last=NOW))])
+    ct = FakeConntrack(missing={orig.pack()})
+    sw = Sweeper(fm, ct, REC)
+    ct.offloaded(orig.pack(), False, 0, False)
+    assert sw.run(tick(NOW)).reasons[Teardown.CT_GONE] == 1
+    assert fm.entries == {}
