@@ -665,5 +665,7 @@ class Sweeper:
         # DESTROY event was lost): the flow must not bypass the firewall.
         gone = self.ct.take_gone()
         if gone:
-            part.reasons[Teardown.CT_GONE] += self.flows.delete_batch(gone)
+            n = self.flows.delete_batch(gone)
+            if n:  # none: those flows had left the map already
+                part.reasons[Teardown.CT_GONE] += n
             self.on_remove(gone)
