@@ -132,6 +132,7 @@ class Agent:
         self.logf = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
+        self.run_dir = run_dir
         self.t0 = time.monotonic()
         self.ready_s: float | None = None
 
@@ -183,19 +184,33 @@ class Agent:
         subprocess.run(["rm", "-rf", str(self.pin_dir)], check=False, timeout=30)
         with contextlib.suppress(OSError):
             (BPFFS / "ebpf-offloader").rmdir()  # only when empty
+        with contextlib.suppress(OSError):
+            os.rmdir(self.run_dir)
 
 
 @contextlib.contextmanager
-def running_agent(topo: Topology, hook: str, name: str) -> Iterator[Agent]:
-    run_dir = tempfile.mkdtemp(prefix="kl-ofl-run-")  # stays empty: /proc/net/pppoe only
-    agent = Agent(topo, hook, SHARED / f"agent-{name}.log", run_dir)
+def running_agent(topo: Topology, hook: str, name: str, given: Agent | None = None,
+                  hand_on: dict | None = None) -> Iterator[Agent]:
+    """An agent on `topo` for the block: a new one, or `given` (one a case before
+    handed on). Stopped at the end, unless the block ended cleanly and `hand_on` is
+    given: then it stays running, in hand_on["agent"], for the next case on the same
+    topology and hook (whoever takes it stops it; the fixture holding hand_on stops
+    it if nobody does)."""
+    if given is not None:
+        assert (given.topo, given.hook) == (topo, hook), (given.topo, given.hook)
+        agent = given
+    else:
+        run_dir = tempfile.mkdtemp(prefix="kl-ofl-run-")  # stays empty: /proc/net/pppoe only
+        agent = Agent(topo, hook, SHARED / f"agent-{name}.log", run_dir)
+    handed = False
     try:
         yield agent
         assert agent.proc.poll() is None, f"agent died:\n{agent.tail()}"
+        if hand_on is not None:
+            hand_on["agent"], handed = agent, True
     finally:
-        agent.stop()
-        with contextlib.suppress(OSError):
-            os.rmdir(run_dir)
+        if not handed:
+            agent.stop()
 
 
 # --------------------------------------------------------------------------- traffic
@@ -754,10 +769,13 @@ def _check_frames(topo: Topology, got: dict, family: int, proto: str, ctx: str) 
 # --------------------------------------------------------------------------- tests
 
 
-def _case(topo: Topology, hook: str, name: str, port: int, flows=FLOWS) -> None:
-    """One agent on the topology, then each of `flows` (check_flows)."""
+def _case(topo: Topology, hook: str, name: str, port: int, flows=FLOWS,
+          given: Agent | None = None) -> None:
+    """One agent on the topology (a new one, or `given`, handed on by the case
+    before and still running), then each of `flows` (check_flows); the agent is
+    stopped at the end."""
     prepare_hosts(topo, hook)
-    with running_agent(topo, hook, name) as agent:
+    with running_agent(topo, hook, name, given=given) as agent:
         st = agent.wait_ready()
         hooks = {i["name"]: i["hook"] for i in st["interfaces"]}
         if hook == "xdp":
@@ -766,7 +784,8 @@ def _case(topo: Topology, hook: str, name: str, port: int, flows=FLOWS) -> None:
             want = {topo.router_lan_if, topo.router_wan_if}
         assert set(hooks) == want, (hooks, agent.tail())
         assert all(h.startswith(hook) for h in hooks.values()), hooks
-        print(f"{name}: agent answered after {agent.ready_s}s, attached {hooks}")
+        print(f"{name}: agent answered after {agent.ready_s}s"
+              f"{' (handed on, started for a case before)' if given else ''}, attached {hooks}")
         if hook == "xdp" and topo.kind in ("vlan", "qinq"):
             # VLAN devices sit on rw0: the agent turns receive tag stripping
             # off there while XDP runs (a NIC that strips would hide the tag).
@@ -1035,9 +1054,63 @@ def test_vlan_filtering_bridge_offload(vlan_bridge, hook):
     _case(vlan_bridge, hook, f"vlan-bridge-{hook}", 5700 if hook == "xdp" else 5710)
 
 
+@pytest.fixture(scope="module")
+def qinq_xdp_hand_on(qinq):
+    """Where test_qinq_xdp_full_size_frames_at_mtu_1500 leaves its running XDP agent
+    for test_qinq_offload[xdp] (which stops it); stopped here if that never ran."""
+    box: dict = {}
+    yield box
+    agent = box.pop("agent", None)
+    if agent is not None:
+        agent.stop()
+
+
+def test_qinq_xdp_full_size_frames_at_mtu_1500(qinq, qinq_xdp_hand_on):
+    """Regression: with two tags, a full-size frame is 1522 bytes; an XDP redirect
+    takes at most MTU + 18 on the egress device (the kernel's xdp_ok_fwd_dev), so at
+    rw0 MTU 1500 the offloaded 1500-byte packets were dropped after the redirect and
+    the transfer stalled. The resolver now lowers the XDP path MTU by 4 per tag past
+    the first: the full-size LAN -> WAN segments go to the kernel (pass_mtu), the
+    WAN -> LAN direction (its ACKs, out of rl0, untagged) stays offloaded, and the
+    payload arrives. Data LAN -> WAN only: the far host's own full-size frames
+    (both tags in the frame, 1522 bytes) do not fit rw0 at MTU 1500 at all, a
+    veth limit (is_skb_forwardable), not the datapath's.
+
+    Its agent, once this case has passed, stays running for test_qinq_offload[xdp]
+    (rw0 back at MTU 1504, a change the running agent follows): one agent start
+    under emulation (30-60 s) less."""
+    prepare_hosts(qinq, "xdp")
+    ip(qinq.router_ns, "link", "set", "rw0", "mtu", "1500")
+    # the kernel's own frames leave rw0 with the outer tag in skb metadata (veth tx
+    # VLAN offload), so they fit the far veth at 1504 as on the wire
+    try:
+        with running_agent(qinq, "xdp", "qinq-xdp", hand_on=qinq_xdp_hand_on) as agent:
+            agent.wait_ready()
+            got = run_flows(qinq, agent, [(4, "tcp", 5670)], sniff_wire=False, down_bytes=0)
+            ctx = _flows_context(got, agent)
+            flow = got["flows"][0]
+            for leg in flow.legs.values():
+                assert leg.error is None, f"{leg.name}: {leg.error}{ctx}"
+                intact = hashlib.sha256(leg.got or b"").hexdigest() == leg.expect
+                assert intact, f"{leg.name}: not intact{ctx}"
+            want = flow.up.packets_after_go(_mss_of(qinq, 4))
+            assert got["datapath"].get("pass_mtu", 0) >= 0.5 * want, ctx
+            first, last = flow.at_go["down"], flow.at_end["down"]
+            assert first and last and last["state"] == "offloaded", ctx
+            # ACKs: at least one per four segments (delayed ACKs: one per two)
+            assert last["packets"] - first["packets"] >= 0.25 * want, ctx
+            print(f"qinq xdp at rw0 MTU 1500: intact in {got['seconds']}s, "
+                  f"pass_mtu {got['datapath'].get('pass_mtu')}, redirect +{got['redirect']}")
+    finally:
+        ip(qinq.router_ns, "link", "set", "rw0", "mtu", "1504")
+
+
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
-def test_qinq_offload(qinq, hook):
-    _case(qinq, hook, f"qinq-{hook}", 5620 if hook == "xdp" else 5630)
+def test_qinq_offload(qinq, qinq_xdp_hand_on, hook):
+    """XDP: the agent test_qinq_xdp_full_size_frames_at_mtu_1500 handed on, when
+    that case ran and passed (else a new one); TC: a new one."""
+    given = qinq_xdp_hand_on.pop("agent", None) if hook == "xdp" else None
+    _case(qinq, hook, f"qinq-{hook}", 5620 if hook == "xdp" else 5630, given=given)
 
 
 @pytest.fixture(scope="module")
@@ -1059,39 +1132,3 @@ def test_pppoe_over_vlan_offload_xdp():
     with pppoe_topology(vid=7, nat=True, ipv6=True) as topo:
         assert [s.device for s in read_proc_pppoe(topo.router_ns)] == ["rw0.7"]
         _case(topo, "xdp", "pppoe-vlan-xdp", 5660)
-
-
-def test_qinq_xdp_full_size_frames_at_mtu_1500(qinq):
-    """Regression: with two tags, a full-size frame is 1522 bytes; an XDP redirect
-    takes at most MTU + 18 on the egress device (the kernel's xdp_ok_fwd_dev), so at
-    rw0 MTU 1500 the offloaded 1500-byte packets were dropped after the redirect and
-    the transfer stalled. The resolver now lowers the XDP path MTU by 4 per tag past
-    the first: the full-size LAN -> WAN segments go to the kernel (pass_mtu), the
-    WAN -> LAN direction (its ACKs, out of rl0, untagged) stays offloaded, and the
-    payload arrives. Data LAN -> WAN only: the far host's own full-size frames
-    (both tags in the frame, 1522 bytes) do not fit rw0 at MTU 1500 at all, a
-    veth limit (is_skb_forwardable), not the datapath's."""
-    prepare_hosts(qinq, "xdp")
-    ip(qinq.router_ns, "link", "set", "rw0", "mtu", "1500")
-    # the kernel's own frames leave rw0 with the outer tag in skb metadata (veth tx
-    # VLAN offload), so they fit the far veth at 1504 as on the wire
-    try:
-        with running_agent(qinq, "xdp", "qinq-xdp-1500") as agent:
-            agent.wait_ready()
-            got = run_flows(qinq, agent, [(4, "tcp", 5670)], sniff_wire=False, down_bytes=0)
-            ctx = _flows_context(got, agent)
-            flow = got["flows"][0]
-            for leg in flow.legs.values():
-                assert leg.error is None, f"{leg.name}: {leg.error}{ctx}"
-                intact = hashlib.sha256(leg.got or b"").hexdigest() == leg.expect
-                assert intact, f"{leg.name}: not intact{ctx}"
-            want = flow.up.packets_after_go(_mss_of(qinq, 4))
-            assert got["datapath"].get("pass_mtu", 0) >= 0.5 * want, ctx
-            first, last = flow.at_go["down"], flow.at_end["down"]
-            assert first and last and last["state"] == "offloaded", ctx
-            # ACKs: at least one per four segments (delayed ACKs: one per two)
-            assert last["packets"] - first["packets"] >= 0.25 * want, ctx
-            print(f"qinq xdp at rw0 MTU 1500: intact in {got['seconds']}s, "
-                  f"pass_mtu {got['datapath'].get('pass_mtu')}, redirect +{got['redirect']}")
-    finally:
-        ip(qinq.router_ns, "link", "set", "rw0", "mtu", "1504")

@@ -1,22 +1,35 @@
 """Host side of the second-kernel lane: one test per guest module, each boots Debian's
 6.1 kernel under qemu (virtme-ng, no KVM) and runs that module inside (lane.py).
 
+The boots run in two phases (BOOT_PHASES): first the three short modules, two
+guests at a time (each guest keeps about one host CPU busy, the machine has two),
+then guest_offload alone (its agent starts and shaped transfers slow down by
+several times when another guest shares the CPUs, docs/kernel-lane.md). The first
+test_guest_module starts them all in the background; each test waits for its own
+module's result and reports it.
+
 Without the 6.1 kernel / vng / qemu: skip with the setup command, except in CI
 (CI=true), where a skip would hide a broken lane, so it fails.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import time
 
 import pytest
 
-from .lane import HERE, LaneUnavailable, run_module, unavailable_reason
+from .lane import HERE, LaneResult, LaneUnavailable, run_module, unavailable_reason
 
 pytestmark = pytest.mark.kernel_lane
 
 GUEST_MODULES = ["guest_vlan.py", "guest_pppoe.py", "guest_bpf.py", "guest_offload.py"]
+# Boot order: phase after phase; within a phase, BOOT_JOBS guests at once, longest
+# first (guest_pppoe beside guest_vlan, then guest_bpf in the slot that frees first).
+BOOT_PHASES = [["guest_pppoe.py", "guest_vlan.py", "guest_bpf.py"], ["guest_offload.py"]]
+BOOT_JOBS = int(os.environ.get("KERNEL_LANE_JOBS", "2"))
 # Per-boot timeouts (boot + module), about twice the time measured on a busy host;
 # KERNEL_LANE_TIMEOUT overrides them all. The lane as a whole never takes longer than
 # KERNEL_LANE_BUDGET (default 18 min): a module gets at most what is left.
@@ -54,24 +67,82 @@ def lane_ready():
         pytest.skip(msg)
 
 
+class Boots:
+    """The selected modules' boots, phase after phase, `jobs` at a time within a
+    phase, in a background thread; result(module) waits for one of them. A boot
+    whose budget is gone (< 60 s left when its turn comes) does not start: its
+    result is the message saying so."""
+
+    def __init__(self, modules: list[str], jobs: int = BOOT_JOBS,
+                 run=run_module) -> None:
+        self.modules = modules
+        self.jobs = max(1, jobs)
+        self.run = run
+        self.done: dict[str, concurrent.futures.Future] = {
+            m: concurrent.futures.Future() for m in modules}
+        self.wall: dict[str, float] = {}
+        self.thread = threading.Thread(target=self._run_all, name="kernel-lane", daemon=True)
+        self.thread.start()
+
+    def _one(self, module: str) -> None:
+        fut = self.done[module]
+        t0 = time.monotonic()
+        try:
+            timeout = module_timeout(module, t0)
+            if timeout < 60:
+                fut.set_result(f"lane budget ({LANE_BUDGET:.0f}s) exhausted before {module}")
+                return
+            fut.set_result(self.run(HERE / module, timeout=timeout))
+        except BaseException as e:  # LaneUnavailable (raced with the fixture), a bug
+            fut.set_exception(e)
+        finally:
+            self.wall[module] = time.monotonic() - t0
+
+    def _run_all(self) -> None:
+        for phase in BOOT_PHASES:
+            mods = [m for m in phase if m in self.done]
+            if not mods:
+                continue
+            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+                list(pool.map(self._one, mods))
+        for fut in self.done.values():  # a module in no phase: never left waiting
+            if not fut.done():
+                fut.set_result("module is in no boot phase (BOOT_PHASES)")
+
+    def result(self, module: str) -> LaneResult | str:
+        # every boot is bounded by its timeout, the lane by its budget
+        return self.done[module].result(timeout=LANE_BUDGET + 120 * len(self.modules))
+
+
+@pytest.fixture(scope="session")
+def boots(request, lane_ready):
+    """Starts the boots of the modules this session selected, all in the background."""
+    selected = [it.callspec.params["module"] for it in request.session.items
+                if getattr(it, "originalname", "") == "test_guest_module"
+                and hasattr(it, "callspec")]
+    b = Boots([m for m in GUEST_MODULES if m in selected])
+    yield b
+    b.thread.join(timeout=5)
+
+
 def test_guest_modules_listed():
-    """Every guest_*.py in this directory has a lane test (so none is forgotten)."""
+    """Every guest_*.py in this directory has a lane test (so none is forgotten) and
+    a place in the boot order."""
     found = sorted(p.name for p in HERE.glob("guest_*.py"))
     assert found == sorted(GUEST_MODULES), found
+    assert sorted(m for ph in BOOT_PHASES for m in ph) == sorted(GUEST_MODULES), BOOT_PHASES
 
 
 @pytest.mark.parametrize("module", GUEST_MODULES)
-def test_guest_module(lane_ready, module):
-    t0 = time.monotonic()
-    timeout = module_timeout(module, t0)
-    if timeout < 60:
-        pytest.fail(f"lane budget ({LANE_BUDGET:.0f}s) exhausted before {module}", pytrace=False)
+def test_guest_module(boots, module):
     try:
-        res = run_module(HERE / module, timeout=timeout)
+        res = boots.result(module)
     except LaneUnavailable as e:  # raced with the fixture's check
         pytest.fail(str(e), pytrace=False)
+    if isinstance(res, str):
+        pytest.fail(res, pytrace=False)
     print(res.report())
-    print(f"lane wall time for {module}: {time.monotonic() - t0:.1f}s")
+    print(f"lane wall time for {module}: {boots.wall.get(module, 0.0):.1f}s")
     assert res.passed, "\n" + res.report()
 
 
@@ -167,3 +238,61 @@ def test_parse_frame_tags_and_pppoe():
     assert (f.ethertype, f.pppoe_session, f.ppp_proto, f.ip_src) == (
         0x8864, 0x1234, 0x0021, "198.18.1.2")
     assert parse_frame(b"short", None, False) is None
+
+
+def test_boots_phases_and_concurrency():
+    """The short modules' boots overlap (at most `jobs` at once); guest_offload
+    starts only once they have all ended; every result reaches its module."""
+    events: list[tuple[str, str]] = []
+    running: set[str] = set()
+    most = [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def fake_run(path, timeout):
+        name = path.name
+        with lock:
+            events.append(("start", name))
+            running.add(name)
+            most[0] = max(most[0], len(running))
+            if len(running) == 2:
+                release.set()
+        release.wait(timeout=10)  # the first two wait for each other: they overlap
+        with lock:
+            running.discard(name)
+            events.append(("end", name))
+        return _result(module=name)
+
+    _LANE_START[:] = []
+    try:
+        b = Boots(list(GUEST_MODULES), jobs=2, run=fake_run)
+        results = {m: b.result(m) for m in GUEST_MODULES}
+        b.thread.join(timeout=10)
+    finally:
+        _LANE_START[:] = []
+    assert {m: r.module for m, r in results.items()} == {m: m for m in GUEST_MODULES}
+    assert most[0] == 2, events
+    short = [m for m in BOOT_PHASES[0]]
+    offload_start = events.index(("start", "guest_offload.py"))
+    assert all(events.index(("end", m)) < offload_start for m in short), events
+
+
+def test_boots_budget_gone_and_unavailable():
+    """A boot with less than 60 s of budget left does not start and says why; a
+    runner exception reaches that module's test."""
+
+    def fake_run(path, timeout):
+        raise LaneUnavailable("no vng")
+
+    _LANE_START[:] = [time.monotonic() - LANE_BUDGET]  # the budget is spent
+    try:
+        b = Boots(["guest_vlan.py"], run=fake_run)
+        assert "exhausted before guest_vlan.py" in b.result("guest_vlan.py")
+    finally:
+        _LANE_START[:] = []
+    try:
+        b = Boots(["guest_bpf.py"], run=fake_run)
+        with pytest.raises(LaneUnavailable):
+            b.result("guest_bpf.py")
+    finally:
+        _LANE_START[:] = []
