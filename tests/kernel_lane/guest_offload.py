@@ -4,7 +4,10 @@ PPPoE session (also PPPoE over VLAN 7); and SQM (cake, ifb) with the TC hook.
 
 For each case the agent (`python -m offloader.cli run -i rl0 -i <WAN logical device>
 --hook xdp|tc -v`) runs in the router namespace through `nsenter --net` (so it pins
-under /sys/fs/bpf/ebpf-offloader/netns-<inode>, removed afterwards), and four
+under /sys/fs/bpf/ebpf-offloader/netns-<inode>, removed afterwards; one agent per
+case, except that the QinQ MTU-1500 case hands its running XDP agent on to
+test_qinq_offload[xdp], which runs right after it: an agent start under emulation
+is 30-60 s), and four
 connections from the LAN host run at once (run_flows): TCP and UDP over IPv4 (NATed
 by the router's masquerade) and IPv6 (routed, as OpenWrt does), each carrying data
 both ways. Small packets go until the agent shows every direction offloaded, then
