@@ -1,12 +1,12 @@
 """Host side of the second-kernel lane: one test per guest module, each boots Debian's
 6.1 kernel under qemu (virtme-ng, no KVM) and runs that module inside (lane.py).
 
-The boots run in two phases (BOOT_PHASES): first the three short modules, two
-guests at a time (each guest keeps about one host CPU busy, the machine has two),
-then guest_offload alone (its agent starts and shaped transfers slow down by
-several times when another guest shares the CPUs, docs/kernel-lane.md). The first
-test_guest_module starts them all in the background; each test waits for its own
-module's result and reports it.
+The boots run two at a time (each guest keeps about one host CPU busy, the machine
+has two), in BOOT_ORDER: the three short modules first, guest_offload last, so it
+shares the CPUs at most with the last short module, during its own boot (its agent
+starts and shaped transfers slow down by several times when another guest shares
+the CPUs, docs/kernel-lane.md). The first test_guest_module starts them all in the
+background; each test waits for its own module's result and reports it.
 
 Without the 6.1 kernel / vng / qemu: skip with the setup command, except in CI
 (CI=true), where a skip would hide a broken lane, so it fails.
@@ -26,9 +26,9 @@ from .lane import HERE, LaneResult, LaneUnavailable, run_module, unavailable_rea
 pytestmark = pytest.mark.kernel_lane
 
 GUEST_MODULES = ["guest_vlan.py", "guest_pppoe.py", "guest_bpf.py", "guest_offload.py"]
-# Boot order: phase after phase; within a phase, BOOT_JOBS guests at once, longest
-# first (guest_pppoe beside guest_vlan, then guest_bpf in the slot that frees first).
-BOOT_PHASES = [["guest_pppoe.py", "guest_vlan.py", "guest_bpf.py"], ["guest_offload.py"]]
+# Boot order, BOOT_JOBS guests at once: guest_pppoe (the longest short one) beside
+# guest_vlan, guest_bpf in the slot that frees first, guest_offload in the next.
+BOOT_ORDER = ["guest_pppoe.py", "guest_vlan.py", "guest_bpf.py", "guest_offload.py"]
 BOOT_JOBS = int(os.environ.get("KERNEL_LANE_JOBS", "2"))
 # Per-boot timeouts (boot + module), about twice the time measured on a busy host;
 # KERNEL_LANE_TIMEOUT overrides them all. The lane as a whole never takes longer than
@@ -70,8 +70,8 @@ def lane_ready():
 
 
 class Boots:
-    """The selected modules' boots, phase after phase, `jobs` at a time within a
-    phase, in a background thread; result(module) waits for one of them. A boot
+    """The selected modules' boots in BOOT_ORDER, `jobs` at a time, in a background
+    thread; result(module) waits for one of them. A boot
     whose budget is gone (< 60 s left when its turn comes) does not start: its
     result is the message saying so."""
 
@@ -101,15 +101,12 @@ class Boots:
             self.wall[module] = time.monotonic() - t0
 
     def _run_all(self) -> None:
-        for phase in BOOT_PHASES:
-            mods = [m for m in phase if m in self.done]
-            if not mods:
-                continue
-            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(self._one, mods))
-        for fut in self.done.values():  # a module in no phase: never left waiting
+        mods = [m for m in BOOT_ORDER if m in self.done]
+        with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(self._one, mods))  # a pool's queue starts them in order
+        for fut in self.done.values():  # a module not in BOOT_ORDER: never left waiting
             if not fut.done():
-                fut.set_result("module is in no boot phase (BOOT_PHASES)")
+                fut.set_result("module is not in BOOT_ORDER")
 
     def result(self, module: str) -> LaneResult | str:
         # every boot is bounded by its timeout, the lane by its budget
@@ -132,7 +129,7 @@ def test_guest_modules_listed():
     a place in the boot order."""
     found = sorted(p.name for p in HERE.glob("guest_*.py"))
     assert found == sorted(GUEST_MODULES), found
-    assert sorted(m for ph in BOOT_PHASES for m in ph) == sorted(GUEST_MODULES), BOOT_PHASES
+    assert sorted(BOOT_ORDER) == sorted(GUEST_MODULES), BOOT_ORDER
 
 
 @pytest.mark.parametrize("module", GUEST_MODULES)
@@ -242,9 +239,10 @@ def test_parse_frame_tags_and_pppoe():
     assert parse_frame(b"short", None, False) is None
 
 
-def test_boots_phases_and_concurrency():
-    """The short modules' boots overlap (at most `jobs` at once); guest_offload
-    starts only once they have all ended; every result reaches its module."""
+def test_boots_order_and_concurrency():
+    """Boots start in BOOT_ORDER, two at a time: guest_pppoe beside guest_vlan,
+    guest_bpf once one of them has ended, guest_offload only once both have ended
+    (beside guest_bpf at most); every result reaches its module."""
     events: list[tuple[str, str]] = []
     running: set[str] = set()
     most = [0]
@@ -274,9 +272,11 @@ def test_boots_phases_and_concurrency():
         _LANE_START[:] = []
     assert {m: r.module for m, r in results.items()} == {m: m for m in GUEST_MODULES}
     assert most[0] == 2, events
-    short = [m for m in BOOT_PHASES[0]]
-    offload_start = events.index(("start", "guest_offload.py"))
-    assert all(events.index(("end", m)) < offload_start for m in short), events
+    starts = [n for e, n in events if e == "start"]
+    assert starts == BOOT_ORDER, events
+    offload = events.index(("start", "guest_offload.py"))
+    assert all(events.index(("end", m)) < offload
+               for m in ("guest_pppoe.py", "guest_vlan.py")), events
 
 
 def test_boots_budget_gone_and_unavailable():
