@@ -83,6 +83,7 @@ class Boots:
         self.done: dict[str, concurrent.futures.Future] = {
             m: concurrent.futures.Future() for m in modules}
         self.wall: dict[str, float] = {}
+        self.stopping = threading.Event()  # set: running guests are stopped, no new boot
         self.thread = threading.Thread(target=self._run_all, name="kernel-lane", daemon=True)
         self.thread.start()
 
@@ -94,11 +95,23 @@ class Boots:
             if timeout < 60:
                 fut.set_result(f"lane budget ({LANE_BUDGET:.0f}s) exhausted before {module}")
                 return
-            fut.set_result(self.run(HERE / module, timeout=timeout))
+            if self.stopping.is_set():
+                fut.set_result(f"lane stopped before {module} booted")
+                return
+            fut.set_result(self.run(HERE / module, timeout=timeout, watchdog=self._watchdog))
         except BaseException as e:  # LaneUnavailable (raced with the fixture), a bug
             fut.set_exception(e)
         finally:
             self.wall[module] = time.monotonic() - t0
+
+    def _watchdog(self, shared, elapsed) -> str | None:
+        return "the host's pytest ended first" if self.stopping.is_set() else None
+
+    def stop(self, wait: float = 30.0) -> None:
+        """Stops running guests (vng's process group; the runner's watchdog) and
+        starts no more: at the end of the session, also after a Ctrl-C."""
+        self.stopping.set()
+        self.thread.join(timeout=wait)
 
     def _run_all(self) -> None:
         mods = [m for m in BOOT_ORDER if m in self.done]
@@ -121,7 +134,7 @@ def boots(request, lane_ready):
                 and hasattr(it, "callspec")]
     b = Boots([m for m in GUEST_MODULES if m in selected])
     yield b
-    b.thread.join(timeout=5)
+    b.stop()  # nothing left running by then, unless the session was cut short
 
 
 def test_guest_modules_listed():
@@ -249,7 +262,7 @@ def test_boots_order_and_concurrency():
     lock = threading.Lock()
     release = threading.Event()
 
-    def fake_run(path, timeout):
+    def fake_run(path, timeout, watchdog):
         name = path.name
         with lock:
             events.append(("start", name))
@@ -283,7 +296,7 @@ def test_boots_budget_gone_and_unavailable():
     """A boot with less than 60 s of budget left does not start and says why; a
     runner exception reaches that module's test."""
 
-    def fake_run(path, timeout):
+    def fake_run(path, timeout, watchdog):
         raise LaneUnavailable("no vng")
 
     _LANE_START[:] = [time.monotonic() - LANE_BUDGET]  # the budget is spent
@@ -298,3 +311,34 @@ def test_boots_budget_gone_and_unavailable():
             b.result("guest_bpf.py")
     finally:
         _LANE_START[:] = []
+
+
+def test_boots_stop_ends_running_guests():
+    """stop(): the runner's watchdog of a running guest answers with a reason (so
+    run_module kills it), and a boot not yet started never starts."""
+    seen: list[str | None] = []
+    started: list[str] = []
+    first = threading.Event()
+
+    def fake_run(path, timeout, watchdog):
+        started.append(path.name)
+        first.set()
+        for _ in range(200):  # bounded: as run_module polls its watchdog
+            why = watchdog(None, 0.0)
+            if why:
+                seen.append(why)
+                break
+            time.sleep(0.05)
+        return _result(module=path.name, timed_out=bool(seen))
+
+    _LANE_START[:] = []
+    try:
+        b = Boots(["guest_vlan.py", "guest_offload.py"], jobs=1, run=fake_run)
+        assert first.wait(timeout=10)
+        b.stop()
+        assert not b.thread.is_alive()
+        assert not b.result("guest_vlan.py").passed
+        assert "stopped before guest_offload.py" in b.result("guest_offload.py")
+    finally:
+        _LANE_START[:] = []
+    assert started == ["guest_vlan.py"] and seen == ["the host's pytest ended first"]
