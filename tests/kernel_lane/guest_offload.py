@@ -6,8 +6,8 @@ For each case the agent (`python -m offloader.cli run -i rl0 -i <WAN logical dev
 --hook xdp|tc -v`) runs in the router namespace through `nsenter --net` (so it pins
 under /sys/fs/bpf/ebpf-offloader/netns-<inode>, removed afterwards; one agent per
 case, except that the QinQ MTU-1500 case hands its running XDP agent on to
-test_qinq_offload[xdp], which runs right after it: an agent start under emulation
-is 30-60 s), and four
+test_qinq_offload[xdp] and the SQM case its TC agent to test_vlan_offload[tc],
+each run right after: an agent start under emulation is 30-60 s), and four
 connections from the LAN host run at once (run_flows): TCP and UDP over IPv4 (NATed
 by the router's masquerade) and IPv6 (routed, as OpenWrt does), each carrying data
 both ways. Small packets go until the agent shows every direction offloaded, then
@@ -816,9 +816,15 @@ def qinq():
         yield topo
 
 
-@pytest.mark.parametrize("hook", ["xdp", "tc"])
-def test_vlan_offload(vlan, hook):
-    _case(vlan, hook, f"vlan-{hook}", 5600 if hook == "xdp" else 5610)
+@pytest.fixture(scope="module")
+def vlan_tc_hand_on(vlan):
+    """Where test_sqm_tc_shapes_offloaded_traffic leaves its running TC agent for
+    test_vlan_offload[tc] (which stops it); stopped here if that never ran."""
+    box: dict = {}
+    yield box
+    agent = box.pop("agent", None)
+    if agent is not None:
+        agent.stop()
 
 
 
@@ -952,7 +958,7 @@ def shaped_transfer(topo: Topology, agent: Agent, direction: str, port: int, kbi
             "warmup_bytes": warm, "row": row1}
 
 
-def test_sqm_tc_shapes_offloaded_traffic(vlan):
+def test_sqm_tc_shapes_offloaded_traffic(vlan, vlan_tc_hand_on):
     """SQM as sqm-scripts sets it up on the WAN (rw0.7 here: cake at the upload
     rate on its egress, an ingress qdisc redirecting to ifb4wan with cake at the
     download rate), the agent with hook tc, one agent start:
@@ -980,6 +986,10 @@ def test_sqm_tc_shapes_offloaded_traffic(vlan):
     then an unpaced bulk the shaper must hold (shaped_transfer). "Offloaded":
     that flow's packet counter carried at least 90 % of the bulk's segments,
     read when the bulk started and once it had arrived, before FIN.
+
+    Once all of it has passed, the agent stays running for test_vlan_offload[tc]
+    (next): the cakes on rw0.7 and rl0 are removed, SQM's ingress qdisc stays,
+    holding the agent's filter (one agent start under emulation, 30-60 s, less).
     """
     topo, ns, wan, lan_if = vlan, vlan.router_ns, vlan.router_wan_if, vlan.router_lan_if
     for m in ("sch_cake", "ifb", "act_mirred", "cls_u32"):
@@ -1009,7 +1019,7 @@ def test_sqm_tc_shapes_offloaded_traffic(vlan):
         assert [c for c, rc, _ in done if rc != 0] == [
             f"tc qdisc del dev {wan} handle ffff: ingress"], done  # nothing to delete yet
 
-        with running_agent(topo, "tc", "sqm") as agent:
+        with running_agent(topo, "tc", "vlan-tc", hand_on=vlan_tc_hand_on) as agent:
             agent.wait_ready()
             # 2: the agent attached after SQM, its filter after SQM's redirect
             order = _ingress_filters(ns, wan)
@@ -1034,13 +1044,31 @@ def test_sqm_tc_shapes_offloaded_traffic(vlan):
             lan_bytes = _qdisc_bytes(ns, lan_if) - lan0
             assert got["carried"] >= 0.9 * got["segments"], (got, agent.tail())
             assert lan_bytes >= got["bytes"], (lan_bytes, got)  # rl0's cake saw it all
-        off = {n: (g["l2_kbit"], k) for n, (g, k) in rates.items()
-               if abs(g["l2_kbit"] / k - 1) > SQM_TOLERANCE}
-        assert not off, f"not held to the shaper's rate (+-{SQM_TOLERANCE:.0%}): {off}"
+            off = {n: (g["l2_kbit"], k) for n, (g, k) in rates.items()
+                   if abs(g["l2_kbit"] / k - 1) > SQM_TOLERANCE}
+            assert not off, f"not held to the shaper's rate (+-{SQM_TOLERANCE:.0%}): {off}"
     finally:
-        sqm_teardown(ns, wan)
-        _tc(ns, "qdisc", "del", "dev", lan_if, "root", check=False)
-        _tc(ns, "qdisc", "del", "dev", wan, "clsact", check=False)
+        if "agent" in vlan_tc_hand_on:  # handed on: no shaping, the agent's filter stays
+            _tc(ns, "qdisc", "del", "dev", wan, "root")
+            _tc(ns, "qdisc", "del", "dev", lan_if, "root")
+        else:
+            sqm_teardown(ns, wan)
+            _tc(ns, "qdisc", "del", "dev", lan_if, "root", check=False)
+            _tc(ns, "qdisc", "del", "dev", wan, "clsact", check=False)
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_vlan_offload(vlan, vlan_tc_hand_on, hook):
+    """TC first: the agent test_sqm_tc_shapes_offloaded_traffic handed on (its
+    shapers removed), when that case ran and passed, else a new one; XDP: a new
+    one."""
+    given = vlan_tc_hand_on.pop("agent", None) if hook == "tc" else None
+    try:
+        _case(vlan, hook, f"vlan-{hook}", 5600 if hook == "xdp" else 5610, given=given)
+    finally:
+        if given is not None:  # SQM's ingress qdisc, kept for the agent's filter
+            _tc(vlan.router_ns, "qdisc", "del", "dev", vlan.router_wan_if, "ingress",
+                check=False)
 
 
 @pytest.fixture(scope="module")
