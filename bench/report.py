@@ -98,6 +98,60 @@ def _plots(r: dict[str, Any]) -> list[str]:
     return made
 
 
+NOISE = 0.05  # "within noise" in a goal: five percent either way
+
+
+def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(goal, what this run measured, met) for each goal the issues set
+    whose figures this run has; None when a figure is missing."""
+    out: list[tuple[str, str, bool | None]] = []
+
+    def ratio(a: str, b: str) -> float | None:
+        """a / b as shown (two decimals), so a goal is judged on the figure the table gives."""
+        x, y = r.get(a), r.get(b)
+        return round(x / y, 2) if x is not None and y else None
+
+    def add(goal: str, value: float | None, text: str, ok: bool | None) -> None:
+        out.append((goal, text if value is not None else "not measured",
+                    ok if value is not None else None))
+
+    x = ratio("offload_xdp_pps", "ceiling_pps")
+    add("XDP offload at the bare XDP ceiling (packets per router CPU-s)", x,
+        f"{x or 0:.2f}x the ceiling", x is not None and x >= 1 - NOISE)
+    x = ratio("offload_tc_pps", "ceiling_tc_pps")
+    add("TC offload at least 0.95x the bare TC ceiling", x, f"{x or 0:.2f}x",
+        x is not None and x >= 0.95)
+    x = ratio("offload_hybrid_pps", "offload_xdp_pps")
+    add("hybrid: 64-byte UDP at least XDP's (within noise)", x, f"{x or 0:.2f}x XDP's",
+        x is not None and x >= 1 - NOISE)
+    x = ratio("offload_hybrid_tcp_cpu_s_per_gb", "offload_tc_tcp_cpu_s_per_gb")
+    add("hybrid: TCP router CPU per GB at most TC's (within noise)", x, f"{x or 0:.2f}x TC's",
+        x is not None and x <= 1 + NOISE)
+    best = [(r[k], m) for m in ("offload_xdp", "offload_tc", "offload_hybrid")
+            if (k := f"{m}_tcp_cpu_per_gb_vs_slow_path") in r and r[k] is not None]
+    b = min(best) if best else None
+    add("TCP: router CPU per GB in the best mode at most 0.5x the slow path's", b and b[0],
+        f"{b[0]:.2f}x ({b[1]})" if b else "", b is not None and b[0] <= 0.5)
+    tput = [(r[k], m) for m in ("offload_xdp", "offload_tc", "offload_hybrid")
+            if (k := f"{m}_tcp_vs_slow_path") in r and r[k] is not None]
+    w = min(tput) if tput else None
+    add("TCP throughput with default offloads never below the slow path's", w and w[0],
+        ", ".join(f"{m} {v:.2f}x" for v, m in sorted(tput, key=lambda t: t[1])),
+        w is not None and w[0] >= 1 - NOISE)
+    c, m = r.get("agent_cpu_pct_100k"), r.get("agent_rss_mb_100k")
+    add("agent at 100,000 flows: under 5% of a core", c, f"{c or 0:.2f}%", c is not None and c < 5)
+    add("agent at 100,000 flows: under 40 MB RSS", m, f"{m or 0:.1f} MB", m is not None and m < 40)
+    n = r.get("new_flows_per_s_sustained")
+    add("at least 20,000 new flows a second, p99 setup under 5 ms, none lost", n,
+        f"{n or 0:,.0f} a second", n is not None and n >= 20000)
+    for key, label in (("early_drop_frames_vs_kernel_drop", "frames as from a NIC, hook xdp"),
+                       ("early_drop_vs_kernel_drop", "skbs, hook xdp")):
+        d = r.get(key)
+        add(f"early drop at most 0.2x the kernel's drop ({label})", d, f"{d or 0:.2f}x",
+            d is not None and d <= 0.2)
+    return out
+
+
 def write(r: dict[str, Any]) -> Path:
     made = _plots(r)
     L: list[str] = []
@@ -105,7 +159,19 @@ def write(r: dict[str, Any]) -> Path:
     L.append("Written by `python -m bench` from one run; do not edit by hand. "
              "`python -m bench --quick --json` prints the headline numbers as one JSON object.\n")
     L.append(f"- Machine: {r['machine']}\n- Kernel: {r['kernel']}\n- Date: {r['date']}\n"
-             f"- Run took {r.get('bench_seconds')} s{' (quick)' if r.get('quick') else ''}\n")
+             f"- Run took {r.get('bench_seconds')} s{' (quick)' if r.get('quick') else ''}\n"
+             f"- Load average at the start and the end: {r.get('loadavg_start', '?')} / "
+             f"{r.get('loadavg_end', '?')}\n")
+    L.append("What each change saved, where the time goes and the figures of earlier runs are in "
+             "[performance.md](performance.md) (written by hand); this page is one run's output.\n")
+    met = goals(r)
+    if met:
+        L.append("## Goals\n")
+        L.append("| goal | this run | met |")
+        L.append("|---|---|---|")
+        for goal, text, ok in met:
+            L.append(f"| {goal} | {text} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
+        L.append("\nThe lane's comparison with nf_flow_table has its own goal, in its section below.\n")
     L.append("## How it is measured\n")
     L.append(
         "The built-in lab (`offloader/lab.py`): lan1 -- br-lan [router, masquerade out of wan0] -- wan, "

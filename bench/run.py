@@ -481,7 +481,16 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"machine": f"{cpu} x{os.cpu_count()}", "kernel": platform.release(),
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "loadavg_start": _loadavg()}
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     result["bench_seconds"] = round(time.monotonic() - started, 1)
+    result["loadavg_end"] = _loadavg()
     _ratios(result)
     if args.json:
         print(json.dumps(result, default=str))

@@ -1,0 +1,53 @@
+"""The generated benchmark page states each goal against this run's figure."""
+
+from __future__ import annotations
+
+from bench import report
+
+# The headline keys of a `python -m bench --quick --json` run (2026-12-01 14:56).
+QUICK = {"machine": "m", "kernel": "k", "date": "d", "loadavg_start": "0.50 0.60 0.70",
+         "loadavg_end": "1.00 0.90 0.80", "offload_xdp_pps": 848704, "ceiling_pps": 710764,
+         "offload_tc_pps": 842570, "ceiling_tc_pps": 813558, "offload_hybrid_pps": 803252,
+         "offload_hybrid_tcp_cpu_s_per_gb": 1.7021, "offload_tc_tcp_cpu_s_per_gb": 0.9033,
+         "offload_xdp_tcp_cpu_per_gb_vs_slow_path": 1.205,
+         "offload_tc_tcp_cpu_per_gb_vs_slow_path": 0.794,
+         "offload_hybrid_tcp_cpu_per_gb_vs_slow_path": 1.497,
+         "offload_xdp_tcp_vs_slow_path": 0.482, "offload_tc_tcp_vs_slow_path": 1.03,
+         "offload_hybrid_tcp_vs_slow_path": 0.46, "agent_cpu_pct_100k": 11.13,
+         "agent_rss_mb_100k": 39.6, "new_flows_per_s_sustained": 10000.0,
+         "early_drop_frames_vs_kernel_drop": 0.16, "early_drop_vs_kernel_drop": 0.43}
+
+
+def test_each_goal_is_judged_from_the_runs_own_figures():
+    got = {goal: (text, ok) for goal, text, ok in report.goals(QUICK)}
+    assert got["TC offload at least 0.95x the bare TC ceiling"] == ("1.04x", True)
+    assert got["hybrid: 64-byte UDP at least XDP's (within noise)"] == ("0.95x XDP's", True)
+    assert got["hybrid: TCP router CPU per GB at most TC's (within noise)"] == ("1.88x TC's", False)
+    assert got["TCP: router CPU per GB in the best mode at most 0.5x the slow path's"] == (
+        "0.79x (offload_tc)", False)
+    text, ok = got["TCP throughput with default offloads never below the slow path's"]
+    assert not ok and "offload_xdp 0.48x" in text and "offload_tc 1.03x" in text
+    assert got["agent at 100,000 flows: under 5% of a core"] == ("11.13%", False)
+    assert got["agent at 100,000 flows: under 40 MB RSS"] == ("39.6 MB", True)
+    assert got["at least 20,000 new flows a second, p99 setup under 5 ms, none lost"] == (
+        "10,000 a second", False)
+    assert got["early drop at most 0.2x the kernel's drop (frames as from a NIC, hook xdp)"] == (
+        "0.16x", True)
+
+
+def test_a_goal_without_its_figure_is_not_measured_rather_than_failed():
+    got = {goal: (text, ok) for goal, text, ok in report.goals({"offload_tc_pps": 1})}
+    assert got["TC offload at least 0.95x the bare TC ceiling"] == ("not measured", None)
+    assert got["agent at 100,000 flows: under 5% of a core"] == ("not measured", None)
+
+
+def test_the_page_carries_the_goals_table_and_the_load(tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(report, "DOC", doc)
+    monkeypatch.setattr(report, "_plots", lambda r: [])
+    report.write(QUICK)
+    text = doc.read_text()
+    assert "| agent at 100,000 flows: under 5% of a core | 11.13% | **no** |" in text
+    assert "| agent at 100,000 flows: under 40 MB RSS | 39.6 MB | yes |" in text
+    assert "0.50 0.60 0.70 / 1.00 0.90 0.80" in text
+    assert "(performance.md)" in text
