@@ -11,8 +11,9 @@
  *   3. flow map miss: a pending tuple is counted and passed; else a tuple
  *      in the early-drop map is dropped; else note it in the small LRU
  *      pending map, tell the agent through the ring buffer, pass;
- *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted;
- *      last_seen is not stamped, so such a flow can idle out);
+ *   4. hit: TCP SYN/FIN/RST, TTL <= 1, over-MTU: pass (flags noted, and
+ *      that the kernel saw one; last_seen is not stamped, so such a flow
+ *      can idle out);
  *   5. rewrite L3/L4 (NAT with precomputed checksum deltas, TTL), rewrite
  *      the L2 header for the output device, count, stamp last_seen,
  *      redirect.
@@ -84,6 +85,14 @@ static __always_inline void ofl_count(__u32 stat)
 
 	if (c)
 		*c += 1;
+}
+
+/* A hit handed to the kernel: conntrack sees the packet and resets its
+ * timeout (OFL_SEEN_KERNEL). Written once, not per packet. */
+static __always_inline void ofl_seen_kernel(struct ofl_flow *flow)
+{
+	if (!(flow->seen & OFL_SEEN_KERNEL))
+		flow->seen |= OFL_SEEN_KERNEL;
 }
 
 /*
@@ -521,10 +530,12 @@ static __always_inline struct ofl_flow *ofl_decide(const struct ofl_config *cfg,
 		return NULL;
 	}
 	if (p->ttl <= 1) {
+		ofl_seen_kernel(flow);
 		ofl_count(OFL_STAT_PASS_TTL);
 		return NULL;
 	}
 	if (seg_len > flow->v.mtu) {
+		ofl_seen_kernel(flow);
 		ofl_count(OFL_STAT_PASS_MTU);
 		return NULL;
 	}
@@ -833,6 +844,7 @@ static __always_inline int ofl_tc_forward(struct __sk_buff *skb, const struct of
 
 	if (p->pppoe || p->dsa || (p->no_l2 && ofl_l2_len(&v) != ETH_HLEN) ||
 	    (skb->gso_size && (v.pppoe_sid || v.dsa_proto || v.vlan_proto[0]))) {
+		ofl_seen_kernel(flow);
 		ofl_count(OFL_STAT_PASS_UNSUPPORTED);
 		return TC_ACT_OK;
 	}

@@ -110,6 +110,10 @@ _Static_assert(sizeof(struct ofl_verdict) == 80, "ofl_verdict layout");
 #define OFL_SEEN_FIN (1U << 0)
 #define OFL_SEEN_RST (1U << 1)
 #define OFL_SEEN_SYN (1U << 2)
+/* A packet of the offloaded flow went to the kernel (TTL, MTU, what TC cannot
+ * rewrite): conntrack put its own, shorter timeout back, so the agent renews
+ * the flow on its class's schedule, not the offload timeout's. */
+#define OFL_SEEN_KERNEL (1U << 3)
 
 /* Value of the flow map: the agent writes verdict and state, the datapath
  * adds to the counters and stamps last_seen (bpf_ktime_get_ns()). */

@@ -47,6 +47,8 @@ class Records:
         self.v_pppoe = ffi.offsetof("struct ofl_verdict", "pppoe_sid")
         self.v_dsa = ffi.offsetof("struct ofl_verdict", "dsa_proto")
         self.flag_tc = consts["OFL_V_TC"]
+        self.seen_closing = consts["OFL_SEEN_FIN"] | consts["OFL_SEEN_RST"] | consts["OFL_SEEN_SYN"]
+        self.seen_kernel = consts["OFL_SEEN_KERNEL"]
         self.dsa_port_none = consts["OFL_DSA_PORT_NONE"]
         self.key_size = ffi.sizeof("struct ofl_key")
         self.e_stamp = ffi.offsetof("struct ofl_event", "ts_ns")

@@ -96,7 +96,8 @@ class SweepPlan:
     marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
     held: set[bytes] = field(default_factory=set)  # wire ids of connections handed back (Handback)
     offload_timeout_s: int = OFFLOAD_TIMEOUT_S
-    _due: dict[RefreshClass | None, bytes] | None = field(default=None, init=False, repr=False)
+    _due: dict[tuple[RefreshClass, bool] | None, bytes] | None = field(default=None, init=False,
+                                                                       repr=False)
     _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
                                                               repr=False)
 
@@ -108,9 +109,9 @@ class SweepPlan:
         return cls(now_ns, sweep_no, int(tcp_idle_s * NS), int(udp_idle_s * NS), timeouts,
                    interval_s, dead, hybrid, marks or {})
 
-    def due_table(self, cls: RefreshClass | None = None) -> bytes:
+    def due_table(self, cls: RefreshClass | None = None, short: bool = False) -> bytes:
         """For each 16-bit port hash, whether a flow of ``cls`` (None: of
-        any class) with that hash is due now.
+        any class, on the long periods) with that hash is due now.
 
         A hash h is due at the instants h / 65536 of the way through each
         of its class's periods (on the monotonic clock, so the refreshes of
@@ -120,28 +121,37 @@ class SweepPlan:
         time, so it is renewed at least once a period, however late the
         ticks come.
         The due hashes are one range (modulo 65536) per class, set by slice
-        assignment: testing an entry is one index."""
+        assignment: testing an entry is one index. ``short``: the table of
+        the class's own period (``period_s``), built when first asked."""
         if self._due is None:
-            one = 1 << 16
-            tables: dict[RefreshClass | None, bytes] = {}
+            tables: dict[tuple[RefreshClass, bool] | None, bytes] = {}
             union = 0  # the tables as big integers, or'ed in C
-            window = int(self.interval_s * NS)
             for c in RefreshClass:
-                period = int(self.period_s(c) * NS)
-                table = bytearray(one)
-                if window >= period:
-                    table[:] = b"\x01" * one
-                else:  # hashes in (lo, hi], wrapping round
-                    hi = self.now_ns % period * one // period
-                    lo = (self.now_ns - window) % period * one // period
-                    spans = [(lo + 1, hi + 1)] if lo <= hi else [(lo + 1, one), (0, hi + 1)]
-                    for start, end in spans:
-                        table[start:end] = b"\x01" * (end - start)
-                tables[c] = bytes(table)
-                union |= int.from_bytes(table, "little")
-            tables[None] = union.to_bytes(one, "little")
+                tables[(c, False)] = self._table(self.period_s(c))
+                union |= int.from_bytes(tables[(c, False)], "little")
+            tables[None] = union.to_bytes(1 << 16, "little")
             self._due = tables
-        return self._due[cls]
+        if cls is None:
+            return self._due[None]
+        got = self._due.get((cls, short))
+        if got is None:
+            got = self._due[(cls, short)] = self._table(self.period_s(cls, short))
+        return got
+
+    def _table(self, period_s: float) -> bytes:
+        one = 1 << 16
+        period = int(period_s * NS)
+        window = int(self.interval_s * NS)
+        table = bytearray(one)
+        if window >= period:
+            table[:] = b"\x01" * one
+        else:  # hashes in (lo, hi], wrapping round
+            hi = self.now_ns % period * one // period
+            lo = (self.now_ns - window) % period * one // period
+            spans = [(lo + 1, hi + 1)] if lo <= hi else [(lo + 1, one), (0, hi + 1)]
+            for start, end in spans:
+                table[start:end] = b"\x01" * (end - start)
+        return bytes(table)
 
     def prefilter(self, which: str) -> set[tuple[int, int, int]]:
         """(proto, ports) of the ``dead`` or ``marks`` ids, built once per
@@ -153,12 +163,13 @@ class SweepPlan:
             got = self._prefilters[which] = _port_prefilter(ids)
         return got
 
-    def schedule(self, cls: RefreshClass) -> tuple[RefreshClass, bytes, int]:
+    def schedule(self, cls: RefreshClass, short: bool = False) -> tuple[RefreshClass, bytes, int]:
         """(class, its due table, the last-seen time after which a flow
         counts as having carried traffic since its last refresh: a period
-        and the time since the last read ago)."""
-        since = self.now_ns - int((self.period_s(cls) + self.interval_s) * NS)
-        return cls, self.due_table(cls), since
+        and the time since the last read ago). ``short``: on the period of
+        the class's own timeout, not the long one's."""
+        since = self.now_ns - int((self.period_s(cls, short) + self.interval_s) * NS)
+        return cls, self.due_table(cls, short), since
 
     def keep_s(self, cls: RefreshClass) -> int:
         """The conntrack timeout an offloaded flow of ``cls`` is renewed
@@ -177,12 +188,12 @@ class SweepPlan:
         idle = self.tcp_idle_ns if cls is RefreshClass.TCP else self.udp_idle_ns
         return min(idle, self.timeouts[cls] * NS)
 
-    def period_s(self, cls: RefreshClass) -> float:
-        """Each class is renewed at half its long timeout (``keep_s``) when
-        the other half leaves REFRESH_SPARE_S to spare (a pass spread over
-        ticks, a loop running late), else at a third; within [1 s,
-        MAX_PERIOD_S]."""
-        timeout = self.keep_s(cls)
+    def period_s(self, cls: RefreshClass, short: bool = False) -> float:
+        """Each class is renewed at half its long timeout (``keep_s``; with
+        ``short``, its own timeout) when the other half leaves
+        REFRESH_SPARE_S to spare (a pass spread over ticks, a loop running
+        late), else at a third; within [1 s, MAX_PERIOD_S]."""
+        timeout = self.timeouts[cls] if short else self.keep_s(cls)
         period = timeout / 2 if timeout / 2 >= REFRESH_SPARE_S else timeout / 3
         return max(1.0, min(MAX_PERIOD_S, period))
 
@@ -222,8 +233,9 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
     # Each test first runs over a whole column in C (map, compress, any),
     # so that only the entries it picks cost a Python step.
     gone: dict[int, Teardown] = {}
-    if any(seens):
-        gone = {i: Teardown.TCP_FLAGS for i in compress(range(n), seens)}
+    if any(seens):  # OFL_SEEN_KERNEL alone is no reason (see _refreshes)
+        closing = map(rec.seen_closing.__and__, seens)
+        gone = {i: Teardown.TCP_FLAGS for i in compress(range(n), closing)}
     # Idle: older than its class's bound (the loosest bound filters first).
     tcp, assured = socket.IPPROTO_TCP, rec.flag_assured
     flags_col = vb[rec.v_flags :: rec.flow_size]
@@ -255,7 +267,7 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
         out.pass_keys.extend(kb[i * ks : (i + 1) * ks] for i in
                              islice(compress(range(n), map(offload.__ne__, states)), room)
                              if i not in gone)
-    _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, gone, out)
+    _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, seens, gone, out)
     if plan.hybrid:
         _bulk_to_tc(kb, vb, plan, rec, protos, states, gone, out)
     return out
@@ -352,14 +364,21 @@ def _port_prefilter(ids: Iterable[bytes]) -> set[tuple[int, int, int]]:
 
 def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
                sports: Sequence[int], dports: Sequence[int], lasts: Sequence[int],
-               states: Sequence[int], gone: dict[int, Teardown], out: SweepResult) -> None:
+               states: Sequence[int], seens: Sequence[int], gone: dict[int, Teardown],
+               out: SweepResult) -> None:
     """Offloaded flows that carried traffic since their last refresh and
     whose slice of the passes is due now (a hash of their ports): each is
-    renewed once per period."""
+    renewed once per period. A flow one of whose packets went to the kernel
+    (OFL_SEEN_KERNEL: TTL, MTU, what TC cannot rewrite) had conntrack's
+    own timeout put back by that packet, so it is renewed on its class's
+    own period (``short``), as before the long timeout, still with it."""
     ks, fs = rec.key_size, rec.flow_size
     table = plan.due_table()
     hashes = list(map(operator.xor, sports, dports))
-    candidates = compress(range(len(lasts)), map(table.__getitem__, hashes))
+    candidates: Iterable[int] = compress(range(len(lasts)), map(table.__getitem__, hashes))
+    kernel = rec.seen_kernel
+    if any(map(kernel.__and__, seens)):  # rare: their own schedule, so look at them all
+        candidates = sorted({*candidates, *compress(range(len(lasts)), map(kernel.__and__, seens))})
     flags_col = vb[rec.v_flags :: fs]
     zones = rec.flow_column(vb, rec.v_zone, "H")
     offload, assured, reply = rec.state_offload, rec.flag_assured, rec.flag_reply
@@ -372,7 +391,12 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byte
         if states[i] != offload or not last or i in gone:
             continue
         flags = flags_col[i]
-        cls, due, since = tcp_s if protos[i] == tcp else udp_s if flags & assured else new_s
+        if seens[i] & kernel:
+            cls, due, since = plan.schedule(RefreshClass.TCP if protos[i] == tcp else
+                                            RefreshClass.UDP if flags & assured else
+                                            RefreshClass.UDP_NEW, short=True)
+        else:
+            cls, due, since = tcp_s if protos[i] == tcp else udp_s if flags & assured else new_s
         if due[hashes[i]] and last > since:
             # tuple.__new__: a named tuple's own constructor is Python code
             out.refresh.append(tuple.__new__(Refresh, (kb[i * ks : (i + 1) * ks],

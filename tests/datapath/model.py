@@ -37,7 +37,7 @@ PPP_IPV6 = 0x0057
 # the tag bytes below are written from the kernel's taggers, not from the C.
 DSA_NONE, DSA_MTK, DSA_QCA, DSA_GSWIP = (DSA_PROTOS[n] for n in ("none", "mtk", "qca", "gswip"))
 STATE_OFFLOAD, STATE_PASS = 1, 2
-SEEN_FIN, SEEN_RST, SEEN_SYN = 1, 2, 4
+SEEN_FIN, SEEN_RST, SEEN_SYN, SEEN_KERNEL = 1, 2, 4, 8
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 
 
@@ -441,12 +441,15 @@ def expect(frame: bytes, world: World, hook: str, *, gso_size: int = 0,
     if flow.seen & (SEEN_FIN | SEEN_RST):
         return Outcome(PASS, unchanged, "pass_tcp_flags", "closing: FIN/RST seen", key)
     if p.ttl <= 1:
+        flow.seen |= SEEN_KERNEL
         return Outcome(PASS, unchanged, "pass_ttl", "TTL <= 1", key)
     v = flow.verdict
     seg_len = p.l3l4_hlen + gso_size if (hook == TC and gso_size) else p.l3_len
     if seg_len > v.mtu:
+        flow.seen |= SEEN_KERNEL
         return Outcome(PASS, unchanged, "pass_mtu", "over MTU", key)
     if hook == TC and (p.pppoe or p.dsa_len or (gso_size and has_encap(v.l2))):
+        flow.seen |= SEEN_KERNEL
         return Outcome(PASS, unchanged, "pass_unsupported", "TC cannot rewrite this", key)
     l2 = egress_l2(v.l2, p.family, p.l3_len)
     out = l2 + rewrite_l3l4(frame, p, v)

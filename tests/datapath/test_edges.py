@@ -82,6 +82,8 @@ def test_ttl_at_most_one(rig: Rig, hook: str, family: int, ttl: int) -> None:
     offloaded(rig, family=family)
     frame = model.build_frame(ENCAPS["none"], model.l3_packet(family, "udp", ttl=ttl))
     assert_passed(rig, hook, frame, "pass_ttl")
+    [entry] = list(rig.dp.flow_entries())
+    assert entry.seen == model.SEEN_KERNEL, "the kernel saw it: conntrack's timeout was reset"
 
 
 @HOOKS
@@ -100,6 +102,8 @@ def test_mtu_boundary(rig: Rig, hook: str, family: int) -> None:
     l3 = model.l3_packet(family, "tcp", payload=b"m" * 1000)
     offloaded(rig, family=family, l4="tcp", mtu=len(l3) - 1)
     assert_passed(rig, hook, model.build_frame(ENCAPS["none"], l3), "pass_mtu")
+    [entry] = list(rig.dp.flow_entries())
+    assert entry.seen == model.SEEN_KERNEL, "the kernel saw it: conntrack's timeout was reset"
     offloaded(rig, family=family, l4="tcp", mtu=len(l3))  # exactly the MTU fits
     want, _ = rig.check(hook, model.build_frame(ENCAPS["none"], l3))
     assert want.action == REDIRECT

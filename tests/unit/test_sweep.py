@@ -111,6 +111,28 @@ def test_refresh_class_and_once_a_period(proto: int, assured: bool, cls: Refresh
     assert (ref.cls, ref.reply, ref.zone, ref.raw_key) == (cls, True, 4, k.pack())
 
 
+def test_a_flow_the_kernel_saw_a_packet_of_stays_and_is_renewed_on_its_class_period() -> None:
+    """OFL_SEEN_KERNEL (the datapath passed a hit: TTL, MTU): that packet
+    put conntrack's own 30 s back, so the long timeout's 150 s period would
+    let the entry expire under an active flow; it is renewed every 15 s."""
+    k = key(17, sport=40000)
+    kernel = REC.seen_kernel
+    short = int(plan().period_s(RefreshClass.UDP_NEW, short=True))
+    assert (short, int(plan().period_s(RefreshClass.UDP_NEW))) == (15, 150)
+
+    def sweep(tick: int, seen: int) -> SweepResult:
+        p = SweepPlan(NOW + tick * NS, tick, 300 * NS, 60 * NS, TIMEOUTS, 1.0)
+        return run([(k, flow(k, assured=False, seen=seen, last=NOW + tick * NS - NS // 2))], p)
+
+    assert sweep(0, kernel).remove == []  # not a reason to hand it back
+    found = [t for t in range(3 * short) if sweep(t, kernel).refresh]
+    assert len(found) == 3 and found[1] - found[0] == found[2] - found[1] == short
+    assert len([t for t in range(3 * short) if sweep(t, 0).refresh]) <= 1  # without: long period
+    (ref,) = sweep(found[0], kernel).refresh
+    assert ref.cls is RefreshClass.UDP_NEW  # renewed with the long timeout, more often
+    assert sweep(0, kernel | 1).reasons == {Teardown.TCP_FLAGS: 1}  # a FIN still closes
+
+
 def test_a_flow_idle_longer_than_the_period_is_not_refreshed() -> None:
     k = key(6)  # TCP: idles out after 300 s, renewed every 150 s
     period = int(plan().period_s(RefreshClass.TCP))
