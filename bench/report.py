@@ -144,11 +144,14 @@ def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     n = r.get("new_flows_per_s_sustained")
     add("at least 20,000 new flows a second, p99 setup under 5 ms, none lost", n,
         f"{n or 0:,.0f} a second", n is not None and n >= 20000)
-    for key, label in (("early_drop_frames_vs_kernel_drop", "frames as from a NIC, hook xdp"),
-                       ("early_drop_vs_kernel_drop", "skbs, hook xdp")):
-        d = r.get(key)
-        add(f"early drop at most 0.2x the kernel's drop ({label})", d, f"{d or 0:.2f}x",
-            d is not None and d <= 0.2)
+    d = r.get("early_drop_frames_vs_kernel_drop")
+    add("early drop at most 0.2x the kernel's drop (frames as from a NIC, hook xdp)", d,
+        f"{d or 0:.2f}x", d is not None and d <= 0.2)
+    d, floor = r.get("early_drop_vs_kernel_drop"), r.get("drop_floor_xdp_vs_kernel_drop")
+    if d is not None:  # not judged: on veth the skb exists before XDP runs (section 6)
+        out.append(("early drop, frames as skbs (veth), hook xdp: no goal, shown with its floor",
+                    f"{d:.2f}x; a program that only drops: "
+                    + (f"{floor:.2f}x" if floor is not None else "not measured"), None))
     return out
 
 
