@@ -75,6 +75,18 @@ def veth(a: Netns, a_dev: str, b: Netns, b_dev: str) -> None:
     b.run(f"ip link set {b_dev} up")
 
 
+def tracked_sender(ns: Netns) -> None:
+    """``ns`` sends UDP to 198.18.0.2 out of a veth (d0, 198.18.0.1/24, a
+    static neighbour), and conntrack tracks its packets: a rule uses it."""
+    ns.run("ip link add d0 type veth peer name d1")
+    ns.run("ip addr add 198.18.0.1/24 dev d0")
+    ns.run("ip link set d0 up")
+    ns.run("ip link set d1 up")
+    ns.run("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev d0")
+    ns.run("nft add table inet t")
+    ns.run("nft add chain inet t out { type filter hook output priority 0 ; ct state new counter ; }")
+
+
 @contextlib.contextmanager
 def namespaces(*roles: str) -> Iterator[list[Netns]]:
     """Create one namespace per role; remove them all on exit, even on failure."""

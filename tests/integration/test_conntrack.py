@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import need_root
-from tests.nsutil import namespaces
+from tests.nsutil import namespaces, tracked_sender
 
 pytestmark = pytest.mark.root
 
@@ -54,14 +54,7 @@ print(json.dumps({"events": events, "found": found is not None and not found[1],
 def test_events_get_refresh_against_the_kernel(bpf_object: object) -> None:
     need_root()
     with namespaces("ct") as (ns,):
-        ns.run("ip link add d0 type veth peer name d1")
-        ns.run("ip addr add 198.18.0.1/24 dev d0")
-        ns.run("ip link set d0 up")
-        ns.run("ip link set d1 up")
-        ns.run("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev d0")
-        # Conntrack tracks a namespace's packets once a rule uses it.
-        ns.run("nft add table inet t")
-        ns.run("nft add chain inet t out { type filter hook output priority 0 ; ct state new counter ; }")
+        tracked_sender(ns)
         proc = ns.run([sys.executable, "-c", PROBE])
         got = json.loads(proc.stdout)
         assert ("new", "198.18.0.1", 40001) in [tuple(e) for e in got["events"]]

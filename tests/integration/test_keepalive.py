@@ -14,7 +14,7 @@ import pytest
 from offloader.lab import Topology, lab_network
 from tests.conftest import need_root
 from tests.integration.transfer import background_transfer
-from tests.nsutil import namespaces
+from tests.nsutil import namespaces, tracked_sender
 from tests.poll import poll
 
 pytestmark = pytest.mark.root
@@ -158,13 +158,7 @@ def test_put_back_sets_or_deletes_the_real_entry(bpf_object: object) -> None:
 
     need_root()
     with namespaces("ka") as (ns,):
-        ns.run("ip link add d0 type veth peer name d1")
-        ns.run("ip addr add 198.18.0.1/24 dev d0")
-        ns.run("ip link set d0 up")
-        ns.run("ip link set d1 up")
-        ns.run("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev d0")
-        ns.run("nft add table inet t")
-        ns.run("nft add chain inet t out { type filter hook output priority 0 ; ct state new counter ; }")
+        tracked_sender(ns)
         got = json.loads(ns.run([sys.executable, "-c", PROBE]).stdout)
         assert 290 < got["long"] <= 300 and 0 < got["back"] <= 7, got
         # Deleted: gone from conntrack, and its DESTROY reached the agent's
