@@ -41,7 +41,7 @@ from .decision import Decision, Exclusions, Teardown, closing
 from .errors import OffloadError
 from .flowstate import FlowState, Seen
 from .flowtable import FlowTable
-from .loop import EventLoop, ServedBetween, Timer, guarded
+from .loop import EventLoop, Timer, guarded
 from .netwatch import Changes
 from .nftwatch import end_probation, put_on_probation
 from .parts import Parts, open_parts
@@ -147,7 +147,7 @@ class Agent:
         # the datapath: the heartbeat is urgent, it beats between handlers.
         loop.every(lambda: self.settings.heartbeat_timeout / HEARTBEAT_FRACTION,
                    self.dp.heartbeat, first_in=0.0, urgent=True)
-        self.sweeper.flows = ServedBetween(self.dp.flows, loop.serve_ready)  # new flows meanwhile
+        self.sweeper.serve_with(loop.serve_ready)  # new flows meanwhile
         loop.every(lambda: WARM_EVERY_S, lambda: self.decider.warm(self.attacher.attached),
                    first_in=WARM_FIRST_S)
         # A slice of the re-resolve pass each round of the loop while one is
