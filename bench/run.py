@@ -485,13 +485,6 @@ def machine() -> dict[str, Any]:
             "loadavg_start": _loadavg()}
 
 
-def _loadavg() -> str:
-    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
