@@ -23,7 +23,6 @@ partner can remain and everything is sent at once.
 from __future__ import annotations
 
 import enum
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -179,8 +178,4 @@ class Handback:
             left = full
         else:
             left = min(full, int(full - (now_ns - h.last_ns) / NS))
-        rec, k = self.rec, h.key
-        n = 4 if k[rec.k_family] == socket.AF_INET else 16
-        sp = rec.k_sport
-        return (k[rec.k_saddr : rec.k_saddr + n], k[rec.k_daddr : rec.k_daddr + n], k[sp : sp + 2],
-                k[sp + 2 : sp + 4], k[rec.k_proto], h.reply, h.zone, max(0, left))
+        return self.rec.ct_item(h.key, h.reply, h.zone, max(0, left))

@@ -69,6 +69,17 @@ class Records:
     def flow_column(self, vb: bytes, offset: int, code: str) -> Sequence[int]:
         return column(vb, self.flow_size, offset, code)
 
+    def ct_item(self, k: bytes, reply: bool, zone: int,
+                timeout: int) -> tuple[bytes, bytes, bytes, bytes, int, bool, int, int]:
+        """What a conntrack timeout update of the key ``k`` is packed from
+        (Conntrack.refresh_keys, put_back): source, destination, source and
+        destination port, all as the key's bytes (network order), protocol,
+        is reply, zone, timeout."""
+        n = 4 if k[self.k_family] == socket.AF_INET else 16
+        sa, da, sp = self.k_saddr, self.k_daddr, self.k_sport
+        return (k[sa : sa + n], k[da : da + n], k[sp : sp + 2], k[sp + 2 : sp + 4],
+                k[self.k_proto], reply, zone, timeout)
+
     def raw5(self, raw_key: bytes) -> ctnetlink.Raw5:
         """(proto, src, dst, sport, dport) straight from key bytes, addresses
         packed (4 or 16 bytes): what the ctnetlink encoder takes."""

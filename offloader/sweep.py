@@ -548,7 +548,7 @@ class Sweeper:
         if len(self.handback):
             self.handback.offloaded_again(rec.wire(k) for k, _reply, _zone, _assured in fresh)
         longer = {cls for cls in RefreshClass if plan.keep_s(cls) > plan.timeouts[cls]}
-        tcp, udp, new = RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW
+        assured_flag = rec.flag_assured
         # FRESH_CHUNK at a time, the loop's other sources served in between:
         # at 1,000 new flows a second, a tick's renewals held the loop 23 ms
         # at once, and the new flows arriving meanwhile waited behind them.
@@ -557,7 +557,7 @@ class Sweeper:
                 self.between()
             refresh = []
             for raw_key, reply, zone, assured in fresh[start : start + FRESH_CHUNK]:
-                cls = tcp if raw_key[rec.k_proto] == socket.IPPROTO_TCP else udp if assured else new
+                cls = class_of(raw_key[rec.k_proto], assured_flag if assured else 0, rec)
                 if cls in longer:
                     refresh.append(tuple.__new__(Refresh, (raw_key, reply, zone, cls)))
             if refresh:
@@ -684,15 +684,9 @@ class Sweeper:
             self.on_remove(part.remove)
             self.handback.hold(part.handed)
         if part.refresh:
-            # The key's own bytes: addresses, ports in network order, protocol.
-            rec = self.rec
             keep = {c: plan.keep_s(c) for c in RefreshClass}
-            sa, da, sp, fam, pr = rec.k_saddr, rec.k_daddr, rec.k_sport, rec.k_family, rec.k_proto
-            items = []
-            for k, reply, zone, cls in part.refresh:
-                n = 4 if k[fam] == socket.AF_INET else 16
-                items.append((k[sa : sa + n], k[da : da + n], k[sp : sp + 2], k[sp + 2 : sp + 4],
-                              k[pr], reply, zone, keep[cls]))
+            item = self.rec.ct_item
+            items = [item(k, reply, zone, keep[cls]) for k, reply, zone, cls in part.refresh]
             self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in part.refresh])
         for raw_key, raw_flow in part.to_tc:
             # Rewritten whole: the packets counted since the batch was read
