@@ -277,7 +277,7 @@ def tcp_test(topo: Any, mode: str, seconds: float, prog: Progress,
     flow is offloaded; ``midway`` runs after the first sample."""
     from bench import run as brun
     from offloader import lab as labmod
-    brun.sender_offloads(topo, False)
+    brun.sender_offloads(topo.lan1, False)
     topo.router.sh("ethtool -K lan1p gro on >/dev/null")
     napi = labmod.threaded_napi(topo.router, "lan1p", spec.ROUTER_CPU)
     labmod.threaded_napi(topo.wan, "eth0", spec.SENDER_CPU)

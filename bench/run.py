@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import tools
+from bench import tools, wire
 from offloader import lab as labmod
-from offloader.lab import LAN1_4, WAN_4, Topology, lab_network
+from offloader.lab import LAN1_4, WAN_4, Host, Topology, lab_network
 
 SENDER_CPU, ROUTER_CPU = 0, 1
 LAN_PORT = "lan1p"  # the router's port towards lan1
@@ -220,71 +220,88 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
 
 
 # -- 2. TCP throughput ---------------------------------------------------------------------------
-def iperf(topo: Topology, seconds: float) -> float:
-    return labmod._iperf(topo, seconds)
+def iperf(topo: Topology, seconds: float, client: Host | None = None) -> float:
+    return labmod._iperf(topo, seconds, client=client)
 
 
-def sender_offloads(topo: Topology, on: bool) -> None:
+def sender_offloads(host: Host, on: bool) -> None:
     v = "on" if on else "off"
-    topo.lan1.sh(f"ethtool -K eth0 tx {v} tso {v} gso {v} >/dev/null 2>&1", check=False)
+    host.sh(f"ethtool -K eth0 tx {v} tso {v} gso {v} >/dev/null 2>&1", check=False)
     if not on:
-        topo.lan1.sh("ethtool -K eth0 tx off >/dev/null 2>&1", check=False)
+        host.sh("ethtool -K eth0 tx off >/dev/null 2>&1", check=False)
 
 
 TCP_MODES = ("slow_path", "offload_xdp", "offload_tc", "offload_hybrid")
+TCP_VARIANTS = ("default", "mtu_frames", "nic_frames")
 
 
-def measure_tcp(topo: Topology, seconds: float) -> dict[str, Any]:
-    """Two variants per mode. ``default``: TSO/GSO/tx checksum on the sender
-    for the slow path and TC; for XDP and hybrid the lab's tx off stays (an
-    XDP redirect into veth loses CHECKSUM_PARTIAL), and attaching XDP turns
-    TSO off on the sender's veth anyway: throughput. ``mtu_frames``: the
-    senders' TSO/GSO off, GRO on at the router, as frames arrive off a real
-    wire: router CPU-seconds per GB forwarded, from the LAN port's NAPI
-    kthread (threaded, pinned), the WAN host's receive work in a kthread of
-    its own."""
+def measure_tcp(topo: Topology, bins: dict[str, Path], seconds: float) -> dict[str, Any]:
+    """Three variants per mode. ``default``: TSO/GSO/tx checksum on the
+    sender for the slow path and TC; for XDP and hybrid the lab's tx off
+    stays (an XDP redirect into veth loses CHECKSUM_PARTIAL), and attaching
+    XDP turns TSO off on the sender's veth anyway: throughput.
+    ``mtu_frames``: the senders' TSO/GSO off, GRO on at the router, as frames
+    arrive off a real wire: router CPU-seconds per GB forwarded, from the LAN
+    port's NAPI kthread (threaded, pinned), the WAN host's receive work in a
+    kthread of its own. ``nic_frames``: the same MTU frames from a sender
+    whose frames reach the router as XDP frames, as from a NIC's ring
+    (bench/wire.py), so that neither XDP's copy nor the sender's skb is part
+    of what the router is charged."""
     out: dict[str, Any] = {}
-    for variant, offl in (("default", True), ("mtu_frames", False)):
+    for variant in ("default", "mtu_frames"):
         for mode in TCP_MODES:
             # XDP (hybrid: before the hand-over) redirects what the sender's
             # veth leaves CHECKSUM_PARTIAL unfinished: its tx checksum stays off.
-            sender_offloads(topo, offl and mode not in ("offload_xdp", "offload_hybrid"))
-            # GRO at the router's LAN port, as on a real NIC; it also puts the
-            # veth's receive path in NAPI, whose kthread is the router's cost.
-            topo.router.sh(f"ethtool -K {LAN_PORT} gro on >/dev/null")
-            napi = labmod.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
-            labmod.threaded_napi(topo.wan, "eth0", SENDER_CPU)
+            sender_offloads(topo.lan1, variant == "default"
+                            and mode not in ("offload_xdp", "offload_hybrid"))
             try:
-                if mode == "slow_path":
-                    fwd0 = topo.nft_counter("fwd_established")[0]
-                    c0 = labmod.thread_cpu_s(napi)
-                    g = iperf(topo, seconds)
-                    cpu = labmod.thread_cpu_s(napi) - c0
-                    seen = topo.nft_counter("fwd_established")[0] - fwd0
-                else:
-                    hook = mode.split("_")[1]
-                    with Agent(topo, hook) as agent:
-                        fwd0 = topo.nft_counter("fwd_established")[0]
-                        c0 = labmod.thread_cpu_s(napi)
-                        g = iperf(topo, seconds)
-                        cpu = labmod.thread_cpu_s(napi) - c0
-                        seen = topo.nft_counter("fwd_established")[0] - fwd0
-                        st = agent.status()
-                        tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
-                        big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
-                        out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
-                        out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
-                gb = g * seconds / 8
-                out[f"{mode}_{variant}_gbps"] = round(g, 3)
-                out[f"{mode}_{variant}_netfilter_packets"] = seen
-                out[f"{mode}_{variant}_router_cpu_s"] = round(cpu, 3)
-                out[f"{mode}_{variant}_cpu_s_per_gb"] = round(cpu / gb, 4) if gb else None
-                log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, router CPU {cpu:.2f} s "
-                    f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
+                out.update(_tcp_round(topo, mode, variant, seconds, topo.lan1, LAN_PORT))
             finally:
-                sender_offloads(topo, False)
-                labmod.unthread_napi(topo.router, LAN_PORT)
-                labmod.unthread_napi(topo.wan, "eth0")
+                sender_offloads(topo.lan1, False)
+    with wire.nic_sender(topo, bins["wire"]) as nic:
+        for mode in TCP_MODES:
+            out.update(_tcp_round(topo, mode, "nic_frames", seconds, nic, wire.PORT))
+    return out
+
+
+def _tcp_round(topo: Topology, mode: str, variant: str, seconds: float, client: Host,
+               port: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # GRO at the router's port, as on a real NIC; it also puts the veth's
+    # receive path in NAPI, whose kthread is the router's cost.
+    topo.router.sh(f"ethtool -K {port} gro on >/dev/null")
+    napi = labmod.threaded_napi(topo.router, port, ROUTER_CPU)
+    labmod.threaded_napi(topo.wan, "eth0", SENDER_CPU)
+    try:
+        if mode == "slow_path":
+            fwd0 = topo.nft_counter("fwd_established")[0]
+            c0 = labmod.thread_cpu_s(napi)
+            g = iperf(topo, seconds, client)
+            cpu = labmod.thread_cpu_s(napi) - c0
+            seen = topo.nft_counter("fwd_established")[0] - fwd0
+        else:
+            hook = mode.split("_")[1]
+            with Agent(topo, hook) as agent:
+                fwd0 = topo.nft_counter("fwd_established")[0]
+                c0 = labmod.thread_cpu_s(napi)
+                g = iperf(topo, seconds, client)
+                cpu = labmod.thread_cpu_s(napi) - c0
+                seen = topo.nft_counter("fwd_established")[0] - fwd0
+                st = agent.status()
+                tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
+                big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
+                out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
+                out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
+        gb = g * seconds / 8
+        out[f"{mode}_{variant}_gbps"] = round(g, 3)
+        out[f"{mode}_{variant}_netfilter_packets"] = seen
+        out[f"{mode}_{variant}_router_cpu_s"] = round(cpu, 3)
+        out[f"{mode}_{variant}_cpu_s_per_gb"] = round(cpu / gb, 4) if gb else None
+        log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, router CPU {cpu:.2f} s "
+            f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
+    finally:
+        labmod.unthread_napi(topo.router, port)
+        labmod.unthread_napi(topo.wan, "eth0")
     return out
 
 
@@ -538,11 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                 result["early_drop_tc_frames_vs_kernel_drop"] = f["early_drop_tc_vs_kernel"]
                 result["drop_floor_xdp_frames_vs_kernel_drop"] = f["floor_xdp_vs_kernel"]
             if "tcp" in only:
-                t = measure_tcp(topo, 4.0 if q else 10.0)
+                t = measure_tcp(topo, bins, 4.0 if q else 10.0)
                 result["tcp"] = t
                 for mode in TCP_MODES:
                     result[f"{mode}_tcp_gbps"] = t[f"{mode}_default_gbps"]
                     result[f"{mode}_tcp_cpu_s_per_gb"] = t[f"{mode}_mtu_frames_cpu_s_per_gb"]
+                    result[f"{mode}_tcp_nic_cpu_s_per_gb"] = t[f"{mode}_nic_frames_cpu_s_per_gb"]
             if "setup" in only:
                 s = measure_setup(topo, bins, 1000, 400.0,
                                   [5000.0, 10000.0, 20000.0] if q
@@ -595,8 +613,11 @@ def _ratios(r: dict[str, Any]) -> None:
         for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
             if r.get(f"{m}_tcp_gbps") is not None:
                 r[f"{m}_tcp_vs_slow_path"] = round(r[f"{m}_tcp_gbps"] / tb, 3)
-    cb = r.get("slow_path_tcp_cpu_s_per_gb")
-    if cb:
+    for frames in ("", "_nic"):
+        cb = r.get(f"slow_path_tcp{frames}_cpu_s_per_gb")
+        if not cb:
+            continue
         for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
-            if r.get(f"{m}_tcp_cpu_s_per_gb") is not None:
-                r[f"{m}_tcp_cpu_per_gb_vs_slow_path"] = round(r[f"{m}_tcp_cpu_s_per_gb"] / cb, 3)
+            if r.get(f"{m}_tcp{frames}_cpu_s_per_gb") is not None:
+                r[f"{m}_tcp{frames}_cpu_per_gb_vs_slow_path"] = round(
+                    r[f"{m}_tcp{frames}_cpu_s_per_gb"] / cb, 3)

@@ -34,7 +34,7 @@ def build() -> dict[str, Path]:
     arch = sh("gcc -print-multiarch").strip()
     out = {"blast": OUT / "blast"}
     sh(f"gcc -O2 -Wall -o {out['blast']} {HERE / 'blast.c'}")
-    for name in ("count", "ceiling", "ceiling_tc", "dropfloor", "flood"):
+    for name in ("count", "ceiling", "ceiling_tc", "dropfloor", "flood", "wire"):
         out[name] = OUT / f"{name}.bpf.o"
         sh(f"clang -O2 -g -target bpf -I/usr/include/{arch} -c {HERE / (name + '.bpf.c')} -o {out[name]}")
     obj = ROOT / "build" / "offload.bpf.o"

@@ -423,20 +423,20 @@ def lab_network(*, nat: bool = True, tag: str = "",
 
 
 def _iperf(topo: Topology, seconds: float, family: int = 4,
-           midway: Any = None) -> float:
-    """TCP throughput lan1 -> WAN host in Gbit/s (iperf3); ``midway`` is
-    called half way through the run."""
+           midway: Any = None, client: Host | None = None) -> float:
+    """TCP throughput lan1 (or ``client``) -> WAN host in Gbit/s (iperf3);
+    ``midway`` is called half way through the run."""
     server = topo.wan.popen("iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
         target = WAN_4 if family == 4 else WAN_6
-        client = topo.lan1.popen("iperf3", "-c", target, "-t", str(seconds), "-J",
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = (client or topo.lan1).popen("iperf3", "-c", target, "-t", str(seconds), "-J",
+                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         if midway is not None:
             time.sleep(seconds / 2)
             midway()
-        out, _ = client.communicate(timeout=seconds + 30)
+        out, _ = proc.communicate(timeout=seconds + 30)
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
         server.kill()

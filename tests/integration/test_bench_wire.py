@@ -1,0 +1,58 @@
+"""The bench's NIC-like sender (bench/wire.py): its TCP frames must reach the
+router's port as XDP frames in that port's NAPI, not as the sender's skbs,
+or the bench's ``nic_frames`` figures would measure the lab's plain veth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from bench import tools, wire
+from offloader.lab import WAN_4, Host, Topology, _transfer
+
+
+@pytest.fixture(scope="module")
+def wire_object() -> str:
+    return str(tools.build()["wire"])
+
+
+def _veth_stats(host: Host, dev: str) -> dict[str, int]:
+    out = host.sh(f"ethtool -S {dev}").stdout
+    return {k.strip(): int(v) for k, v in (line.split(":") for line in out.splitlines()[1:])}
+
+
+def _rx_packets(host: Host, dev: str) -> int:
+    return int(json.loads(host.sh(f"ip -j -s link show dev {dev}").stdout)[0]["stats64"]["rx"]["packets"])
+
+
+@pytest.fixture
+def nic(lab: Topology, wire_object: str) -> Iterator[Host]:
+    with wire.nic_sender(lab, wire_object) as host:
+        yield host
+    names = {h.name for h in lab.hosts}
+    assert f"ofl-{lab.tag}-nic" not in names and f"ofl-{lab.tag}-wire" not in names
+
+
+def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic: Host) -> None:
+    wire_ns = Host(f"ofl-{lab.tag}-wire")
+    sent0 = _veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"]
+    rx0 = _rx_packets(lab.router, wire.PORT)
+    size = 2_000_000
+    out = _transfer(nic, lab.wan, WAN_4, 9000, 9000, "tcp", 4, size, 60.0, 0, 0)
+    assert out["intact"], out
+    frames = _veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"] - sent0
+    received = _rx_packets(lab.router, wire.PORT) - rx0
+    # Every frame lan3p received was handed over by its peer as an XDP frame
+    # (ndo_xdp_xmit, counted as the peer's xdp_xmit), none as an skb (which
+    # the peer would count as a plain transmit), and they were MTU frames.
+    assert frames == received, (frames, received)
+    assert frames >= size // 1500, frames
+
+
+def test_the_nic_sender_leaves_nothing_behind(lab: Topology, wire_object: str) -> None:
+    with wire.nic_sender(lab, wire_object):
+        assert wire.PORT in lab.router.sh("ip -br link").stdout
+    assert wire.PORT not in lab.router.sh("ip -br link").stdout
+    assert f"ofl-{lab.tag}-wire" not in lab.router.sh("ip netns list").stdout
