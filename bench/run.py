@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                     result[f"{mode}_tcp_gbps"] = t[f"{mode}_default_gbps"]
                     result[f"{mode}_tcp_cpu_s_per_gb"] = t[f"{mode}_mtu_frames_cpu_s_per_gb"]
                     result[f"{mode}_tcp_nic_cpu_s_per_gb"] = t[f"{mode}_nic_frames_cpu_s_per_gb"]
+                    result[f"{mode}_tcp_nic_gbps"] = t[f"{mode}_nic_frames_gbps"]
             if "setup" in only:
                 s = measure_setup(topo, bins, 1000, 400.0,
                                   [5000.0, 10000.0, 20000.0] if q
@@ -608,11 +609,13 @@ def _ratios(r: dict[str, Any]) -> None:
             r["offload_xdp_vs_ceiling"] = round(r["offload_xdp_pps"] / r["ceiling_pps"], 3)
         if r.get("ceiling_tc_pps") and r.get("offload_tc_pps"):
             r["offload_tc_vs_ceiling_tc"] = round(r["offload_tc_pps"] / r["ceiling_tc_pps"], 3)
-    tb = r.get("slow_path_tcp_gbps")
-    if tb:
+    for frames in ("", "_nic"):
+        tb = r.get(f"slow_path_tcp{frames}_gbps")
+        if not tb:
+            continue
         for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
-            if r.get(f"{m}_tcp_gbps") is not None:
-                r[f"{m}_tcp_vs_slow_path"] = round(r[f"{m}_tcp_gbps"] / tb, 3)
+            if r.get(f"{m}_tcp{frames}_gbps") is not None:
+                r[f"{m}_tcp{frames}_vs_slow_path"] = round(r[f"{m}_tcp{frames}_gbps"] / tb, 3)
     for frames in ("", "_nic"):
         cb = r.get(f"slow_path_tcp{frames}_cpu_s_per_gb")
         if not cb:
