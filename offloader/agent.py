@@ -71,8 +71,7 @@ class Agent:
         self.settings = settings
         self.load_settings = load_settings
         self.parts = parts
-        self.dp, self.resolver, self.ct = parts.dp, parts.resolver, parts.ct
-        self.net = parts.net
+        self.dp, self.resolver, self.ct, self.net = parts.dp, parts.resolver, parts.ct, parts.net
         self.rec = Records()
         self.attacher = Attacher(self.dp, self.resolver)
         self.state = FlowState(max_waiting=settings.pending_flows, ident=self.rec.wire)
@@ -89,7 +88,8 @@ class Agent:
         self._last_summary = time.monotonic()
         self.loop = EventLoop()
         self.reconcile = Reconciliation(self.dp.flows, self.rec, self.loop.watch, self.loop.unwatch,
-                                        self._on_conntrack_gone)
+                                        self._on_conntrack_gone, waits=self.state.waits,
+                                        found=self.on_ct_events)  # NEW events the overflow lost
         self._overflows_seen = 0
         self.decider = Decider(settings, parts, self.state, self.table, self.counters,
                                self.attacher.hook_of)

@@ -507,6 +507,11 @@ def _t5(raw: ctnetlink.Raw5 | None,
     return Tuple5(raw[0], addr(raw[1]), addr(raw[2]), raw[3], raw[4])
 
 
+def event_entry(msg: ctnetlink.Decoded) -> CtEntry | None:
+    """The CtEntry of a decoded message (an event or a dumped entry), TCP/UDP only."""
+    return _entry_from(msg)
+
+
 def _entry_from(msg: ctnetlink.Decoded,
                 addr: Callable[[bytes], IPAddress] = _new_address) -> CtEntry | None:
     orig, reply = _t5(msg.orig, addr), _t5(msg.reply, addr)

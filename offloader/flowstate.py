@@ -158,6 +158,10 @@ class FlowState:
         """Keep ``key`` waiting, not to be asked about before ``until_ns``."""
         self._waiting.setdefault(self.ident(key), {})[key] = until_ns - RECHECK_AFTER_NS
 
+    def waits(self, tid: bytes) -> bool:
+        """Whether a key of the connection direction ``tid`` waits for a decision."""
+        return tid in self._waiting
+
     def is_waiting(self, key: RawKey) -> bool:
         return key in self._waiting.get(self.ident(key), {})
 
