@@ -256,9 +256,12 @@ def write(r: dict[str, Any]) -> Path:
                  "`nic`. An skb built from an XDP frame carries no receive checksum result, so in this "
                  "variant GRO checks every TCP checksum in software, which a NIC with receive checksum "
                  "offload would spare the slow path, TC and hybrid (docs/performance.md has its share).\n")
+        L.append("Each mode ran in interleaved rounds (three in a full run); the table shows each mode's "
+                 "median round, by throughput for `default` and by router CPU per GB for the others, and "
+                 "the last column that figure in every round.\n")
         L.append("| mode | variant | Gbit/s | vs slow path | router CPU s per GB | vs slow path | "
-                 "packets netfilter saw | packets the offloaded flow counted |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|")
+                 "packets netfilter saw | packets the offloaded flow counted | rounds |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
         for v in ("default", "mtu_frames", "nic_frames"):
             b = t.get(f"slow_path_{v}_gbps")
             cb = t.get(f"slow_path_{v}_cpu_s_per_gb")
@@ -270,7 +273,8 @@ def write(r: dict[str, Any]) -> Path:
                 L.append(f"| {m} | {v} | {g:.2f} | {g / b:.2f}x | {_f(c, 3)} | "
                          f"{_f(c / cb if c and cb else None)}{'x' if c and cb else ''} | "
                          f"{_f(t.get(f'{m}_{v}_netfilter_packets'))} | "
-                         f"{_f(t.get(f'{m}_{v}_offloaded_packets', 'n/a'))} |")
+                         f"{_f(t.get(f'{m}_{v}_offloaded_packets', 'n/a'))} | "
+                         f"{', '.join(_f(x, 3) for x in t.get(f'{m}_{v}_rounds', []))} |")
         L.append("\nWith skbs from the sender (`mtu_frames`) the hybrid hook cannot show its gain: XDP on "
                  "a veth turns every arriving skb into an xdp_buff (a copy when the sender left too little "
                  "headroom) also for the frames it passes to GRO and TC, so hybrid pays XDP's per-frame cost "

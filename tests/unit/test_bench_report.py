@@ -73,3 +73,13 @@ def test_the_page_carries_the_goals_table_and_the_load(tmp_path, monkeypatch):
     assert "| agent at 100,000 flows: under 40 MB RSS | 39.6 MB | yes |" in text
     assert "0.50 0.60 0.70 / 1.00 0.90 0.80" in text
     assert "(performance.md)" in text
+
+
+def test_tcp_reports_each_modes_median_round_and_every_round():
+    from bench.run import median_round
+    rounds = [{"x_gbps": 5.0, "x_cpu": 1}, {"x_gbps": 2.0, "x_cpu": 2}, {"x_gbps": 4.0, "x_cpu": 3}]
+    got = median_round(rounds, "x", "gbps")
+    assert got["x_gbps"] == 4.0 and got["x_cpu"] == 3  # the round's own figures, together
+    assert got["x_rounds"] == [5.0, 2.0, 4.0]
+    # a round without the figure (no GB moved) is never the one reported
+    assert median_round([{"x_gbps": None}, {"x_gbps": 3.0}], "x", "gbps")["x_gbps"] == 3.0
