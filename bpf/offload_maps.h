@@ -48,9 +48,10 @@ struct {
 	__type(value, struct ofl_probe);
 } ofl_probes SEC(".maps");
 
-/* New tuples for the agent: ofl_event records. 256 KiB holds about 3,000
- * events between two agent wake-ups; when full, events are counted as
- * dropped and the agent's sweep of ofl_pending catches those tuples. */
+/* New tuples for the agent: ofl_event records (72 bytes with the ring's
+ * header). The agent sizes it before load (event_ring_kib, 512 KiB: about
+ * 7,280 records); when full, events are counted as dropped and the
+ * agent's sweep of ofl_pending catches those tuples. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);

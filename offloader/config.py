@@ -351,6 +351,18 @@ def _in_range(lo: float, hi: float, kind: type[int] | type[float]) -> _Check:
     return check
 
 
+def _power_of_two(lo: int, hi: int) -> _Check:
+    in_range = _in_range(lo, hi, int)
+
+    def check(value: object) -> object:
+        n = in_range(value)
+        if not isinstance(n, int) or n & (n - 1):
+            raise ValueError(f"{n} is not a power of two")
+        return n
+
+    return check
+
+
 def _names(pattern: re.Pattern[str], what: str) -> _Check:
     def check(value: object) -> object:
         if not isinstance(value, tuple):
@@ -477,6 +489,9 @@ class Settings:
     pending_flows: int = _option(
         8192, _to_int, _in_range(256, 1048576, int),
         doc="size of the LRU map of new connections waiting for a decision")
+    event_ring_kib: int = _option(
+        512, _to_int, _power_of_two(64, 65536),
+        doc="KiB of the ring buffer that reports new connections to the agent (a power of two)")
     sweep_interval: float = _option(
         1.0, _to_float, _in_range(0.1, 60, float),
         doc="seconds between the agent's walks of the flow map")

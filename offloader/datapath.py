@@ -351,18 +351,19 @@ class Datapath:
     """The loaded object: programs, maps and typed access to them."""
 
     def __init__(self, object_path: str, *, max_flows: int = 65536, pending_flows: int = 8192,
-                 drop_entries: int = 4096, pin_dir: Path | None = None):
+                 drop_entries: int = 4096, ring_bytes: int = 512 * 1024,
+                 pin_dir: Path | None = None):
         self.layout: Layout = layout()
         self.pin_dir = pin_dir
         try:
-            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, pin_dir)
+            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, ring_bytes, pin_dir)
         except ObjectLoadError:
             if pin_dir is None or not pin_dir.exists():
                 raise
             # Maps pinned by an older, incompatible build or size: start afresh.
             log.warning("pinned maps in %s do not fit this object; replacing them", pin_dir)
             shutil.rmtree(pin_dir, ignore_errors=True)
-            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, pin_dir)
+            self.obj = self._open(object_path, max_flows, pending_flows, drop_entries, ring_bytes, pin_dir)
         self.xdp: Program = self.obj.program("ofl_xdp")
         self.tc: Program = self.obj.program("ofl_tc")
         self.tc_egress: Program = self.obj.program("ofl_tc_egress")
@@ -381,7 +382,7 @@ class Datapath:
         self._renotify_ns = 200_000_000
 
     @staticmethod
-    def _open(path: str, max_flows: int, pending_flows: int, drop_entries: int,
+    def _open(path: str, max_flows: int, pending_flows: int, drop_entries: int, ring_bytes: int,
               pin_dir: Path | None) -> BpfObject:
         check_object_layout(path)
         obj = BpfObject(path)
@@ -390,6 +391,7 @@ class Datapath:
             obj.set_max_entries("ofl_pending", pending_flows)
             obj.set_max_entries("ofl_drops", drop_entries)
             obj.set_max_entries("ofl_probes", max_flows)
+            obj.set_max_entries("ofl_events", ring_bytes)
             if pin_dir is not None:
                 make_pin_dir(pin_dir)
                 for name in MAP_NAMES:

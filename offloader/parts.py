@@ -103,7 +103,8 @@ def open_parts(stack: contextlib.ExitStack, settings: Settings,
     stack.callback(pins.release)
     dp = Datapath(find_object(settings.object), max_flows=settings.max_flows,
                   pending_flows=settings.pending_flows,
-                  drop_entries=settings.early_drop_entries, pin_dir=pin_dir)
+                  drop_entries=settings.early_drop_entries,
+                  ring_bytes=settings.event_ring_kib * 1024, pin_dir=pin_dir)
     stack.callback(dp.close)
     resolver = Resolver(IPRoute())
     stack.callback(resolver.close)

@@ -73,7 +73,7 @@ def key(i: int) -> FlowKey:
 
 @pytest.fixture
 def dp(bpf_object: Path) -> Iterator[Datapath]:
-    d = Datapath(str(bpf_object), max_flows=2048, pending_flows=512)
+    d = Datapath(str(bpf_object), max_flows=2048, pending_flows=512, ring_bytes=512 * 1024)
     d.configure()
     yield d
     d.close()
@@ -82,6 +82,7 @@ def dp(bpf_object: Path) -> Iterator[Datapath]:
 def test_maps_are_sized_before_load(dp: Datapath) -> None:
     assert dp.flows.max_entries == 2048
     assert dp.pending.max_entries == 512
+    assert dp.events.max_entries == 512 * 1024  # event_ring_kib
 
 
 def test_batch_lookup_and_delete(dp: Datapath) -> None:

@@ -158,6 +158,7 @@ def test_defaults_match_the_documented_api() -> None:
     assert s.hook == "auto"
     assert s.interfaces == ()
     assert (s.max_flows, s.pending_flows) == (65536, 8192)
+    assert s.event_ring_kib == 512
     assert s.sweep_interval == 1.0
     assert (s.tcp_timeout, s.udp_timeout) == (300, 60)
     assert s.offload_udp == "yes"
@@ -200,6 +201,9 @@ def test_replace_revalidates_like_a_cli_override() -> None:
         ({"max_flows": True}, "max_flows"),
         ({"pending_flows": 255}, "pending_flows"),
         ({"pending_flows": 1048577}, "pending_flows"),
+        ({"event_ring_kib": 32}, "event_ring_kib"),
+        ({"event_ring_kib": 131072}, "event_ring_kib"),
+        ({"event_ring_kib": 1000}, "event_ring_kib"),
         ({"sweep_interval": 0.05}, "sweep_interval"),
         ({"sweep_interval": 61}, "sweep_interval"),
         ({"sweep_interval": float("nan")}, "sweep_interval"),
@@ -231,6 +235,8 @@ def test_invalid_values_name_the_option(kwargs: dict[str, object], option: str) 
         {"max_flows": 4194304},
         {"pending_flows": 256},
         {"pending_flows": 1048576},
+        {"event_ring_kib": 64},
+        {"event_ring_kib": 65536},
         {"sweep_interval": 0.1},
         {"sweep_interval": 60},
         {"tcp_timeout": 1, "udp_timeout": 86400},
@@ -313,7 +319,8 @@ def test_to_dict_is_json_keyed_by_uci_names(tmp_path: Path) -> None:
     d = load_settings(write(tmp_path, FULL)).to_dict()
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {
-        "enabled", "hook", "interfaces", "max_flows", "pending_flows", "sweep_interval",
+        "enabled", "hook", "interfaces", "max_flows", "pending_flows", "event_ring_kib",
+        "sweep_interval",
         "tcp_timeout", "udp_timeout", "offload_udp", "exclude_src", "exclude_dst",
         "exclude_zone", "log_level", "heartbeat_timeout", "object", "early_drop",
         "early_drop_packets", "early_drop_after_ms", "early_drop_time", "early_drop_entries",
@@ -657,7 +664,7 @@ NET = ipaddress.ip_network("198.18.0.0/15")
 # A valid value other than the default, for every Settings field.
 CHANGED: dict[str, object] = {
     "enabled": True, "hook": "tc", "interfaces": ("eth0",), "max_flows": 2048,
-    "pending_flows": 512, "sweep_interval": 2.0, "tcp_timeout": 10, "udp_timeout": 10,
+    "pending_flows": 512, "event_ring_kib": 256, "sweep_interval": 2.0, "tcp_timeout": 10, "udp_timeout": 10,
     "offload_udp": "assured", "exclude_src": (NET,), "exclude_dst": (NET,),
     "exclude_zones": ("guest",), "log_level": "debug", "heartbeat_timeout": 5.0,
     "object": "/x.o", "early_drop": False, "early_drop_packets": 32,
