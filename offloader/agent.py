@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import logging
 import os
 import signal
@@ -41,6 +40,7 @@ from .decision import Decision, Exclusions, Teardown, closing
 from .errors import OffloadError
 from .flowstate import FlowState, Seen
 from .flowtable import FlowTable
+from .lean import settle
 from .loop import EventLoop, Timer, guarded
 from .netwatch import Changes
 from .nftwatch import end_probation, put_on_probation
@@ -58,11 +58,6 @@ RING_BUDGET = 512  # new-tuple records handled per wake-up
 RECHECK_BUDGET = 128  # direct conntrack queries (tens of us each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
 WARM_FIRST_S, WARM_EVERY_S = 0.05, 0.5  # the resolver's caches refilled (Decider.warm)
-# Allocations between young-generation collections (CPython's default 700):
-# a new flow allocates some tens of objects, nearly all freed at once, and a
-# burst of new flows ran a collection every few flows (3% of the agent's
-# CPU at 5,000 new flows a second, gc.callbacks).
-GC_YOUNG_THRESHOLD = 20_000
 
 
 class Agent:
@@ -156,10 +151,7 @@ class Agent:
         loop.on_signal(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.on_signal(sig, loop.stop)
-        # What start-up built lives as long as the agent: never scanned again
-        # (a full collection over it took 66 ms in a burst of new flows).
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        settle(loop.every)  # start-up's objects frozen, the freed heap given back
         try:
             loop.run()
         finally:

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import logging.handlers
 import sys
 import time
 from collections.abc import Sequence
@@ -142,7 +141,9 @@ def _config(args: argparse.Namespace) -> int:
 def _setup_logging(level: str, verbose: bool, syslog: bool) -> None:
     handler: logging.Handler
     if syslog:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        from logging.handlers import SysLogHandler  # 0.3 MB of modules: only here
+
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("ebpf-offloader: %(message)s"))
     else:
         handler = logging.StreamHandler()
@@ -154,8 +155,9 @@ def _setup_logging(level: str, verbose: bool, syslog: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .lean import pyroute2_on_demand
+    from .lean import Heap, pyroute2_on_demand
 
+    Heap().fix_thresholds()  # before start-up's allocations (glibc only)
     pyroute2_on_demand()  # before the agent's modules import any of it
     from .agent import run_agent
 
