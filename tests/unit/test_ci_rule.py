@@ -94,3 +94,15 @@ def test_never_runs():
     result = pytester.runpytest("-ra")
     assert result.ret != pytest.ExitCode.OK
     result.stdout.fnmatch_lines(["ERROR test_gone.py - skipped under CI=true: whole module away"])
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    """.ci/run runs the README's test command as it is written there."""
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    command = next(line.strip() for line in readme.splitlines()
+                   if "scripts/setup-kernel-lane.sh && python3 -m pytest" in line)
+    pytest_command = command.rsplit("&& ", 1)[1]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert pytest_command in ci, (pytest_command, ci)
