@@ -66,3 +66,38 @@ def bpf_object() -> Path:
     if not OBJECT.is_file():
         pytest.fail(f"{OBJECT} missing: run cmake -S . -B build && cmake --build build")
     return OBJECT
+
+
+# -- the order of the session, and when the second-kernel lane boots ---------------------
+# The lane's guests (tests/kernel_lane, qemu under software emulation) keep about one
+# CPU each busy for 10-13 minutes, on a 2-CPU machine. Run beside the integration tests
+# (agents in namespaces, real conntrack timeouts, transfers polled with bounds) they
+# made those fail; run after everything they add their whole time to the suite. So the
+# integration tests run first, alone; the guests boot as soon as the first test after
+# them starts, and run beside the datapath, openwrt and unit tests, which wait on
+# nothing; the lane's own tests, which only collect the guests' results, come last.
+def _phase(item: pytest.Item) -> int:
+    parts = Path(str(item.path)).parts
+    return 0 if "integration" in parts else 2 if "kernel_lane" in parts else 1
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    items.sort(key=_phase)  # stable: each module keeps its own order
+
+
+_LANE_KICKED: list[bool] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _phase(item) > 0 and not _LANE_KICKED:
+        _LANE_KICKED.append(True)
+        from tests.kernel_lane.test_lane import start_early
+
+        start_early(item.session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.kernel_lane.test_lane import stop_early
+
+    stop_early()

@@ -11,6 +11,7 @@ import pytest
 
 from bench import tools, wire
 from offloader.lab import WAN_4, Host, Topology, _transfer
+from tests.poll import poll
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,16 @@ def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic
     size = 2_000_000
     out = _transfer(nic, lab.wan, WAN_4, 9000, 9000, "tcp", 4, size, 60.0, 0, 0)
     assert out["intact"], out
-    frames = _veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"] - sent0
-    received = _rx_packets(lab.router, wire.PORT) - rx0
     # Every frame lan3p received was handed over by its peer as an XDP frame
     # (ndo_xdp_xmit, counted as the peer's xdp_xmit), none as an skb (which
-    # the peer would count as a plain transmit), and they were MTU frames.
+    # the peer would count as a plain transmit), and they were MTU frames. The
+    # last frames handed over may not have been received yet: polled, bounded.
+    def counts() -> tuple[int, int]:
+        return (_veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"] - sent0,
+                _rx_packets(lab.router, wire.PORT) - rx0)
+
+    poll(lambda: (c := counts())[0] == c[1], timeout=5, step=0.05)
+    frames, received = counts()
     assert frames == received, (frames, received)
     assert frames >= size // 1500, frames
 

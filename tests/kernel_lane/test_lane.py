@@ -5,8 +5,10 @@ The boots run two at a time (each guest keeps about one host CPU busy, the machi
 has two), in BOOT_ORDER: the three short modules first, guest_offload last, so it
 shares the CPUs at most with the last short module, during its own boot (its agent
 starts and shaped transfers slow down by several times when another guest shares
-the CPUs, docs/kernel-lane.md). The first test_guest_module starts them all in the
-background; each test waits for its own module's result and reports it.
+the CPUs, docs/kernel-lane.md). The boots start in the background when the first test
+after the integration tests starts (tests/conftest.py orders the session: integration,
+then the rest, this directory last), so they run beside the datapath, openwrt and unit
+tests; each test_guest_module waits for its own module's result and reports it.
 
 Without the 6.1 kernel / vng / qemu: skip with the setup command, except in CI
 (CI=true), where a skip would hide a broken lane, so it fails.
@@ -39,9 +41,11 @@ BOOT_JOBS = int(os.environ.get("KERNEL_LANE_JOBS", "2"))
 # the CPUs two at a time: on a busy host (load 3, 2026-12-01) guest_vlan took 73 s,
 # guest_pppoe 216 s and guest_bpf 131 s one after the other; two at a time at load
 # 6-9 (other engineers' tests) guest_vlan took 231 s, guest_pppoe 453 s and
-# guest_bpf 361 s. A timeout is for a hung guest; the lane's budget bounds the rest.
+# guest_bpf 361 s. Since the boots start beside the host's datapath and unit tests,
+# guest_offload may also share the CPUs with them: 900 s. A timeout is for
+# a hung guest; the lane's budget bounds the rest.
 MODULE_TIMEOUTS = {"guest_vlan.py": 480.0, "guest_pppoe.py": 600.0, "guest_bpf.py": 480.0,
-                   "guest_offload.py": 720.0}
+                   "guest_offload.py": 900.0}
 TIMEOUT_OVERRIDE = os.environ.get("KERNEL_LANE_TIMEOUT")
 LANE_BUDGET = float(os.environ.get("KERNEL_LANE_BUDGET", "1080"))
 _LANE_START: list[float] = []
@@ -128,13 +132,44 @@ class Boots:
         return self.done[module].result(timeout=LANE_BUDGET + 120 * len(self.modules))
 
 
-@pytest.fixture(scope="session")
-def boots(request, lane_ready):
-    """Starts the boots of the modules this session selected, all in the background."""
-    selected = [it.callspec.params["module"] for it in request.session.items
+def selected_modules(items) -> list[str]:
+    """The guest modules whose test_guest_module is among a session's items."""
+    selected = [it.callspec.params["module"] for it in items
                 if getattr(it, "originalname", "") == "test_guest_module"
                 and hasattr(it, "callspec")]
-    b = Boots([m for m in GUEST_MODULES if m in selected])
+    return [m for m in GUEST_MODULES if m in selected]
+
+
+# The boots started at the end of collection (conftest.py), for the `boots` fixture.
+_EARLY: list[Boots] = []
+
+
+def start_early(session, run=run_module) -> None:
+    """Called once, when the first test after the integration tests starts
+    (tests/conftest.py): starts the selected modules' boots at once, so the guests
+    run beside the datapath, openwrt and unit tests instead of after them. Nothing
+    starts when no lane test is selected, for --collect-only, or when the lane
+    cannot run (the `lane_ready` fixture then skips or fails the tests, as before)."""
+    if _EARLY or session.config.option.collectonly:
+        return
+    modules = selected_modules(session.items)
+    if modules and unavailable_reason() is None:
+        _EARLY.append(Boots(modules, run=run))
+
+
+def stop_early() -> None:
+    """At the end of the session: stops the early boots if no test took them
+    (the session was cut short, -x, Ctrl-C)."""
+    while _EARLY:
+        _EARLY.pop().stop()
+
+
+@pytest.fixture(scope="session")
+def boots(request, lane_ready):
+    """The boots of the modules this session selected, all in the background: those
+    started at the end of collection, or started now (a session that collected this
+    module without the conftest hook having run, e.g. a plugin's own collection)."""
+    b = _EARLY.pop() if _EARLY else Boots(selected_modules(request.session.items))
     yield b
     b.stop()  # nothing left running by then, unless the session was cut short
 
@@ -344,3 +379,46 @@ def test_boots_stop_ends_running_guests():
     finally:
         _LANE_START[:] = []
     assert started == ["guest_vlan.py"] and seen == ["the host's pytest ended first"]
+
+
+def test_start_early_boots_only_what_the_session_runs(monkeypatch):
+    """The end of collection starts the selected modules' boots (the `boots` fixture
+    takes them); nothing for --collect-only, a session without lane tests, or a lane
+    that cannot run."""
+    import types
+
+    def item(module):
+        return types.SimpleNamespace(originalname="test_guest_module",
+                                     callspec=types.SimpleNamespace(params={"module": module}))
+
+    def session(items, collectonly=False):
+        option = types.SimpleNamespace(collectonly=collectonly)
+        return types.SimpleNamespace(items=items, config=types.SimpleNamespace(option=option))
+
+    ran: list[str] = []
+
+    def fake_run(path, timeout, watchdog):
+        ran.append(path.name)
+        return _result(module=path.name)
+
+    monkeypatch.setattr(f"{__name__}.unavailable_reason", lambda: None)
+    _LANE_START[:] = []
+    saved = _EARLY[:]  # the session's own, if a test has not taken them yet
+    _EARLY.clear()
+    try:
+        start_early(session([item("guest_bpf.py")], collectonly=True), run=fake_run)
+        start_early(session([types.SimpleNamespace(originalname="test_parse_junit")]),
+                    run=fake_run)
+        assert not _EARLY
+        start_early(session([item("guest_bpf.py"), item("guest_vlan.py")]), run=fake_run)
+        assert len(_EARLY) == 1 and _EARLY[0].modules == ["guest_vlan.py", "guest_bpf.py"]
+        assert _EARLY[0].result("guest_bpf.py").module == "guest_bpf.py"
+        stop_early()
+        assert not _EARLY and sorted(ran) == ["guest_bpf.py", "guest_vlan.py"]
+        monkeypatch.setattr(f"{__name__}.unavailable_reason", lambda: "no vng")
+        start_early(session([item("guest_bpf.py")]), run=fake_run)
+        assert not _EARLY
+    finally:
+        stop_early()
+        _EARLY[:] = saved
+        _LANE_START[:] = []
