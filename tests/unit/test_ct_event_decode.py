@@ -15,13 +15,19 @@ from offloader.flowstate import tuple_id
 A = ipaddress.ip_address
 
 
-def new_event(sport: int) -> bytes:
+def ct_message(sport: int, flags: int, seq: int = 0) -> bytes:
+    """An IPCTNL_MSG_CT_NEW message of a masqueraded UDP connection from
+    198.18.1.2:``sport`` to 198.19.1.2:7000, as the kernel sends it."""
     orig = (17, A("198.18.1.2").packed, A("198.19.1.2").packed, sport, 7000)
     reply = (17, A("198.19.1.2").packed, A("198.19.0.1").packed, 7000, sport)
     payload = (struct.pack("=BBH", 2, 0, 0) + c.encode_tuple(c.CTA_TUPLE_ORIG, orig)
                + c.encode_tuple(c.CTA_TUPLE_REPLY, reply)
                + c._attr(c.CTA_STATUS, struct.pack("!I", 0x8)))
-    return struct.pack("=IHHII", 16 + len(payload), 1 << 8, 0x400, 0, 0) + payload  # NLM_F_CREATE
+    return struct.pack("=IHHII", 16 + len(payload), 1 << 8, flags, seq, 0) + payload
+
+
+def new_event(sport: int) -> bytes:
+    return ct_message(sport, 0x400)  # NLM_F_CREATE
 
 
 class Sock:

@@ -14,19 +14,14 @@ from offloader import ctnetlink as c
 from offloader.conntrack import CtEvent, Tuple5
 from offloader.flowstate import FlowState, Seen, tuple_id
 from offloader.reconcile import Reconciler
-from tests.unit.test_ct_event_decode import Sock
+from tests.unit.test_ct_event_decode import Sock, ct_message
 
 A = ipaddress.ip_address
 
 
 def dumped(sport: int) -> bytes:
     """One entry of a conntrack dump (IPCTNL_MSG_CT_NEW, NLM_F_MULTI)."""
-    orig = (17, A("198.18.1.2").packed, A("198.19.1.2").packed, sport, 7000)
-    reply = (17, A("198.19.1.2").packed, A("198.19.0.1").packed, 7000, sport)
-    payload = (struct.pack("=BBH", 2, 0, 0) + c.encode_tuple(c.CTA_TUPLE_ORIG, orig)
-               + c.encode_tuple(c.CTA_TUPLE_REPLY, reply)
-               + c._attr(c.CTA_STATUS, struct.pack("!I", 0x8)))
-    return struct.pack("=IHHII", 16 + len(payload), 1 << 8, 0x2, 1, 0) + payload
+    return ct_message(sport, 0x2, seq=1)
 
 
 def done(seq: int) -> bytes:
