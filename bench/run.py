@@ -341,7 +341,7 @@ def measure_setup(topo: Topology, bins: dict[str, Path], flows: int, rate: float
             lat = st["setup_latency_ms"]
             out.update(flows=flows, rate_per_s=rate, sent=r["sent"], offloaded=got,
                        counts=st["counts"], agent_counters=st["agent"],
-                       latency_ms=lat, latencies=_latencies(agent))
+                       latency_ms=lat)
             log(f"setup: {got}/{flows} offloaded, latency {lat}")
         # The highest new-flow rate the agent keeps up with (issue 13's
         # goal): no flow lost (each offloaded, or passed with a reason it
@@ -402,12 +402,6 @@ def _loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return ""
-
-
-def _latencies(agent: Agent) -> list[float]:
-    """The per-flow latencies are only summarised in the status; approximate
-    the distribution plot from p50/p99/max when no list is exposed."""
-    return []
 
 
 # -- 5. agent cost ---------------------------------------------------------------------------------
