@@ -57,9 +57,8 @@ def _seen(topo: Topology) -> int:
 
 def _xdp_drops(topo: Topology, dev: str) -> int:
     """Frames the veth's XDP program dropped (ethtool -S: rx_queue_*_xdp_drops)."""
-    out = topo.router.sh(f"ethtool -S {dev}", check=False).stdout
-    return sum(int(line.split(":")[1]) for line in out.splitlines()
-               if line.strip().startswith("rx_queue_") and "xdp_drops" in line)
+    return sum(v for k, v in topo.router.ethtool_stats(dev).items()
+               if k.startswith("rx_queue_") and k.endswith("xdp_drops"))
 
 
 def sender(topo: Topology, bins: dict[str, Path], run: Any, source: str) -> Send:

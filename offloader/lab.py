@@ -79,6 +79,18 @@ class Host:
     def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(self.argv(*cmd), text=True, **kw)
 
+    def link_stat(self, dev: str, name: str) -> int:
+        """One of ``dev``'s counters (``rx_packets``, ``tx_bytes``, ...: the names in
+        /sys/class/net/DEV/statistics, the kernel's 64-bit link statistics)."""
+        return int(self.sh(f"cat /sys/class/net/{dev}/statistics/{name}").stdout)
+
+    def ethtool_stats(self, dev: str) -> dict[str, int]:
+        """``ethtool -S dev`` by name (a veth's per-queue XDP counters); empty when
+        the driver reports none."""
+        out = self.sh(f"ethtool -S {dev}", check=False).stdout
+        pairs = (line.split(":", 1) for line in out.splitlines()[1:] if ":" in line)
+        return {k.strip(): int(v) for k, v in pairs if v.strip().isdigit()}
+
 
 # One UDP datagram to each address (the discard port; an ICMP error back is
 # fine): sending it makes the kernel resolve the neighbour (ARP, ND), with
@@ -511,13 +523,12 @@ def router_cost(topo: Topology, seconds: float) -> dict[str, float]:
         c0 = thread_cpu_s(napi)
         gbps = _iperf(topo, seconds)
         tcp_cpu = thread_cpu_s(napi) - c0
-        rx = "cat /sys/class/net/eth0/statistics/rx_packets"
-        r0, c0 = int(topo.wan.sh(rx).stdout), thread_cpu_s(napi)
+        r0, c0 = topo.wan.link_stat("eth0", "rx_packets"), thread_cpu_s(napi)
         burst = topo.lan1.popen(sys.executable, "-c", _BURST, WAN_4, str(min(2.0, seconds)),
                                 stdout=subprocess.DEVNULL)
         burst.wait(timeout=30)
         time.sleep(0.2)
-        packets = int(topo.wan.sh(rx).stdout) - r0
+        packets = topo.wan.link_stat("eth0", "rx_packets") - r0
         udp_cpu = thread_cpu_s(napi) - c0
     finally:
         unthread_napi(topo.router, "lan1p")

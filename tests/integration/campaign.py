@@ -249,10 +249,6 @@ SWEEP_S = 1.0  # the agent's default sweep_interval
 NH2 = "198.19.2.3"  # a second next hop on the WAN link (a macvlan in the WAN host)
 
 
-def _rx(host: Any, dev: str) -> int:
-    return int(host.sh(f"cat /sys/class/net/{dev}/statistics/rx_packets").stdout)
-
-
 def _torn(topo: Topology, reason: str) -> int:
     st = topo.status(check=False) or {"agent": {"torn_down": {}}}
     return int(st["agent"]["torn_down"].get(reason, 0))
@@ -329,10 +325,10 @@ def churn(topo: Topology) -> list[dict[str, Any]]:
     def via_nh2(sport: int) -> Callable[[], bool]:
         """The datapath forwards the flow again, now to nh2's MAC: offloaded,
         its counters moved since the previous poll, nh2 receiving."""
-        last = {"rx": _rx(topo.wan, "nh2"), "packets": -1}
+        last = {"rx": topo.wan.link_stat("nh2", "rx_packets"), "packets": -1}
 
         def check() -> bool:
-            rx, packets = _rx(topo.wan, "nh2"), packets_of(topo, "tcp", sport)
+            rx, packets = topo.wan.link_stat("nh2", "rx_packets"), packets_of(topo, "tcp", sport)
             ok = (rx - last["rx"] >= 5 and len(offloaded(topo, "tcp", sport)) == 2
                   and last["packets"] >= 0 and packets > last["packets"])
             last["rx"], last["packets"] = rx, packets
@@ -398,9 +394,9 @@ def churn(topo: Topology) -> list[dict[str, Any]]:
     def stopped() -> bool:
         if offloaded(topo, "tcp", 42005):
             return False
-        before = _rx(topo.wan, "eth0")
+        before = topo.wan.link_stat("eth0", "rx_packets")
         time.sleep(2 * SWEEP_S)
-        return _rx(topo.wan, "eth0") - before < 10  # ARP/ND at most
+        return topo.wan.link_stat("eth0", "rx_packets") - before < 10  # ARP/ND at most
 
     cases.append(churn_case(
         topo, "address removed",

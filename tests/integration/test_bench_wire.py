@@ -4,7 +4,6 @@ or the bench's ``nic_frames`` figures would measure the lab's plain veth."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import pytest
@@ -19,15 +18,6 @@ def wire_object() -> str:
     return str(tools.build()["wire"])
 
 
-def _veth_stats(host: Host, dev: str) -> dict[str, int]:
-    out = host.sh(f"ethtool -S {dev}").stdout
-    return {k.strip(): int(v) for k, v in (line.split(":") for line in out.splitlines()[1:])}
-
-
-def _rx_packets(host: Host, dev: str) -> int:
-    return int(json.loads(host.sh(f"ip -j -s link show dev {dev}").stdout)[0]["stats64"]["rx"]["packets"])
-
-
 @pytest.fixture
 def nic(lab: Topology, wire_object: str) -> Iterator[Host]:
     with wire.nic_sender(lab, wire_object) as host:
@@ -38,8 +28,8 @@ def nic(lab: Topology, wire_object: str) -> Iterator[Host]:
 
 def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic: Host) -> None:
     wire_ns = Host(f"ofl-{lab.tag}-wire")
-    sent0 = _veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"]
-    rx0 = _rx_packets(lab.router, wire.PORT)
+    sent0 = wire_ns.ethtool_stats("wb")["tx_queue_0_xdp_xmit"]
+    rx0 = lab.router.link_stat(wire.PORT, "rx_packets")
     size = 2_000_000
     out = _transfer(nic, lab.wan, WAN_4, 9000, 9000, "tcp", 4, size, 60.0, 0, 0)
     assert out["intact"], out
@@ -48,8 +38,8 @@ def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic
     # the peer would count as a plain transmit), and they were MTU frames. The
     # last frames handed over may not have been received yet: polled, bounded.
     def counts() -> tuple[int, int]:
-        return (_veth_stats(wire_ns, "wb")["tx_queue_0_xdp_xmit"] - sent0,
-                _rx_packets(lab.router, wire.PORT) - rx0)
+        return (wire_ns.ethtool_stats("wb")["tx_queue_0_xdp_xmit"] - sent0,
+                lab.router.link_stat(wire.PORT, "rx_packets") - rx0)
 
     poll(lambda: (c := counts())[0] == c[1], timeout=5, step=0.05)
     frames, received = counts()

@@ -229,10 +229,6 @@ def _background(topo: Topology, **kw: Any) -> tuple[threading.Thread, dict[str, 
     return t, out
 
 
-def _bytes_at_wan(topo: Topology) -> int:
-    return int(topo.wan.sh("cat /sys/class/net/eth0/statistics/rx_bytes").stdout)
-
-
 def _offloaded(topo: Topology, sport: int) -> list[dict[str, Any]]:
     status = topo.status() or {"flows": []}
     return [f for f in status["flows"] if f["proto"] == "tcp" and f["sport"] == sport
@@ -268,9 +264,9 @@ def test_reload_adding_a_drop_rule_stops_the_transfer(lab: Topology) -> None:
         lab.router.sh("nft -f -", input="flush ruleset\n" + ruleset
                       + "\ninsert rule inet guard forward tcp sport 41102 drop\n")
         time.sleep(1.2)  # one sweep (sweep_interval 1 s) and some
-        stopped = _bytes_at_wan(lab)
+        stopped = lab.wan.link_stat("eth0", "rx_bytes")
         time.sleep(1.5)
-        assert _bytes_at_wan(lab) - stopped < 10_000
+        assert lab.wan.link_stat("eth0", "rx_bytes") - stopped < 10_000
         assert not _offloaded(lab, 41102)
     finally:
         talk.join(timeout=30)

@@ -111,11 +111,6 @@ def _counter(host: Host, table: str, name: str, what: str = "packets") -> int:
     return next(int(i["counter"][what]) for i in json.loads(out)["nftables"] if "counter" in i)
 
 
-def _rx_bytes(host: Host, dev: str) -> int:
-    out = json.loads(host.sh(f"ip -s -j link show {dev}").stdout)
-    return int(out[0]["stats64"]["rx"]["bytes"])
-
-
 CASES = [("tcp", 1), ("tcp", 2), ("udp", 1), ("udp", 2)]
 
 
@@ -132,7 +127,7 @@ def test_each_host_leaves_by_its_own_uplink(multiwan: Topology, proto: str, host
     # Bytes, not packets: GRO on the far ends merges TCP segments before input.
     names = ("via_wan1", "via_wan2", "spoofed")
     before = {n: _counter(topo.wan, "srv", n, "bytes") for n in names}
-    rx_before = {d: _rx_bytes(topo.wan, d) for d in ("i1", "i2")}
+    rx_before = {d: topo.wan.link_stat(d, "rx_bytes") for d in ("i1", "i2")}
     est_before = _counter(topo.router, "lab", "fwd_established")
 
     result: dict[str, Any] = {}
@@ -157,7 +152,7 @@ def test_each_host_leaves_by_its_own_uplink(multiwan: Topology, proto: str, host
     t.join(timeout=60)
 
     delta = {n: _counter(topo.wan, "srv", n, "bytes") - v for n, v in before.items()}
-    rx = {d: _rx_bytes(topo.wan, d) - v for d, v in rx_before.items()}
+    rx = {d: topo.wan.link_stat(d, "rx_bytes") - v for d, v in rx_before.items()}
     est = _counter(topo.router, "lab", "fwd_established") - est_before
     assert result.get("intact"), (result, delta, rx, topo.read_agent_log()[-2000:])
     # Offloaded: the datapath carried the bulk, the kernel's forward path little.

@@ -16,7 +16,6 @@ starts again from zero if the entry is ever replaced) and the agent's
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from offloader.lab import Host, Topology, _transfer, warm_neighbours
+from offloader.lab import Topology, _transfer, warm_neighbours
 from tests.conftest import need_root
 from tests.integration.links import two_uplinks
 from tests.poll import poll
@@ -118,11 +117,6 @@ def _passes(topo: Topology) -> int:
     return int(_agent(topo).get("reresolve_passes", 0))
 
 
-def _rx_bytes(host: Host, dev: str) -> int:
-    out = json.loads(host.sh(f"ip -s -j link show {dev}").stdout)
-    return int(out[0]["stats64"]["rx"]["bytes"])
-
-
 def _moving(w: Watched, dev: str, after: int) -> dict[str, Any] | None:
     """The flow offloaded out of ``dev`` with more than ``after`` packets."""
     f = w.flow()
@@ -167,17 +161,17 @@ def test_a_rule_moves_the_offloaded_flow_to_another_uplink_and_back(uplinks: Top
         assert first, topo.read_agent_log()[-2000:]
         agent = _agent(topo)
         torn, rerouted = agent["torn_down"].get(NETWORK, 0), agent.get("rerouted", 0)
-        i2 = _rx_bytes(internet, "i2")
+        i2 = internet.link_stat("i2", "rx_bytes")
         r.sh(f"ip rule add {rule}")
         moved = poll(lambda: _moving(w, "wan2", first["packets"]), timeout=10)
         assert moved, (w.flow(), topo.read_agent_log()[-2000:])
         # Out of WAN2 now: its far end receives the transfer (1 MB/s).
-        assert poll(lambda: _rx_bytes(internet, "i2") - i2 > 200_000, timeout=10)
-        i1 = _rx_bytes(internet, "i1")
+        assert poll(lambda: internet.link_stat("i2", "rx_bytes") - i2 > 200_000, timeout=10)
+        i1 = internet.link_stat("i1", "rx_bytes")
         r.sh(f"ip rule del {rule}")
         back = poll(lambda: _moving(w, "wan1", moved["packets"]), timeout=10)
         assert back, (w.flow(), topo.read_agent_log()[-2000:])
-        assert poll(lambda: _rx_bytes(internet, "i1") - i1 > 200_000, timeout=10)
+        assert poll(lambda: internet.link_stat("i1", "rx_bytes") - i1 > 200_000, timeout=10)
         agent = _agent(topo)
         # Rewritten in place both times, never handed back.
         assert agent["torn_down"].get(NETWORK, 0) == torn, agent["torn_down"]
