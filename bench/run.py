@@ -31,6 +31,7 @@ from offloader import lab as labmod
 from offloader.lab import LAN1_4, WAN_4, Host, Topology, lab_network
 
 SENDER_CPU, ROUTER_CPU = 0, 1
+STATUS_TRIES = 3  # asks of a busy agent's status before the run ends (Agent.status)
 LAN_PORT = "lan1p"  # the router's port towards lan1
 UDP_DPORT = 9999
 
@@ -97,9 +98,21 @@ class Agent:
                 os.unlink(self.logf.name)
 
     def status(self) -> dict[str, Any]:
-        st = self.topo.status(limit=50)  # the busiest flows are the ones measured
-        assert st is not None
-        return st
+        """The report (only the busiest flows: they are the ones measured). A
+        busy agent may miss the control deadline once; a run of several
+        minutes should not end there, so it is asked again, STATUS_TRIES
+        times in all, before the error ends the run."""
+        for attempt in range(1, STATUS_TRIES + 1):
+            try:
+                st = self.topo.status(limit=50)
+                assert st is not None
+                return st
+            except RuntimeError as exc:
+                if attempt == STATUS_TRIES or (self.proc and self.proc.poll() is not None):
+                    raise
+                log(f"agent status unanswered (try {attempt} of {STATUS_TRIES}): {exc}")
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
 
 
 def blast(topo: Topology, binary: Path, *, sport: int, nflows: int = 1, rate: float = 0,
