@@ -52,7 +52,24 @@ LABELS = {
     "ceiling": "bare XDP ceiling (MAC rewrite + devmap redirect)",
     "ceiling_tc": "bare TC ceiling (MAC rewrite + bpf_redirect)",
 }
-FRAMES = {
+# What each mode handles, by sender (bench/lane_guest.py `feed`): ``nic``, the
+# NIC-like host of bench/wire.py, whose frames reach the router's lan3p as XDP
+# frames in its NAPI (as a driver takes them from its ring); ``veth``, lan1's
+# own skbs on a plain veth.
+FRAMES_NIC = {
+    "slow_path": "XDP frames in the port's NAPI, made skbs there (as a NIC driver does), then GRO "
+                 "(TCP as super-packets), bridge, netfilter and routing",
+    "nf_flow_table": "the same skbs, after GRO, at the flowtable's ingress hook on the bridge port; "
+                     "transmitted by neigh_xmit/dev_queue_xmit",
+    "offload_xdp": "XDP frames in the port's NAPI, forwarded in place (no skb, no copy); every MTU "
+                   "frame before GRO",
+    "offload_tc": "the same skbs as the slow path, at clsact ingress after GRO (TCP as super-packets)",
+    "offload_hybrid": "UDP as XDP frames in place; a TCP bulk flow in XDP until the sweep hands it to "
+                      "TC (then XDP looks it up and passes, TC forwards the super-packet)",
+    "ceiling": "XDP frames in place, as XDP (UDP only)",
+    "ceiling_tc": "skbs made in NAPI, as TC (UDP only)",
+}
+FRAMES_VETH = {
     "slow_path": "skbs through bridge, netfilter and routing; TCP as GRO super-packets",
     "nf_flow_table": "skbs at the netdev ingress hook of the bridge port, after GRO (TCP as "
                      "super-packets), transmitted by neigh_xmit/dev_queue_xmit",
@@ -64,11 +81,17 @@ FRAMES = {
     "ceiling": "xdp_buffs, as XDP (UDP only)",
     "ceiling_tc": "skbs, as TC (UDP only)",
 }
+FRAMES = {"nic": FRAMES_NIC, "veth": FRAMES_VETH}
+SENDERS = tuple(FRAMES)
 
 
-def default_config(quick: bool = False) -> dict[str, Any]:
-    return {"modes": list(MODES), "rounds": 1 if quick else 2,
-            "udp_seconds": 3.0, "tcp_seconds": 8.0,
+def default_config(quick: bool = False, sender: str = "nic") -> dict[str, Any]:
+    """Three interleaved rounds (one with ``quick``): single rounds of the same
+    mode differed by up to 2x on a loaded host. A 2 s burst and a 6 s transfer
+    (3 s measured) are thousands of packets and many NAPI polls even under
+    emulation; longer ones only bought more exposure to the host's swings."""
+    return {"modes": list(MODES), "rounds": 1 if quick else 3, "sender": sender,
+            "udp_seconds": 2.0, "tcp_seconds": 6.0,
             "offload_wait": 20.0, "agent_start": 200.0, "setup_budget": 360.0}
 
 
@@ -85,17 +108,6 @@ def guest_budget(mode: str, cfg: dict[str, Any]) -> float:
 
 HOST_SLACK = 45.0
 CLEANUP_BUDGET = 150.0  # the guest's deadline for cleaning up after a failed mode
-VARIANCE_NOTE = (
-    "How far to trust the table: one round per mode, on a host whose load moved between 5 and 10 "
-    "during the run. The two boots that ran every mode disagreed by up to 2x on single ratios (our "
-    "TC against nf_flow_table by the kthread clock: 1.58x in the earlier one, whose directory was "
-    "not kept, 0.81x in this one), and the kthread clock and the host's vCPU-1 time disagree with "
-    "each other by as much. The seventh boot, at a host load of 3-4, measured the slow path at "
-    "36,740 packets per kthread CPU-s and 5,185 per vCPU-1 host CPU-s, against 4,549 and 1,386 in "
-    "this table's boot at a load near 10: only ratios within one boot compare. What held in both boots and by both measures: nf_flow_table and our TC "
-    "hook cost the router 3-10x less per packet than the slow path. By the kthread clock in both: "
-    "our XDP hook and the hybrid (XDP for UDP) cost more than TC on veth, and the bare TC ceiling "
-    "is at or above nf_flow_table; the vCPU-1 time does not confirm those two.")
 # What the hang of the first try was and what guards against it (filled in from
 # the runs' watch.log and console; printed in the docs section).
 HANG_NOTE: list[str] = [
@@ -314,6 +326,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mode the median over rounds; ratios against nf_flow_table and the
     slow path; the goal check."""
     modes: dict[str, Any] = {}
+    meta = next((r for r in records if r.get("kind") == "meta"), {})
+    sender = meta.get("config", {}).get("sender", "veth")  # runs before the NIC-like sender: veth
     for rec in records:
         m = rec.get("mode")
         if m not in MODES:
@@ -333,7 +347,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("cpu_s_per_gb", "vcpu1_s_per_gb", "cpu_s_per_gb_goodput", "gbps"):
             x[f"tcp_{k}"] = _median([f[k] for f in tcp])
         x["rounds_tcp_cpu_s_per_gb"] = [round(f["cpu_s_per_gb"], 3) for f in tcp if f["cpu_s_per_gb"]]
-    out: dict[str, Any] = {"modes": modes}
+    out: dict[str, Any] = {"modes": modes, "sender": sender if sender in FRAMES else "veth"}
     nft = modes.get("nf_flow_table", {})
     slow = modes.get("slow_path", {})
     for x in modes.values():
@@ -392,7 +406,7 @@ def table_lines(s: dict[str, Any]) -> list[str]:
             f"{_f(x['ns_per_packet'])} | {_f(x.get('pps_vs_nf_flow_table'), 2, 'x')} | "
             f"{_f(x.get('pps_vs_slow_path'), 2, 'x')} | {_f(x['pps_per_vcpu1_s'])} | "
             f"{_f(x.get('vcpu_pps_vs_nf_flow_table'), 2, 'x')} | {_f(x['delivered_per_cpu_s'])} | "
-            f"{_f(refused * 100 if refused is not None else None, 1, '%')} | {FRAMES[m]} |")
+            f"{_f(refused * 100 if refused is not None else None, 1, '%')} | {FRAMES[s.get('sender', 'veth')][m]} |")
     L += ["", "TCP, MTU-sized frames, GRO at the router (second half of the transfer):", "",
           "| mode | router CPU-s per GB out (kthread) | vs nf_flow_table | vs slow path | "
           "vCPU-1 host CPU-s per GB | vs nf_flow_table | Mbit/s (whole transfer) |",
@@ -417,7 +431,7 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
     for m, x in s["modes"].items():
         for r in x["rounds"]:
             u, t = r.get("udp", {}), r.get("tcp", {})
-            bits = [f"round {r['round']}: UDP {u.get('sent', 0):,} sent, {u.get('lan_rx', 0):,} in at lan1p, "
+            bits = [f"round {r['round']}: UDP {u.get('sent', 0):,} sent, {u.get('lan_rx', 0):,} in at the router's port, "
                     f"{u.get('router_out', 0):,} out of wan0 ({u.get('wan_tx_dropped', 0):,} of them refused "
                     f"by the WAN host's queue), {u.get('delivered', 0):,} counted at the WAN host, "
                     f"netfilter forward saw {u.get('netfilter_forwarded', 0):,}"]
@@ -457,31 +471,68 @@ def report_text(s: dict[str, Any], meta: dict[str, Any], lane_info: str) -> str:
     return "\n".join(L)
 
 
+def _sender_text(sender: str) -> str:
+    if sender == "nic":
+        return ("The sender is the bench's NIC-like host (`bench/wire.py`, as in `python -m bench`'s "
+                "`nic_frames`): wired to the router's bridge port `lan3p` through a namespace whose two "
+                "veths redirect every frame with `bench/wire.bpf.c` (a devmap_hash redirect, native XDP "
+                "on veth: both in 6.1), so each frame reaches `lan3p`'s NAPI as an XDP frame, as a driver "
+                "takes frames from its ring. That holds in every mode, the slow path and nf_flow_table "
+                "included: XDP runs on the frame in place, the kernel's path builds its skb there. One "
+                "difference from a NIC stays: an skb built from an XDP frame has no receive checksum "
+                "result, so GRO checks each TCP segment in software (the slow path, nf_flow_table, TC "
+                "and the hybrid pay it, XDP does not).")
+    return ("The sender is lan1 on a plain veth (`--sender veth`): its frames reach `lan1p` as the "
+            "skbs lan1's stack built, which XDP must first copy into an xdp_buff (a copy no NIC makes) "
+            "and the kernel's path is spared building.")
+
+
+def spread_line(s: dict[str, Any]) -> str:
+    """How far the rounds of each mode agreed (largest over smallest, by the
+    kthread clock): the table's median is as good as that spread allows."""
+    parts = []
+    for m in MODES:
+        xs = [x for x in s["modes"].get(m, {}).get("rounds_pps_per_cpu_s", []) if x]
+        if len(xs) > 1:
+            parts.append(f"{LABELS[m].split(' (')[0]} {max(xs) / min(xs):.2f}")
+    if not parts:
+        return ("How far to trust the table: one round per mode, so nothing says how far a figure "
+                "would move in the next; single rounds differed by up to 2x on a loaded host.")
+    return ("How far to trust the table: the spread between a mode's UDP rounds (largest over smallest "
+            "packets per router CPU-second): " + ", ".join(parts) + ".")
+
+
 def doc_section(s: dict[str, Any], meta: dict[str, Any], host: dict[str, Any], lane_info: str) -> str:
     cfg = meta.get("config", {})
+    sender = s.get("sender", "veth")
+    port = (meta.get("sender") or {}).get("port") or ("lan3p" if sender == "nic" else "lan1p")
+    client = "nic" if sender == "nic" else "lan1"
     L = [SECTION, "", f"**{EMULATION_NOTE}**", "",
          f"- Machine: {host.get('machine')}, host kernel {host.get('kernel')}; guest: Debian "
          f"{meta.get('uname')} under qemu TCG, {meta.get('cpus')} vCPUs, this machine's userland",
-         f"- Date: {host.get('date')}; {lane_info}",
+         f"- Date: {host.get('date')}; host load {host.get('loadavg_start', '?')} at the start, "
+         f"{host.get('loadavg_end', '?')} at the end; {lane_info}",
          f"- Command: `python -m bench --kernel-lane` (one boot; {cfg.get('rounds')} round(s) per mode, "
-         f"interleaved; {cfg.get('udp_seconds')} s of UDP and {cfg.get('tcp_seconds')} s of TCP each)", "",
+         f"interleaved, median shown; {cfg.get('udp_seconds')} s of UDP and {cfg.get('tcp_seconds')} s of "
+         f"TCP each; sender `{sender}`)", "",
+         _sender_text(sender), "",
          "How measured: the bench's lab (`offloader/lab.py`) inside the 6.1 guest and the bench's own "
-         "functions (`bench/run.py` `router_cost`, `Agent`, `blast`, `sender_offloads`, the ceilings; "
+         "functions (`bench/run.py` `router_cost`, `Agent`, `blast`, the ceilings; "
          "`offloader/lab.py` `threaded_napi`, `thread_cpu_s`, `_iperf`). The 64-byte UDP burst "
-         "(`bench/blast.c`, one flow, after a paced warm-up of 20 packets and one datagram back from the "
-         "WAN host) is pinned to vCPU 0; the router's receive work runs in the threaded NAPI kthread of "
-         "its LAN port `lan1p`, pinned to vCPU 1, and that kthread's run time is the router's CPU, as "
-         "`python -m bench` measures it. Everything else of the run (lab commands, agent, iperf3, the WAN "
-         "host's receive kthread) is pinned to vCPU 0, off the router's CPU. Packets are counted where "
-         "the router sent them: `wan0`'s tx_packets + tx_dropped (a veth counts a frame its peer's full "
-         "queue refused as tx_dropped: the router's work was done); the WAN host's XDP counter "
-         "(`bench/count.bpf.c`) gives what arrived. TCP: iperf3 lan1 -> wan for "
-         f"{cfg.get('tcp_seconds')} s with the sender's TSO/GSO/tx checksum off and GRO on at `lan1p` "
+         f"(`bench/blast.c`, one flow from {client}, after a paced warm-up of 10 packets and one datagram "
+         "back from the WAN host) is pinned to vCPU 0; the router's receive work runs in the threaded "
+         f"NAPI kthread of its port `{port}`, pinned to vCPU 1, and that kthread's run time is the router's "
+         "CPU, as `python -m bench` measures it. Everything else of the run (lab commands, agent, iperf3, "
+         "the sender's wire, the WAN host's receive kthread) is pinned to vCPU 0, off the router's CPU. "
+         "Packets are counted where the router sent them: `wan0`'s tx_packets + tx_dropped (a veth counts "
+         "a frame its peer's full queue refused as tx_dropped: the router's work was done); the WAN host's "
+         f"XDP counter (`bench/count.bpf.c`) gives what arrived. TCP: iperf3 {client} -> wan for "
+         f"{cfg.get('tcp_seconds')} s with the sender's TSO/GSO/tx checksum off and GRO on at `{port}` "
          "(MTU frames as off a wire), measured over the second half (the flow offloaded by then), "
          "router CPU per GB of what `wan0` sent. nf_flow_table: `flowtable ft { hook ingress priority 0; "
-         "devices = { lan1p, lan2p, wan0 } }` and `meta l4proto { tcp, udp } flow add @ft` first in the "
-         "lab's forward chain; that the flows went through the flowtable is checked in conntrack "
-         "(`[OFFLOAD]`) and in the forward chain's counter.", "",
+         f"devices = {{ lan1p, lan2p, {port}, wan0 }} }}` and `meta l4proto {{ tcp, udp }} flow add @ft` "
+         "first in the lab's forward chain; that the flows went through the flowtable is checked in "
+         "conntrack (`[OFFLOAD]`) and in the forward chain's counter.", "",
          "Cross-check against the host's load: the guest's clock runs on while a loaded host leaves a "
          "vCPU unscheduled, so a kthread's run time in the guest includes that steal, differently from "
          "one measurement to the next. qemu's vCPU threads (named with `debug-threads=on`) are sampled on "
@@ -494,11 +545,12 @@ def doc_section(s: dict[str, Any], meta: dict[str, Any], host: dict[str, Any], l
          "Packets per router CPU-second: higher is better; CPU-s per GB: lower is better. The ratio "
          "columns divide the mode's figure by nf_flow_table's (or the slow path's). Rounds in brackets.", ""]
     L += table_lines(s) + ["", verdict_line(s), "", "Evidence per round:", ""] + evidence_lines(s)
-    L += ["", "On veth every XDP program (ours and the ceiling) pays for the driver building an "
-          "xdp_buff from the sender's skb and the WAN veth building an skb again; nf_flow_table and TC "
-          "forward the skb they are given. On a NIC with native XDP the skb is never built, so this lab "
-          "understates XDP against both.", ""]
-    L += [VARIANCE_NOTE, ""]
+    if sender == "veth":
+        L += ["", "On veth every XDP program (ours and the ceiling) pays for the driver building an "
+              "xdp_buff from the sender's skb and the WAN veth building an skb again; nf_flow_table and TC "
+              "forward the skb they are given. On a NIC with native XDP the skb is never built, so this lab "
+              "understates XDP against both.", ""]
+    L += ["", spread_line(s), ""]
     for para in HANG_NOTE:
         L += [para, ""]
     return "\n".join(L)
@@ -541,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="", help=f"comma list of: {','.join(MODES)}")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON, write no docs")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument("--sender", choices=SENDERS, default="nic",
+                    help="nic: frames reach the router as XDP frames, as from a NIC's ring "
+                         "(bench/wire.py); veth: the sender's own skbs on a plain veth")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="diagnosis: no paced packets before the first measurement")
     ap.add_argument("--from", dest="from_dir", default="",
@@ -557,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"kernel lane unavailable: {why}", file=sys.stderr)
         return 3
-    cfg = default_config(args.quick)
+    cfg = default_config(args.quick, args.sender)
     if args.rounds:
         cfg["rounds"] = args.rounds
     if args.modes:
@@ -588,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     shared = Path(res.shared_dir)
+    host["loadavg_end"] = brun._loadavg()
     (shared / "host-vcpu.jsonl").write_text("".join(json.dumps(x) + "\n" for x in dog.samples))
     lane_info = (f"boot {res.boot_seconds or 0:.0f} s, whole run {time.monotonic() - t0:.0f} s"
                  + (f", STOPPED: {res.killed_by or 'overall timeout'}" if res.timed_out else ""))

@@ -4,7 +4,11 @@ modules in the guest; hence the one test at the bottom).
 
 In one lab (offloader.lab, the bench's topology) it measures, per mode, the
 64-byte UDP test and the TCP test of the bench, router cost from the LAN
-port's threaded NAPI kthread (pinned to CPU 1) as bench/run.py does. The WAN
+port's threaded NAPI kthread (pinned to CPU 1) as bench/run.py does. The
+sender is, by default, the NIC-like host of bench/wire.py: its frames reach
+the router's port lan3p as XDP frames in lan3p's NAPI, as a driver takes
+frames from its ring, in every mode (`sender: veth` in the config: lan1 on
+its plain veth, whose skbs XDP must copy first). The WAN
 host's receive work runs in its own kthread on CPU 0, beside the sender, never
 on the router's CPU. Packets are counted where the router sent them (the WAN
 veth's tx_packets + tx_dropped: a frame the WAN host's full queue refused was
@@ -29,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,31 @@ SHARED = Path(os.environ.get("KERNEL_LANE_SHARED") or "/nonexistent")
 
 class ModeTimeout(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Where the measured traffic comes from: the sending host, its address,
+    and the router port its frames arrive on (whose NAPI kthread is the
+    router's CPU)."""
+
+    host: Any
+    src: str
+    port: str
+    nic: bool  # frames arrive as XDP frames (bench/wire.py), not as the sender's skbs
+
+
+@contextlib.contextmanager
+def feed(topo: Any, bins: dict[str, Path], sender: str) -> Iterator[Feed]:
+    """``nic``: the NIC-like host of bench/wire.py, wired to lan3p (removed on
+    the way out); ``veth``: lan1 on lan1p, as the lab has it."""
+    from offloader.lab import LAN1_4
+    if sender == "veth":
+        yield Feed(topo.lan1, LAN1_4, "lan1p", nic=False)
+        return
+    from bench import wire
+    with wire.nic_sender(topo, bins["wire"]) as host:
+        yield Feed(host, wire.NIC_4, wire.PORT, nic=True)
 
 
 class Progress:
@@ -161,7 +191,7 @@ def _built() -> dict[str, Path]:
     is read-only in the guest)."""
     from bench import tools
     out = {"blast": tools.OUT / "blast", "offload": tools.ROOT / "build" / "offload.bpf.o"}
-    for name in ("count", "ceiling", "ceiling_tc"):
+    for name in ("count", "ceiling", "ceiling_tc", "wire"):
         out[name] = tools.OUT / f"{name}.bpf.o"
     missing = [str(p) for p in out.values() if not p.exists()]
     if missing:
@@ -190,9 +220,9 @@ def parse_net_dev(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def router_counters(topo: Any) -> dict[str, int]:
+def router_counters(topo: Any, port: str) -> dict[str, int]:
     dev = proc_net_dev(topo.router.name)
-    lan, wan = dev["lan1p"], dev["wan0"]
+    lan, wan = dev[port], dev["wan0"]
     return {"lan_rx": lan["rx_packets"], "lan_rx_dropped": lan["rx_dropped"],
             "wan_tx": wan["tx_packets"], "wan_tx_dropped": wan["tx_dropped"],
             "wan_tx_bytes": wan["tx_bytes"]}
@@ -221,13 +251,18 @@ def conntrack_offloaded(topo: Any, proto: str, port_opt: str) -> tuple[bool, str
 
 # -- the modes ------------------------------------------------------------------------------
 NFT_FLOWTABLE = """
-add flowtable inet lab ft { hook ingress priority 0; devices = { lan1p, lan2p, wan0 }; }
+add flowtable inet lab ft { hook ingress priority 0; devices = { %s }; }
 insert rule inet lab forward meta l4proto { tcp, udp } flow add @ft
 """
 
 
-def nft_flowtable_on(topo: Any) -> None:
-    topo.router.sh("nft -f -", input=NFT_FLOWTABLE)
+def flowtable_rules(port: str) -> str:
+    """The flowtable on every router port the lab's flows use, the sender's included."""
+    return NFT_FLOWTABLE % ", ".join(dict.fromkeys(("lan1p", "lan2p", port, "wan0")))
+
+
+def nft_flowtable_on(topo: Any, port: str) -> None:
+    topo.router.sh("nft -f -", input=flowtable_rules(port))
 
 
 def nft_flowtable_off(topo: Any) -> None:
@@ -246,7 +281,7 @@ def udp_reply(topo: Any, bins: dict[str, Path], sport: int) -> None:
     topo.wan.sh(f"{bins['blast']} {WAN_4} {ROUTER_WAN4} {sport} {UDP_DPORT} 1 10 1 2", timeout=20)
 
 
-def udp_test(topo: Any, bins: dict[str, Path], mode: str, seconds: float, count: Any,
+def udp_test(topo: Any, bins: dict[str, Path], src: Feed, mode: str, seconds: float, count: Any,
              sport: int, prog: Progress) -> dict[str, Any]:
     """The bench's router_cost() (the router's LAN-port kthread on CPU 1),
     with the router's own in and out counters around it."""
@@ -257,10 +292,11 @@ def udp_test(topo: Any, bins: dict[str, Path], mode: str, seconds: float, count:
     prog.at(mode, "vcpu idle")
     time.sleep(spec.IDLE_SAMPLE_S)
     prog.at(mode, "udp measure", sport=sport)
-    c0 = router_counters(topo)
-    res = brun.router_cost(topo, bins, mode, seconds, count, sport)
+    c0 = router_counters(topo, src.port)
+    res = brun.router_cost(topo, bins, mode, seconds, count, sport, port=src.port,
+                           sender=src.host, src=src.src)
     prog.at(mode, "udp measured")  # the host's vCPU sample closes the window here
-    c1 = router_counters(topo)
+    c1 = router_counters(topo, src.port)
     d = {k: c1[k] - c0[k] for k in c0}
     res.update(d)
     res["router_out"] = d["wan_tx"] + d["wan_tx_dropped"]
@@ -268,18 +304,19 @@ def udp_test(topo: Any, bins: dict[str, Path], mode: str, seconds: float, count:
     return res
 
 
-def tcp_test(topo: Any, mode: str, seconds: float, prog: Progress,
+def tcp_test(topo: Any, src: Feed, mode: str, seconds: float, prog: Progress,
              midway: Any = None) -> dict[str, Any]:
     """The bench's mtu_frames TCP variant: the sender's TSO/GSO/tx checksum
-    off, GRO on at the router's LAN port, iperf3 lan1 -> wan; router CPU from
+    off, GRO on at the router's port, iperf3 sender -> wan; router CPU from
     the LAN port's kthread, per GB the router sent out of wan0. Measured over
     the second half of the transfer (from iperf's midway call), when the
     flow is offloaded; ``midway`` runs after the first sample."""
     from bench import run as brun
     from offloader import lab as labmod
-    brun.sender_offloads(topo.lan1, False)
-    topo.router.sh("ethtool -K lan1p gro on >/dev/null")
-    napi = labmod.threaded_napi(topo.router, "lan1p", spec.ROUTER_CPU)
+    if not src.nic:  # the NIC-like sender has them off from the start
+        brun.sender_offloads(src.host, False)
+        topo.router.sh(f"ethtool -K {src.port} gro on >/dev/null")
+    napi = labmod.threaded_napi(topo.router, src.port, spec.ROUTER_CPU)
     labmod.threaded_napi(topo.wan, "eth0", spec.SENDER_CPU)
     prog.at(mode, "tcp start")
     first: dict[str, Any] = {}
@@ -287,7 +324,7 @@ def tcp_test(topo: Any, mode: str, seconds: float, prog: Progress,
     def half_way() -> None:
         # the in-process samples and the marker first: an `ip netns exec` (nft)
         # can take seconds on a loaded host
-        first.update(c=router_counters(topo), k=labmod.thread_cpu_s(napi), t=time.monotonic())
+        first.update(c=router_counters(topo, src.port), k=labmod.thread_cpu_s(napi), t=time.monotonic())
         prog.at(mode, "tcp window")
         if midway is not None:
             midway()
@@ -295,14 +332,14 @@ def tcp_test(topo: Any, mode: str, seconds: float, prog: Progress,
         # netfilter's count covers the whole transfer (evidence only: an nft call
         # at half-time can outlast the rest of the transfer on a loaded host)
         fwd0 = topo.nft_counter("fwd_established")[0]
-        gbps = labmod._iperf(topo, seconds, midway=half_way)
+        gbps = labmod._iperf(topo, seconds, midway=half_way, client=src.host)
         cpu = labmod.thread_cpu_s(napi) - first["k"]
         wall = time.monotonic() - first["t"]
         prog.at(mode, "tcp measured")
-        c1 = router_counters(topo)
+        c1 = router_counters(topo, src.port)
         fwd = topo.nft_counter("fwd_established")[0] - fwd0
     finally:
-        labmod.unthread_napi(topo.router, "lan1p")
+        labmod.unthread_napi(topo.router, src.port)
         labmod.unthread_napi(topo.wan, "eth0")
     d = {k: c1[k] - first["c"][k] for k in c1}
     return {"gbps": gbps, "seconds": seconds, "window_s": round(wall, 2), "router_cpu_s": cpu,
@@ -311,7 +348,7 @@ def tcp_test(topo: Any, mode: str, seconds: float, prog: Progress,
             "in_packets": d["lan_rx"]}
 
 
-def run_mode(topo: Any, bins: dict[str, Path], mode: str, rnd: int, cfg: dict[str, Any],
+def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, cfg: dict[str, Any],
              prog: Progress, rec: dict[str, Any]) -> None:
     """One mode: UDP then TCP, filling ``rec`` as it goes (what was measured
     before a failure is kept)."""
@@ -322,16 +359,16 @@ def run_mode(topo: Any, bins: dict[str, Path], mode: str, rnd: int, cfg: dict[st
     with contextlib.ExitStack() as stack:
         if mode == "nf_flow_table":
             prog.at(mode, "flowtable on")
-            nft_flowtable_on(topo)
+            nft_flowtable_on(topo, src.port)
             stack.callback(nft_flowtable_off, topo)
         elif mode == "ceiling":
-            tools.xdp_detach(topo.router, "lan1p")  # nothing of an earlier mode stays
-            brun.ceiling_attach(topo, bins["ceiling"])
-            stack.callback(tools.xdp_detach, topo.router, "lan1p")
+            tools.xdp_detach(topo.router, src.port)  # nothing of an earlier mode stays
+            brun.ceiling_attach(topo, bins["ceiling"], port=src.port)
+            stack.callback(tools.xdp_detach, topo.router, src.port)
         elif mode == "ceiling_tc":
-            tools.tc_detach(topo.router, "lan1p")
-            brun.ceiling_tc_attach(topo, bins["ceiling_tc"])
-            stack.callback(tools.tc_detach, topo.router, "lan1p")
+            tools.tc_detach(topo.router, src.port)
+            brun.ceiling_tc_attach(topo, bins["ceiling_tc"], port=src.port)
+            stack.callback(tools.tc_detach, topo.router, src.port)
         elif mode.startswith("offload_"):
             prog.at(mode, "agent start")
             # the agent starts on both vCPUs (Python and the verifier are slow
@@ -345,15 +382,17 @@ def run_mode(topo: Any, bins: dict[str, Path], mode: str, rnd: int, cfg: dict[st
         # offloaded, then the measured burst.
         count = stack.enter_context(tools.delivery_counter(topo.wan, "eth0", bins["count"]))
         prog.at(mode, "udp warm-up", sport=sport)
-        brun.blast(topo, bins["blast"], sport=sport, count=10, rate=50, seconds=2)
+        brun.blast(topo, bins["blast"], sport=sport, count=5, rate=50, seconds=2,
+                   sender=src.host, src=src.src)
         udp_reply(topo, bins, sport)
-        brun.blast(topo, bins["blast"], sport=sport, count=10, rate=50, seconds=2)
+        brun.blast(topo, bins["blast"], sport=sport, count=5, rate=50, seconds=2,
+                   sender=src.host, src=src.src)
         if agent is not None:
             prog.at(mode, "udp wait offloaded")
             rec["udp_offloaded_flows"] = brun.wait_offloaded(agent, 1, timeout=cfg["offload_wait"])
         elif mode == "nf_flow_table":
             rec["udp_ct_offload"], rec["udp_ct"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")
-        rec["udp"] = udp_test(topo, bins, mode, cfg["udp_seconds"], count, sport, prog)
+        rec["udp"] = udp_test(topo, bins, src, mode, cfg["udp_seconds"], count, sport, prog)
         if agent is not None:
             st = agent.status()
             flows = [f for f in st["flows"] if sport in (f.get("sport"), f.get("dport"))]
@@ -376,7 +415,7 @@ def run_mode(topo: Any, bins: dict[str, Path], mode: str, rnd: int, cfg: dict[st
                     seen["offloaded_packets"] = big["packets"] if big else 0
                     seen["flow_state"] = big["state"] if big else "missing"
                     seen["via"] = (big.get("via") or "xdp/tc as hooked") if big else ""
-            rec["tcp"] = tcp_test(topo, mode, cfg["tcp_seconds"], prog, midway=midway)
+            rec["tcp"] = tcp_test(topo, src, mode, cfg["tcp_seconds"], prog, midway=midway)
             rec["tcp"].update({f"ct_{k}" if k == "ct" else k: v for k, v in seen.items()})
         prog.at(mode, "teardown")
 
@@ -412,6 +451,19 @@ def bench_in_guest(shared: Path) -> None:
         meta["setup_error"] = f"{type(e).__name__}: {e}"
         prog.result(meta)
         raise
+    sources = contextlib.ExitStack()
+    try:
+        with deadline(cfg["setup_budget"], prog):
+            prog.at("setup", f"sender {cfg.get('sender', 'nic')}")
+            src = sources.enter_context(feed(topo, bins, cfg.get("sender", "nic")))
+    except Exception as e:
+        meta["setup_error"] = f"{type(e).__name__}: {e}"
+        prog.result(meta)
+        sources.close()
+        with deadline(60, prog):
+            lab.__exit__(None, None, None)
+        raise
+    meta["sender"] = {"host": src.host.name, "src": src.src, "port": src.port, "nic": src.nic}
     topo.status = lambda check=True, limit=0: inproc_status(topo, check, limit)
     # From here everything of ours runs on vCPU 0 (children inherit it): vCPU 1
     # is the router's receive kthread alone, which the host's vCPU sample
@@ -422,7 +474,7 @@ def bench_in_guest(shared: Path) -> None:
         prog.result(meta)
         if cfg.get("warm_up", True):
             with deadline(cfg["setup_budget"], prog):
-                warm_up(topo, bins, prog)
+                warm_up(topo, bins, src, prog)
         for rnd in range(cfg["rounds"]):
             for mode in cfg["modes"]:
                 budget = spec.guest_budget(mode, cfg)
@@ -432,23 +484,24 @@ def bench_in_guest(shared: Path) -> None:
                 rec: dict[str, Any] = {"mode": mode, "round": rnd}
                 try:
                     with deadline(budget, prog):
-                        run_mode(topo, bins, mode, rnd, cfg, prog, rec)
+                        run_mode(topo, bins, src, mode, rnd, cfg, prog, rec)
                 except Exception as e:  # recorded, and the next mode runs
                     rec["error"] = f"{type(e).__name__}: {e}"[:2000]
                     rec["failed_at"] = prog.step
                     prog.at(mode, "failed", error=rec["error"][:300])
                     with deadline(spec.CLEANUP_BUDGET, prog):
-                        cleanup(topo)
+                        cleanup(topo, src)
                 rec["seconds"] = round(time.monotonic() - t0, 1)
                 prog.result(rec)
         prog.at("done", "all modes")
     finally:
         stop.set()
         with deadline(60, prog):
+            sources.close()
             lab.__exit__(None, None, None)
 
 
-def warm_up(topo: Any, bins: dict[str, Path], prog: Progress) -> None:
+def warm_up(topo: Any, bins: dict[str, Path], src: Feed, prog: Progress) -> None:
     """A few paced packets before anything is measured, first with the
     kernel's default receive path, then with the NAPI kthreads as measured:
     a guest that hangs here shows which of the two it is."""
@@ -458,14 +511,15 @@ def warm_up(topo: Any, bins: dict[str, Path], prog: Progress) -> None:
     with tools.delivery_counter(topo.wan, "eth0", bins["count"]) as count:
         for step in ("softirq", "threaded"):
             if step == "threaded":
-                labmod.threaded_napi(topo.router, "lan1p", spec.ROUTER_CPU)
+                labmod.threaded_napi(topo.router, src.port, spec.ROUTER_CPU)
                 labmod.threaded_napi(topo.wan, "eth0", spec.SENDER_CPU)
             prog.at("warm-up", f"5 packets, NAPI {step}")
             d0 = count()
-            brun.blast(topo, bins["blast"], sport=40990, count=5, rate=10, seconds=2)
+            brun.blast(topo, bins["blast"], sport=40990, count=5, rate=10, seconds=2,
+                       sender=src.host, src=src.src)
             time.sleep(0.2)
             prog.at("warm-up", f"NAPI {step} done", delivered=count() - d0)
-        labmod.unthread_napi(topo.router, "lan1p")
+        labmod.unthread_napi(topo.router, src.port)
         labmod.unthread_napi(topo.wan, "eth0")
 
 
@@ -473,7 +527,7 @@ def kill_lab_processes(topo: Any) -> None:
     """What a timed-out step left running in the lab's namespaces (a sender
     whose `ip netns exec` parent was killed by a subprocess timeout holds the
     caller's pipe open, and the caller waits for it)."""
-    for h in (topo.router, topo.lan1, topo.lan2, topo.wan):
+    for h in list(topo.hosts):  # with the NIC-like sender and its wire
         pids = subprocess.run(["ip", "netns", "pids", h.name], capture_output=True, text=True,
                               timeout=20).stdout.split()
         for pid in pids:
@@ -481,19 +535,19 @@ def kill_lab_processes(topo: Any) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
-def cleanup(topo: Any) -> None:
+def cleanup(topo: Any, src: Feed) -> None:
     """After a failed mode: nothing of it may run into the next one (an
     agent killed before its own cleanup leaves its programs attached)."""
     from bench import tools
     from offloader import lab as labmod
     with contextlib.suppress(Exception):
         kill_lab_processes(topo)
-        for dev in ("lan1p", "lan2p", "wan0"):
+        for dev in dict.fromkeys(("lan1p", "lan2p", src.port, "wan0")):
             tools.xdp_detach(topo.router, dev)
             tools.tc_detach(topo.router, dev)
         tools.xdp_detach(topo.wan, "eth0")
         nft_flowtable_off(topo)
-        labmod.unthread_napi(topo.router, "lan1p")
+        labmod.unthread_napi(topo.router, src.port)
         labmod.unthread_napi(topo.wan, "eth0")
 
 

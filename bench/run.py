@@ -117,15 +117,18 @@ class Agent:
 
 def blast(topo: Topology, binary: Path, *, sport: int, nflows: int = 1, rate: float = 0,
           seconds: float = 3.0, count: int = 0, dport: int = UDP_DPORT,
-          cpu: int | None = SENDER_CPU, wait: bool = True, first: int = 0) -> Any:
+          cpu: int | None = SENDER_CPU, wait: bool = True, first: int = 0,
+          sender: Host | None = None, src: str = LAN1_4) -> Any:
     """``first``: the index of the first flow sent (blast.c numbers them), so
-    flows can be created a chunk at a time."""
+    flows can be created a chunk at a time. ``sender``/``src``: another LAN
+    host than lan1 (the NIC-like one of bench/wire.py) and its address."""
     pin = f"taskset -c {cpu} " if cpu is not None else ""
-    cmd = (f"{pin}{binary} {LAN1_4} {WAN_4} {dport} {sport} {nflows} {rate} {seconds} {count}"
+    cmd = (f"{pin}{binary} {src} {WAN_4} {dport} {sport} {nflows} {rate} {seconds} {count}"
            + (f" 18 {first}" if first else ""))
+    host = sender or topo.lan1
     if not wait:
-        return topo.lan1.popen("sh", "-c", cmd, stdout=subprocess.PIPE)
-    out = topo.lan1.sh(cmd, timeout=seconds + 30).stdout
+        return host.popen("sh", "-c", cmd, stdout=subprocess.PIPE)
+    out = host.sh(cmd, timeout=seconds + 30).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -142,12 +145,13 @@ def wait_offloaded(agent: Agent, n: int, timeout: float = 10.0) -> int:
 
 # -- 1. router cost --------------------------------------------------------------------------
 def router_cost(topo: Topology, bins: dict[str, Path], mode: str, seconds: float,
-                count: Any, sport: int) -> dict[str, Any]:
-    napi = labmod.threaded_napi(topo.router, LAN_PORT, ROUTER_CPU)
+                count: Any, sport: int, port: str = LAN_PORT, sender: Host | None = None,
+                src: str = LAN1_4) -> dict[str, Any]:
+    napi = labmod.threaded_napi(topo.router, port, ROUTER_CPU)
     fwd0 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
     d0, c0, t0 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b0 = tools.cpu_busy_s(ROUTER_CPU)
-    sent = blast(topo, bins["blast"], sport=sport, seconds=seconds)
+    sent = blast(topo, bins["blast"], sport=sport, seconds=seconds, sender=sender, src=src)
     time.sleep(0.2)
     d1, c1, t1 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b1 = tools.cpu_busy_s(ROUTER_CPU)
@@ -164,9 +168,9 @@ def router_cost(topo: Topology, bins: dict[str, Path], mode: str, seconds: float
     return res
 
 
-def ceiling_attach(topo: Topology, obj: Path) -> None:
+def ceiling_attach(topo: Topology, obj: Path, port: str = LAN_PORT) -> None:
     r = topo.router
-    prog = tools.xdp_attach(r, LAN_PORT, obj)
+    prog = tools.xdp_attach(r, port, obj)
     maps = tools.prog_maps(prog)
     cfg = tools.mac_of(topo.wan, "eth0") + tools.mac_of(r, "wan0")
     tools.map_update(maps["ceiling_cfg"], struct.pack("<I", 0), cfg)
@@ -174,9 +178,9 @@ def ceiling_attach(topo: Topology, obj: Path) -> None:
                      struct.pack("<I", tools.ifindex_of(r, "wan0")), host=r)
 
 
-def ceiling_tc_attach(topo: Topology, obj: Path) -> None:
+def ceiling_tc_attach(topo: Topology, obj: Path, port: str = LAN_PORT) -> None:
     r = topo.router
-    prog = tools.tc_attach(r, LAN_PORT, obj)
+    prog = tools.tc_attach(r, port, obj)
     cfg = (tools.mac_of(topo.wan, "eth0") + tools.mac_of(r, "wan0")
            + struct.pack("<I", tools.ifindex_of(r, "wan0")))
     tools.map_update(tools.prog_maps(prog)["ceiling_tc_cfg"], struct.pack("<I", 0), cfg)

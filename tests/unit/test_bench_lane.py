@@ -208,3 +208,56 @@ def test_a_full_bench_rewrite_keeps_the_lane_section(tmp_path, monkeypatch):
     text = doc.read_text()
     assert "old" not in text and text.count(lane.SECTION) == 1 and "ratios here" in text
     assert text.index(lane.SECTION) < text.index("## Raw results")
+
+
+def test_the_default_run_feeds_nic_frames_in_interleaved_rounds():
+    cfg = lane.default_config()
+    assert cfg["sender"] == "nic" and cfg["rounds"] == 3
+    assert lane.default_config(quick=True)["rounds"] == 1
+    assert lane.default_config(sender="veth")["sender"] == "veth"
+    assert set(lane.FRAMES["nic"]) == set(lane.FRAMES["veth"]) == set(lane.MODES)
+
+
+def test_the_flowtable_covers_the_senders_port():
+    from bench.lane_guest import flowtable_rules
+    assert "devices = { lan1p, lan2p, lan3p, wan0 }" in flowtable_rules("lan3p")
+    assert "devices = { lan1p, lan2p, wan0 }" in flowtable_rules("lan1p")  # not twice
+
+
+def test_the_veth_feed_is_lan1_on_lan1p_and_builds_nothing():
+    from bench.lane_guest import feed
+    from offloader.lab import LAN1_4
+
+    class Topo:
+        lan1 = object()  # any attribute use beyond this would fail
+    with feed(Topo(), {}, "veth") as src:
+        assert (src.host, src.src, src.port, src.nic) == (Topo.lan1, LAN1_4, "lan1p", False)
+
+
+def _with_sender(recs: list[dict], sender: str) -> list[dict]:
+    return [dict(r, config={"sender": sender}) if r.get("kind") == "meta" else r for r in recs]
+
+
+def test_frames_column_and_doc_text_follow_the_sender():
+    nic = lane.summarize(_with_sender(_records(), "nic"))
+    assert nic["sender"] == "nic"
+    text = "\n".join(lane.table_lines(nic))
+    assert lane.FRAMES_NIC["offload_xdp"] in text and lane.FRAMES_VETH["offload_xdp"] not in text
+    sec = lane.doc_section(nic, {"uname": "6.1", "config": {"rounds": 3, "sender": "nic"},
+                                 "sender": {"port": "lan3p"}}, {"loadavg_start": "1.0 1.0 1.0"}, "")
+    assert "bench/wire.py" in sec and "`lan3p`" in sec and "lan3p, wan0" in sec
+    assert "understates XDP" not in sec and "1.0 1.0 1.0" in sec
+    # a run from before the NIC-like sender has no sender in its config: veth
+    old = lane.summarize(_records())
+    assert old["sender"] == "veth"
+    sec = lane.doc_section(old, {"uname": "6.1", "config": {"rounds": 1}}, {}, "")
+    assert "`lan1p`" in sec and "understates XDP" in sec
+    assert lane.FRAMES_VETH["offload_xdp"] in sec
+
+
+def test_spread_line_names_each_modes_rounds():
+    s = lane.summarize(_records())
+    line = lane.spread_line(s)
+    assert "nf_flow_table 1.25" in line  # 100,000 over 80,000
+    assert "slow path" not in line  # one round: no spread
+    assert "one round per mode" in lane.spread_line(lane.summarize(_records()[:2]))
