@@ -145,13 +145,15 @@ def wait_offloaded(agent: Agent, n: int, timeout: float = 10.0) -> int:
 
 # -- 1. router cost --------------------------------------------------------------------------
 def router_cost(topo: Topology, bins: dict[str, Path], mode: str, seconds: float,
-                count: Any, sport: int, port: str = LAN_PORT, sender: Host | None = None,
-                src: str = LAN1_4) -> dict[str, Any]:
+                count: Any, sport: int, port: str = LAN_PORT, send: Any = None) -> dict[str, Any]:
+    """``send(sport, seconds)``: another sender than blast from lan1 (the lane's
+    live frames), returning {"sent", "seconds"}; ``port``: where it arrives."""
     napi = labmod.threaded_napi(topo.router, port, ROUTER_CPU)
     fwd0 = topo.nft_counter("fwd_established")[0] + topo.nft_counter("fwd_other")[0]
     d0, c0, t0 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b0 = tools.cpu_busy_s(ROUTER_CPU)
-    sent = blast(topo, bins["blast"], sport=sport, seconds=seconds, sender=sender, src=src)
+    sent = (send(sport, seconds) if send is not None
+            else blast(topo, bins["blast"], sport=sport, seconds=seconds))
     time.sleep(0.2)
     d1, c1, t1 = count(), labmod.thread_cpu_s(napi), time.monotonic()
     b1 = tools.cpu_busy_s(ROUTER_CPU)
