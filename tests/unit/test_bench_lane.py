@@ -213,6 +213,7 @@ def test_a_full_bench_rewrite_keeps_the_lane_section(tmp_path, monkeypatch):
 def test_the_default_run_feeds_nic_frames_in_interleaved_rounds():
     cfg = lane.default_config()
     assert cfg["sender"] == "nic" and cfg["rounds"] == 3
+    assert cfg["modes"] == list(lane.DEFAULT_MODES) and "ceiling" not in cfg["modes"]
     assert lane.default_config(quick=True)["rounds"] == 1
     assert lane.default_config(sender="veth")["sender"] == "veth"
     assert set(lane.FRAMES["nic"]) == set(lane.FRAMES["veth"]) == set(lane.MODES)
@@ -261,3 +262,13 @@ def test_spread_line_names_each_modes_rounds():
     assert "nf_flow_table 1.25" in line  # 100,000 over 80,000
     assert "slow path" not in line  # one round: no spread
     assert "one round per mode" in lane.spread_line(lane.summarize(_records()[:2]))
+
+
+def test_xdp_frames_the_wan_ring_refused_count_as_forwarded():
+    from bench.lane_guest import parse_ethtool_stats
+    text = ("NIC statistics:\n     peer_ifindex: 7\n     rx_queue_0_xdp_drops: 3\n"
+            "     rx_queue_1_xdp_drops: 2\n     tx_queue_0_xdp_xmit: 100\n"
+            "     tx_queue_0_xdp_xmit_errors: 40\n")
+    assert parse_ethtool_stats(text) == {"xdp_drops": 5, "xdp_xmit": 100, "xdp_xmit_errors": 40}
+    u = dict(_udp(out=100, cpu=1.0, delivered=60, dropped=0), wan_xdp_xmit_errors=40)
+    assert lane.udp_figures(u)["wan_refused_share"] == 0.4
