@@ -7,10 +7,15 @@ family and zone) on its own non-blocking socket, a budget of datagrams per
 wake-up, and crosses off every flow whose connection the dump shows. What
 is left at the end has no conntrack entry: those flows go.
 
-The cost is bounded: one pass over the flow map's keys and one dump. A
+The cost is bounded: two passes over the flow map's keys and one dump. A
 connection created during the dump is not in the snapshot, so it is never
 judged; an entry the dump missed (NLM_F_DUMP_INTR under churn) only costs
 its flow a re-offload.
+
+The snapshot holds no Python object per flow (``Shown``): at 100,000 flows a
+dict of wire ids to lists of raw keys took some 27 MB of small objects, and
+the agent's RSS stayed 18 MB higher after the reconcile (docs/performance.md,
+"Memory"), the allocator's arenas pinned by whatever lived among them.
 
 The same overflow lost NEW events, and a tuple waiting for its NEW event
 (its ring record read, the event not) was found only by the sweep's stuck
@@ -24,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from pyroute2.netlink import NETLINK_NETFILTER
@@ -48,17 +54,87 @@ def _nothing_waits(_wire: bytes) -> bool:
     return False
 
 
+_HASH = (1 << 63) - 1
+_SHOWN = 1 << 63
+
+
+def _hash(wire: bytes) -> int:
+    return (hash(wire) & _HASH) or 1  # 0 marks a free slot
+
+
+class Shown:
+    """Which connection directions of a snapshot a dump has shown, in one
+    array: the 63-bit hash of each flow's wire id in an open-addressing
+    table (linear probing, at most half full, 8 bytes a slot), the top bit
+    set once the dump lists that direction. Two wire ids with the same hash
+    (odds about n * m / 2**63) make a gone flow look shown: it stays until
+    its next conntrack refresh finds the entry gone."""
+
+    __slots__ = ("slots", "mask", "used")
+
+    def __init__(self, wires: Iterable[bytes] = ()) -> None:
+        self.slots = array("Q", [0]) * 1024
+        self.mask = len(self.slots) - 1
+        self.used = 0
+        for wire in wires:
+            self.add(wire)
+
+    def add(self, wire: bytes) -> None:
+        """A flow of the snapshot (several flows may share a direction)."""
+        if 2 * (self.used + 1) > len(self.slots):
+            old = self.slots
+            self.slots = array("Q", [0]) * (2 * len(old))
+            self.mask = len(self.slots) - 1
+            for v in old:
+                if v:
+                    self._put(v)
+        self._put(_hash(wire))
+        self.used += 1
+
+    def _put(self, v: int) -> None:
+        slots, mask = self.slots, self.mask
+        i = v & mask
+        while slots[i]:
+            i = (i + 1) & mask
+        slots[i] = v
+
+    def show(self, wire: bytes) -> None:
+        """The dump lists this direction: every flow with it is crossed off."""
+        h = _hash(wire)
+        slots, mask = self.slots, self.mask
+        i = h & mask
+        while v := slots[i]:
+            if v & _HASH == h:
+                slots[i] = v | _SHOWN
+            i = (i + 1) & mask
+
+    def state(self, wire: bytes) -> bool | None:
+        """True: shown; False: in the snapshot and not shown; None: not in it."""
+        h = _hash(wire)
+        slots, mask = self.slots, self.mask
+        i = h & mask
+        found = None
+        while v := slots[i]:
+            if v & _HASH == h:
+                if v & _SHOWN:
+                    return True
+                found = False
+            i = (i + 1) & mask
+        return found
+
+
 class Reconciler:
-    def __init__(self, snapshot: Iterable[tuple[bytes, bytes]], seq: int = 1, *,
+    def __init__(self, flows: KeySource, rec: Records, seq: int = 1, *,
                  waits: Callable[[bytes], bool] = _nothing_waits,
                  found: Found | None = None) -> None:
-        """``snapshot``: (wire id, raw key) of every flow in the map now.
-        ``found`` is handed, as NEW events, the dumped entries of the
-        connections ``waits`` names (by either direction's wire id)."""
+        """``flows``: the flow map, read now (the snapshot) and again once
+        the dump is complete. ``found`` is handed, as NEW events, the dumped
+        entries of the connections ``waits`` names (by either direction's
+        wire id)."""
+        self.flows, self.rec = flows, rec
         self.waits, self.found = waits, found
-        self.by_wire: dict[bytes, list[bytes]] = {}
-        for wire, raw_key in snapshot:
-            self.by_wire.setdefault(wire, []).append(raw_key)
+        self.shown = Shown(rec.wire(k) for k in _keys(flows, rec.key_size))
+        log.info("conntrack events lost: reconciling %d flows with conntrack", self.shown.used)
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
@@ -68,15 +144,6 @@ class Reconciler:
         self.interrupted = False
         self.running = True
         self._request()
-
-    @classmethod
-    def of(cls, raw_keys: Iterable[bytes], rec: Records, *,
-           waits: Callable[[bytes], bool] = _nothing_waits,
-           found: Found | None = None) -> Reconciler:
-        """Start reconciling the flows with these keys."""
-        keys = list(raw_keys)
-        log.info("conntrack events lost: reconciling %d flows with conntrack", len(keys))
-        return cls(((rec.wire(k), k) for k in keys), waits=waits, found=found)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -100,7 +167,7 @@ class Reconciler:
                 if isinstance(msg, ctnetlink.Decoded):
                     ids = [raw_wire_id(t) for t in (msg.orig, msg.reply) if t is not None]
                     for wire in ids:
-                        self.by_wire.pop(wire, None)
+                        self.shown.show(wire)
                     if len(ids) == 2 and (self.waits(ids[0]) or self.waits(ids[1])):
                         entry = event_entry(msg)
                         if entry is not None:
@@ -114,7 +181,7 @@ class Reconciler:
                     else:
                         self.running = False
                         self._hand_on(events)
-                        gone = [k for keys in self.by_wire.values() for k in keys]
+                        gone = self._gone()
                         log.info("reconciled with conntrack: %d flows had no entry", len(gone))
                         return gone
                 elif msg.error:
@@ -122,6 +189,12 @@ class Reconciler:
                     raise OSError(-msg.error, "conntrack dump refused")
             self._hand_on(events)
         return None
+
+    def _gone(self) -> list[bytes]:
+        """The flows of the snapshot still in the map whose direction the
+        dump did not show (flows added since the snapshot are not judged)."""
+        state, wire = self.shown.state, self.rec.wire
+        return [k for k in _keys(self.flows, self.rec.key_size) if state(wire(k)) is False]
 
     def _hand_on(self, events: list[CtEvent]) -> None:
         if events and self.found is not None:
@@ -154,8 +227,7 @@ class Reconciliation:
     def tick(self) -> None:
         if self._wanted and self.running is None:
             self._wanted = False
-            self.running = Reconciler.of(self.flows.all_keys(), self.rec, waits=self.waits,
-                                         found=self.found)
+            self.running = Reconciler(self.flows, self.rec, waits=self.waits, found=self.found)
             self.watch(self.running.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -178,7 +250,14 @@ class Reconciliation:
 
 
 class KeySource(Protocol):
-    def all_keys(self) -> list[bytes]: ...
+    def batches(self) -> Iterator[tuple[bytes, bytes, int]]: ...
+
+
+def _keys(flows: KeySource, key_size: int) -> Iterator[bytes]:
+    """The map's raw keys, one batch's worth in memory at a time."""
+    for kb, _vb, n in flows.batches():
+        for i in range(n):
+            yield kb[i * key_size : (i + 1) * key_size]
 
 
 def adopt(dp: Datapath, ct: Conntrack, rec: Records) -> None:
