@@ -267,16 +267,20 @@ class Map:
 
     def delete_batch(self, keys: list[bytes]) -> int:
         """Delete many keys at once; returns how many the kernel deleted."""
-        if not keys:
-            return 0
-        buf = ctypes.create_string_buffer(b"".join(keys), self.key_size * len(keys))
-        count = c_uint32(len(keys))
+        return self._delete_packed(b"".join(keys), len(keys)) if keys else 0
+
+    def _delete_packed(self, packed: bytes, n: int) -> int:
+        """Delete the ``n`` keys laid end to end in ``packed``."""
+        buf = ctypes.create_string_buffer(packed, self.key_size * n)
+        count = c_uint32(n)
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
         ret = libbpf().lib.bpf_map_delete_batch(self.fd, buf, ctypes.byref(count), ctypes.byref(opts))
         if ret < 0:
             # A key missing (ENOENT: gone in between, e.g. an LRU eviction)
             # stops the batch there: finish one by one, that key included.
-            return count.value + sum(self.delete(k) for k in keys[count.value :])
+            ks = self.key_size
+            return count.value + sum(self.delete(packed[i * ks : (i + 1) * ks])
+                                     for i in range(count.value, n))
         return count.value
 
     def all_keys(self) -> list[bytes]:
@@ -285,8 +289,11 @@ class Map:
         return [kb[i * ks : (i + 1) * ks] for kb, _vb, n in self.batches() for i in range(n)]
 
     def clear(self) -> int:
-        """Delete every entry."""
-        return self.delete_batch(self.all_keys())
+        """Delete every entry, a batch read at a time: a list of every key
+        was 10 MB of small objects at 100,000 flows, whose arenas stayed.
+        Deleting what the walk has passed leaves its place (the batch
+        token: the next bucket) valid."""
+        return sum(self._delete_packed(kb, n) for kb, _vb, n in self.batches())
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,14 @@ def test_batch_lookup_and_delete(dp: Datapath) -> None:
     assert dp.flows.lookup(key(1).pack()) is None
 
 
+def test_clear_deletes_every_batch_as_it_walks(dp: Datapath) -> None:
+    # clear() deletes each batch the walk read before it reads the next.
+    for i in range(1800):
+        dp.mark_pass(key(i))
+    assert dp.flows.clear() == 1800
+    assert list(dp.flows.keys()) == []
+
+
 def test_batch_delete_goes_on_past_a_missing_key(dp: Datapath) -> None:
     # A key gone in between (a concurrent delete, an LRU eviction) makes the
     # kernel stop the batch with ENOENT: the keys after it must go too.
