@@ -117,7 +117,10 @@ class FlowState:
         self._recent: Generations[bytes, CtEntry] = Generations(RECENT_CT)
         self._dead: set[bytes] = set()
         self._marks: dict[bytes, int] = {}  # wire id -> mark an UPDATE event carried
-        self._decided: Generations[RawKey, int] = Generations(DECIDED_KEPT)  # -> when decided
+        # hash(raw key) -> when decided: the keys themselves were 0.8 MB of
+        # the agent's heap once the flows stopped coming (a collision, odds
+        # 2**-50 here, costs a key its report until the next, 200 ms later)
+        self._decided: Generations[int, int] = Generations(DECIDED_KEPT)
 
     # -- the datapath reports a key ------------------------------------------------
     def seen(self, key: RawKey, now_ns: int,
@@ -128,7 +131,7 @@ class FlowState:
         stale (the datapath reports a pending tuple again every 200 ms, and
         such reports queue up while the agent decides) and asks nothing."""
         if stamp_ns is not None:
-            settled = self._decided.get(key)
+            settled = self._decided.get(hash(key))
             if settled is not None and stamp_ns <= settled:
                 return Seen.NOTHING, None
         tid = self.ident(key)
@@ -146,7 +149,7 @@ class FlowState:
 
     def decided(self, key: RawKey, now_ns: int) -> None:
         """``key`` was offloaded or passed at ``now_ns``: it waits no more."""
-        self._decided.set(key, now_ns)
+        self._decided.set(hash(key), now_ns)
         tid = self.ident(key)
         keys = self._waiting.get(tid)
         if keys is not None:
