@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -190,8 +191,8 @@ def ceiling_tc_attach(topo: Topology, obj: Path, port: str = LAN_PORT) -> None:
 
 def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
                    rounds: int = 3) -> dict[str, Any]:
-    """Each mode ``rounds`` times, interleaved (slow path, ceiling, XDP, TC,
-    then again), ``seconds`` in all per mode; the round with the median
+    """Each mode ``rounds`` times, interleaved (slow path, XDP ceiling, XDP,
+    TC ceiling, TC, hybrid, then again), ``seconds`` in all per mode; the round with the median
     packets per router CPU-second is reported, with every round's figure.
     The per-packet cost swings with how many packets each NAPI poll finds, so
     one long run per mode is at the mercy of what the machine does then."""
@@ -205,19 +206,23 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
             base = 40001 + rnd * 10
             runs.setdefault("slow_path", []).append(
                 router_cost(topo, bins, "slow_path", per_round, count, base))
-            ceiling_attach(topo, bins["ceiling"])
-            try:
-                runs.setdefault("ceiling", []).append(
-                    router_cost(topo, bins, "ceiling", per_round, count, base + 1))
-            finally:
-                tools.xdp_detach(topo.router, LAN_PORT)
-            ceiling_tc_attach(topo, bins["ceiling_tc"])
-            try:
-                runs.setdefault("ceiling_tc", []).append(
-                    router_cost(topo, bins, "ceiling_tc", per_round, count, base + 4))
-            finally:
-                tools.tc_detach(topo.router, LAN_PORT)
+            # Each ceiling just before the offload held against it, so that a
+            # round's pair meets the machine in about the same state.
             for hook, sport in (("xdp", base + 2), ("tc", base + 3), ("hybrid", base + 5)):
+                if hook == "xdp":
+                    ceiling_attach(topo, bins["ceiling"])
+                    try:
+                        runs.setdefault("ceiling", []).append(
+                            router_cost(topo, bins, "ceiling", per_round, count, base + 1))
+                    finally:
+                        tools.xdp_detach(topo.router, LAN_PORT)
+                elif hook == "tc":
+                    ceiling_tc_attach(topo, bins["ceiling_tc"])
+                    try:
+                        runs.setdefault("ceiling_tc", []).append(
+                            router_cost(topo, bins, "ceiling_tc", per_round, count, base + 4))
+                    finally:
+                        tools.tc_detach(topo.router, LAN_PORT)
                 with Agent(topo, hook) as agent:
                     blast(topo, bins["blast"], sport=sport, count=20, rate=100, seconds=2)
                     n = wait_offloaded(agent, 1)
@@ -635,16 +640,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def paired_ratios(router: dict[str, Any], mode: str, ceiling: str) -> list[float]:
+    """``mode``'s packets per router CPU-second over ``ceiling``'s, round by
+    round (each round measures the ceiling just before the mode): the load of
+    the machine drifts between rounds by more than the difference to be
+    told, and a ratio within one round cancels most of it. Empty when either
+    lacks a round."""
+    a = (router.get(mode) or {}).get("rounds_pps_per_router_cpu_s") or []
+    b = (router.get(ceiling) or {}).get("rounds_pps_per_router_cpu_s") or []
+    if not a or len(a) != len(b) or not all(b):
+        return []
+    return [round(x / y, 3) for x, y in zip(a, b, strict=True)]
+
+
 def _ratios(r: dict[str, Any]) -> None:
     base = r.get("slow_path_pps")
     if base:
         for m in ("offload_xdp", "offload_tc", "offload_hybrid", "ceiling", "ceiling_tc"):
             if r.get(f"{m}_pps"):
                 r[f"{m}_vs_slow_path"] = round(r[f"{m}_pps"] / base, 3)
-        if r.get("ceiling_pps") and r.get("offload_xdp_pps"):
-            r["offload_xdp_vs_ceiling"] = round(r["offload_xdp_pps"] / r["ceiling_pps"], 3)
-        if r.get("ceiling_tc_pps") and r.get("offload_tc_pps"):
-            r["offload_tc_vs_ceiling_tc"] = round(r["offload_tc_pps"] / r["ceiling_tc_pps"], 3)
+        for m, ceiling, key in (("offload_xdp", "ceiling", "offload_xdp_vs_ceiling"),
+                                ("offload_tc", "ceiling_tc", "offload_tc_vs_ceiling_tc")):
+            if r.get(f"{ceiling}_pps") and r.get(f"{m}_pps"):
+                r[key] = round(r[f"{m}_pps"] / r[f"{ceiling}_pps"], 3)
+            paired = paired_ratios(r.get("router", {}), m, ceiling)
+            if paired:
+                r[f"{key}_rounds"] = paired
+                r[key] = statistics.median(paired)
     for frames in ("", "_nic"):
         tb = r.get(f"slow_path_tcp{frames}_gbps")
         if not tb:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import report
+from bench import report, run
 
 # The headline keys of a `python -m bench --quick --json` run (2026-12-01 14:56).
 QUICK = {"machine": "m", "kernel": "k", "date": "d", "loadavg_start": "0.50 0.60 0.70",
@@ -83,3 +83,23 @@ def test_tcp_reports_each_modes_median_round_and_every_round():
     assert got["x_rounds"] == [5.0, 2.0, 4.0]
     # a round without the figure (no GB moved) is never the one reported
     assert median_round([{"x_gbps": None}, {"x_gbps": 3.0}], "x", "gbps")["x_gbps"] == 3.0
+
+
+def test_the_ceiling_goals_hold_each_round_against_its_own_ceiling():
+    # The TC and TC ceiling rounds of the 2026-12-01 22:57 run, in round order.
+    router = {"offload_tc": {"rounds_pps_per_router_cpu_s": [686_927, 723_706, 792_552]},
+              "ceiling_tc": {"rounds_pps_per_router_cpu_s": [797_798, 894_374, 1_012_974]},
+              "offload_xdp": {"rounds_pps_per_router_cpu_s": [500_000, 600_000]},
+              "ceiling": {"rounds_pps_per_router_cpu_s": [500_000]}}  # a round missing
+    assert run.paired_ratios(router, "offload_tc", "ceiling_tc") == [0.861, 0.809, 0.782]
+    assert run.paired_ratios(router, "offload_xdp", "ceiling") == []
+    r = {"slow_path_pps": 1, "offload_tc_pps": 792_552, "ceiling_tc_pps": 894_374,
+         "offload_xdp_pps": 550_000, "ceiling_pps": 500_000, "router": router}
+    run._ratios(r)
+    # judged on the pairs' median, not on the median rounds' ratio (0.89x here)
+    assert r["offload_tc_vs_ceiling_tc"] == 0.809 and r["offload_tc_vs_ceiling_tc_rounds"] == [
+        0.861, 0.809, 0.782]
+    assert r["offload_xdp_vs_ceiling"] == 1.1  # no pairs: the median rounds' ratio
+    got = {goal: (text, ok) for goal, text, ok in report.goals(r)}
+    assert got["TC offload at least 0.95x the bare TC ceiling"] == ("0.81x", False)
+    assert got["XDP offload at the bare XDP ceiling (packets per router CPU-s)"][0] == "1.10x the ceiling"
