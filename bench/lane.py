@@ -475,7 +475,7 @@ def verdict_line(s: dict[str, Any]) -> str:
 
 def report_text(s: dict[str, Any], meta: dict[str, Any], lane_info: str) -> str:
     L = [EMULATION_NOTE, "", f"kernel lane: {meta.get('uname', '?')}, {meta.get('cpus', '?')} vCPUs "
-         f"({meta.get('cpu', '?')}); {lane_info}", ""]
+         f"({meta.get('cpu', '?')}), clocksource {meta.get('clocksource', '?')}; {lane_info}", ""]
     L += table_lines(s) + [""] + evidence_lines(s) + ["", verdict_line(s)]
     return "\n".join(L)
 
@@ -518,7 +518,8 @@ def doc_section(s: dict[str, Any], meta: dict[str, Any], host: dict[str, Any], l
     client = "nic" if sender == "nic" else "lan1"
     L = [SECTION, "", f"**{EMULATION_NOTE}**", "",
          f"- Machine: {host.get('machine')}, host kernel {host.get('kernel')}; guest: Debian "
-         f"{meta.get('uname')} under qemu TCG, {meta.get('cpus')} vCPUs, this machine's userland",
+         f"{meta.get('uname')} under qemu TCG, {meta.get('cpus')} vCPUs, clocksource "
+         f"{meta.get('clocksource', '?')}, this machine's userland",
          f"- Date: {host.get('date')}; host load {host.get('loadavg_start', '?')} at the start, "
          f"{host.get('loadavg_end', '?')} at the end; {lane_info}",
          f"- Command: `python -m bench --kernel-lane` (one boot; {cfg.get('rounds')} round(s) per mode, "
