@@ -310,7 +310,7 @@ def udp_figures(u: dict[str, Any]) -> dict[str, Any]:
     """One UDP measurement: packets the router sent out of its WAN port
     (delivered + refused by the WAN host's full queue) per router CPU-second."""
     cpu, out = u["router_cpu_s"], u["router_out"]
-    refused = u["wan_tx_dropped"] + u.get("wan_xdp_xmit_errors", 0)  # XDP's: runs since 2026-12-02
+    refused = u["wan_tx_dropped"]  # XDP's refused redirects included (6.1 veth)
     host = u.get("vcpu1_host_s")
     return {"pps_per_cpu_s": out / cpu if cpu > 0 else None,
             "pps_per_vcpu1_s": out / host if host else None,
@@ -439,13 +439,14 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
     for m, x in s["modes"].items():
         for r in x["rounds"]:
             u, t = r.get("udp", {}), r.get("tcp", {})
-            refused = u.get("wan_tx_dropped", 0) + u.get("wan_xdp_xmit_errors", 0)
+            refused = u.get("wan_tx_dropped", 0)
             bits = [f"round {r['round']}: UDP {u.get('sent', 0):,} sent, {u.get('lan_rx', 0):,} in at the "
                     f"router's port ({u.get('lan_rx_dropped', 0):,} refused by its full ring), "
                     f"{u.get('router_out', 0):,} out of wan0 ({refused:,} of them refused by the WAN host's "
                     f"queue), {u.get('delivered', 0):,} counted at the WAN host, netfilter forward saw "
                     f"{u.get('netfilter_forwarded', 0):,}"
-                    + (f", XDP dropped {u['port_xdp_drops']:,} at the port" if u.get("port_xdp_drops") else "")]
+                    + (f", XDP redirected {u['port_xdp_redirect']:,} and dropped {u.get('port_xdp_drops', 0):,} "
+                       "at the port" if u.get("port_xdp_redirect") or u.get("port_xdp_drops") else "")]
             if "udp_ct_offload" in r:
                 bits.append(f"conntrack [OFFLOAD] before/after the burst: {r['udp_ct_offload']}/"
                             f"{r.get('udp_ct_offload_after')}")
