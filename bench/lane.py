@@ -451,7 +451,9 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
                 bits.append(f"conntrack [OFFLOAD] before/after the burst: {r['udp_ct_offload']}/"
                             f"{r.get('udp_ct_offload_after')}")
             if "udp_flow_state" in r:
-                bits.append(f"agent: UDP flow {r['udp_flow_state']}")
+                stale = (r.get("udp_datapath") or {}).get("pass_stale")
+                bits.append(f"agent: UDP flow {r['udp_flow_state']}"
+                            + (f", fail-safe passed {stale:,} packets (heartbeat stale)" if stale else ""))
             if t:
                 bits.append(f"TCP {t['out_bytes'] / 1e6:,.1f} MB out in the window, netfilter saw "
                             f"{t['netfilter_packets']:,} packets in the whole transfer"

@@ -448,6 +448,9 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
             st = agent.status()
             flows = [f for f in st["flows"] if sport in (f.get("sport"), f.get("dport"))]
             rec["udp_flow_state"] = flows[0]["state"] if flows else "missing"
+            # the datapath's counters since the agent started (pass_stale: the
+            # fail-safe passed packets while the agent's heartbeat was stale)
+            rec["udp_datapath"] = st.get("datapath", {})
         if mode == "nf_flow_table":  # still offloaded after the burst?
             rec["udp_ct_offload_after"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")[0]
         # the counter drops UDP only, but a GSO packet would not fit its XDP
