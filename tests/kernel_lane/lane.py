@@ -169,6 +169,7 @@ def _guest_script(module: Path, shared: Path, pytest_args: list[str]) -> str:
         "-p", "no:cacheprovider",  # the repo is read-only in the guest
         "--noconftest",  # guest modules are self-contained; host conftests stay out
         "-v", "-rA", "--tb=short",
+        "--durations=15",  # each case's time in the report, to balance the boots
         f"--junitxml={shared / 'junit.xml'}",
         *pytest_args,
     ]
