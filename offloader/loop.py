@@ -156,13 +156,18 @@ class ServedBetween:
     batch was handled (when the next is asked for); anything else is
     ``inner``'s own. The sweep walks the flow map through it: a pass over
     10,000 flows held the loop for tens of milliseconds, and every new flow
-    arriving meanwhile waited that long."""
+    arriving meanwhile waited that long. ``batch``: the entries each batch
+    asks for, so that what the loop waits for between two serves is bounded
+    (the map's own default when None)."""
 
-    def __init__(self, inner: Any, serve: Callable[[], None]) -> None:
+    def __init__(self, inner: Any, serve: Callable[[], None], batch: int | None = None) -> None:
         self._inner = inner
         self._serve = serve
+        self._batch = batch
 
     def batches(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        if self._batch is not None and not args:
+            kwargs.setdefault("batch", self._batch)
         for batch in self._inner.batches(*args, **kwargs):
             yield batch
             self._serve()

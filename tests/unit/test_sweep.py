@@ -18,7 +18,7 @@ from offloader.decision import Teardown
 from offloader.errors import MapError
 from offloader.layout import layout
 from offloader.records import Records
-from offloader.sweep import RefreshClass, Sweeper, SweepPlan, SweepResult, classify
+from offloader.sweep import SERVED_BATCH, RefreshClass, Sweeper, SweepPlan, SweepResult, classify
 
 ip = ipaddress.ip_address
 NS = 1_000_000_000
@@ -172,11 +172,14 @@ class FakeMap:
         self.entries = {k.pack(): v for k, v in entries}
         self.fail = fail
 
-    def batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+    def batches(self, batch: int | None = None) -> Iterator[tuple[bytes, bytes, int]]:
         if self.fail:
             raise MapError("lookup batch of ofl_flows", errno=22)
         items = list(self.entries.items())
-        yield b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items)
+        step = batch or max(1, len(items))
+        for i in range(0, len(items), step):
+            part = items[i : i + step]
+            yield b"".join(k for k, _ in part), b"".join(v for _, v in part), len(part)
 
     def delete_batch(self, keys: list[bytes]) -> int:
         for k in keys:
@@ -459,3 +462,25 @@ def test_new_flows_renewals_let_the_loop_serve_between_chunks() -> None:
     assert len(ct.sent) == 200 and {s[3] for s in ct.sent} == {300}  # each the long timeout
     # between chunks (then once after the map's batch, as before)
     assert served[:3] == [64, 128, 192] and 200 not in served[:3]
+
+
+def test_the_walk_lets_the_loop_serve_every_served_batch_entries() -> None:
+    """Served by the loop (the agent's sweep), the flow map is read SERVED_BATCH
+    entries at a time and the loop serves its other sources after each: at
+    1,024 a batch held new flows back about 10 ms."""
+    n = 2 * SERVED_BATCH + 10
+    fm = FakeMap([(k, flow(k)) for k in (key(17, sport=20000 + i) for i in range(n))])
+    sw = Sweeper(fm, FakeConntrack(), REC)
+    read: list[int] = []
+    inner = fm.batches
+
+    def counted(batch: int | None = None) -> Iterator[tuple[bytes, bytes, int]]:
+        for kb, vb, count in inner(batch):
+            read.append(count)
+            yield kb, vb, count
+    fm.batches = counted  # type: ignore[method-assign]
+    served: list[int] = []
+    sw.serve_with(lambda: served.append(sum(read)))
+    sw.run(plan())
+    assert read == [SERVED_BATCH, SERVED_BATCH, 10]
+    assert served == [SERVED_BATCH, 2 * SERVED_BATCH, n]
