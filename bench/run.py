@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,14 @@ def ceiling_tc_attach(topo: Topology, obj: Path, port: str = LAN_PORT) -> None:
     tools.map_update(tools.prog_maps(prog)["ceiling_tc_cfg"], struct.pack("<I", 0), cfg)
 
 
+# The bare ceiling each hook is held against: (mode and object, attach, detach,
+# source port offset within a round).
+CEILINGS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any], int]] = {
+    "xdp": ("ceiling", ceiling_attach, tools.xdp_detach, 1),
+    "tc": ("ceiling_tc", ceiling_tc_attach, tools.tc_detach, 4),
+}
+
+
 def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
                    rounds: int = 3) -> dict[str, Any]:
     """Each mode ``rounds`` times, interleaved (slow path, XDP ceiling, XDP,
@@ -209,20 +217,14 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
             # Each ceiling just before the offload held against it, so that a
             # round's pair meets the machine in about the same state.
             for hook, sport in (("xdp", base + 2), ("tc", base + 3), ("hybrid", base + 5)):
-                if hook == "xdp":
-                    ceiling_attach(topo, bins["ceiling"])
+                if hook in CEILINGS:
+                    name, attach, detach, offset = CEILINGS[hook]
+                    attach(topo, bins[name])
                     try:
-                        runs.setdefault("ceiling", []).append(
-                            router_cost(topo, bins, "ceiling", per_round, count, base + 1))
+                        runs.setdefault(name, []).append(
+                            router_cost(topo, bins, name, per_round, count, base + offset))
                     finally:
-                        tools.xdp_detach(topo.router, LAN_PORT)
-                elif hook == "tc":
-                    ceiling_tc_attach(topo, bins["ceiling_tc"])
-                    try:
-                        runs.setdefault("ceiling_tc", []).append(
-                            router_cost(topo, bins, "ceiling_tc", per_round, count, base + 4))
-                    finally:
-                        tools.tc_detach(topo.router, LAN_PORT)
+                        detach(topo.router, LAN_PORT)
                 with Agent(topo, hook) as agent:
                     blast(topo, bins["blast"], sport=sport, count=20, rate=100, seconds=2)
                     n = wait_offloaded(agent, 1)
