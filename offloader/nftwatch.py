@@ -18,12 +18,11 @@ import contextlib
 import errno
 import logging
 import socket
-import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
-from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES
 from pyroute2.netlink.nfnetlink.nftsocket import (
     NFPROTO_ARP,
@@ -48,6 +47,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_NEWTABLE,
 )
 
+from . import nftnl
 from .datapath import Datapath, probe_key
 from .drops import RulesetFacts
 
@@ -65,10 +65,6 @@ CHANGES = frozenset({NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_M
 NOT_FORWARDING = frozenset({NFPROTO_ARP})  # arp tables never see IP packets
 NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN  # ends every committed transaction
 
-_NLMSG = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
-NLA_TYPE_MASK = 0x3FFF
 NFTA_RULE_EXPRESSIONS, NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 4, 1, 1, 2
 NFTA_CT_KEY, NFTA_CT_SREG, NFT_CT_ZONE = 2, 4, 17
 NFTA_XT_NAME = 1  # NFTA_TARGET_NAME, NFTA_MATCH_NAME
@@ -81,29 +77,6 @@ FAMILIES = {NFPROTO_INET: (socket.AF_INET, socket.AF_INET6), NFPROTO_IPV4: (sock
             NFPROTO_IPV6: (socket.AF_INET6,)}
 
 
-def _attrs(data: bytes, off: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of the netlink attributes in ``data[off:end]``."""
-    end = len(data) if end is None else end
-    while off + 4 <= end:
-        length, kind = _NLA.unpack_from(data, off)
-        if length < 4:
-            return
-        yield kind & NLA_TYPE_MASK, data[off + 4 : off + length]
-        off += (length + 3) & ~3
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, nfgen family, body after the nfgenmsg) of each netlink message."""
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size:
-            return
-        family = data[off + 16] if length >= 20 else 0
-        yield kind, family, data[off + 20 : off + length]
-        off += (length + 3) & ~3
-
-
 def is_change(kind: int, family: int) -> bool:
     """A notification of a ruleset change that can affect forwarding."""
     return kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF in CHANGES \
@@ -112,17 +85,17 @@ def is_change(kind: int, family: int) -> bool:
 
 def rule_facts(family: int, body: bytes, out: dict[str, set[int] | bool]) -> None:
     """Fold one rule (an NFT_MSG_NEWRULE body) into ``out``."""
-    for kind, payload in _attrs(body):
+    for kind, payload in nftnl.attrs(body):
         if kind != NFTA_RULE_EXPRESSIONS:
             continue
-        for _, elem in _attrs(payload):
+        for _, elem in nftnl.attrs(payload):
             name, data = "", b""
-            for k, v in _attrs(elem):
+            for k, v in nftnl.attrs(elem):
                 if k == NFTA_EXPR_NAME:
                     name = v.rstrip(b"\0").decode(errors="replace")
                 elif k == NFTA_EXPR_DATA:
                     data = v
-            inner = dict(_attrs(data))
+            inner = dict(nftnl.attrs(data))
             if name in ("target", "match"):
                 name = inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
             if name in NOTRACK:
@@ -144,7 +117,7 @@ def facts_from_dump(chunks: Iterable[bytes], proc: Path = Path("/proc/net")) -> 
     out: dict[str, set[int] | bool] = {"tracked": set(), "notrack": False, "zones": False,
                                        "queue": False}
     for chunk in chunks:
-        for kind, family, body in _messages(chunk):
+        for kind, family, body in nftnl.messages(chunk):
             if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF == NFT_MSG_NEWRULE:
                 rule_facts(family, body, out)
     for name, fam in (("ip_tables_names", socket.AF_INET), ("ip6_tables_names", socket.AF_INET6)):
@@ -199,7 +172,7 @@ class RulesetWatcher:
                 self.overflows += 1
                 changed = True
                 continue
-            for kind, fam, _ in _messages(data):
+            for kind, fam, _ in nftnl.messages(data):
                 if is_change(kind, fam):
                     self._dirty = True
                 elif kind == NEWGEN and self._dirty:
@@ -212,25 +185,10 @@ class RulesetWatcher:
         """Dump every rule (all families) and tell what early drop may learn.
         Fails safe: a dump that cannot be read allows no learning."""
         try:
-            return facts_from_dump(self._dump_rules())
+            return facts_from_dump(nftnl.dump(NFT_MSG_GETRULE))
         except OSError as exc:
             log.warning("reading the nftables ruleset: %s; early drop learns nothing", exc)
             return RulesetFacts(notrack=True)
-
-    @staticmethod
-    def _dump_rules() -> Iterator[bytes]:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
-            s.settimeout(2.0)
-            s.bind((0, 0))
-            kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
-            req = _NLMSG.pack(_NLMSG.size + _NFGEN.size, kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-            s.send(req + _NFGEN.pack(0, 0, 0))
-            while True:
-                data = s.recv(1 << 17)
-                yield data
-                kinds = [k for k, _, _ in _messages(data)]
-                if NLMSG_DONE in kinds or NLMSG_ERROR in kinds or not data:
-                    return
 
     def close(self) -> None:
         self.sock.close()

@@ -6,8 +6,8 @@ rules set. The agent knows the connection's conntrack mark (CTA_MARK); the
 OpenWrt multi-WAN packages (mwan3, pbr) and fw4 pin a connection to an uplink
 by that mark and restore it on every packet (`meta mark set ct mark`). So the
 packet mark is the conntrack mark exactly when the ruleset says so. From the
-nftables ruleset (read with `nft -j list ruleset`, again whenever its
-generation id changes):
+nftables ruleset (its chains and rules, dumped over netlink by
+offloader/nftnl.py, again whenever its generation id changes):
 
   - no rule sets the packet mark: packets are routed with mark 0;
   - rules set it only by restoring the conntrack mark (with one mask):
@@ -19,29 +19,38 @@ generation id changes):
 
 Only base chains at the prerouting and ingress hooks, and regular chains
 (they may be jumped to from those), count: marks set later do not change the
-routing decision of a forwarded packet. docs/resolution.md, "Policy routing",
+routing decision of a forwarded packet. Rules are read as the kernel holds
+them: `meta mark set ct mark and M` is a ct load into a register, a
+bitwise AND and a meta set from that register, followed register by
+register. docs/resolution.md, "Policy routing",
 says what the resolver does with an answer of None.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import socket
-import struct
-import subprocess
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
-from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFT_MSG_NEWGEN
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_BRIDGE,
+    NFPROTO_INET,
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NFPROTO_NETDEV,
+    NFT_MSG_GETCHAIN,
+    NFT_MSG_GETRULE,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+)
+
+from . import nftnl
 
 ALL_BITS = 0xFFFFFFFF
-ROUTING_HOOKS = ("prerouting", "ingress")  # hooks that run before a forwarded packet's route
-NFTA_GEN_ID = 1
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("=BBH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,101 +76,162 @@ class MarkSetters:
 UNKNOWN = MarkSetters(other=True)
 
 
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    """Every JSON object inside ``node``."""
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
+# Hooks that run before a forwarded packet's route, by nfgen family: prerouting
+# (ip, ip6, inet, bridge), ingress (inet's hook 5, netdev's hook 0).
+ROUTING_HOOKS = frozenset({(NFPROTO_INET, 0), (NFPROTO_IPV4, 0), (NFPROTO_IPV6, 0),
+                           (NFPROTO_BRIDGE, 0), (NFPROTO_INET, 5), (NFPROTO_NETDEV, 0)})
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_HOOK_HOOKNUM = 1, 3, 4, 1
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_XT_NAME = 1, 2, 1
+NFTA_CT_DREG, NFTA_CT_KEY, NFT_CT_MARK = 1, 2, 3
+NFTA_META_KEY, NFTA_META_SREG, NFT_META_MARK = 2, 3, 3
+NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN = 1, 2, 3
+NFTA_BITWISE_MASK, NFTA_BITWISE_XOR, NFTA_BITWISE_OP, NFTA_DATA_VALUE = 4, 5, 6, 1
+NFT_BITWISE_MASK_XOR = 0  # `reg & mask ^ xor`, what nft emits for `ct mark and M`
 
 
-def _restore_mask(value: Any) -> int | None:
-    """The mask of a value that is the conntrack mark (under a mask), else None."""
-    if value == {"ct": {"key": "mark"}}:
-        return ALL_BITS
-    if isinstance(value, dict) and isinstance(value.get("&"), list) and len(value["&"]) == 2:
-        left, right = value["&"]
-        if left == {"ct": {"key": "mark"}} and isinstance(right, int):
-            return right
+def _u32(payload: bytes) -> int | None:
+    return int.from_bytes(payload[:4], "big") if len(payload) >= 4 else None
+
+
+def _value(payload: bytes) -> int | None:
+    """A register-sized constant (NFTA_DATA_VALUE): host byte order, as the
+    mark sits in a register."""
+    for kind, data in nftnl.attrs(payload):
+        if kind == NFTA_DATA_VALUE and len(data) == 4:
+            return int.from_bytes(data, sys.byteorder)
     return None
 
 
-def _rule_setters(expr: Any) -> tuple[set[int], bool]:
+def _expressions(body: bytes) -> Iterator[tuple[str, dict[int, bytes]]]:
+    """(name, attributes) of a rule's expressions, in order; iptables-nft's
+    `target`/`match` by their xt name."""
+    for kind, payload in nftnl.attrs(body):
+        if kind != NFTA_RULE_EXPRESSIONS:
+            continue
+        for _, elem in nftnl.attrs(payload):
+            name, data = "", b""
+            for k, v in nftnl.attrs(elem):
+                if k == NFTA_EXPR_NAME:
+                    name = v.rstrip(b"\0").decode(errors="replace")
+                elif k == NFTA_EXPR_DATA:
+                    data = v
+            inner = dict(nftnl.attrs(data))
+            if name in ("target", "match"):
+                name = "xt:" + inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
+            yield name, inner
+
+
+def _and_mask(a: dict[int, bytes]) -> int | None:
+    """The mask of a bitwise expression that only ANDs (`reg & M ^ 0`), else None."""
+    mask, xor = _value(a.get(NFTA_BITWISE_MASK, b"")), _value(a.get(NFTA_BITWISE_XOR, b""))
+    op = _u32(a.get(NFTA_BITWISE_OP, b"")) or NFT_BITWISE_MASK_XOR
+    if op != NFT_BITWISE_MASK_XOR or xor != 0 or _u32(a.get(NFTA_BITWISE_LEN, b"")) != 4:
+        return None
+    return mask
+
+
+def _loaded(name: str, a: dict[int, bytes], ct_mark: dict[int, int]) -> bool:
+    """Follow what a register-writing expression leaves in ``ct_mark``
+    (register -> mask: the register holds the conntrack mark under it);
+    False when ``name`` is not one whose writes are followed here."""
+    if name == "ct" and NFTA_CT_DREG in a:
+        reg = _u32(a[NFTA_CT_DREG])
+        mask = ALL_BITS if _u32(a.get(NFTA_CT_KEY, b"")) == NFT_CT_MARK else None
+    elif name == "bitwise":
+        reg = _u32(a.get(NFTA_BITWISE_DREG, b""))
+        sreg, mask = _u32(a.get(NFTA_BITWISE_SREG, b"")), _and_mask(a)
+        held = ct_mark.get(sreg) if sreg is not None else None
+        mask = held & mask if held is not None and mask is not None else None
+    else:
+        return False
+    if reg is None:
+        ct_mark.clear()
+    else:
+        ct_mark.pop(reg, None)
+        if mask is not None:
+            ct_mark[reg] = mask
+    return True
+
+
+def rule_setters(body: bytes) -> tuple[set[int], bool]:
+    """(masks of conntrack-mark restores, whether it sets the mark otherwise)
+    of one rule (an NFT_MSG_NEWRULE body). The registers are followed through
+    the rule: `meta mark set ct mark and M` is a ct load, a bitwise AND and a
+    meta set of that register; whatever else wrote a register makes its
+    value unknown, and a mark set from an unknown value counts as other."""
     restores: set[int] = set()
     other = False
-    for node in _walk(expr):
-        mangle = node.get("mangle")
-        if isinstance(mangle, dict) and mangle.get("key") == {"meta": {"key": "mark"}}:
-            mask = _restore_mask(mangle.get("value"))
-            if mask is None:
-                other = True
-            else:
-                restores.add(mask)
-        xt = node.get("xt")
-        if isinstance(xt, dict) and xt.get("type") == "target":
-            if xt.get("name") == "CONNMARK":  # iptables-nft: its options are not shown
-                restores.add(ALL_BITS)
-            elif xt.get("name") == "MARK":
-                other = True
+    ct_mark: dict[int, int] = {}
+    for name, a in _expressions(body):
+        if _loaded(name, a, ct_mark):
+            continue
+        if name == "meta" and NFTA_META_SREG in a:
+            if _u32(a.get(NFTA_META_KEY, b"")) == NFT_META_MARK:
+                sreg = _u32(a[NFTA_META_SREG])
+                mask = ct_mark.get(sreg) if sreg is not None else None
+                if mask is None:
+                    other = True
+                else:
+                    restores.add(mask)
+        elif name == "xt:CONNMARK":  # iptables-nft: its options are not in the rule
+            restores.add(ALL_BITS)
+        elif name == "xt:MARK":
+            other = True
+        else:
+            ct_mark.clear()  # which register it wrote is not known here
     return restores, other
 
 
-def mark_setters(ruleset: dict[str, Any]) -> MarkSetters:
-    """How ``nft -j list ruleset``'s rules set the packet mark before routing."""
-    items = ruleset.get("nftables", [])
-    late = {(c["family"], c["table"], c["name"]) for c in
-            (i["chain"] for i in items if isinstance(i, dict) and "chain" in i)
-            if c.get("hook") and c["hook"] not in ROUTING_HOOKS}
+def mark_setters(chains: Iterable[bytes], rules: Iterable[bytes],
+                 proc: Path = Path("/proc/net")) -> MarkSetters:
+    """How the ruleset sets the packet mark before routing, from the datagrams
+    of an NFT_MSG_GETCHAIN and an NFT_MSG_GETRULE dump. Rules in base chains
+    at later hooks do not count; a legacy iptables mangle table (invisible
+    to nftables' dumps, listed in /proc/net) may set marks: other."""
+    late: set[tuple[int, bytes, bytes]] = set()
+    for chunk in chains:
+        for kind, family, body in nftnl.messages(chunk):
+            if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN:
+                continue
+            a = dict(nftnl.attrs(body))
+            if NFTA_CHAIN_HOOK not in a:
+                continue  # a regular chain: it may be jumped to from prerouting
+            hook = _u32(dict(nftnl.attrs(a[NFTA_CHAIN_HOOK])).get(NFTA_HOOK_HOOKNUM, b""))
+            if (family, hook) not in ROUTING_HOOKS:
+                late.add((family, a.get(NFTA_CHAIN_TABLE, b""), a.get(NFTA_CHAIN_NAME, b"")))
     restores: set[int] = set()
     other = False
-    for item in items:
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if rule is None or (rule.get("family"), rule.get("table"), rule.get("chain")) in late:
-            continue
-        r, o = _rule_setters(rule.get("expr", []))
-        restores |= r
-        other |= o
+    for chunk in rules:
+        for kind, family, body in nftnl.messages(chunk):
+            if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE:
+                continue
+            a = dict(nftnl.attrs(body))
+            if (family, a.get(NFTA_RULE_TABLE, b""), a.get(NFTA_RULE_CHAIN, b"")) in late:
+                continue
+            r, o = rule_setters(body)
+            restores |= r
+            other |= o
+    for name in ("ip_tables_names", "ip6_tables_names"):
+        with contextlib.suppress(OSError):
+            other |= "mangle" in (proc / name).read_text().split()
     return MarkSetters(frozenset(restores), other)
 
 
-def read_ruleset() -> dict[str, Any]:
-    proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True,
-                          timeout=10, check=True)
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
-
-def ruleset_generation(sock: socket.socket) -> int:
-    """nftables' ruleset generation id (NFT_MSG_GETGEN): it changes with
-    every committed change of the ruleset."""
-    payload = _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0)
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST, 1, 0) + payload)
-    data = sock.recv(4096)
-    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
-    if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-        raise OSError("no nftables generation in the answer")
-    pos = _NLMSGHDR.size + _NFGENMSG.size
-    while pos + 4 <= min(length, len(data)):
-        alen, atype = struct.unpack_from("=HH", data, pos)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == NFTA_GEN_ID:
-            return int(struct.unpack_from("!I", data, pos + 4)[0])
-        pos += (alen + 3) & ~3
-    raise OSError("no nftables generation in the answer")
+def read_mark_setters(opener: nftnl.Opener = nftnl.nf_socket) -> MarkSetters:
+    """The running ruleset's mark setters (two netlink dumps)."""
+    return mark_setters(nftnl.dump(NFT_MSG_GETCHAIN, opener), nftnl.dump(NFT_MSG_GETRULE, opener))
 
 
 class Ruleset:
     """The nftables ruleset's mark setters, read again when its generation
     changes. Anything that cannot be read counts as unknown."""
 
-    def __init__(self, reader: Callable[[], dict[str, Any]] = read_ruleset,
-                 generation: Callable[[], int] | None = None) -> None:
-        self._reader = reader
+    def __init__(self, reader: Callable[[], MarkSetters] | None = None,
+                 generation: Callable[[], int] | None = None,
+                 opener: nftnl.Opener = nftnl.nf_socket) -> None:
+        self._opener = opener  # the netlink sockets' namespace: the caller's by default
+        self._reader = reader or (lambda: read_mark_setters(opener))
         self._generation = generation or self._netlink_generation
         self._sock: socket.socket | None = None
         self._gen: int | None = None
@@ -169,17 +239,16 @@ class Ruleset:
 
     def _netlink_generation(self) -> int:
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self._sock.settimeout(1.0)  # the kernel answers inside send()
-        return ruleset_generation(self._sock)
+            self._sock = self._opener()
+        return nftnl.generation(self._sock)
 
     def setters(self) -> MarkSetters:
         try:
             gen = self._generation()
             if gen != self._gen:
-                self._setters = mark_setters(self._reader())
+                self._setters = self._reader()
                 self._gen = gen
-        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError, AttributeError):
+        except OSError:
             self._gen = None
             self._setters = UNKNOWN
         return self._setters

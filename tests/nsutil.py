@@ -8,13 +8,17 @@ part, so parallel runs never collide and a leftover is easy to spot. Only
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shlex
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 
 PREFIX = "ofltest-"
+CLONE_NEWNET = 0x40000000
 
 
 def sh(cmd: str | Sequence[str], *, check: bool = True, timeout: float = 60,
@@ -104,3 +108,49 @@ def leftovers() -> list[str]:
     """Test namespaces that still exist (should be none after a test)."""
     out = sh(["ip", "netns", "list"], check=False).stdout.split("\n")
     return [line.split()[0] for line in out if line.startswith(PREFIX)]
+
+
+def _setns(fd: int, what: str) -> None:
+    # os.setns() needs Python 3.12; OpenWrt and this project target 3.11.
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns into {what}")
+
+
+@contextlib.contextmanager
+def inside(ns: Netns) -> Iterator[None]:
+    """Run this thread in ``ns``'s network namespace (ifindex lookups, XDP/TC
+    attach and new sockets resolve there), and come back for sure."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        _setns(target, ns.name)
+        try:
+            yield
+        finally:
+            _setns(own, "the test's namespace")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def socket_in(ns: Netns, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket that belongs to ``ns`` (a socket keeps the namespace it was
+    made in), made by a short-lived thread so the caller's own thread never
+    leaves its namespace."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            with inside(ns):
+                made.append(socket.socket(family, kind, proto))
+        except BaseException as exc:  # handed to the caller
+            made.append(exc)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join(timeout=10)
+    if not made:
+        raise TimeoutError(f"making a socket in {ns.name}")
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]

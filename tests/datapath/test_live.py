@@ -10,10 +10,8 @@ packet counter moves.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import ipaddress
-import os
 import random
 import socket
 import subprocess
@@ -27,36 +25,15 @@ import pytest
 from offloader.bpfobj import tc_attach, tc_detach, xdp_attach, xdp_detach
 from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
 from tests import nsutil
-from tests.nsutil import Netns
+from tests.nsutil import Netns, inside
 
 from . import model
 from .model import ENCAPS, TC, XDP
 
-CLONE_NEWNET = 0x40000000
 A_IP, B_IP = "198.18.1.2", "198.18.2.2"
 UDP_COUNT, UDP_SIZE = 200, 1000
 TCP_BYTES = 2 * 1024 * 1024
 TIMEOUT = 30.0
-
-
-@contextlib.contextmanager
-def inside(ns: Netns) -> Iterator[None]:
-    """Run this thread in ``ns``'s network namespace (ifindex lookups of the
-    devmap and of XDP/TC attach resolve there), and come back for sure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns.name}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the test's namespace")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 @dataclass

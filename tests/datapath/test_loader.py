@@ -21,7 +21,7 @@ import pytest
 from offloader import bpfobj
 from offloader.datapath import Datapath, FlowKey, L2Header, Verdict
 from offloader.errors import AttachError, MapError, ObjectLoadError
-from tests.nsutil import namespaces, veth
+from tests.nsutil import inside, namespaces, veth
 
 BAD_PROG = r"""
 #include <linux/bpf.h>
@@ -202,14 +202,6 @@ def test_pinned_maps_are_reused(bpf_object: Path, tmp_path: Path) -> None:
         subprocess.run(["rm", "-rf", str(pin)], check=False)
 
 
-def _setns(fd: int) -> None:
-    # os.setns() needs Python 3.12; OpenWrt and this project target 3.11.
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-        raise OSError(ctypes.get_errno(), "setns")
-
-
 def _prog_ids(ns: Any, dev: str) -> str:
     return ns.run(f"ip -d link show {dev}").stdout + ns.run(f"tc filter show dev {dev} ingress").stdout
 
@@ -218,11 +210,7 @@ def test_attach_and_detach_both_hooks(dp: Datapath) -> None:
     with namespaces("a", "b") as (a, b):
         veth(a, "e0", b, "e1")
         index = a.ifindex("e0")
-        # Our binding works on the calling thread's namespace: enter it.
-        fd = os.open(f"/run/netns/{a.name}", os.O_RDONLY)
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        try:
-            _setns(fd)
+        with inside(a):  # our binding works on the calling thread's namespace
             mode = bpfobj.xdp_attach(index, dp.xdp, "auto")
             assert mode == "xdp"  # veth has native XDP
             assert bpfobj.xdp_prog_id(index, "xdp") > 0
@@ -236,7 +224,3 @@ def test_attach_and_detach_both_hooks(dp: Datapath) -> None:
             assert not bpfobj.tc_attached(index)
             with pytest.raises(AttachError):
                 bpfobj.xdp_attach(99999, dp.xdp, "xdp")
-        finally:
-            _setns(own)
-            os.close(fd)
-            os.close(own)

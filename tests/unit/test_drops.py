@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from offloader.drops import (
 from offloader.layout import layout
 from offloader.nftwatch import Probation, facts_from_dump, is_change
 from offloader.routing import RouteLookup
+from tests.unit.nftmsg import expr, nla, rule
 
 TH = Thresholds.of(packets=16, after_ms=200, drop_s=30)
 MS = 1_000_000
@@ -97,23 +97,7 @@ def test_drop_lines_for_people() -> None:
     assert drop_lines({}) == []
 
 
-# -- nftables messages, built as the kernel sends them ---------------------------------
-def nla(kind: int, payload: bytes, nested: bool = False) -> bytes:
-    body = struct.pack("=HH", 4 + len(payload), kind | (0x8000 if nested else 0)) + payload
-    return body + b"\0" * (-len(body) % 4)
-
-
-def expr(name: str, data: bytes = b"") -> bytes:
-    inner = nla(1, name.encode() + b"\0") + (nla(2, data, nested=True) if data else b"")
-    return nla(1, inner, nested=True)
-
-
-def rule(family: int, *exprs: bytes) -> bytes:
-    body = struct.pack("=BBH", family, 0, 0) + nla(1, b"t\0") + nla(2, b"c\0") \
-        + nla(4, b"".join(exprs), nested=True)
-    return struct.pack("=IHHII", 16 + len(body), (10 << 8) | 6, 2, 1, 0) + body
-
-
+# -- nftables messages, built as the kernel sends them (tests/unit/nftmsg.py) ---------
 INET, IP, IP6, ARP = 1, 2, 10, 3
 
 

@@ -1,102 +1,58 @@
 """Policy routing: the packet mark from conntrack's mark and the nftables
 ruleset, and the resolver's lookups with it.
 
-FAKES, not a real kernel: rulesets are `nft -j list ruleset` output written
-by hand after what nft 1.0 prints for the rules named in each test; routes,
-rules and links come from tests/unit/fakes.py. The end-to-end proof on this
-kernel is tests/integration/test_multiwan.py.
+FAKES, not a real kernel: iptables-nft targets (this machine has no
+iptables) are rule messages built byte for byte (tests/unit/nftmsg.py);
+the resolver gets the ruleset's answer directly; routes, rules and links
+come from tests/unit/fakes.py. What nft rules read back as is checked on
+this kernel by tests/datapath/test_policy_nft.py, end to end by
+tests/integration/test_multiwan.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from offloader.decision import PassReason, unresolved
 from offloader.errors import ResolveError
-from offloader.policy import MarkSetters, Ruleset, mark_setters
+from offloader.policy import ALL_BITS, MarkSetters, Ruleset, mark_setters
 from offloader.routing import Resolver
 from tests.unit.fakes import FakeIPRoute, Msg, key, link
+from tests.unit.nftmsg import chain, expr, nla, rule
 
-CT_MARK = {"ct": {"key": "mark"}}
-META_MARK = {"meta": {"key": "mark"}}
-
-
-def ruleset(*rules: tuple[str, list[dict[str, Any]]], hook: str = "prerouting") -> dict[str, Any]:
-    """One table with a base chain ``pre`` at ``hook``, a base chain ``post``
-    at postrouting and a regular chain ``sub``; rules as (chain, statements)."""
-    items: list[dict[str, Any]] = [
-        {"metainfo": {"json_schema_version": 1}},
-        {"table": {"family": "inet", "name": "mw", "handle": 1}},
-        {"chain": {"family": "inet", "table": "mw", "name": "pre", "handle": 1, "type": "filter",
-                   "hook": hook, "prio": -150, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "mw", "name": "post", "handle": 2, "type": "filter",
-                   "hook": "postrouting", "prio": -150, "policy": "accept"}},
-        {"chain": {"family": "inet", "table": "mw", "name": "sub", "handle": 3}},
-    ]
-    for chain, expr in rules:
-        items.append({"rule": {"family": "inet", "table": "mw", "chain": chain, "expr": expr}})
-    return {"nftables": items}
+INET = 1
+ROUTED = MarkSetters(restore_masks=frozenset({ALL_BITS}))  # `meta mark set ct mark`
+PER_PACKET = MarkSetters(other=True)  # `meta mark set 0x200`
+NOTHING = MarkSetters()
 
 
-def set_meta_mark(value: Any) -> dict[str, Any]:
-    return {"mangle": {"key": META_MARK, "value": value}}
-
-
-PIN_HOST2 = ("pre", [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                                "right": "198.18.1.3"}},
-                     {"mangle": {"key": CT_MARK, "value": 0x200}}])
-RESTORE = ("pre", [set_meta_mark(CT_MARK)])
-
-
-def test_no_mark_setter_routes_with_mark_zero() -> None:
-    s = mark_setters(ruleset(PIN_HOST2))  # a connection mark nothing restores
-    assert s == MarkSetters()
-    assert s.packet_mark(0x200) == 0
-
-
-def test_restore_gives_the_connection_mark() -> None:
-    s = mark_setters(ruleset(PIN_HOST2, RESTORE))
-    assert s.packet_mark(0x200) == 0x200 and s.packet_mark(0) == 0
-    masked = mark_setters(ruleset(("pre", [set_meta_mark({"&": [CT_MARK, 0x3F00]})])))
-    assert masked.packet_mark(0x12345) == 0x2300
-
-
-def test_per_packet_setter_leaves_unmarked_connections_unknown() -> None:
-    per_packet = ("sub", [set_meta_mark(0x200)])  # a regular chain may be jumped to
-    s = mark_setters(ruleset(per_packet, RESTORE))
-    assert s.packet_mark(0) is None
-    assert s.packet_mark(0x100) == 0x100  # set once and restored: mwan3's pattern
-    assert mark_setters(ruleset(per_packet)).packet_mark(0x100) is None  # nothing restores
-
-
-def test_marks_set_after_routing_do_not_count() -> None:
-    assert mark_setters(ruleset(("post", [set_meta_mark(0x200)]))).packet_mark(0) == 0
-    assert mark_setters(ruleset(("pre", [set_meta_mark(0x200)]), hook="output")).packet_mark(0) == 0
-    assert mark_setters(ruleset(("pre", [set_meta_mark(0x200)]), hook="ingress")).other
+def xt_rules(*targets: bytes, chain: bytes = b"pre") -> list[bytes]:
+    return [rule(INET, expr("target", nla(1, t + b"\0")), table=b"mw", chain=chain)
+            for t in targets]
 
 
 def test_iptables_nft_targets() -> None:
-    xt = mark_setters(ruleset(("pre", [{"xt": {"type": "target", "name": "CONNMARK"}}]),
-                              ("sub", [{"xt": {"type": "target", "name": "MARK"}}])))
+    chains = [chain(INET, b"pre", 0, table=b"mw"), chain(INET, b"sub", table=b"mw")]
+    xt = mark_setters(chains, xt_rules(b"CONNMARK") + xt_rules(b"MARK", chain=b"sub"))
     assert xt.packet_mark(0x200) == 0x200 and xt.packet_mark(0) is None
 
 
-def test_restores_under_different_masks_are_unknown() -> None:
-    s = mark_setters(ruleset(RESTORE, ("sub", [set_meta_mark({"&": [CT_MARK, 0xFF]})])))
-    assert s.packet_mark(0x200) is None
+def test_a_legacy_mangle_table_may_set_marks(tmp_path: Path) -> None:
+    assert mark_setters([], [], proc=tmp_path) == NOTHING
+    (tmp_path / "ip6_tables_names").write_text("filter\nmangle\n")
+    assert mark_setters([], [], proc=tmp_path).other
 
 
 def test_ruleset_is_read_again_when_its_generation_changes() -> None:
     reads: list[int] = []
     gen = [1]
 
-    def reader() -> dict[str, Any]:
+    def reader() -> MarkSetters:
         reads.append(gen[0])
-        return ruleset(RESTORE) if gen[0] == 1 else ruleset(("pre", [set_meta_mark(7)]))
+        return ROUTED if gen[0] == 1 else PER_PACKET
 
     rs = Ruleset(reader=reader, generation=lambda: gen[0])
     assert rs.setters().packet_mark(0) == 0 and rs.setters().packet_mark(0) == 0
@@ -106,8 +62,8 @@ def test_ruleset_is_read_again_when_its_generation_changes() -> None:
 
 
 def test_unreadable_ruleset_is_unknown() -> None:
-    def broken() -> dict[str, Any]:
-        raise OSError("no nft")
+    def broken() -> MarkSetters:
+        raise OSError("nftables dump: EPERM")
 
     assert Ruleset(reader=broken, generation=lambda: 1).setters().packet_mark(0) is None
 
@@ -117,7 +73,7 @@ FWMARK_RULE = Msg(FRA_FWMARK=0x200, FRA_FWMASK=0x300, FRA_TABLE=102, FRA_PRIORIT
 WAN1, WAN2 = ("198.19.10.2", "198.19.20.2")
 
 
-def multiwan(tmp: Path, setters: dict[str, Any], rules: list[Msg]) -> Resolver:
+def multiwan(tmp: Path, setters: MarkSetters, rules: list[Msg]) -> Resolver:
     """lan (2) -> wan1 (3) by the main table, wan2 (4) by table 102 (fwmark 0x200/0x300)."""
     links = [link(2, "lan"), link(3, "wan1"), link(4, "wan2")]
     routes = {"198.19.99.1": {0: (3, WAN1), 0x200: (4, WAN2)}, "198.18.1.3": (2, None)}
@@ -134,7 +90,7 @@ def egress(res: Resolver, mark: int) -> int:
 
 
 def test_connection_mark_picks_the_uplink(tmp_path: Path) -> None:
-    res = multiwan(tmp_path, ruleset(PIN_HOST2, RESTORE), [FWMARK_RULE])
+    res = multiwan(tmp_path, ROUTED, [FWMARK_RULE])
     assert egress(res, 0x200) == 4 and egress(res, 0) == 3
     queries = res.ipr.route_queries  # type: ignore[attr-defined]
     assert [q["mark"] for q in queries] == [0x200, 0]
@@ -143,14 +99,13 @@ def test_connection_mark_picks_the_uplink(tmp_path: Path) -> None:
 
 
 def test_without_fwmark_rules_the_mark_is_not_looked_up(tmp_path: Path) -> None:
-    res = multiwan(tmp_path, ruleset(PIN_HOST2, RESTORE), [Msg(FRA_TABLE=254)])
+    res = multiwan(tmp_path, ROUTED, [Msg(FRA_TABLE=254)])
     assert egress(res, 0x200) == 3 and egress(res, 0) == 3
     assert [q["mark"] for q in res.ipr.route_queries] == [0]  # type: ignore[attr-defined]
 
 
 def test_unknowable_mark_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
-    per_packet = ruleset(("pre", [set_meta_mark(0x200)]))
-    res = multiwan(tmp_path, per_packet, [FWMARK_RULE])
+    res = multiwan(tmp_path, PER_PACKET, [FWMARK_RULE])
     with pytest.raises(ResolveError, match="packet mark is set per packet") as exc:
         egress(res, 0)
     assert unresolved(exc.value) is PassReason.POLICY_MARK  # what status names for the flow
@@ -160,7 +115,7 @@ def test_unknowable_mark_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
 
 
 def test_a_tos_rule_that_changes_the_route_keeps_the_flow_with_the_kernel(tmp_path: Path) -> None:
-    res = multiwan(tmp_path, ruleset(), [Msg(tos=0x10, FRA_TABLE=102)])
+    res = multiwan(tmp_path, NOTHING, [Msg(tos=0x10, FRA_TABLE=102)])
     res.ipr.routes["198.19.99.1"] = {(0, 0x10): (4, WAN2), 0: (3, WAN1)}  # type: ignore[attr-defined]
     with pytest.raises(ResolveError, match="DSCP/TOS") as exc:
         egress(res, 0)
@@ -170,7 +125,7 @@ def test_a_tos_rule_that_changes_the_route_keeps_the_flow_with_the_kernel(tmp_pa
 
 
 def test_an_unreachable_path_is_no_path(tmp_path: Path) -> None:
-    res = multiwan(tmp_path, ruleset(), [FWMARK_RULE])
+    res = multiwan(tmp_path, NOTHING, [FWMARK_RULE])
     res.ipr.routes["198.51.100.1"] = (0, None)  # type: ignore[attr-defined]  # no output device
     k = key(2, "198.18.1.3", "198.51.100.1")
     with pytest.raises(ResolveError, match="no output device") as exc:
