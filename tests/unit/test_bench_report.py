@@ -103,3 +103,32 @@ def test_the_ceiling_goals_hold_each_round_against_its_own_ceiling():
     got = {goal: (text, ok) for goal, text, ok in report.goals(r)}
     assert got["TC offload at least 0.95x the bare TC ceiling"] == ("0.81x", False)
     assert got["XDP offload at the bare XDP ceiling (packets per router CPU-s)"][0] == "1.10x the ceiling"
+
+
+def trial(p99: float | None, lost: int = 0) -> dict:
+    return {"latency_ms": {"p99": p99} if p99 is not None else {}, "lost": lost}
+
+
+def test_a_new_flow_rate_is_judged_on_its_median_trial():
+    # one trial's stall does not decide the rate, in either direction
+    assert run.rate_kept_up([trial(16.2), trial(3.1), trial(4.0)])
+    assert not run.rate_kept_up([trial(2.0), trial(7.5), trial(9.0)])
+    assert run.median_p99([trial(None), trial(1.0), trial(2.0)]) == 2.0  # none counts as worst
+    # a lost flow in any trial fails the rate, whatever the latencies
+    assert not run.rate_kept_up([trial(1.0), trial(1.0, lost=3), trial(1.0)])
+    assert not run.rate_kept_up([])
+
+
+def test_the_page_lists_every_trial_and_the_rates_verdict(tmp_path, monkeypatch):
+    trials = [dict(trial(p), rate=1000.0, flows=2000, offloaded=2000, passed=0, kept_up=p < 5,
+                   trial=i + 1, rate_kept_up=True, agent_us_per_flow=250.0, loadavg="0.5")
+              for i, p in enumerate((16.2, 3.1, 4.0))]
+    setup = {"flows": 1000, "rate_per_s": 400.0, "offloaded": 1000, "latency_ms": {"p99": 1.0},
+             "rate_trials": trials, "sustained_rate_per_s": 1000.0}
+    monkeypatch.setattr(report, "DOC", tmp_path / "benchmarks.md")
+    monkeypatch.setattr(report, "_plots", lambda r: [])
+    page = report.write({**QUICK, "setup": setup}).read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| 1000 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1", "2", "3"]
+    assert all(r.split("|")[11].strip() == "True" for r in rows)
+    assert "Highest sustained new-flow rate (none lost, p99 < 5 ms): 1000 per second." in page
