@@ -423,9 +423,11 @@ def rate_trial(topo: Topology, bins: dict[str, Path], rate: float, dport: int) -
     offloaded nor passed for a reason the agent counts (a pending tuple, or
     one whose records and events were lost, is lost). Also the agent's CPU
     time over the trial per new flow: where the time goes is in
-    docs/benchmarks.md (py-spy)."""
+    docs/benchmarks.md (py-spy). The flows start once the agent is idle, past
+    its start-up work: a sustained rate is a running agent's."""
     n = int(rate * 2)
     with Agent(topo, "xdp", pending_flows=65536) as agent:
+        warm = tools.wait_idle(agent.pid)
         c0 = tools.proc_cpu_s(agent.pid)
         blast(topo, bins["blast"], sport=10000, nflows=n, rate=rate, seconds=n / rate + 5,
               count=n, dport=dport)
@@ -447,7 +449,7 @@ def rate_trial(topo: Topology, bins: dict[str, Path], rate: float, dport: int) -
             "agent_us_per_flow": round(cpu * 1e6 / n, 1),
             "ring_buffer_drops": st.get("ring_buffer_drops"),
             "conntrack_event_overflows": counters.get("conntrack_event_overflows"),
-            "loadavg": _loadavg()}
+            "agent_idle_after_s": round(warm, 2), "loadavg": _loadavg()}
 
 
 def _loadavg() -> str:

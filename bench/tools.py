@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,20 @@ def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_idle(pid: int, window: float = 0.3, timeout: float = 6.0) -> float:
+    """Wait (bounded) until the process used at most one clock tick of CPU in
+    each of two windows in a row: an agent past its start-up work (first
+    dumps, caches warmed, first sweep). Returns the seconds waited."""
+    t0 = time.monotonic()
+    quiet, last = 0, proc_cpu_s(pid)
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        now = proc_cpu_s(pid)
+        quiet = quiet + 1 if now - last <= 1.0 / CLK_TCK + 1e-9 else 0
+        last = now
+    return time.monotonic() - t0
 
 
 def proc_rss_mb(pid: int) -> float:
