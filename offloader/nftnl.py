@@ -3,7 +3,7 @@ dumps, and the ruleset's generation id. What the agent reads of the ruleset
 (offloader/nftwatch.py for early drop, offloader/policy.py for the packet
 mark) comes from here, straight from the kernel: no `nft` process to start
 and wait for. A dump is answered by the kernel inside the reads that collect
-it, so it never waits on anything else.
+it, so it never waits on anything else, and the sockets are non-blocking.
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ Opener = Callable[[], socket.socket]
 
 
 def nf_socket() -> socket.socket:
-    """A NETLINK_NETFILTER socket in the caller's network namespace."""
+    """A non-blocking NETLINK_NETFILTER socket in the caller's network
+    namespace. Non-blocking costs nothing here: the kernel queues its answer
+    to a request inside send(), and each next part of a dump inside the
+    recv() that takes the one before; an answer not there counts as an
+    error (BlockingIOError), never as a wait."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    s.settimeout(2.0)  # the kernel answers inside send() and recv(): a bound, never reached
+    s.setblocking(False)
     return s
 
 

@@ -33,7 +33,12 @@ def ns(bpf_object: object) -> Iterator[Netns]:  # bpf_object: needs root, as the
 
 
 def opener(ns: Netns) -> policy.nftnl.Opener:
-    return lambda: nsutil.socket_in(ns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    """nftnl.nf_socket's socket, made in ``ns``: non-blocking, as the agent's."""
+    def make() -> socket.socket:
+        s = nsutil.socket_in(ns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        s.setblocking(False)
+        return s
+    return make
 
 
 def load(ns: Netns, pre: Sequence[str] = (), sub: Sequence[str] = (), extra: str = "") -> None:
@@ -112,3 +117,13 @@ def test_the_agents_view_follows_the_ruleset_generation(ns: Netns) -> None:
         assert rs.setters().packet_mark(0) is None
     finally:
         rs.close()
+
+
+def test_a_ruleset_too_big_for_one_datagram_is_read_whole(ns: Netns) -> None:
+    # fw4 on a busy router: thousands of rules, a dump of many datagrams, read
+    # with a non-blocking socket (each part is made inside the read before it).
+    many = [f"ip saddr 198.18.{i // 250}.{i % 250 + 1} counter accept" for i in range(3000)]
+    load(ns, pre=[*many, "meta mark set ct mark and 0xff"])
+    chunks = policy.nftnl.dump(policy.NFT_MSG_GETRULE, opener(ns))
+    assert len(chunks) > 2
+    assert setters(ns) == policy.MarkSetters(restore_masks=frozenset({0xFF}))
