@@ -62,6 +62,30 @@ def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
         off += (length + 3) & ~3
 
 
+NFTA_RULE_EXPRESSIONS, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 4, 1, 2
+NFTA_XT_NAME = 1  # NFTA_TARGET_NAME, NFTA_MATCH_NAME
+
+
+def expressions(rule: bytes) -> Iterator[tuple[str, dict[int, bytes]]]:
+    """(name, attributes) of a rule's expressions (an NFT_MSG_NEWRULE body),
+    in order; iptables-nft's `target` and `match` by their xt name (MARK,
+    CONNMARK, CT, ...)."""
+    for kind, payload in attrs(rule):
+        if kind != NFTA_RULE_EXPRESSIONS:
+            continue
+        for _, elem in attrs(payload):
+            name, data = "", b""
+            for k, v in attrs(elem):
+                if k == NFTA_EXPR_NAME:
+                    name = v.rstrip(b"\0").decode(errors="replace")
+                elif k == NFTA_EXPR_DATA:
+                    data = v
+            inner = dict(attrs(data))
+            if name in ("target", "match"):
+                name = inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
+            yield name, inner
+
+
 def _request(kind: int, flags: int) -> bytes:
     msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
     return NLMSG.pack(NLMSG.size + NFGEN.size, msg_type, NLM_F_REQUEST | flags, 1, 0) \

@@ -65,9 +65,7 @@ CHANGES = frozenset({NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_M
 NOT_FORWARDING = frozenset({NFPROTO_ARP})  # arp tables never see IP packets
 NEWGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN  # ends every committed transaction
 
-NFTA_RULE_EXPRESSIONS, NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 4, 1, 1, 2
 NFTA_CT_KEY, NFTA_CT_SREG, NFT_CT_ZONE = 2, 4, 17
-NFTA_XT_NAME = 1  # NFTA_TARGET_NAME, NFTA_MATCH_NAME
 # Expressions (and iptables-nft matches/targets) that make conntrack track a family.
 TRACKING = frozenset({"ct", "nat", "masq", "redir", "connlimit", "flow_offload", "ct_expect",
                       "conntrack", "state", "MASQUERADE", "SNAT", "DNAT", "REDIRECT", "CONNMARK"})
@@ -85,30 +83,18 @@ def is_change(kind: int, family: int) -> bool:
 
 def rule_facts(family: int, body: bytes, out: dict[str, set[int] | bool]) -> None:
     """Fold one rule (an NFT_MSG_NEWRULE body) into ``out``."""
-    for kind, payload in nftnl.attrs(body):
-        if kind != NFTA_RULE_EXPRESSIONS:
-            continue
-        for _, elem in nftnl.attrs(payload):
-            name, data = "", b""
-            for k, v in nftnl.attrs(elem):
-                if k == NFTA_EXPR_NAME:
-                    name = v.rstrip(b"\0").decode(errors="replace")
-                elif k == NFTA_EXPR_DATA:
-                    data = v
-            inner = dict(nftnl.attrs(data))
-            if name in ("target", "match"):
-                name = inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
-            if name in NOTRACK:
-                out["notrack"] = True
-            if name in QUEUE:
-                out["queue"] = True
-            if (name == "ct" and NFTA_CT_SREG in inner
-                    and inner.get(NFTA_CT_KEY, b"") == NFT_CT_ZONE.to_bytes(4, "big")):
-                out["zones"] = True
-            if name in TRACKING:
-                tracked = out["tracked"]
-                assert isinstance(tracked, set)
-                tracked.update(FAMILIES.get(family, ()))
+    for name, inner in nftnl.expressions(body):
+        if name in NOTRACK:
+            out["notrack"] = True
+        if name in QUEUE:
+            out["queue"] = True
+        if (name == "ct" and NFTA_CT_SREG in inner
+                and inner.get(NFTA_CT_KEY, b"") == NFT_CT_ZONE.to_bytes(4, "big")):
+            out["zones"] = True
+        if name in TRACKING:
+            tracked = out["tracked"]
+            assert isinstance(tracked, set)
+            tracked.update(FAMILIES.get(family, ()))
 
 
 def facts_from_dump(chunks: Iterable[bytes], proc: Path = Path("/proc/net")) -> RulesetFacts:

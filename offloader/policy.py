@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +81,7 @@ UNKNOWN = MarkSetters(other=True)
 ROUTING_HOOKS = frozenset({(NFPROTO_INET, 0), (NFPROTO_IPV4, 0), (NFPROTO_IPV6, 0),
                            (NFPROTO_BRIDGE, 0), (NFPROTO_INET, 5), (NFPROTO_NETDEV, 0)})
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_HOOK_HOOKNUM = 1, 3, 4, 1
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
-NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_XT_NAME = 1, 2, 1
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
 NFTA_CT_DREG, NFTA_CT_KEY, NFT_CT_MARK = 1, 2, 3
 NFTA_META_KEY, NFTA_META_SREG, NFT_META_MARK = 2, 3, 3
 NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN = 1, 2, 3
@@ -101,25 +100,6 @@ def _value(payload: bytes) -> int | None:
         if kind == NFTA_DATA_VALUE and len(data) == 4:
             return int.from_bytes(data, sys.byteorder)
     return None
-
-
-def _expressions(body: bytes) -> Iterator[tuple[str, dict[int, bytes]]]:
-    """(name, attributes) of a rule's expressions, in order; iptables-nft's
-    `target`/`match` by their xt name."""
-    for kind, payload in nftnl.attrs(body):
-        if kind != NFTA_RULE_EXPRESSIONS:
-            continue
-        for _, elem in nftnl.attrs(payload):
-            name, data = "", b""
-            for k, v in nftnl.attrs(elem):
-                if k == NFTA_EXPR_NAME:
-                    name = v.rstrip(b"\0").decode(errors="replace")
-                elif k == NFTA_EXPR_DATA:
-                    data = v
-            inner = dict(nftnl.attrs(data))
-            if name in ("target", "match"):
-                name = "xt:" + inner.get(NFTA_XT_NAME, b"").rstrip(b"\0").decode(errors="replace")
-            yield name, inner
 
 
 def _and_mask(a: dict[int, bytes]) -> int | None:
@@ -163,7 +143,7 @@ def rule_setters(body: bytes) -> tuple[set[int], bool]:
     restores: set[int] = set()
     other = False
     ct_mark: dict[int, int] = {}
-    for name, a in _expressions(body):
+    for name, a in nftnl.expressions(body):
         if _loaded(name, a, ct_mark):
             continue
         if name == "meta" and NFTA_META_SREG in a:
@@ -174,9 +154,9 @@ def rule_setters(body: bytes) -> tuple[set[int], bool]:
                     other = True
                 else:
                     restores.add(mask)
-        elif name == "xt:CONNMARK":  # iptables-nft: its options are not in the rule
+        elif name == "CONNMARK":  # iptables-nft: its options are not in the rule
             restores.add(ALL_BITS)
-        elif name == "xt:MARK":
+        elif name == "MARK":
             other = True
         else:
             ct_mark.clear()  # which register it wrote is not known here
