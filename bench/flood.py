@@ -27,8 +27,9 @@ BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 
 def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, sport: int = 1024,
           dport: int = 1) -> bytes:
-    """Ethernet/IPv4/UDP, 60 bytes, UDP checksum 0 (none): the program
-    rewrites the ports only, so no checksum needs a change."""
+    """Ethernet/IPv4/UDP, 60 bytes (FLOOD_FRAME_LEN in bench/flood.bpf.c),
+    UDP checksum 0 (none): the program rewrites the ports only, so no
+    checksum needs a change."""
     payload = bytes(18)
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64,
@@ -50,6 +51,9 @@ def flood(obj_path: str, dev: str, dst_mac: bytes, src: str, dst: str, rate: flo
     data = frame(dst_mac, src_mac, src, dst, *(ports or ()))
     obj = BpfObject(obj_path)
     obj.load()
+    # written again at every run (bench/flood.bpf.c, flood_frame: a recycled
+    # page keeps what its last receiver wrote into it)
+    obj.map("flood_frame").update(struct.pack("<I", 0), data)
     prog = obj.program("flood_same" if ports else "flood_tx")
     din = ctypes.create_string_buffer(data, len(data))
     ctx = ctypes.create_string_buffer(struct.pack("=6I", 0, len(data), 0, ifindex, 0, 0), 24)
