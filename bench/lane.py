@@ -93,10 +93,13 @@ def default_config(quick: bool = False, sender: str = "nic") -> dict[str, Any]:
     (3 s measured) are thousands of packets and many NAPI polls even under
     emulation; longer ones only bought more exposure to the host's swings.
     An agent start took 30-86 s at a host load of 3-10, and once over 200 s
-    at a load of 10: 300 s."""
+    at a load of 10: 300 s. ``offload_wait``: how long the measured flow may
+    take to be offloaded in the map before its mode fails (milliseconds on
+    a quiet host; an agent answering its control socket in 15 s at worst
+    under emulation)."""
     return {"modes": list(DEFAULT_MODES), "rounds": 1 if quick else 3, "sender": sender,
             "udp_seconds": 2.0, "tcp_seconds": 6.0,
-            "offload_wait": 20.0, "agent_start": 300.0, "setup_budget": 360.0}
+            "offload_wait": 60.0, "agent_start": 300.0, "setup_budget": 360.0}
 
 
 def guest_budget(mode: str, cfg: dict[str, Any]) -> float:
@@ -451,9 +454,14 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
                 bits.append(f"conntrack [OFFLOAD] before/after the burst: {r['udp_ct_offload']}/"
                             f"{r.get('udp_ct_offload_after')}")
             if "udp_flow_state" in r:
-                stale = (r.get("udp_datapath") or {}).get("pass_stale")
+                burst = r.get("udp_datapath_burst")
+                stale = (burst if burst is not None else r.get("udp_datapath") or {}).get("pass_stale")
                 bits.append(f"agent: UDP flow {r['udp_flow_state']}"
+                            + (f" (offloaded in the map {r['udp_wait_s']:g} s after the warm-up)"
+                               if "udp_wait_s" in r else "")
                             + (f", fail-safe passed {stale:,} packets (heartbeat stale)" if stale else ""))
+                if burst is not None:
+                    bits.append("datapath in the burst: " + burst_text(burst))
             if t:
                 bits.append(f"TCP {t['out_bytes'] / 1e6:,.1f} MB out in the window, netfilter saw "
                             f"{t['netfilter_packets']:,} packets in the whole transfer"
@@ -464,6 +472,15 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
         for e in x["errors"]:
             L.append(f"- {m}: **failed**: {e[:400]}")
     return L
+
+
+def burst_text(burst: dict[str, int]) -> str:
+    """The datapath's counters over one burst: what its hook forwarded and
+    what it passed to the kernel, by reason."""
+    moved = {k: v for k, v in burst.items() if v and k != "rx"}
+    return (f"{burst.get('rx', 0):,} frames seen, "
+            + (", ".join(f"{k} {v:,}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1]))
+               or "nothing forwarded or passed"))
 
 
 def verdict_line(s: dict[str, Any]) -> str:

@@ -274,6 +274,51 @@ def conntrack_offloaded(topo: Any, proto: str, port_opt: str) -> tuple[bool, str
     return "[OFFLOAD]" in out, out.strip()[:600]
 
 
+# -- the measured flow ------------------------------------------------------------------------
+def measured_flow(src: Feed, sport: int) -> dict[str, Any]:
+    """The UDP burst's flow as the agent's status names a flow map entry:
+    the sender's tuple, into the router's port (the WAN host's reply is a
+    second entry, in at wan0, and must not stand in for it)."""
+    from bench.run import UDP_DPORT
+    from offloader.lab import WAN_4
+    return {"proto": "udp", "src": src.src, "dst": WAN_4, "sport": sport, "dport": UDP_DPORT,
+            "in_dev": src.port}
+
+
+def flow_verdict(flows: list[dict[str, Any]], want: dict[str, Any]) -> str:
+    """What the map holds for exactly ``want``: 'offloaded' or 'passed' (a
+    flow map entry and its state), 'pending' (only in the pending map),
+    'missing'. A tuple can be in both maps (the pending LRU keeps it after
+    the verdict): the flow map's entry wins."""
+    states = {f.get("state") for f in flows if all(f.get(k) == v for k, v in want.items())}
+    return next((s for s in ("offloaded", "passed", "pending") if s in states), "missing")
+
+
+def wait_flow_offloaded(status: Any, want: dict[str, Any], timeout: float,
+                        clock: Any = time.monotonic, sleep: Any = time.sleep) -> dict[str, Any]:
+    """Poll ``status()`` until the flow map holds ``want`` offloaded, at most
+    ``timeout`` seconds; raise if it does not (a burst measured on a pending
+    flow measures the kernel's path, not the hook). Returns the verdict,
+    the seconds waited and the status of that moment."""
+    t0 = clock()
+    while True:
+        st = status()
+        verdict = flow_verdict(st.get("flows", []), want)
+        waited = clock() - t0
+        if verdict == "offloaded":
+            return {"verdict": verdict, "waited_s": round(waited, 2), "status": st}
+        if waited >= timeout:
+            raise RuntimeError(f"the measured flow {want} is {verdict} in the agent's maps "
+                               f"after {waited:.0f} s")
+        sleep(0.2)
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The datapath's counters over one burst, the ones that moved."""
+    return {k: v - before.get(k, 0) for k, v in after.items()
+            if isinstance(v, int) and v != before.get(k, 0)}
+
+
 # -- the modes ------------------------------------------------------------------------------
 NFT_FLOWTABLE = """
 add flowtable inet lab ft { hook ingress priority 0; devices = { %s }; }
@@ -438,19 +483,24 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
         udp_reply(topo, bins, sport)
         brun.blast(topo, bins["blast"], sport=sport, count=5, rate=50, seconds=2,
                    sender=src.host, src=src.src)
+        want = measured_flow(src, sport)
+        dp0: dict[str, int] = {}
         if agent is not None:
             prog.at(mode, "udp wait offloaded")
-            rec["udp_offloaded_flows"] = brun.wait_offloaded(agent, 1, timeout=cfg["offload_wait"])
+            w = wait_flow_offloaded(agent.status, want, cfg["offload_wait"])
+            rec["udp_wait_s"], dp0 = w["waited_s"], w["status"].get("datapath", {})
+            rec["udp_offloaded_flows"] = w["status"]["counts"]["offloaded"]
         elif mode == "nf_flow_table":
             rec["udp_ct_offload"], rec["udp_ct"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")
         rec["udp"] = udp_test(topo, bins, src, mode, cfg["udp_seconds"], count, sport, prog)
         if agent is not None:
             st = agent.status()
-            flows = [f for f in st["flows"] if sport in (f.get("sport"), f.get("dport"))]
-            rec["udp_flow_state"] = flows[0]["state"] if flows else "missing"
-            # the datapath's counters since the agent started (pass_stale: the
-            # fail-safe passed packets while the agent's heartbeat was stale)
+            rec["udp_flow_state"] = flow_verdict(st["flows"], want)
+            # the datapath's counters since the agent started, and over the
+            # burst alone (pending: frames of tuples without a verdict, passed;
+            # pass_stale: the fail-safe passed them, the heartbeat stale)
             rec["udp_datapath"] = st.get("datapath", {})
+            rec["udp_datapath_burst"] = counter_delta(dp0, rec["udp_datapath"])
         if mode == "nf_flow_table":  # still offloaded after the burst?
             rec["udp_ct_offload_after"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")[0]
         # the counter drops UDP only, but a GSO packet would not fit its XDP

@@ -273,3 +273,80 @@ def test_ethtool_xdp_counters_are_summed_over_queues():
     # evidence only: 6.1's tx_dropped already holds XDP's refused redirects
     u = dict(_udp(out=100, cpu=1.0, delivered=60, dropped=40), wan_xdp_xmit_errors=40)
     assert lane.udp_figures(u)["wan_refused_share"] == 0.4
+
+
+# -- the measured flow's verdict (bench/lane_guest.py) -----------------------------------------------
+WANT = {"proto": "udp", "src": "198.18.1.50", "dst": "198.19.2.2", "sport": 41002, "dport": 9999,
+        "in_dev": "lan3p"}
+FORWARD = {"family": "ipv4", **WANT}
+# the WAN host's reply: the same ports, in at wan0, offloaded first in one run
+REPLY = {"family": "ipv4", "proto": "udp", "src": "198.19.2.2", "dst": "198.19.2.1", "sport": 9999,
+         "dport": 41002, "in_dev": "wan0", "state": "offloaded"}
+
+
+def test_measured_flow_names_the_senders_tuple_into_its_port():
+    from bench.lane_guest import Feed, measured_flow
+    src = Feed(host=None, src="198.18.1.50", port="lan3p", nic=True)
+    assert measured_flow(src, 41002) == WANT
+
+
+def test_flow_verdict_is_the_exact_tuple_not_any_offloaded_flow():
+    from bench.lane_guest import flow_verdict
+    assert flow_verdict([REPLY], WANT) == "missing"
+    assert flow_verdict([REPLY, {**FORWARD, "state": "pending"}], WANT) == "pending"
+    # the same tuple from another port is another flow
+    assert flow_verdict([{**FORWARD, "in_dev": "lan1p", "state": "offloaded"}], WANT) == "missing"
+    # in both maps (the pending LRU keeps the tuple): the flow map's entry counts
+    both = [{**FORWARD, "state": "pending"}, {**FORWARD, "state": "offloaded"}]
+    assert flow_verdict(both, WANT) == "offloaded"
+    assert flow_verdict([{**FORWARD, "state": "passed"}, {**FORWARD, "state": "pending"}], WANT) == "passed"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def test_wait_returns_once_the_measured_flow_is_offloaded():
+    from bench.lane_guest import wait_flow_offloaded
+    clock = _Clock()
+    answers = iter([[REPLY], [REPLY, {**FORWARD, "state": "pending"}],
+                    [REPLY, {**FORWARD, "state": "offloaded"}]])
+
+    def status() -> dict:
+        return {"flows": next(answers), "counts": {"offloaded": 2}, "datapath": {"rx": 5}}
+    w = wait_flow_offloaded(status, WANT, timeout=10, clock=clock, sleep=clock.sleep)
+    assert w["verdict"] == "offloaded" and w["status"]["datapath"] == {"rx": 5}
+    assert abs(w["waited_s"] - 0.4) < 1e-9
+
+
+def test_wait_fails_when_only_other_flows_are_offloaded():
+    import pytest
+
+    from bench.lane_guest import wait_flow_offloaded
+    clock = _Clock()
+    with pytest.raises(RuntimeError, match="pending"):
+        wait_flow_offloaded(lambda: {"flows": [REPLY, {**FORWARD, "state": "pending"}]}, WANT,
+                            timeout=3, clock=clock, sleep=clock.sleep)
+    assert 3 <= clock.t < 3.5
+
+
+def test_counter_delta_keeps_what_moved_in_the_burst():
+    from bench.lane_guest import counter_delta
+    before = {"rx": 16, "pending": 1, "redirect": 9, "new": 2}
+    after = {"rx": 48106, "pending": 13315, "redirect": 34766, "new": 2, "pass_stale": 0}
+    assert counter_delta(before, after) == {"rx": 48090, "pending": 13314, "redirect": 34757}
+
+
+def test_evidence_names_the_bursts_pending_frames():
+    rec = {"mode": "offload_xdp", "round": 0, "udp": _udp(34757, 1.0), "udp_flow_state": "offloaded",
+           "udp_wait_s": 0.4, "udp_datapath_burst": {"rx": 48090, "pending": 13314, "redirect": 34757}}
+    text = "\n".join(lane.evidence_lines(lane.summarize([rec])))
+    assert "offloaded in the map 0.4 s after the warm-up" in text
+    assert "datapath in the burst: 48,090 frames seen, redirect 34,757, pending 13,314" in text
