@@ -462,6 +462,10 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
                             + (f", fail-safe passed {stale:,} packets (heartbeat stale)" if stale else ""))
                 if burst is not None:
                     bits.append("datapath in the burst: " + burst_text(burst))
+                torn = r.get("udp_torn_down_burst")
+                if torn:
+                    bits.append("agent handed flows back in the burst: "
+                                + ", ".join(f"{k} {v:,}" for k, v in sorted(torn.items())))
             if t:
                 bits.append(f"TCP {t['out_bytes'] / 1e6:,.1f} MB out in the window, netfilter saw "
                             f"{t['netfilter_packets']:,} packets in the whole transfer"

@@ -485,10 +485,12 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
                    sender=src.host, src=src.src)
         want = measured_flow(src, sport)
         dp0: dict[str, int] = {}
+        torn0: dict[str, int] = {}
         if agent is not None:
             prog.at(mode, "udp wait offloaded")
             w = wait_flow_offloaded(agent.status, want, cfg["offload_wait"])
             rec["udp_wait_s"], dp0 = w["waited_s"], w["status"].get("datapath", {})
+            torn0 = (w["status"].get("agent") or {}).get("torn_down", {})
             rec["udp_offloaded_flows"] = w["status"]["counts"]["offloaded"]
         elif mode == "nf_flow_table":
             rec["udp_ct_offload"], rec["udp_ct"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")
@@ -501,6 +503,9 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
             # pass_stale: the fail-safe passed them, the heartbeat stale)
             rec["udp_datapath"] = st.get("datapath", {})
             rec["udp_datapath_burst"] = counter_delta(dp0, rec["udp_datapath"])
+            # offloaded flows the agent handed back meanwhile, by reason: the
+            # measured flow's packets go to the kernel until it is offloaded again
+            rec["udp_torn_down_burst"] = counter_delta(torn0, (st.get("agent") or {}).get("torn_down", {}))
         if mode == "nf_flow_table":  # still offloaded after the burst?
             rec["udp_ct_offload_after"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")[0]
         # the counter drops UDP only, but a GSO packet would not fit its XDP
