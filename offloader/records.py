@@ -8,8 +8,11 @@ they follow any change of its layout.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 from . import ctnetlink
@@ -62,6 +65,12 @@ class Records:
         self.flow_fields = struct_of(self.flow_size, [
             (self.v_flags, "B"), (self.v_zone, "H"), (self.f_last, "Q"), (self.f_state, "I"),
             (self.f_seen, "I")])
+        # The fields the sweep tests a whole batch at a time (Columns), as
+        # indexes into a batch read as machine words of their size.
+        self.w_sport = word_index(self.k_sport, 2, self.key_size)
+        self.w_last = word_index(self.f_last, 8, self.flow_size)
+        self.w_state = word_index(self.f_state, 4, self.flow_size)
+        self.w_seen = word_index(self.f_seen, 4, self.flow_size)
 
     def key_column(self, kb: bytes, offset: int, code: str) -> Sequence[int]:
         return column(kb, self.key_size, offset, code)
@@ -118,6 +127,84 @@ class Records:
 
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]
+
+
+class Columns:
+    """One batch of the flow map (keys and values back to back) read as
+    columns of machine words: one copy of the batch into an ``array`` per
+    word size, then a strided slice per field, all in C. A column's items
+    are ints like a list's, but what the sweep asks of every entry at once
+    (are all offloaded, has any a seen flag, is any older than a bound, the
+    ports' hash) is answered from the columns' bytes without an int object
+    per entry; only the entries picked are then looked at one by one."""
+
+    __slots__ = ("n", "states", "seens", "lasts", "sports", "dports")
+    n: int
+    states: array[int]
+    seens: array[int]
+    lasts: array[int]
+    sports: array[int]
+    dports: array[int]
+
+    def __init__(self, rec: Records, kb: bytes, vb: bytes) -> None:
+        fs, ks = rec.flow_size, rec.key_size
+        self.n = len(vb) // fs
+        w32 = array("I", vb)
+        self.states = w32[rec.w_state :: fs // 4]
+        self.seens = w32[rec.w_seen :: fs // 4]
+        self.lasts = array("Q", vb)[rec.w_last :: fs // 8]
+        # Ports as the key's bytes read in host order: only compared and hashed.
+        w16 = array("H", kb)
+        self.sports = w16[rec.w_sport :: ks // 2]
+        self.dports = w16[rec.w_sport + 1 :: ks // 2]
+
+    def all_equal(self, column: array[int], value: int) -> bool:
+        """Whether every item of ``column`` (states, seens) is ``value``."""
+        same: bytes = value.to_bytes(column.itemsize, sys.byteorder) * self.n
+        return column.tobytes() == same
+
+    def lasts_at_least(self, bound: int) -> bool:
+        """Whether every last-seen stamp is ``bound`` or later: one sum over
+        the whole column as one big integer (SIMD within a register). Each
+        64-bit lane gets 2**63 added and ``bound`` taken away; with the
+        stamps and the bound below 2**63 (monotonic nanoseconds) a lane
+        stays within [1, 2**64), no borrow crosses into the next one, and
+        its top bit says whether that stamp is at least ``bound``."""
+        if bound <= 0:
+            return True
+        lanes = int.from_bytes(self.lasts.tobytes(), sys.byteorder)
+        ones, top = _lanes(self.n)
+        if lanes & top or bound >= 1 << 63:  # outside the clock's range: not decided here
+            return False
+        return (lanes + top - bound * ones) & top == top
+
+    def port_hashes(self) -> tuple[memoryview, bytes]:
+        """(sport ^ dport of every key, the hashes' high bytes), the xor
+        taken over the two columns as big integers."""
+        raw = (int.from_bytes(self.sports.tobytes(), "little")
+               ^ int.from_bytes(self.dports.tobytes(), "little")).to_bytes(2 * self.n, "little")
+        return memoryview(raw).cast("H"), raw[_HIGH_BYTE::2]
+
+
+@functools.lru_cache(maxsize=64)  # batch sizes: SERVED_BATCH and a few short of it
+def _lanes(n: int) -> tuple[int, int]:
+    """(1 in each of ``n`` 64-bit lanes, 2**63 in each) as big integers."""
+    ones = int.from_bytes((1).to_bytes(8, "little") * n, "little")
+    return ones, ones << 63
+
+
+_HIGH_BYTE = 1 if sys.byteorder == "little" else 0  # of a 16-bit word in memory
+_WORD = {2: "H", 4: "I", 8: "Q"}  # array type codes by size
+
+
+def word_index(offset: int, size: int, record_size: int) -> int:
+    """``offset`` in ``size``-byte words; the field and the record must be
+    aligned to that size (the shared header's layout is: a change that
+    breaks it fails here, at start, not with wrong answers)."""
+    if offset % size or record_size % size or array(_WORD[size]).itemsize != size:
+        raise ValueError(f"field at {offset} of a {record_size}-byte record is not "
+                         f"{size}-byte aligned")
+    return offset // size
 
 
 def _spans(fields: list[tuple[int, int]]) -> list[tuple[int, int]]:

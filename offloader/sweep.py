@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import operator
 import socket
 import sys
 import time
@@ -37,7 +36,7 @@ from .decision import Teardown
 from .errors import MapError, OffloadError
 from .handback import Handback, Held, RefreshClass
 from .loop import ServedBetween
-from .records import Records
+from .records import Columns, Records
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +105,10 @@ class SweepPlan:
                                                                        repr=False)
     _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
                                                               repr=False)
+    _blocks: bytes | None = field(default=None, init=False, repr=False)
+    _cuts: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
+    _schedules: tuple[tuple[RefreshClass, bytes, int], ...] | None = field(
+        default=None, init=False, repr=False)
 
     @classmethod
     def at(cls, now_ns: int, sweep_no: int, *, tcp_idle_s: float, udp_idle_s: float,
@@ -144,6 +147,15 @@ class SweepPlan:
             got = self._due[(cls, short)] = self._table(self.period_s(cls, short))
         return got
 
+    def due_blocks(self) -> bytes:
+        """For each high byte of a port hash, 1 when any hash with it is
+        due now (``due_table()``, any class): a ``translate`` table that
+        picks the refresh candidates of a batch in C."""
+        if self._blocks is None:
+            table = self.due_table()
+            self._blocks = bytes(1 in table[b << 8 : (b + 1) << 8] for b in range(256))
+        return self._blocks
+
     def _table(self, period_s: float) -> bytes:
         one = 1 << 16
         period = int(period_s * NS)
@@ -176,6 +188,23 @@ class SweepPlan:
         the class's own timeout, not the long one's."""
         since = self.now_ns - int((self.period_s(cls, short) + self.interval_s) * NS)
         return cls, self.due_table(cls, short), since
+
+    def schedules(self) -> tuple[tuple[RefreshClass, bytes, int], ...]:
+        """``schedule`` of TCP, UDP and UDP_NEW on their long periods,
+        worked out once per plan, not once per batch."""
+        if self._schedules is None:
+            self._schedules = tuple(self.schedule(c) for c in
+                                    (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
+        return self._schedules
+
+    def idle_cuts(self) -> tuple[int, int, int]:
+        """The last-seen times before which a TCP, UDP or UDP_NEW flow is
+        idle (``idle_ns`` ago), once per plan."""
+        if self._cuts is None:
+            tcp, udp, new = (self.now_ns - self.idle_ns(c) for c in
+                             (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
+            self._cuts = (tcp, udp, new)
+        return self._cuts
 
     def keep_s(self, cls: RefreshClass) -> int:
         """The conntrack timeout an offloaded flow of ``cls`` is renewed
@@ -221,38 +250,26 @@ class SweepResult:
 def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
              result: SweepResult | None = None) -> SweepResult:
     """Classify one batch of the flow map (``kb``: the keys, ``vb``: the
-    values, back to back). The fields are read as columns (strided views of
-    the batch), and each test is a comprehension over a column, so the
-    Python work per entry is a few bytecodes; entries that need something
-    are then looked at one by one."""
+    values, back to back). The fields are read as columns (``Columns``),
+    and each test first asks the whole batch at once, in C, whether any
+    entry can need it at all (in a steady state none is closing, idle or
+    passed, and a twentieth of the entries' refresh slices are due); only
+    when one may, the test walks the column, and only the entries picked
+    cost a Python step each."""
     out = result if result is not None else SweepResult()
     ks = rec.key_size
+    cols = Columns(rec, kb, vb)
     protos = kb[rec.k_proto :: ks]
-    # Ports as the key's bytes read in host order: only compared and hashed.
-    sports = rec.key_column(kb, rec.k_sport, "H")
-    dports = rec.key_column(kb, rec.k_sport + 2, "H")
-    lasts = rec.flow_column(vb, rec.f_last, "Q")
-    seens = rec.flow_column(vb, rec.f_seen, "I")
-    states = rec.flow_column(vb, rec.f_state, "I")
-    n = len(lasts)
+    sports, dports, states, seens = cols.sports, cols.dports, cols.states, cols.seens
+    n = cols.n
     out.entries += n
-    # Each test first runs over a whole column in C (map, compress, any),
-    # so that only the entries it picks cost a Python step.
+    seen_any = not cols.all_equal(seens, 0)
     gone: dict[int, Teardown] = {}
-    if any(seens):  # OFL_SEEN_KERNEL alone is no reason (see _refreshes)
+    if seen_any:  # OFL_SEEN_KERNEL alone is no reason (see _refreshes)
         closing = map(rec.seen_closing.__and__, seens)
         gone = {i: Teardown.TCP_FLAGS for i in compress(range(n), closing)}
-    # Idle: older than its class's bound (the loosest bound filters first).
-    tcp, assured = socket.IPPROTO_TCP, rec.flag_assured
     flags_col = vb[rec.v_flags :: rec.flow_size]
-    cut_tcp, cut_udp, cut_new = (plan.now_ns - plan.idle_ns(c) for c in
-                                 (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
-    loose = max(cut_tcp, cut_udp, cut_new)
-    for i in compress(range(n), map(loose.__gt__, lasts)):
-        last = lasts[i]
-        if last and i not in gone and last < (cut_tcp if protos[i] == tcp else cut_udp
-                                              if flags_col[i] & assured else cut_new):
-            gone[i] = Teardown.IDLE
+    _idle(plan, rec, cols, protos, flags_col, gone)
     if plan.dead:
         _destroyed(kb, plan, rec, protos, sports, dports, gone)
     if plan.marks:
@@ -268,15 +285,32 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
             if plan.keep_s(cls) > plan.timeouts[cls]:
                 out.handed.append((kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs], cls))
     offload = rec.state_offload
-    if len(out.pass_keys) < PASS_KEYS_KEPT:
+    if len(out.pass_keys) < PASS_KEYS_KEPT and not cols.all_equal(states, offload):
         room = PASS_KEYS_KEPT - len(out.pass_keys)
         out.pass_keys.extend(kb[i * ks : (i + 1) * ks] for i in
                              islice(compress(range(n), map(offload.__ne__, states)), room)
                              if i not in gone)
-    _refreshes(kb, vb, plan, rec, protos, sports, dports, lasts, states, seens, gone, out)
+    _refreshes(kb, vb, plan, rec, cols, protos, seen_any, gone, out)
     if plan.hybrid:
         _bulk_to_tc(kb, vb, plan, rec, protos, states, gone, out)
     return out
+
+
+def _idle(plan: SweepPlan, rec: Records, cols: Columns, protos: bytes, flags_col: bytes,
+          gone: dict[int, Teardown]) -> None:
+    """Entries older than their class's idle bound (the loosest bound
+    filters first, and first over the whole batch at once)."""
+    tcp, assured = socket.IPPROTO_TCP, rec.flag_assured
+    cut_tcp, cut_udp, cut_new = plan.idle_cuts()
+    loose = max(cut_tcp, cut_udp, cut_new)
+    if cols.lasts_at_least(loose):
+        return
+    lasts = cols.lasts
+    for i in compress(range(cols.n), map(loose.__gt__, lasts)):
+        last = lasts[i]
+        if last and i not in gone and last < (cut_tcp if protos[i] == tcp else cut_udp
+                                              if flags_col[i] & assured else cut_new):
+            gone[i] = Teardown.IDLE
 
 
 # Hand-backs after which the conntrack entry's own timeout goes back: not a
@@ -368,30 +402,34 @@ def _port_prefilter(ids: Iterable[bytes]) -> set[tuple[int, int, int]]:
             for w in ids}
 
 
-def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
-               sports: Sequence[int], dports: Sequence[int], lasts: Sequence[int],
-               states: Sequence[int], seens: Sequence[int], gone: dict[int, Teardown],
+def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Columns,
+               protos: bytes, seen_any: bool, gone: dict[int, Teardown],
                out: SweepResult) -> None:
     """Offloaded flows that carried traffic since their last refresh and
     whose slice of the passes is due now (a hash of their ports): each is
     renewed once per period. A flow one of whose packets went to the kernel
     (OFL_SEEN_KERNEL: TTL, MTU, what TC cannot rewrite) had conntrack's
     own timeout put back by that packet, so it is renewed on its class's
-    own period (``short``), as before the long timeout, still with it."""
+    own period (``short``), as before the long timeout, still with it.
+
+    The candidates are the entries whose hash's high byte has a due hash
+    (``SweepPlan.due_blocks``: one ``translate`` of the high bytes) and, when
+    any entry has a seen flag, those with OFL_SEEN_KERNEL; each candidate
+    is then tested exactly."""
     ks, fs = rec.key_size, rec.flow_size
-    table = plan.due_table()
-    hashes = list(map(operator.xor, sports, dports))
-    candidates: Iterable[int] = compress(range(len(lasts)), map(table.__getitem__, hashes))
+    hashes, high = cols.port_hashes()
+    picked = high.translate(plan.due_blocks())
+    candidates: Iterable[int] = _positions(picked)
+    seens, lasts, states = cols.seens, cols.lasts, cols.states
     kernel = rec.seen_kernel
-    if any(map(kernel.__and__, seens)):  # rare: their own schedule, so look at them all
-        candidates = sorted({*candidates, *compress(range(len(lasts)), map(kernel.__and__, seens))})
+    if seen_any and any(map(kernel.__and__, seens)):  # rare: their own schedule
+        candidates = sorted({*candidates, *compress(range(cols.n), map(kernel.__and__, seens))})
     flags_col = vb[rec.v_flags :: fs]
     zones = rec.flow_column(vb, rec.v_zone, "H")
     offload, assured, reply = rec.state_offload, rec.flag_assured, rec.flag_reply
     tcp = socket.IPPROTO_TCP
     # (class, due table, since when traffic counts), per class
-    tcp_s, udp_s, new_s = (plan.schedule(cls) for cls in
-                           (RefreshClass.TCP, RefreshClass.UDP, RefreshClass.UDP_NEW))
+    tcp_s, udp_s, new_s = plan.schedules()
     for i in candidates:
         last = lasts[i]
         if states[i] != offload or not last or i in gone:
@@ -407,6 +445,15 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: byte
             # tuple.__new__: a named tuple's own constructor is Python code
             out.refresh.append(tuple.__new__(Refresh, (kb[i * ks : (i + 1) * ks],
                                                       bool(flags & reply), zones[i], cls)))
+
+
+def _positions(marks: bytes) -> Iterator[int]:
+    """The indexes of the nonzero bytes of ``marks`` (0 or 1 each), found
+    with ``bytes.find``: a step per mark, not per byte."""
+    i = marks.find(1)
+    while i >= 0:
+        yield i
+        i = marks.find(1, i + 1)
 
 
 class FlowMap(Protocol):
