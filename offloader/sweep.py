@@ -55,6 +55,10 @@ FRESH_CHUNK = 64  # new flows' first renewals sent at once, the loop served betw
 # a batch held the loop about 10 ms on the lab's machine, and the new flows
 # arriving meanwhile waited behind it (p99 setup 17-19 ms at 2,000 a second).
 SERVED_BATCH = 256
+# Refreshes the walk gathers over its batches before one send (one
+# sendmsg() and one read of the answers, Conntrack.refresh_keys): a batch
+# of SERVED_BATCH entries has a dozen due in a steady state.
+REFRESH_SEND = 256
 IDS_KEPT = 16384  # destroyed or re-marked connections carried over; beyond, a pass ends at once
 FIRST_WINDOW_S = 3600.0  # the first pass: every active flow is due (nothing was read before)
 
@@ -527,6 +531,7 @@ class Sweeper:
         self.handback = Handback(ct, rec)
         self.between: Callable[[], None] = lambda: None  # serves the loop (serve_with)
         self._timeouts: dict[RefreshClass, int] = {}  # the last plan's
+        self._queued: list[Refresh] = []  # the walk's refreshes, sent REFRESH_SEND at a time
 
     def run(self, plan: SweepPlan) -> SweepResult:
         """One tick: the next share of the current pass. Each batch's actions
@@ -568,15 +573,21 @@ class Sweeper:
                 kb, vb, n = batch
                 read += n
                 part = classify(kb, vb, tick_plan, self.rec)
-                self._apply(part, tick_plan)
+                self._apply(part, tick_plan, queue=True)
                 total.entries += part.entries
-                total.reasons.update(part.reasons)
-                total.pass_keys.extend(part.pass_keys[: PASS_KEYS_KEPT - len(total.pass_keys)])
+                if part.reasons:
+                    total.reasons.update(part.reasons)
+                if part.pass_keys:
+                    total.pass_keys.extend(part.pass_keys[: PASS_KEYS_KEPT - len(total.pass_keys)])
                 total.refreshes += len(part.refresh)
                 total.handed_to_tc += len(part.to_tc)
             self._read += read
+            if self._queued:
+                self._send_queued(tick_plan)
+                self._take_gone(total.reasons)
         except (OffloadError, OSError) as exc:
             self.failures += 1
+            self._queued = []  # their due instants come again: the failed pass keeps its start
             log.warning("sweep failed (will retry): %s", exc)
             done = failed = True
         if done:
@@ -727,18 +738,18 @@ class Sweeper:
         self._dead = (set(), self._dead[0])
         self._marks = ({}, self._marks[0])
 
-    def _apply(self, part: SweepResult, plan: SweepPlan) -> None:
+    def _apply(self, part: SweepResult, plan: SweepPlan, *, queue: bool = False) -> None:
+        """Carry out one batch's actions. ``queue``: its refreshes wait in
+        ``_queued`` until REFRESH_SEND have gathered (``_send_queued``)."""
         for wire, offloaded in part.found:
             self.handback.found(wire, offloaded)
         if part.remove:
             self.flows.delete_batch(part.remove)
             self.on_remove(part.remove)
             self.handback.hold(part.handed)
-        if part.refresh:
-            keep = {c: plan.keep_s(c) for c in RefreshClass}
-            item = self.rec.ct_item
-            items = [item(k, reply, zone, keep[cls]) for k, reply, zone, cls in part.refresh]
-            self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in part.refresh])
+        self._queued.extend(part.refresh)
+        if self._queued and (not queue or len(self._queued) >= REFRESH_SEND):
+            self._send_queued(plan)
         for raw_key, raw_flow in part.to_tc:
             # Rewritten whole: the packets counted since the batch was read
             # are lost from the counters (a few, once per flow).
@@ -747,9 +758,19 @@ class Sweeper:
                 self.to_tc += 1
         # A refresh that found no entry: conntrack forgot the connection (its
         # DESTROY event was lost): the flow must not bypass the firewall.
+        self._take_gone(part.reasons)
+
+    def _send_queued(self, plan: SweepPlan) -> None:
+        refresh, self._queued = self._queued, []
+        keep = {c: plan.keep_s(c) for c in RefreshClass}
+        item = self.rec.ct_item
+        items = [item(k, reply, zone, keep[cls]) for k, reply, zone, cls in refresh]
+        self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in refresh])
+
+    def _take_gone(self, reasons: Counter[Teardown]) -> None:
         gone = self.ct.take_gone()
         if gone:
             n = self.flows.delete_batch(gone)
             if n:  # none: those flows had left the map already
-                part.reasons[Teardown.CT_GONE] += n
+                reasons[Teardown.CT_GONE] += n
             self.on_remove(gone)
