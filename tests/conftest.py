@@ -101,3 +101,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests.kernel_lane.test_lane import stop_early
 
     stop_early()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # The lane's guests time their own tests (--durations in the guest pytest), but a
+    # passed test's output is not shown (CI runs `pytest -q`): the boots' times and
+    # each guest's slowest tests go to the end of the report, whatever the verbosity.
+    from tests.kernel_lane.test_lane import lane_summary
+
+    lines = lane_summary()
+    if lines:
+        terminalreporter.write_sep("=", "kernel lane: boots and the guests' slowest tests")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -101,6 +101,7 @@ class LaneResult:
     cases: list  # [(nodeid, outcome)]
     shared_dir: str
     killed_by: str = ""  # why the watchdog stopped the guest, if it did
+    cached: str = ""  # the directories the guest mounted with 9p's cache, or why not
 
     @property
     def passed(self) -> bool:
@@ -122,6 +123,7 @@ class LaneResult:
             f"  boot {_fmt(self.boot_seconds)}, tests {_fmt(self.guest_seconds)}, "
             f"total {_fmt(self.total_seconds)}",
             f"  junit: {self.counts}",
+            f"  9p cache: {self.cached or '(none)'}",
         ]
         for nodeid, outcome in self.cases:
             lines.append(f"    {outcome:8} {nodeid}")
@@ -134,6 +136,22 @@ class LaneResult:
             lines.append(f"----- vng console (last {console_tail} lines) -----")
             lines.append(tail or "(empty)")
         return "\n".join(lines)
+
+
+    def durations(self) -> list[str]:
+        """The guest pytest's own "slowest durations" table (its --durations=15),
+        one line per test phase, slowest first: what to balance the boots by."""
+        lines = self.pytest_log.splitlines()
+        start = next((i for i, line in enumerate(lines) if "slowest" in line and "durations" in line
+                      and line.startswith("=")), None)
+        if start is None:
+            return []
+        table = []
+        for line in lines[start + 1:]:
+            if line.startswith("=") or not line.strip():
+                break
+            table.append(line.rstrip())
+        return table
 
 
 def _fmt(s: float | None) -> str:
@@ -162,7 +180,40 @@ def _parse_junit(path: Path) -> tuple[dict, list]:
     return counts, cases
 
 
-def _guest_script(module: Path, shared: Path, pytest_args: list[str]) -> str:
+def cached_dirs() -> list[str]:
+    """Host directories the guest mounts a second time, read-only and with 9p's
+    page and attribute cache (`cache=loose`), over the same paths: the host's
+    userland (/usr), this Python's prefix (the interpreter, the stdlib and
+    site-packages) and the repo. The root filesystem virtme-ng mounts has no
+    cache, and under emulation every lookup there is a round trip to qemu's 9p
+    server: a stat took 14 ms, so an agent's imports (about 1,100 stats, 260
+    files opened) were 20 of its 43-52 s start (cProfile in the guest,
+    2026-12-02). Nothing writes these directories while a guest runs (the
+    runner byte-compiles the repo before the boot), so the cache cannot go
+    stale. Empty with KERNEL_LANE_9P_CACHE=0; paths qemu's option syntax cannot
+    carry (commas, blanks) are left out."""
+    if os.environ.get("KERNEL_LANE_9P_CACHE", "1") == "0":
+        return []
+    out: list[str] = []
+    for d in sorted({os.path.realpath(p) for p in ("/usr", sys.base_prefix, sys.prefix, REPO)},
+                    key=len):
+        inside = any(d == o or d.startswith(o + "/") for o in out)
+        if os.path.isdir(d) and d != "/" and not inside and not re.search(r"[,\s]", d):
+            out.append(d)
+    return out
+
+
+def _cache_qemu_opts(dirs: Sequence[str]) -> list[str]:
+    """vng arguments that export each of `dirs` to the guest as 9p tag klcN."""
+    opts = []
+    for i, d in enumerate(dirs):
+        opts += [f"-fsdev local,id=klc{i},path={d},security_model=none,readonly=on,"
+                 f"multidevs=remap -device virtio-9p-pci,fsdev=klc{i},mount_tag=klc{i}"]
+    return [f"--qemu-opts={' '.join(opts)}"] if opts else []
+
+
+def _guest_script(module: Path, shared: Path, pytest_args: list[str],
+                  cached: Sequence[str] = ()) -> str:
     py = sys.executable
     args = [
         py, "-m", "pytest", str(module),
@@ -177,10 +228,15 @@ def _guest_script(module: Path, shared: Path, pytest_args: list[str]) -> str:
         f"export {k}={shlex.quote(v)}\n" for k, v in sorted(os.environ.items())
         if k.startswith("KERNEL_LANE_") and k not in ("KERNEL_LANE_GUEST", "KERNEL_LANE_SHARED")
     )
+    mounts = "".join(
+        f"mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=524288 klc{i} "
+        f"{shlex.quote(d)} 2>> {shared}/mounts.err && echo {shlex.quote(d)} >> {shared}/mounts\n"
+        for i, d in enumerate(cached))
     return f"""#!/bin/sh
 echo started > {shared}/started
 uname -r > {shared}/uname
-cd {shlex.quote(str(REPO))}
+# cached read-only views of the userland and the repo (lane.cached_dirs)
+{mounts}cd {shlex.quote(str(REPO))}
 export PYTHONDONTWRITEBYTECODE=1 KERNEL_LANE_GUEST=1 KERNEL_LANE_SHARED={shared}
 # no third-party pytest plugins in the guest: each costs seconds of import under TCG
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
@@ -191,6 +247,31 @@ rc=$?
 echo $rc > {shared}/rc
 exit $rc
 """
+
+
+# Under TCG the guest's kernel picks the HPET as its clock source, and every clock
+# read (the kernel's timekeeping, each bpf_ktime_get_ns() of the datapath, Python's
+# time.monotonic()) becomes an emulated device access; the TSC is an instruction
+# (bench/lane.py found XDP's packets per CPU-second 16-22k -> 35k with it).
+CLOCK_ARGS = ("--append", "clocksource=tsc tsc=reliable")
+
+# The repo's packages that guest processes import: the agent, the CLI, the lane's
+# modules (and the lane benchmark's).
+PRECOMPILED = ("offloader", "tests", "bench")
+
+
+def precompile(repo: Path = REPO) -> None:
+    """Byte-compiles the repo's Python on the host (into its __pycache__ dirs)
+    before a boot. The guest reads the repo read-only over 9p and cannot write
+    bytecode, so without it every Python start there (each agent, each CLI call)
+    compiled the offloader package from source: about 5.7 s of an agent's 43-52 s
+    start under emulation (cProfile in the guest, 2026-12-02). Hosts that run with
+    PYTHONDONTWRITEBYTECODE (CI's) never write these files otherwise."""
+    import compileall
+
+    for name in PRECOMPILED:
+        if (repo / name).is_dir():
+            compileall.compile_dir(repo / name, quiet=1, workers=1)
 
 
 def run_module(
@@ -221,12 +302,15 @@ def run_module(
     if kernel is None or vng is None or why:
         raise LaneUnavailable(why or "kernel lane unavailable")
 
+    precompile()
     shared = Path(tempfile.mkdtemp(prefix="klane-", dir="/tmp"))
     script = shared / "run.sh"
-    script.write_text(_guest_script(module, shared, list(pytest_args or [])))
+    cached = cached_dirs()
+    script.write_text(_guest_script(module, shared, list(pytest_args or []), cached))
     cmd = [
         vng, "-r", kernel, "--disable-kvm", "--cpus", str(cpus), "--memory", memory,
-        "--user", "root", "--cwd", str(REPO), "--rwdir", str(shared), *vng_args,
+        "--user", "root", "--cwd", str(REPO), "--rwdir", str(shared),
+        *_cache_qemu_opts(cached), *CLOCK_ARGS, *vng_args,
         "--exec", f"sh {script}",
     ]
     env = dict(os.environ)
@@ -285,6 +369,8 @@ def run_module(
         total_seconds=total, guest_uname=read("uname").strip(),
         pytest_log=read("pytest.log"), console=read("console.log"),
         counts=counts, cases=cases, shared_dir=str(shared), killed_by=killed_by,
+        cached=", ".join(read("mounts").split()) + (
+            f" (mount errors: {read('mounts.err').strip()})" if read("mounts.err").strip() else ""),
     )
     if keep is None:
         keep = not res.passed

@@ -94,6 +94,8 @@ class Boots:
         self.done: dict[str, concurrent.futures.Future] = {
             m: concurrent.futures.Future() for m in modules}
         self.wall: dict[str, float] = {}
+        self.t0 = time.monotonic()
+        self.began: dict[str, float] = {}  # module -> its boot's start, s after t0
         self.stopping = threading.Event()  # set: running guests are stopped, no new boot
         self.thread = threading.Thread(target=self._run_all, name="kernel-lane", daemon=True)
         self.thread.start()
@@ -101,6 +103,7 @@ class Boots:
     def _one(self, module: str) -> None:
         fut = self.done[module]
         t0 = time.monotonic()
+        self.began[module] = t0 - self.t0
         try:
             timeout = module_timeout(module, t0)
             if timeout < 60:
@@ -197,7 +200,33 @@ def test_guest_module(boots, module):
         pytest.fail(res, pytrace=False)
     print(res.report())
     print(f"lane wall time for {module}: {boots.wall.get(module, 0.0):.1f}s")
+    _SUMMARY.append((module, boots.began.get(module), boots.wall.get(module), res))
     assert res.passed, "\n" + res.report()
+
+
+# (module, its boot's start after the lane's, wall, result), for lane_summary()
+_SUMMARY: list[tuple[str, float | None, float | None, LaneResult]] = []
+
+
+def lane_summary() -> list[str]:
+    """What the session's boots took, for the end of the host's report (conftest.py
+    prints it; `pytest -q` shows no output of passed tests): each module's start and
+    end on the lane's clock, its boot and test times, and the guest pytest's own
+    slowest tests, which are what the boots are balanced by (BOOT_ORDER, the two
+    offload halves)."""
+    out = []
+    for module, began, wall, res in sorted(_SUMMARY, key=lambda r: r[1] or 0.0):
+        span = ("?" if began is None or wall is None
+                else f"{began:.0f}-{began + wall:.0f}s")
+        out.append(f"{module}: {'passed' if res.passed else 'FAILED'}, lane {span}, "
+                   f"boot {_fmt_s(res.boot_seconds)}, tests {_fmt_s(res.guest_seconds)}, "
+                   f"{res.counts.get('tests', 0)} tests")
+        out += [f"    {line}" for line in res.durations()[:15]]
+    return out
+
+
+def _fmt_s(s: float | None) -> str:
+    return "?" if s is None else f"{s:.0f}s"
 
 
 # --- the runner's own logic, no boot needed -----------------------------------------
@@ -243,6 +272,32 @@ def test_result_passed_only_when_clean():
     assert "E boom" in rep and "kernel panic" in rep
 
 
+def test_guest_durations_reach_the_host_summary():
+    """The guest's --durations table comes out of its log, and lane_summary() puts
+    it under the module's line (what conftest.py prints at the end of the session)."""
+    log = ("tests/kernel_lane/guest_x.py::test_a PASSED\n"
+           "============================= slowest 15 durations =============================\n"
+           "61.20s call     tests/kernel_lane/guest_x.py::test_a\n"
+           "3.10s setup    tests/kernel_lane/guest_x.py::test_a\n"
+           "\n(2 durations < 0.005s hidden.  Use -vv to show these durations.)\n"
+           "=========================== short test summary info ============================\n"
+           "PASSED tests/kernel_lane/guest_x.py::test_a\n")
+    res = _result(module="guest_x.py", pytest_log=log, boot_seconds=21.0, guest_seconds=70.0)
+    assert res.durations() == ["61.20s call     tests/kernel_lane/guest_x.py::test_a",
+                               "3.10s setup    tests/kernel_lane/guest_x.py::test_a"]
+    assert _result(pytest_log="no table here").durations() == []
+    saved = _SUMMARY[:]
+    _SUMMARY[:] = [("guest_x.py", 100.0, 95.0, res), ("guest_y.py", 0.0, 99.0, _result())]
+    try:
+        lines = lane_summary()
+    finally:
+        _SUMMARY[:] = saved
+    assert lines[0].startswith("guest_y.py: passed, lane 0-99s")
+    assert lines[1] == "guest_x.py: passed, lane 100-195s, boot 21s, tests 70s, 2 tests"
+    assert lines[2] == "    61.20s call     tests/kernel_lane/guest_x.py::test_a"
+    assert len(lines) == 4
+
+
 def test_parse_junit(tmp_path):
     from .lane import _parse_junit
 
@@ -271,6 +326,37 @@ def test_guest_script_uses_host_python_and_shared_dir(tmp_path):
     assert f"> {tmp_path}/pytest.log" in script and f"> {tmp_path}/rc" in script
     assert "KERNEL_LANE_GUEST=1" in script and "--noconftest" in script
     assert "-k qinq" in script
+    assert "mount -t 9p" not in script
+    cached = _guest_script(HERE / "guest_vlan.py", tmp_path, [], ["/usr", "/opt/py"])
+    assert ("mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=524288 "
+            "klc1 /opt/py") in cached
+    # the mounts come before anything runs from them
+    assert cached.index("klc0 /usr") < cached.index(f"{sys.executable} -m pytest")
+
+
+def test_cached_dirs_and_their_qemu_options(monkeypatch):
+    """The userland, the interpreter's prefix and the repo, each once (a directory
+    inside another is covered by it), never /; KERNEL_LANE_9P_CACHE=0 turns it off."""
+    import sys
+
+    from . import lane
+
+    dirs = lane.cached_dirs()
+    assert "/usr" in dirs and "/" not in dirs
+    assert os.path.realpath(lane.REPO) in dirs or any(
+        os.path.realpath(lane.REPO).startswith(d + "/") for d in dirs)
+    assert any(os.path.realpath(sys.base_prefix) == d
+               or os.path.realpath(sys.base_prefix).startswith(d + "/") for d in dirs)
+    for a in dirs:
+        assert not any(b != a and a.startswith(b + "/") for b in dirs), dirs
+    (opts,) = lane._cache_qemu_opts(["/usr", "/opt/py"])
+    assert opts == ("--qemu-opts=-fsdev local,id=klc0,path=/usr,security_model=none,"
+                    "readonly=on,multidevs=remap -device virtio-9p-pci,fsdev=klc0,mount_tag=klc0"
+                    " -fsdev local,id=klc1,path=/opt/py,security_model=none,readonly=on,"
+                    "multidevs=remap -device virtio-9p-pci,fsdev=klc1,mount_tag=klc1")
+    assert lane._cache_qemu_opts([]) == []
+    monkeypatch.setenv("KERNEL_LANE_9P_CACHE", "0")
+    assert lane.cached_dirs() == []
 
 
 def test_parse_frame_tags_and_pppoe():
