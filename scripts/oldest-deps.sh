@@ -80,6 +80,13 @@ echo "== oldest dependencies: unit tests and the integration modules that use py
 #   of test_fin_hands_the_flow_back and test_conntrack_delete_removes_offload;
 # - test_status_without_agent_says_so: the control-socket client, which
 #   imports no pyroute2.
+# Of test_multiwan.py and test_roaming.py, the [xdp] twins run on the newest
+# releases only (about 60 s here, the module's XDP topology and agent start
+# included): their pyroute2 calls (rules with a mark, route lookups with mark
+# and input device, conntrack marks; FDB and neighbour events and lookups) are
+# those of their [tc] twins, which run here; only the attach differs (libbpf's,
+# and pyroute2's ethtool and link calls for XDP, which the XDP cases of
+# test_offload.py kept here and the lab below make).
 # Of the unit tests, tests/unit/test_packaging.py::test_wheel_carries_the_bpf_object
 # (about 20 s: it builds a wheel with pip) runs on the newest releases only: this
 # script has just built and installed that wheel (`pip install .` above) and
@@ -93,6 +100,14 @@ done
 deselect="--deselect tests/unit/test_packaging.py::test_wheel_carries_the_bpf_object"
 for t in $newest_only; do
 	deselect="$deselect --deselect tests/integration/test_offload.py::$t"
+done
+for c in tcp-host1 tcp-host2 udp-host1 udp-host2; do
+	deselect="$deselect --deselect tests/integration/test_multiwan.py::test_each_host_leaves_by_its_own_uplink[xdp-$c]"
+done
+for t in test_multiwan.py::test_a_changed_connection_mark_moves_the_connection_as_the_kernel_does \
+	test_multiwan.py::test_a_per_packet_mark_keeps_the_flow_with_the_kernel \
+	test_roaming.py::test_host_roams_to_another_bridge_port test_roaming.py::test_next_hop_mac_changes; do
+	deselect="$deselect --deselect tests/integration/$t[xdp]"
 done
 # shellcheck disable=SC2086
 "$py" -m pytest -q -p no:cacheprovider tests/unit tests/openwrt \
