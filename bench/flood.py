@@ -44,10 +44,14 @@ def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, sport: int = 1024,
 
 
 def flood(obj_path: str, dev: str, dst_mac: bytes, src: str, dst: str, rate: float,
-          seconds: float, ports: tuple[int, int] | None = None) -> dict[str, float]:
+          seconds: float, ports: tuple[int, int] | None = None,
+          src_mac: bytes | None = None) -> dict[str, float]:
+    """``src_mac``: DEV's, for a caller that entered DEV's namespace with
+    setns only (its /sys shows another namespace's devices)."""
     ifindex = socket.if_nametoindex(dev)
-    with open(f"/sys/class/net/{dev}/address") as f:
-        src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
+    if src_mac is None:
+        with open(f"/sys/class/net/{dev}/address") as f:
+            src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
     data = frame(dst_mac, src_mac, src, dst, *(ports or ()))
     obj = BpfObject(obj_path)
     obj.load()

@@ -261,8 +261,10 @@ def vcpu_times(pid: int) -> list[float] | None:
     return [out[i] for i in sorted(out)] if out else None
 
 
-WINDOWS = {"idle": ("vcpu idle", "udp measure"), "udp": ("udp measure", "udp measured"),
-           "tcp": ("tcp window", "tcp measured")}
+# (the line that opens a window, the lines that may close it: runs before
+# 2026-12-02 05:20 closed the idle sample at "udp measure")
+WINDOWS = {"idle": ("vcpu idle", ("vcpu idle end", "udp measure")),
+           "udp": ("udp measure", ("udp measured",)), "tcp": ("tcp window", ("tcp measured",))}
 IDLE_SAMPLE_S = 3.0  # the guest idles this long before the UDP burst
 
 
@@ -278,9 +280,9 @@ def vcpu_windows(samples: list[dict[str, Any]], cpu: int = ROUTER_CPU) -> dict[t
         v = smp.get("vcpu")
         if not v or len(v) <= cpu:
             continue
-        for kind, (start, end) in WINDOWS.items():
+        for kind, (start, ends) in WINDOWS.items():
             key = (smp["mode"], smp["round"], kind)
-            if smp["step"] == end and key in opened:
+            if smp["step"] in ends and key in opened:
                 c0, t0 = opened.pop(key)
                 raw[key] = (v[cpu] - c0, smp.get("host_t", 0.0) - t0)
             if smp["step"] == start:

@@ -360,29 +360,42 @@ def live_frames(topo: Any, bins: dict[str, Path], src: Feed) -> Any:
     NIC-like sender's eth0 into the wire, so no skb exists anywhere before the
     router: blast.c's sendmmsg through the wire reached 1,400-6,800 packets a
     second here (the sender's skb, copied into the wire's xdp_buff, on the
-    vCPU the lab's other work shares), too few to keep the router's NAPI busy."""
-    from bench.run import SENDER_CPU, UDP_DPORT
+    vCPU the lab's other work shares), too few to keep the router's NAPI busy.
+    Run from this process, its thread set into the sender's namespace: a
+    Python start for it took 20 s and more under emulation, long enough for
+    the agent to hand the idle flow back before the first frame (an
+    unreplied UDP flow lives 30 s in conntrack)."""
+    from bench import tools
+    from bench.flood import flood
+    from bench.run import UDP_DPORT
     from offloader.lab import WAN_4
+    from tests.kernel_lane.topology import in_netns
+    src_mac = tools.mac_of(src.host, "eth0")
+    dst_mac = bytes.fromhex(src.router_mac.replace(":", ""))
 
     def send(sport: int, seconds: float) -> dict[str, Any]:
-        out = src.host.sh(f"taskset -c {SENDER_CPU} {sys.executable} -m bench.flood {bins['flood']} "
-                          f"eth0 {src.router_mac} {src.src} {WAN_4} {LIVE_RATE} {seconds} {sport} {UDP_DPORT}",
-                          timeout=seconds + 120).stdout
-        d = json.loads(out.strip().splitlines()[-1])
+        with in_netns(src.host.name):
+            d = flood(str(bins["flood"]), "eth0", dst_mac, src.src, WAN_4, LIVE_RATE, seconds,
+                      (sport, UDP_DPORT), src_mac=src_mac)
         return {"sent": d["injected"], "seconds": d["seconds"]}
     return send
 
 
 def udp_test(topo: Any, bins: dict[str, Path], src: Feed, mode: str, seconds: float, count: Any,
-             sport: int, prog: Progress) -> dict[str, Any]:
+             sport: int, prog: Progress, ready: Any = None) -> dict[str, Any]:
     """The bench's router_cost() (the router's LAN-port kthread on CPU 1),
-    with the router's own in and out counters around it."""
+    with the router's own in and out counters around it. ``ready()`` runs
+    after the idle sample, just before the burst (our hooks: the measured
+    flow offloaded in the map, at that moment)."""
     from bench import run as brun
     from offloader import lab as labmod
     labmod.threaded_napi(topo.wan, "eth0", spec.SENDER_CPU)
     # vCPU 1's background on the host (timers, RCU, kworkers), subtracted there
     prog.at(mode, "vcpu idle")
     time.sleep(spec.IDLE_SAMPLE_S)
+    prog.at(mode, "vcpu idle end")
+    if ready is not None:
+        ready()
     prog.at(mode, "udp measure", sport=sport)
     x0 = xdp_counters(topo, src.port)
     c0 = router_counters(topo, src.port)
@@ -484,17 +497,28 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
         brun.blast(topo, bins["blast"], sport=sport, count=5, rate=50, seconds=2,
                    sender=src.host, src=src.src)
         want = measured_flow(src, sport)
-        dp0: dict[str, int] = {}
-        torn0: dict[str, int] = {}
+        before: dict[str, Any] = {}
+        ready = None
         if agent is not None:
             prog.at(mode, "udp wait offloaded")
             w = wait_flow_offloaded(agent.status, want, cfg["offload_wait"])
-            rec["udp_wait_s"], dp0 = w["waited_s"], w["status"].get("datapath", {})
-            torn0 = (w["status"].get("agent") or {}).get("torn_down", {})
+            rec["udp_wait_s"] = w["waited_s"]
             rec["udp_offloaded_flows"] = w["status"]["counts"]["offloaded"]
+
+            def ready() -> None:
+                # again just before the burst: an idle flow may have been
+                # handed back meanwhile (then warmed up and waited for again)
+                st = agent.status()
+                rec["udp_verdict_before_burst"] = flow_verdict(st["flows"], want)
+                if rec["udp_verdict_before_burst"] != "offloaded":
+                    brun.blast(topo, bins["blast"], sport=sport, count=5, rate=50, seconds=2,
+                               sender=src.host, src=src.src)
+                    st = wait_flow_offloaded(agent.status, want, cfg["offload_wait"])["status"]
+                before.update(dp=st.get("datapath", {}),
+                              torn=(st.get("agent") or {}).get("torn_down", {}))
         elif mode == "nf_flow_table":
             rec["udp_ct_offload"], rec["udp_ct"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")
-        rec["udp"] = udp_test(topo, bins, src, mode, cfg["udp_seconds"], count, sport, prog)
+        rec["udp"] = udp_test(topo, bins, src, mode, cfg["udp_seconds"], count, sport, prog, ready)
         if agent is not None:
             st = agent.status()
             rec["udp_flow_state"] = flow_verdict(st["flows"], want)
@@ -502,10 +526,11 @@ def run_mode(topo: Any, bins: dict[str, Path], src: Feed, mode: str, rnd: int, c
             # burst alone (pending: frames of tuples without a verdict, passed;
             # pass_stale: the fail-safe passed them, the heartbeat stale)
             rec["udp_datapath"] = st.get("datapath", {})
-            rec["udp_datapath_burst"] = counter_delta(dp0, rec["udp_datapath"])
+            rec["udp_datapath_burst"] = counter_delta(before.get("dp", {}), rec["udp_datapath"])
             # offloaded flows the agent handed back meanwhile, by reason: the
             # measured flow's packets go to the kernel until it is offloaded again
-            rec["udp_torn_down_burst"] = counter_delta(torn0, (st.get("agent") or {}).get("torn_down", {}))
+            rec["udp_torn_down_burst"] = counter_delta(before.get("torn", {}),
+                                                       (st.get("agent") or {}).get("torn_down", {}))
         if mode == "nf_flow_table":  # still offloaded after the burst?
             rec["udp_ct_offload_after"] = conntrack_offloaded(topo, "udp", f"--sport {sport}")[0]
         # the counter drops UDP only, but a GSO packet would not fit its XDP

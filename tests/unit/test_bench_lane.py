@@ -352,3 +352,14 @@ def test_evidence_names_the_bursts_pending_frames():
     assert "offloaded in the map 0.4 s after the warm-up" in text
     assert "datapath in the burst: 48,090 frames seen, redirect 34,757, pending 13,314" in text
     assert "agent handed flows back in the burst: neighbour change 1" in text
+
+
+def test_the_idle_sample_ends_before_the_check_that_precedes_the_burst():
+    def smp(step, v1, t):
+        return {"mode": "offload_xdp", "round": 0, "step": step, "host_t": t, "vcpu": [9.0, v1]}
+    # 0.1 s of vCPU per second idle; the check before the burst (a status,
+    # maybe a warm-up) is busier and must not count as background
+    samples = [smp("vcpu idle", 1.7, 7.0), smp("vcpu idle end", 2.0, 10.0),
+               smp("udp measure", 4.0, 12.0), smp("udp measured", 5.5, 17.0)]
+    w = {k: round(v, 6) for k, v in lane.vcpu_windows(samples).items()}
+    assert w == {("offload_xdp", 0, "udp"): 1.0}
