@@ -461,6 +461,8 @@ def evidence_lines(s: dict[str, Any]) -> list[str]:
                 bits.append(f"agent: UDP flow {r['udp_flow_state']}"
                             + (f" (offloaded in the map {r['udp_wait_s']:g} s after the warm-up)"
                                if "udp_wait_s" in r else "")
+                            + (f", {r['udp_verdict_before_burst']} just before the burst (warmed up again)"
+                               if r.get("udp_verdict_before_burst", "offloaded") != "offloaded" else "")
                             + (f", fail-safe passed {stale:,} packets (heartbeat stale)" if stale else ""))
                 if burst is not None:
                     bits.append("datapath in the burst: " + burst_text(burst))

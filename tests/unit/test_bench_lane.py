@@ -347,9 +347,9 @@ def test_counter_delta_keeps_what_moved_in_the_burst():
 def test_evidence_names_the_bursts_pending_frames():
     rec = {"mode": "offload_xdp", "round": 0, "udp": _udp(34757, 1.0), "udp_flow_state": "offloaded",
            "udp_wait_s": 0.4, "udp_datapath_burst": {"rx": 48090, "pending": 13314, "redirect": 34757},
-           "udp_torn_down_burst": {"neighbour change": 1}}
+           "udp_torn_down_burst": {"neighbour change": 1}, "udp_verdict_before_burst": "missing"}
     text = "\n".join(lane.evidence_lines(lane.summarize([rec])))
-    assert "offloaded in the map 0.4 s after the warm-up" in text
+    assert "offloaded in the map 0.4 s after the warm-up), missing just before the burst (warmed up again)" in text
     assert "datapath in the burst: 48,090 frames seen, redirect 34,757, pending 13,314" in text
     assert "agent handed flows back in the burst: neighbour change 1" in text
 
