@@ -113,24 +113,26 @@ def leftovers() -> list[str]:
 def _setns(fd: int, what: str) -> None:
     # os.setns() needs Python 3.12; OpenWrt and this project target 3.11.
     if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), f"setns into {what}")
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns into {what}: {os.strerror(e)}")
 
 
 @contextlib.contextmanager
-def inside(ns: Netns) -> Iterator[None]:
-    """Run this thread in ``ns``'s network namespace (ifindex lookups, XDP/TC
-    attach and new sockets resolve there), and come back for sure."""
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        _setns(target, ns.name)
+def in_netns(name: str) -> Iterator[None]:
+    """Run the body with THIS THREAD in the named network namespace (ifindex
+    lookups, XDP/TC attach and new sockets resolve there), and come back for
+    sure. No process spawn, no mount changes."""
+    with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{name}") as target:
+        _setns(target.fileno(), name)
         try:
             yield
         finally:
-            _setns(own, "the test's namespace")
-    finally:
-        os.close(own)
-        os.close(target)
+            _setns(own.fileno(), "the test's namespace")
+
+
+def inside(ns: Netns) -> contextlib.AbstractContextManager[None]:
+    """``in_netns`` for a test namespace."""
+    return in_netns(ns.name)
 
 
 def socket_in(ns: Netns, family: int, kind: int, proto: int = 0) -> socket.socket:

@@ -30,7 +30,6 @@ these same topologies; `Topology.router_wan_lowest` is the device it should atta
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -44,6 +43,8 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from tests.nsutil import in_netns  # noqa: F401 (the guests and the lane bench take it from here)
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,29 +99,6 @@ def ipb(ns: str | None, lines: Sequence[str]) -> None:
     Stops at the first failing line and raises with ip's message."""
     base = ["ip"] + (["-n", ns] if ns else [])
     sh([*base, "-batch", "-"], input="\n".join(lines) + "\n")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"setns: {os.strerror(e)}")
-
-
-@contextlib.contextmanager
-def in_netns(ns: str) -> Iterator[None]:
-    """Run the body with THIS THREAD in network namespace `ns` (setns), then return.
-    Sockets made inside stay in `ns`; /proc/thread-self/net and /proc/sys/net opened
-    inside show `ns`. No process spawn, no mount changes."""
-    with open("/proc/thread-self/ns/net") as orig, open(f"/run/netns/{ns}") as target:
-        _setns(target.fileno())
-        try:
-            yield
-        finally:
-            _setns(orig.fileno())
 
 
 def ip_json(ns: str | None, *args: str) -> list[dict]:
