@@ -249,7 +249,12 @@ table inet kl_nat {{
     }}
 }}
 """
-    sh(["nft", "-f", "-"], ns, input=rules)
+    # A guest's first nft loads libnftables and the nf_tables modules under
+    # software emulation: 30 s ran out once at a host load of 10.
+    sh(["nft", "-f", "-"], ns, input=rules, timeout=NFT_TIMEOUT_S)
+
+
+NFT_TIMEOUT_S = 120.0
 
 
 # --------------------------------------------------------------------------- topology
