@@ -278,7 +278,7 @@ class Agent:
         """Forget every drop and hand every offloaded flow back, so that the
         ruleset as it is now judges their next packets; each stays with the
         kernel until the egress probe sees the kernel forward it after now."""
-        self.decider.ruleset = self.parts.nft.scan()
+        self.decider.learn_ruleset()
         self.decider.forget_paths()  # a packet mark the ruleset sets may route otherwise
         self.early_drop.forget()
         self.sweeper.hand_back(self.dp.flows.items())  # passed: held, then put back

@@ -27,6 +27,7 @@ from .decision import (
     source_nat_elsewhere,
     unresolved,
 )
+from .drops import RulesetFacts
 from .earlydrop import EarlyDrop
 from .errors import ResolveError
 from .flowstate import FlowState, describe, key_id, key_tuple
@@ -59,7 +60,9 @@ class Decider:
         self.latencies = Latencies()
         self.probation = Probation()
         self.early_drop = EarlyDrop(self.dp, self.resolver)
-        self.ruleset = parts.nft.scan()
+        self.nft = parts.nft
+        self.ruleset = RulesetFacts()
+        self.learn_ruleset()
         # raw key -> the datapath's stamp on its first ring record (the
         # pending entry's first_seen_ns): the setup latency without a map
         # lookup per flow. Keys not in it (their record was lost, or found
@@ -68,6 +71,14 @@ class Decider:
         self.packer = VerdictPacker()
         self.rec = Records()
         self._paths: dict[tuple[object, ...], Egress | PassReason] = {}
+
+    def learn_ruleset(self) -> None:
+        """Read the ruleset as it is now, once: what early drop may learn,
+        and the mark setters the resolver routes flows with (handed to it:
+        it then asks the kernel nothing per lookup)."""
+        found = self.nft.scan()
+        self.ruleset = found.facts
+        self.resolver.ruleset.update(found.marks)
 
     def noted(self, raw: bytes, stamp_ns: int) -> None:
         """The ring reported ``raw`` for the first time, stamped ``stamp_ns``."""

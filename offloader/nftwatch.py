@@ -3,8 +3,10 @@ drop to learn, and the probation of flows handed back after a change.
 
 ``RulesetWatcher.read`` says whether a table that can affect forwarding
 changed (the NFNLGRP_NFTABLES group, what ``nft monitor`` reads); ``scan``
-dumps the rules once per change and tells ``RulesetFacts`` (notrack, zone,
-queue rules; the families conntrack tracks). ``Probation`` remembers the
+dumps the chains and rules once per change and tells both what depends on
+them: ``RulesetFacts`` for early drop (notrack, zone, queue rules; the
+families conntrack tracks) and the mark setters policy routing needs
+(offloader/policy.py). ``Probation`` remembers the
 flows handed back after a change, each by the tuple it leaves with, until
 the TC egress probe (``ofl_tc_egress``) shows the kernel forwarding one of
 its packets: docs/design.md, "The ruleset watcher", says why that proves the
@@ -20,6 +22,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2.netlink import NETLINK_NETFILTER
@@ -36,6 +39,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_DELSET,
     NFT_MSG_DELSETELEM,
     NFT_MSG_DELTABLE,
+    NFT_MSG_GETCHAIN,
     NFT_MSG_GETRULE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWFLOWTABLE,
@@ -47,7 +51,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_NEWTABLE,
 )
 
-from . import nftnl
+from . import nftnl, policy
 from .datapath import Datapath, probe_key
 from .drops import RulesetFacts
 
@@ -121,6 +125,31 @@ def facts_from_dump(chunks: Iterable[bytes], proc: Path = Path("/proc/net")) -> 
                         zones=bool(out["zones"]), queue=bool(out["queue"]))
 
 
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What one read of the ruleset tells the agent."""
+
+    facts: RulesetFacts  # for early drop
+    marks: policy.MarkSetters  # for the route lookup of a flow routed by fwmark
+
+
+SCAN_FAILED = Scan(RulesetFacts(notrack=True), policy.UNKNOWN)
+
+
+def scan(opener: nftnl.Opener = nftnl.nf_socket) -> Scan:
+    """One chain dump and one rule dump, read for early drop and for the mark
+    setters at once. Fails safe: a dump that cannot be read allows early
+    drop to learn nothing and leaves every mark unknown."""
+    try:
+        chains = nftnl.dump(NFT_MSG_GETCHAIN, opener)
+        rules = nftnl.dump(NFT_MSG_GETRULE, opener)
+    except OSError as exc:
+        log.warning("reading the nftables ruleset: %s; early drop learns nothing, "
+                    "packet marks unknown", exc)
+        return SCAN_FAILED
+    return Scan(facts_from_dump(rules), policy.mark_setters(chains, rules))
+
+
 class RulesetWatcher:
     """The NFNLGRP_NFTABLES subscription, and the rule dump on demand."""
 
@@ -167,14 +196,9 @@ class RulesetWatcher:
         self.changes += changed
         return changed
 
-    def scan(self) -> RulesetFacts:
-        """Dump every rule (all families) and tell what early drop may learn.
-        Fails safe: a dump that cannot be read allows no learning."""
-        try:
-            return facts_from_dump(nftnl.dump(NFT_MSG_GETRULE))
-        except OSError as exc:
-            log.warning("reading the nftables ruleset: %s; early drop learns nothing", exc)
-            return RulesetFacts(notrack=True)
+    def scan(self) -> Scan:
+        """The ruleset as it is now (``scan``), once per change ``read`` tells."""
+        return scan()
 
     def close(self) -> None:
         self.sock.close()

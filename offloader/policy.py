@@ -7,7 +7,7 @@ OpenWrt multi-WAN packages (mwan3, pbr) and fw4 pin a connection to an uplink
 by that mark and restore it on every packet (`meta mark set ct mark`). So the
 packet mark is the conntrack mark exactly when the ruleset says so. From the
 nftables ruleset (its chains and rules, dumped over netlink by
-offloader/nftnl.py, again whenever its generation id changes):
+offloader/nftnl.py; in the agent, once per change its ruleset watcher reads):
 
   - no rule sets the packet mark: packets are routed with mark 0;
   - rules set it only by restoring the conntrack mark (with one mask):
@@ -204,15 +204,19 @@ def read_mark_setters(opener: nftnl.Opener = nftnl.nf_socket) -> MarkSetters:
 
 
 class Ruleset:
-    """The nftables ruleset's mark setters, read again when its generation
-    changes. Anything that cannot be read counts as unknown."""
+    """The nftables ruleset's mark setters. Alone, they are read again when
+    the ruleset's generation changes (a netlink round trip per ask); the
+    agent instead hands them in with ``update`` from the dump it takes at
+    each change its ruleset watcher reads (offloader/nftwatch.py), and then
+    nothing is asked per lookup. Anything that cannot be read counts as
+    unknown."""
 
     def __init__(self, reader: Callable[[], MarkSetters] | None = None,
                  generation: Callable[[], int] | None = None,
                  opener: nftnl.Opener = nftnl.nf_socket) -> None:
         self._opener = opener  # the netlink sockets' namespace: the caller's by default
         self._reader = reader or (lambda: read_mark_setters(opener))
-        self._generation = generation or self._netlink_generation
+        self._generation: Callable[[], int] | None = generation or self._netlink_generation
         self._sock: socket.socket | None = None
         self._gen: int | None = None
         self._setters = UNKNOWN
@@ -222,7 +226,16 @@ class Ruleset:
             self._sock = self._opener()
         return nftnl.generation(self._sock)
 
+    def update(self, setters: MarkSetters) -> None:
+        """The setters as read by whoever watches the ruleset's changes: from
+        now on they are what ``setters`` answers until the next update."""
+        self._generation = None
+        self._setters = setters
+        self.close()
+
     def setters(self) -> MarkSetters:
+        if self._generation is None:
+            return self._setters
         try:
             gen = self._generation()
             if gen != self._gen:

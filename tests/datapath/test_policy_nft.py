@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from pyroute2.netlink import NETLINK_NETFILTER
 
-from offloader import policy
+from offloader import nftwatch, policy
 from tests import nsutil
 from tests.nsutil import Netns
 
@@ -117,6 +117,26 @@ def test_the_agents_view_follows_the_ruleset_generation(ns: Netns) -> None:
         assert rs.setters().packet_mark(0) is None
     finally:
         rs.close()
+
+
+def test_the_agents_scan_reads_early_drops_facts_and_the_marks_from_one_dump(
+        ns: Netns) -> None:
+    # What the agent reads at each change its ruleset watcher tells: both
+    # answers come from the same chain and rule dumps, and the mark setters
+    # are then handed to the resolver's Ruleset, which asks nothing more.
+    load(ns, pre=[RESTORE], extra="table ip raw {\nchain pre {\n"
+                                  "type filter hook prerouting priority raw;\n"
+                                  "udp dport 9 notrack\n}\n}")
+    found = nftwatch.scan(opener(ns))
+    assert found.marks == policy.MarkSetters(restore_masks=frozenset({policy.ALL_BITS}))
+    assert found.facts.notrack and found.facts.refuses(socket.AF_INET)
+    asked: list[int] = []
+    rs = policy.Ruleset(reader=lambda: policy.UNKNOWN, generation=lambda: asked.append(1) or 1)
+    rs.update(found.marks)
+    assert rs.setters().packet_mark(0x200) == 0x200 and asked == []
+    load(ns, pre=["meta mark set 0x7"])  # the next change, the next scan
+    rs.update(nftwatch.scan(opener(ns)).marks)
+    assert rs.setters().packet_mark(0) is None
 
 
 def test_a_ruleset_too_big_for_one_datagram_is_read_whole(ns: Netns) -> None:

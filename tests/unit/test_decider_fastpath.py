@@ -13,6 +13,7 @@ from typing import Any
 
 from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED
 
+from offloader import nftwatch, policy
 from offloader.conntrack import CtEntry, Tuple5
 from offloader.datapath import Datapath, FlowKey, L2Header
 from offloader.decider import FIRST_SEEN_KEPT, Decider
@@ -72,6 +73,7 @@ class FakeResolver:
         self.walked: list[int] = []
         self.owners_read = 0
         self.rules_read = 0
+        self.ruleset = policy.Ruleset(reader=lambda: policy.UNKNOWN, generation=lambda: 0)
 
     def routes_by_port(self) -> bool:
         self.rules_read += 1
@@ -102,7 +104,7 @@ def decider() -> tuple[Decider, FakeDatapath]:
                                  ct=SimpleNamespace(offloaded=lambda *a: queued.append(a),
                                                     queued=queued),
                                  net=SimpleNamespace(used=lambda *a: None),
-                                 nft=SimpleNamespace(scan=lambda: None))
+                                 nft=SimpleNamespace(scan=lambda: nftwatch.SCAN_FAILED))
     rec = Records()
     state = FlowState(max_waiting=1024, ident=rec.wire)
     counters = Counters()
