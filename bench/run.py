@@ -34,6 +34,7 @@ from offloader.lab import LAN1_4, WAN_4, Host, Topology, lab_network
 SENDER_CPU, ROUTER_CPU = 0, 1
 STATUS_TRIES = 3  # asks of a busy agent's status before the run ends (Agent.status)
 LAN_PORT = "lan1p"  # the router's port towards lan1
+WAN_PORT = "wan0"  # the router's port towards the WAN host
 UDP_DPORT = 9999
 
 
@@ -246,8 +247,26 @@ def measure_router(topo: Topology, bins: dict[str, Path], seconds: float,
 
 
 # -- 2. TCP throughput ---------------------------------------------------------------------------
-def iperf(topo: Topology, seconds: float, client: Host | None = None) -> float:
-    return labmod._iperf(topo, seconds, client=client)
+def iperf(topo: Topology, seconds: float, client: Host | None = None,
+          cpus: tuple[int, int] | None = None) -> tuple[float, int]:
+    """TCP ``client`` (lan1) -> WAN host: (Gbit/s received, the sender's
+    retransmitted segments). ``cpus``: the CPUs of iperf3's client and
+    server (taskset), unpinned without."""
+    def pin(i: int) -> list[str]:
+        return ["taskset", "-c", str(cpus[i])] if cpus is not None else []
+    server = topo.wan.popen(*pin(1), "iperf3", "-s", "-1",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        proc = (client or topo.lan1).popen(*pin(0), "iperf3", "-c", WAN_4, "-t", str(seconds),
+                                           "-J", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out, _ = proc.communicate(timeout=seconds + 30)
+        end = json.loads(out)["end"]
+        return (float(end["sum_received"]["bits_per_second"]) / 1e9,
+                int(end.get("sum_sent", {}).get("retransmits", 0)))
+    finally:
+        server.kill()
+        server.wait()
 
 
 def sender_offloads(host: Host, on: bool) -> None:
@@ -271,8 +290,9 @@ def measure_tcp(topo: Topology, bins: dict[str, Path], seconds: float,
     ``default``: TSO/GSO/tx checksum on the sender for the slow path and TC;
     for XDP and hybrid the lab's tx off stays (an XDP redirect into veth
     loses CHECKSUM_PARTIAL), and attaching XDP turns TSO off on the sender's
-    veth anyway: throughput. ``mtu_frames``: the senders' TSO/GSO off, GRO
-    on at the router, as frames arrive off a real wire: router CPU-seconds
+    veth anyway: throughput, with iperf3 pinned (see _tcp_round). Every
+    round puts a queue on the router's egress ports. ``mtu_frames``: the
+    senders' TSO/GSO off, GRO on at the router, as frames arrive off a real wire: router CPU-seconds
     per GB forwarded, from the LAN port's NAPI kthread (threaded, pinned),
     the WAN host's receive work in a kthread of its own. ``nic_frames``: the
     same MTU frames from a sender whose frames reach the router as XDP
@@ -321,33 +341,43 @@ def _tcp_round(topo: Topology, mode: str, variant: str, seconds: float, client: 
     topo.router.sh(f"ethtool -K {port} gro on >/dev/null")
     napi = labmod.threaded_napi(topo.router, port, ROUTER_CPU)
     labmod.threaded_napi(topo.wan, "eth0", SENDER_CPU)
+    # The router's egress gets a queue, as a NIC's does, in every mode: a
+    # veth without one drops what its peer's full ring refuses, which TC's
+    # faster forwarding ran into far more than the slow path (docs/performance.md).
+    # A TSO packet from the sender never reaches the port's NAPI (veth takes
+    # only sock_wfree skbs there, TCP's are tcp_wfree): the router's work runs
+    # in the client's softirq, so the client is pinned to ROUTER_CPU and the
+    # server beside the WAN host's NAPI, the same in every mode.
+    cpus = (ROUTER_CPU, SENDER_CPU) if variant == "default" else None
     try:
-        if mode == "slow_path":
-            fwd0 = topo.nft_counter("fwd_established")[0]
-            c0 = labmod.thread_cpu_s(napi)
-            g = iperf(topo, seconds, client)
-            cpu = labmod.thread_cpu_s(napi) - c0
-            seen = topo.nft_counter("fwd_established")[0] - fwd0
-        else:
-            hook = mode.split("_")[1]
-            with Agent(topo, hook) as agent:
+        with tools.egress_queue(topo.router, (WAN_PORT, port)):
+            if mode == "slow_path":
                 fwd0 = topo.nft_counter("fwd_established")[0]
                 c0 = labmod.thread_cpu_s(napi)
-                g = iperf(topo, seconds, client)
+                g, rtx = iperf(topo, seconds, client, cpus)
                 cpu = labmod.thread_cpu_s(napi) - c0
                 seen = topo.nft_counter("fwd_established")[0] - fwd0
-                st = agent.status()
-                tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
-                big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
-                out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
-                out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
-        gb = g * seconds / 8
-        out[f"{mode}_{variant}_gbps"] = round(g, 3)
-        out[f"{mode}_{variant}_netfilter_packets"] = seen
-        out[f"{mode}_{variant}_router_cpu_s"] = round(cpu, 3)
-        out[f"{mode}_{variant}_cpu_s_per_gb"] = round(cpu / gb, 4) if gb else None
-        log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, router CPU {cpu:.2f} s "
-            f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
+            else:
+                hook = mode.split("_")[1]
+                with Agent(topo, hook) as agent:
+                    fwd0 = topo.nft_counter("fwd_established")[0]
+                    c0 = labmod.thread_cpu_s(napi)
+                    g, rtx = iperf(topo, seconds, client, cpus)
+                    cpu = labmod.thread_cpu_s(napi) - c0
+                    seen = topo.nft_counter("fwd_established")[0] - fwd0
+                    st = agent.status()
+                    tcp = [f for f in st["flows"] if f["proto"] == "tcp"]
+                    big = max(tcp, key=lambda f: f["bytes"]) if tcp else None
+                    out[f"{mode}_{variant}_offloaded_packets"] = big["packets"] if big else 0
+                    out[f"{mode}_{variant}_offloaded_bytes"] = big["bytes"] if big else 0
+            gb = g * seconds / 8
+            out[f"{mode}_{variant}_gbps"] = round(g, 3)
+            out[f"{mode}_{variant}_retransmits"] = rtx
+            out[f"{mode}_{variant}_netfilter_packets"] = seen
+            out[f"{mode}_{variant}_router_cpu_s"] = round(cpu, 3)
+            out[f"{mode}_{variant}_cpu_s_per_gb"] = round(cpu / gb, 4) if gb else None
+            log(f"tcp {variant} {mode}: {g:.2f} Gbit/s, {rtx} retransmits, router CPU {cpu:.2f} s "
+                f"({out[f'{mode}_{variant}_cpu_s_per_gb']} s/GB), netfilter saw {seen}")
     finally:
         labmod.unthread_napi(topo.router, port)
         labmod.unthread_napi(topo.wan, "eth0")

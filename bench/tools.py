@@ -112,6 +112,22 @@ def tc_detach(host: Host, dev: str) -> None:
     host.sh(f"tc qdisc del dev {dev} clsact", check=False)
 
 
+@contextlib.contextmanager
+def egress_queue(host: Host, devs: tuple[str, ...], limit: int = 1000) -> Iterator[None]:
+    """A pfifo root qdisc of ``limit`` packets on each of ``devs`` (a veth has
+    none: noqueue), removed on exit. A veth whose peer's receive ring (256
+    frames) is full stops its queue when it has a qdisc and drops the frame
+    when it has none (``veth_xmit``): with a queue, a fast forwarder is held
+    back as a NIC's full tx ring holds it back, instead of losing segments."""
+    try:
+        for dev in devs:
+            host.sh(f"tc qdisc replace dev {dev} root pfifo limit {limit}")
+        yield
+    finally:
+        for dev in devs:
+            host.sh(f"tc qdisc del dev {dev} root", check=False)
+
+
 def prog_maps(prog_id: int) -> dict[str, int]:
     info = json.loads(sh(f"bpftool -j prog show id {prog_id}"))
     out = {}
