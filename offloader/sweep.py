@@ -53,8 +53,9 @@ OFFLOADED_KEPT = 65536  # flows offloaded since the last tick whose long timeout
 FRESH_CHUNK = 64  # new flows' first renewals sent at once, the loop served between
 # Flow-map entries read and judged at once, the loop served between. At 1,024
 # a batch held the loop about 10 ms on the lab's machine, and the new flows
-# arriving meanwhile waited behind it (p99 setup 17-19 ms at 2,000 a second).
-SERVED_BATCH = 256
+# arriving meanwhile waited behind it (p99 setup 17-19 ms at 2,000 a second);
+# at 256, 2.5-7 ms a batch, the longest stretch left at 5,000 a second.
+SERVED_BATCH = 128
 # Refreshes the walk gathers over its batches before one send (one
 # sendmsg() and one read of the answers, Conntrack.refresh_keys): a batch
 # of SERVED_BATCH entries has a dozen due in a steady state.
