@@ -261,6 +261,9 @@ class Agent:
         if self.probation:
             removed, self._swept_on_probation = self._swept_on_probation, []
             self._end_probation(removed)
+        # The pending map's read and the set arithmetic over it are a
+        # stretch of their own: new flows that came during the pass first.
+        self.loop.serve_ready()
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
             guarded(functools.partial(self.decide, key))
