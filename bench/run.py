@@ -292,9 +292,10 @@ def measure_tcp(topo: Topology, bins: dict[str, Path], seconds: float,
     loses CHECKSUM_PARTIAL), and attaching XDP turns TSO off on the sender's
     veth anyway: throughput, with iperf3 pinned (see _tcp_round). Every
     round puts a queue on the router's egress ports. ``mtu_frames``: the
-    senders' TSO/GSO off, GRO on at the router, as frames arrive off a real wire: router CPU-seconds
-    per GB forwarded, from the LAN port's NAPI kthread (threaded, pinned),
-    the WAN host's receive work in a kthread of its own. ``nic_frames``: the
+    senders' TSO/GSO off, GRO on at the router, as frames arrive off a real
+    wire: router CPU-seconds per GB forwarded, from the LAN port's NAPI
+    kthread (threaded, pinned), the WAN host's receive work in a kthread of
+    its own. ``nic_frames``: the
     same MTU frames from a sender whose frames reach the router as XDP
     frames, as from a NIC's ring (bench/wire.py), so that neither XDP's copy
     nor the sender's skb is part of what the router is charged."""
