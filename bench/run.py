@@ -534,6 +534,14 @@ def measure_agent(topo: Topology, bins: dict[str, Path], sizes: list[int],
     res = []
     with tools.delivery_counter(topo.wan, "eth0", bins["count"]):
         for i, n in enumerate(sizes):
+            # Each size starts from an empty conntrack table: entries left by
+            # the bench's earlier parts (the rate trials' hundreds of
+            # thousands, on the offload timeout) and by the previous size's
+            # flows would otherwise expire in this size's window, and the
+            # agent measured would be reading their DESTROY events (at
+            # 50,000 such entries a 10,000-flow window went 0.8% -> 3.2% of a
+            # core and 37.8 -> 41.1 MB; docs/performance.md).
+            ct_left = _flush_conntrack(topo)
             with Agent(topo, "xdp", max_flows=max(65536, 1 << (n * 2 - 1).bit_length()),
                        pending_flows=65536, options={"udp_timeout": str(AGENT_IDLE_S)}) as agent:
                 rss_idle = tools.proc_rss_mb(agent.pid)
@@ -547,7 +555,8 @@ def measure_agent(topo: Topology, bins: dict[str, Path], sizes: list[int],
                 keep = blast(topo, bins["blast"], sport=1024, nflows=n, rate=max(50, n / 2),
                              seconds=window + 3, dport=20000 + i * 4, wait=False)
                 time.sleep(2.5)  # every flow has carried its first packet of the phase
-                refreshes0 = agent.status()["agent"]["conntrack_refreshes"]
+                a0 = agent.status()["agent"]
+                ct_entries = _conntrack_count(topo)
                 load0 = _loadavg()
                 c0, t0 = tools.proc_cpu_s(agent.pid), time.monotonic()
                 time.sleep(window)
@@ -558,13 +567,40 @@ def measure_agent(topo: Topology, bins: dict[str, Path], sizes: list[int],
                 row = {"flows": n, "offloaded": st["counts"]["offloaded"], "offloaded_at_start": got,
                        "create_s": round(took, 1), "cpu_share": (c1 - c0) / (t1 - t0),
                        "rss_mb": rss, "rss_idle_mb": rss_idle, "window_s": round(t1 - t0, 2),
-                       "conntrack_refreshes": st["agent"]["conntrack_refreshes"] - refreshes0,
+                       "conntrack_refreshes": st["agent"]["conntrack_refreshes"]
+                       - a0["conntrack_refreshes"],
+                       # what else the window held: an overflow's reconcile
+                       # dumps the table, other entries cost their events
+                       "conntrack_entries_at_start": ct_entries,
+                       "conntrack_entries_flushed": ct_left,
+                       "event_overflows": st["agent"].get("conntrack_event_overflows", 0)
+                       - a0.get("conntrack_event_overflows", 0),
+                       "reconciles": st["agent"]["conntrack_reconciles"]
+                       - a0["conntrack_reconciles"],
                        "torn_down": st["agent"].get("torn_down", {}),
                        "loadavg": f"{load0} / {_loadavg()}"}
             log(f"agent at {n} flows: CPU {row['cpu_share'] * 100:.2f}%, RSS {row['rss_mb']:.1f} MB, "
                 f"offloaded {row['offloaded_at_start']} at start, {row['offloaded']} at end")
             res.append(row)
     return res
+
+
+def _conntrack_count(topo: Topology) -> int:
+    """Entries in the router namespace's conntrack table."""
+    out = topo.router.sh("conntrack -C", check=False).stdout.strip()
+    return int(out) if out.isdigit() else -1
+
+
+def _flush_conntrack(topo: Topology, timeout: float = 10.0) -> int:
+    """Empty the router namespace's conntrack table while no agent runs
+    (nothing reads the DESTROY events). Returns the entries it held; waits,
+    bounded, until at most a handful are left (the lab's own)."""
+    held = _conntrack_count(topo)
+    topo.router.sh("conntrack -F 2>/dev/null", check=False)
+    deadline = time.monotonic() + timeout
+    while _conntrack_count(topo) > 16 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return held
 
 
 @contextlib.contextmanager
