@@ -269,12 +269,18 @@ def write(r: dict[str, Any]) -> Path:
                  "`nic`. An skb built from an XDP frame carries no receive checksum result, so in this "
                  "variant GRO checks every TCP checksum in software, which a NIC with receive checksum "
                  "offload would spare the slow path, TC and hybrid (docs/performance.md has its share).\n")
+        L.append("In every mode the router's egress ports (`wan0` and the LAN port) get a 1,000-packet "
+                 "pfifo, as a NIC's queue: a veth without one drops what its peer's full ring refuses, "
+                 "which the faster modes hit more than the slow path. In `default` the router's work runs "
+                 "in the sender's softirq (a TSO packet skips the port's NAPI), so iperf3's client is "
+                 "pinned to the router's CPU and its server to the other, the same in every mode. "
+                 "Retransmits are the client's count for the round.\n")
         L.append("Each mode ran in interleaved rounds (three in a full run); the table shows each mode's "
                  "median round, by throughput for `default` and by router CPU per GB for the others, and "
                  "the last column that figure in every round.\n")
         L.append("| mode | variant | Gbit/s | vs slow path | router CPU s per GB | vs slow path | "
-                 "packets netfilter saw | packets the offloaded flow counted | rounds |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+                 "packets netfilter saw | packets the offloaded flow counted | retransmits | rounds |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for v in ("default", "mtu_frames", "nic_frames"):
             b = t.get(f"slow_path_{v}_gbps")
             cb = t.get(f"slow_path_{v}_cpu_s_per_gb")
@@ -287,6 +293,7 @@ def write(r: dict[str, Any]) -> Path:
                          f"{_f(c / cb if c and cb else None)}{'x' if c and cb else ''} | "
                          f"{_f(t.get(f'{m}_{v}_netfilter_packets'))} | "
                          f"{_f(t.get(f'{m}_{v}_offloaded_packets', 'n/a'))} | "
+                         f"{_f(t.get(f'{m}_{v}_retransmits'))} | "
                          f"{', '.join(_f(x, 3) for x in t.get(f'{m}_{v}_rounds', []))} |")
         L.append("\nWith skbs from the sender (`mtu_frames`) the hybrid hook cannot show its gain: XDP on "
                  "a veth turns every arriving skb into an xdp_buff (a copy when the sender left too little "
@@ -349,15 +356,22 @@ def write(r: dict[str, Any]) -> Path:
                  "refreshes their conntrack timeouts), measured over the window below; conntrack "
                  "refreshes are those sent in the window.\n")
         L.append("A row whose flows were not all offloaded when the window began measures a backlog, "
-                 "not the steady state.\n")
+                 "not the steady state. Each size starts from an empty conntrack table (`conntrack -F` "
+                 "in the router namespace before its agent starts; the flushed column says how many "
+                 "entries the earlier trials had left): entries expiring in the window would make the "
+                 "agent read DESTROY events of connections it never offloaded. Overflows and reconciles "
+                 "are the conntrack event socket's in the window.\n")
         L.append("| flows | offloaded at start | still offloaded at end | CPU share of one core | RSS MB | "
-                 "RSS idle MB | window s | conntrack refreshes | created in s | load average |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                 "RSS idle MB | window s | conntrack refreshes | created in s | conntrack flushed | "
+                 "conntrack at start | overflows | reconciles | load average |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for x in r["agent"]:
             L.append(f"| {x['flows']:,} | {x.get('offloaded_at_start', 0):,} | {x['offloaded']:,} | "
                      f"{x['cpu_share'] * 100:.2f}% | {x['rss_mb']:.1f} | "
                      f"{x['rss_idle_mb']:.1f} | {x['window_s']} | {x['conntrack_refreshes']:,} | "
-                     f"{x.get('create_s', '')} | {x.get('loadavg', '')} |")
+                     f"{x.get('create_s', '')} | {_f(x.get('conntrack_entries_flushed'))} | "
+                     f"{_f(x.get('conntrack_entries_at_start'))} | {_f(x.get('event_overflows'))} | "
+                     f"{_f(x.get('reconciles'))} | {x.get('loadavg', '')} |")
         L.append("")
     if "drop" in r:
         from bench.drop import report_lines

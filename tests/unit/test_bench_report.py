@@ -132,3 +132,22 @@ def test_the_page_lists_every_trial_and_the_rates_verdict(tmp_path, monkeypatch)
     assert [r.split("|")[2].strip() for r in rows] == ["1", "2", "3"]
     assert all(r.split("|")[11].strip() == "True" for r in rows)
     assert "Highest sustained new-flow rate (none lost, p99 < 5 ms): 1000 per second." in page
+
+
+def test_the_agent_rows_show_what_was_flushed_and_the_event_sockets_trouble(tmp_path, monkeypatch):
+    row = {"flows": 10_000, "offloaded_at_start": 10_000, "offloaded": 10_000, "cpu_share": 0.0071,
+           "rss_mb": 37.3, "rss_idle_mb": 30.1, "window_s": 20, "conntrack_refreshes": 4_000,
+           "create_s": 3.2, "conntrack_entries_flushed": 50_123, "conntrack_entries_at_start": 0,
+           "event_overflows": 2, "reconciles": 1, "loadavg": "0.4"}
+    tcp = {"slow_path_default_gbps": 10.0, "offload_tc_default_gbps": 12.0,
+           "offload_tc_default_retransmits": 317, "slow_path_default_retransmits": 1_204}
+    monkeypatch.setattr(report, "DOC", tmp_path / "benchmarks.md")
+    monkeypatch.setattr(report, "_plots", lambda r: [])
+    page = report.write({**QUICK, "agent": [row], "tcp": tcp}).read_text()
+    (line,) = [x for x in page.splitlines() if x.startswith("| 10,000 |")]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[9:13] == ["50,123", "0", "2", "1"]
+    assert "`conntrack -F`" in page
+    (tc,) = [x for x in page.splitlines() if x.startswith("| offload_tc | default |")]
+    assert [c.strip() for c in tc.split("|")[1:-1]][8] == "317"
+    assert "1,000-packet pfifo" in page
