@@ -41,9 +41,16 @@ def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic
         return (wire_ns.ethtool_stats("wb")["tx_queue_0_xdp_xmit"] - sent0,
                 lab.router.link_stat(wire.PORT, "rx_packets") - rx0)
 
-    poll(lambda: (c := counts())[0] == c[1], timeout=5, step=0.05)
-    frames, received = counts()
-    assert frames == received, (frames, received)
+    def settled() -> tuple[int, int] | None:
+        c = counts()
+        return c if c[0] == c[1] else None
+
+    # Judged on the reading that matched: a later one can catch a frame the
+    # sender's host sent after the transfer in flight,
+    # counted as handed over and not yet as received (CI once saw 1408, 1407).
+    got = poll(settled, timeout=5, step=0.05)
+    assert got, (counts(), lab.router.ethtool_stats(wire.PORT))
+    frames, _received = got
     assert frames >= size // 1500, frames
 
 
