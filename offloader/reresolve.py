@@ -246,6 +246,8 @@ class Offsets:
         self.k_saddr = off("struct ofl_key", "saddr")
         self.k_daddr = off("struct ofl_key", "daddr")
         self.f_state = off("struct ofl_flow", "state")
+        self.f_seen = off("struct ofl_flow", "seen")
+        self.seen_ended = lay.const("OFL_SEEN_FIN") | lay.const("OFL_SEEN_RST")
         self.v_flags = off("struct ofl_verdict", "flags")
         self.v_mark = off("struct ofl_verdict", "ct_mark")
         self.v_nat_daddr = off("struct ofl_verdict", "nat_daddr")
@@ -270,6 +272,15 @@ class Offsets:
 
     def offloaded(self, v: bytes) -> bool:
         return int.from_bytes(v[self.f_state : self.f_state + 4], "little") == self.state_offload
+
+    def live(self, v: bytes) -> bool:
+        """Offloaded and not closing: after a FIN or RST the datapath passes
+        the rest of that direction to the kernel, and the next sweep removes
+        the entry (counted there as the TCP flags'). Re-resolving it would
+        change nothing a packet sees, only count a hand-back twice."""
+        return (self.offloaded(v)
+                and not int.from_bytes(v[self.f_seen : self.f_seen + 4], "little")
+                & self.seen_ended)
 
 
 # judge(raw key, raw flow): True kept, False rerouted, None handed back
@@ -337,7 +348,7 @@ class Pass:
                 continue
             for i in range(self._at, min(n, self._at + 8)):
                 k, v = kb[i * ks : (i + 1) * ks], vb[i * vs : (i + 1) * vs]
-                if not off.offloaded(v) or (lookup and not scope.matches(lookup(k, v))):
+                if not off.live(v) or (lookup and not scope.matches(lookup(k, v))):
                     continue
                 try:
                     verdict = self.judge(k, v)

@@ -45,9 +45,9 @@ def test_tcp_from_the_nic_sender_arrives_intact_as_xdp_frames(lab: Topology, nic
         c = counts()
         return c if c[0] == c[1] else None
 
-    # Judged on the reading that matched: a later one can catch a frame the
-    # sender's host sent after the transfer in flight,
-    # counted as handed over and not yet as received (CI once saw 1408, 1407).
+    # Judged on the reading that matched: a later one can catch in flight a
+    # frame the sender's host sent after the transfer, counted as handed
+    # over and not yet as received (CI once saw 1408, 1407).
     got = poll(settled, timeout=5, step=0.05)
     assert got, (counts(), lab.router.ethtool_stats(wire.PORT))
     frames, _received = got

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from offloader.datapath import FlowKey, L2Header, Verdict
+from offloader.layout import layout
 from offloader.netwatch import Changes, NetWatcher
 from offloader.reresolve import (
     Lookup,
@@ -204,6 +205,26 @@ def test_only_offloaded_flows_in_scope_are_judged() -> None:
         pass
     assert sorted(judged) == sorted(m.entries[i][0] for i in range(16) if i != 5)
     assert done[0].torn_down == 15 and done[0].kept == 0
+
+
+def test_a_closing_flow_is_left_to_the_sweep() -> None:
+    # The datapath saw a FIN (or RST) on flow 3 and passes the rest of it
+    # already; a route change over it neither judges it nor counts it.
+    m, judged = FakeMap(10), []
+    k, v = m.entries[3]
+    for flag in ("OFL_SEEN_FIN", "OFL_SEEN_RST"):
+        seen = (int.from_bytes(v[OFF.f_seen : OFF.f_seen + 4], "little")
+                | layout().const(flag)).to_bytes(4, "little")
+        m.entries[3] = (k, v[: OFF.f_seen] + seen + v[OFF.f_seen + 4 :])
+        judged.clear()
+        p, done = make_pass(m, judged, verdict=None)
+        everything = Scope()
+        everything.add(None)
+        p.wanted(everything)
+        while p.step():
+            pass
+        assert k not in judged and len(judged) == 9
+        assert done[0].checked == 9 and done[0].torn_down == 9
 
 
 def test_changes_during_a_pass_queue_one_more_pass() -> None:
