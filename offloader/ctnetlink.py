@@ -224,30 +224,40 @@ def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _fixed_tuple(v6: bool) -> tuple[struct.Struct, tuple[int, ...]]:
+def _fixed_tuple(v6: bool) -> tuple[struct.Struct, tuple[bytes, ...]]:
     """The layout the kernel writes a TCP/UDP tuple in (ctnetlink_dump_tuples:
-    addresses, then protocol number and ports), as one struct, with the
-    attribute headers it must show."""
+    addresses, then protocol number and ports), as one struct of the
+    addresses, the protocol and the attribute headers between them, with
+    the header bytes it must show (the ports are read after, in network
+    order)."""
     n = 16 if v6 else 4
-    ip_len = 4 + 2 * (4 + n)
-    fmt = f"=HHHH{n}sHH{n}sHHHHB3xHH2s2xHH2s2x"
-    heads = (ip_len, CTA_TUPLE_IP | NLA_F_NESTED, 4 + n, CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC,
-             4 + n, CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, 28, CTA_TUPLE_PROTO | NLA_F_NESTED,
-             5, CTA_PROTO_NUM, 6, CTA_PROTO_SRC_PORT, 6, CTA_PROTO_DST_PORT)
-    return struct.Struct(fmt), heads
+    head = struct.Struct("=HH").pack
+    heads = (head(4 + 2 * (4 + n), CTA_TUPLE_IP | NLA_F_NESTED)
+             + head(4 + n, CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC),
+             head(4 + n, CTA_IP_V6_DST if v6 else CTA_IP_V4_DST),
+             head(28, CTA_TUPLE_PROTO | NLA_F_NESTED) + head(5, CTA_PROTO_NUM),
+             head(6, CTA_PROTO_SRC_PORT), head(6, CTA_PROTO_DST_PORT))
+    return struct.Struct(f"=8s{n}s4s{n}s8sB3x4s4x4s"), heads
 
 
 _FIXED = {20 + 28: _fixed_tuple(False), 44 + 28: _fixed_tuple(True)}  # by the tuple's length
+_PORTS = struct.Struct("!H6xH")  # source port, its padding and the next header, destination port
 
 
-def _tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
+def tuple_at(data: bytes, span: tuple[int, int]) -> Raw5 | None:
+    """The tuple nest whose payload is ``data[span[0]:span[1]]``."""
     fixed = _FIXED.get(span[1] - span[0])
     if fixed is not None:  # the usual layout, read in one step (events are decoded by the thousand)
         layout, heads = fixed
-        (a, b, c, d, src, e, f, dst, g, h, i, j, proto, k, m, sport, n_, o, dport
-         ) = layout.unpack_from(data, span[0])
-        if (a, b, c, d, e, f, g, h, i, j, k, m, n_, o) == heads:
-            return (proto, src, dst, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"))
+        h1, src, h2, dst, h3, proto, h4, h5 = layout.unpack_from(data, span[0])
+        if (h1, h2, h3, h4, h5) == heads:
+            sport, dport = _PORTS.unpack_from(data, span[0] + 28 + 2 * len(src))
+            return (proto, src, dst, sport, dport)
+    return _walked_tuple(data, span)
+
+
+def _walked_tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
+    """A tuple nest of any layout, attribute by attribute."""
     top = _attrs(data, *span)
     if CTA_TUPLE_IP not in top or CTA_TUPLE_PROTO not in top:
         return None
@@ -256,12 +266,15 @@ def _tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
     src = ip.get(CTA_IP_V4_SRC) or ip.get(CTA_IP_V6_SRC)
     dst = ip.get(CTA_IP_V4_DST) or ip.get(CTA_IP_V6_DST)
     num = l4.get(CTA_PROTO_NUM)
-    if not src or not dst or not num:
+    if not src or not dst or not num or num[1] <= num[0]:
         return None
-    sp, dp = l4.get(CTA_PROTO_SRC_PORT), l4.get(CTA_PROTO_DST_PORT)
     return (data[num[0]], data[src[0]:src[1]], data[dst[0]:dst[1]],
-            struct.unpack_from("!H", data, sp[0])[0] if sp else 0,
-            struct.unpack_from("!H", data, dp[0])[0] if dp else 0)
+            _port(data, l4.get(CTA_PROTO_SRC_PORT)), _port(data, l4.get(CTA_PROTO_DST_PORT)))
+
+
+def _port(data: bytes, span: tuple[int, int] | None) -> int:
+    """A port attribute's value; 0 when absent (ICMP) or short."""
+    return int.from_bytes(data[span[0]:span[0] + 2], "big") if span and span[1] - span[0] >= 2 else 0
 
 
 class Decoded:
@@ -335,9 +348,9 @@ def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int, seq: int) -
     msg = Decoded(kind & 0xFF, flags, seq)
     top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
     if CTA_TUPLE_ORIG in top:
-        msg.orig = _tuple(data, top[CTA_TUPLE_ORIG])
+        msg.orig = tuple_at(data, top[CTA_TUPLE_ORIG])
     if CTA_TUPLE_REPLY in top:
-        msg.reply = _tuple(data, top[CTA_TUPLE_REPLY])
+        msg.reply = tuple_at(data, top[CTA_TUPLE_REPLY])
     if CTA_STATUS in top:
         msg.status = struct.unpack_from("!I", data, top[CTA_STATUS][0])[0]
     if CTA_TIMEOUT in top:
@@ -348,16 +361,17 @@ def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int, seq: int) -
         msg.mark = struct.unpack_from("!I", data, top[CTA_MARK][0])[0]
     msg.helper = CTA_HELP in top
     if CTA_PROTOINFO in top:
-        msg.tcp_state = _tcp_state(data, top[CTA_PROTOINFO])
+        msg.tcp_state = tcp_state(data, top[CTA_PROTOINFO])
     return msg
 
 
-def _tcp_state(data: bytes, protoinfo: tuple[int, int]) -> int:
+def tcp_state(data: bytes, protoinfo: tuple[int, int]) -> int:
     info = _attrs(data, *protoinfo)
     if CTA_PROTOINFO_TCP in info:
         tcp = _attrs(data, *info[CTA_PROTOINFO_TCP])
-        if CTA_PROTOINFO_TCP_STATE in tcp:
-            return data[tcp[CTA_PROTOINFO_TCP_STATE][0]]
+        state = tcp.get(CTA_PROTOINFO_TCP_STATE)
+        if state and state[1] > state[0]:
+            return data[state[0]]
     return -1
 
 

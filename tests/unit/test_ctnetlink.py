@@ -96,11 +96,11 @@ def test_the_one_step_tuple_read_equals_the_attribute_walk(proto: int, v6: bool,
         inner = tup[4:] + ctnetlink._attr(3, struct.pack("!H", 9))
         tup = struct.pack("=HH", 4 + len(inner), ctnetlink.CTA_TUPLE_ORIG | 0x8000) + inner
     span = (4, len(tup))
-    got = ctnetlink._tuple(tup, span)
+    got = ctnetlink.tuple_at(tup, span)
     fixed = dict(ctnetlink._FIXED)
     ctnetlink._FIXED.clear()
     try:
-        walked = ctnetlink._tuple(tup, span)
+        walked = ctnetlink.tuple_at(tup, span)
     finally:
         ctnetlink._FIXED.update(fixed)
     assert got == walked == t
