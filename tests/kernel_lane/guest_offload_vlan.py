@@ -61,10 +61,11 @@ def vlan_tc_hand_on(vlan):
 
 # Rates far below what the lane forwards unshaped (about 100 Mbit/s of TCP under
 # emulation on a quiet host; with other guests on the same 2 CPUs a Python receiver
-# still took 3 Mbit/s offloaded but the ifb's kernel path only ~1.3 Mbit/s), each
+# still took 3 Mbit/s offloaded but the ifb's kernel path only ~1.3 Mbit/s, and on
+# a slower host 1.18 Mbit/s against a 1.5 Mbit/s cake: CI, 2026-12-03), each
 # different, so a measurement shows which shaper held it.
 SQM_UP_KBIT = int(os.environ.get("KERNEL_LANE_SQM_UP_KBIT", "1000"))  # cake on the WAN
-SQM_DOWN_KBIT = int(os.environ.get("KERNEL_LANE_SQM_DOWN_KBIT", "1500"))  # cake on the ifb
+SQM_DOWN_KBIT = int(os.environ.get("KERNEL_LANE_SQM_DOWN_KBIT", "700"))  # cake on the ifb
 SQM_LAN_KBIT = int(os.environ.get("KERNEL_LANE_SQM_LAN_KBIT", "1200"))  # cake on rl0
 SQM_SECONDS = 3  # measured, after the bulk's first quarter (about 1 s) left out
 SQM_TOLERANCE = 0.10
