@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_CREATE
@@ -491,11 +491,10 @@ class Addresses:
         return got
 
 
-def _t5(raw: ctnetlink.Raw5 | None,
-        addr: Callable[[bytes], IPAddress] = _new_address) -> Tuple5 | None:
+def _t5(raw: ctnetlink.Raw5 | None) -> Tuple5 | None:
     if raw is None or raw[0] not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         return None
-    return Tuple5(raw[0], addr(raw[1]), addr(raw[2]), raw[3], raw[4])
+    return Tuple5(raw[0], _new_address(raw[1]), _new_address(raw[2]), raw[3], raw[4])
 
 
 def event_entry(msg: ctnetlink.Decoded) -> CtEntry | None:
@@ -503,20 +502,16 @@ def event_entry(msg: ctnetlink.Decoded) -> CtEntry | None:
     return _entry_from(msg)
 
 
-def _entry_from(msg: ctnetlink.Decoded,
-                addr: Callable[[bytes], IPAddress] = _new_address) -> CtEntry | None:
-    orig, reply = _t5(msg.orig, addr), _t5(msg.reply, addr)
+def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
+    orig, reply = _t5(msg.orig), _t5(msg.reply)
     if orig is None or reply is None:
         return None
     return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout,
                    msg.mark)
 
 
-_NLMSG = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
 _BE32 = struct.Struct("!I")
 _BE16 = struct.Struct("!H")
-_CT_SUBSYS = NFNL_SUBSYS_CTNETLINK
 _L4 = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
 
 
@@ -530,10 +525,10 @@ def events_of(data: bytes, addresses: Addresses | None = None) -> list[CtEvent]:
     addresses = addresses or Addresses()
     pos, size = 0, len(data)
     while pos + 16 <= size:
-        length, kind, flags, _seq, _pid = _NLMSG.unpack_from(data, pos)
+        length, kind, flags, _seq, _pid = ctnetlink.NLMSGHDR.unpack_from(data, pos)
         if length < 16 or pos + length > size:
             break
-        if kind >> 8 == _CT_SUBSYS:
+        if kind >> 8 == NFNL_SUBSYS_CTNETLINK:
             event = _event(data, pos + 20, pos + length, kind & 0xFF, flags, addresses)
             if event is not None:
                 out.append(event)
@@ -552,7 +547,7 @@ def _event(data: bytes, pos: int, end: int, msg_type: int, flags: int,
     scalars = [0, 0, 0, 0]  # status, timeout, zone, mark
     tcp_state, helper = -1, False
     while pos + 4 <= end:
-        length, kind = _NLA.unpack_from(data, pos)
+        length, kind = ctnetlink.NLA.unpack_from(data, pos)
         if length < 4 or pos + length > end:
             break
         kind &= ctnetlink.NLA_TYPE_MASK

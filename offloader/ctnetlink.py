@@ -61,15 +61,15 @@ CTA_PROTOINFO_TCP_STATE = 1
 CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
 CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
 
-_NLMSGHDR = struct.Struct("=IHHII")
+NLMSGHDR = struct.Struct("=IHHII")  # shared with conntrack.events_of
 _NFGENMSG = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
+NLA = struct.Struct("=HH")
 
 Raw5 = tuple[int, bytes, bytes, int, int]  # proto, src, dst, sport, dport
 
 
 def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
-    head = _NLA.pack(_NLA.size + len(payload), kind | (NLA_F_NESTED if nested else 0))
+    head = NLA.pack(NLA.size + len(payload), kind | (NLA_F_NESTED if nested else 0))
     return head + payload + b"\0" * (-len(payload) % 4)
 
 
@@ -181,7 +181,7 @@ def _encode_update_attrs(seq: int, t: Raw5, *, reply: bool, zone: int = 0,
     payload = _NFGENMSG.pack(family, 0, 0) + body
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
 
 
 def encode_delete(seq: int, t: Raw5, *, reply: bool, zone: int = 0) -> bytes:
@@ -194,7 +194,7 @@ def encode_delete(seq: int, t: Raw5, *, reply: bool, zone: int = 0) -> bytes:
     family = socket.AF_INET6 if len(t[1]) == 16 else socket.AF_INET
     payload = _NFGENMSG.pack(family, 0, 0) + body
     kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST, seq, 0) + payload
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST, seq, 0) + payload
 
 
 def encode_get(seq: int, t: Raw5, *, zone: int = 0) -> bytes:
@@ -207,7 +207,7 @@ def encode_get(seq: int, t: Raw5, *, zone: int = 0) -> bytes:
     family = socket.AF_INET6 if len(t[1]) == 16 else socket.AF_INET
     payload = _NFGENMSG.pack(family, 0, 0) + body
     kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_ACK, seq,
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_ACK, seq,
                           0) + payload
 
 
@@ -216,7 +216,7 @@ def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     out: dict[int, tuple[int, int]] = {}
     pos = start
     while pos + 4 <= end:
-        length, kind = _NLA.unpack_from(data, pos)
+        length, kind = NLA.unpack_from(data, pos)
         if length < 4 or pos + length > end:
             break
         out[kind & NLA_TYPE_MASK] = (pos + 4, pos + length)
@@ -231,7 +231,7 @@ def _fixed_tuple(v6: bool) -> tuple[struct.Struct, tuple[bytes, ...]]:
     the header bytes it must show (the ports are read after, in network
     order)."""
     n = 16 if v6 else 4
-    head = struct.Struct("=HH").pack
+    head = NLA.pack
     heads = (head(4 + 2 * (4 + n), CTA_TUPLE_IP | NLA_F_NESTED)
              + head(4 + n, CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC),
              head(4 + n, CTA_IP_V6_DST if v6 else CTA_IP_V4_DST),
@@ -312,7 +312,7 @@ def encode_dump(seq: int, family: int) -> bytes:
     """A request for every conntrack entry of ``family`` (all zones)."""
     payload = _NFGENMSG.pack(family, 0, 0)
     kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
                           0) + payload
 
 
@@ -329,13 +329,13 @@ class Ack:
 def decode(data: bytes) -> Iterator[Decoded | Ack | Done]:
     """The conntrack messages, acknowledgements and dump ends in a netlink datagram."""
     pos = 0
-    while pos + _NLMSGHDR.size <= len(data):
-        length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
-        if length < _NLMSGHDR.size or pos + length > len(data):
+    while pos + NLMSGHDR.size <= len(data):
+        length, kind, flags, seq, _pid = NLMSGHDR.unpack_from(data, pos)
+        if length < NLMSGHDR.size or pos + length > len(data):
             break
         end = pos + length
         if kind == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", data, pos + _NLMSGHDR.size)
+            (err,) = struct.unpack_from("=i", data, pos + NLMSGHDR.size)
             yield Ack(seq, err)
         elif kind == NLMSG_DONE:
             yield Done(seq, bool(flags & NLM_F_DUMP_INTR))
@@ -346,7 +346,7 @@ def decode(data: bytes) -> Iterator[Decoded | Ack | Done]:
 
 def _decoded(data: bytes, pos: int, end: int, kind: int, flags: int, seq: int) -> Decoded:
     msg = Decoded(kind & 0xFF, flags, seq)
-    top = _attrs(data, pos + _NLMSGHDR.size + _NFGENMSG.size, end)
+    top = _attrs(data, pos + NLMSGHDR.size + _NFGENMSG.size, end)
     if CTA_TUPLE_ORIG in top:
         msg.orig = tuple_at(data, top[CTA_TUPLE_ORIG])
     if CTA_TUPLE_REPLY in top:
