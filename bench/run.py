@@ -278,6 +278,10 @@ def sender_offloads(host: Host, on: bool) -> None:
 
 TCP_MODES = ("slow_path", "offload_xdp", "offload_tc", "offload_hybrid")
 TCP_VARIANTS = ("default", "mtu_frames", "nic_frames")
+# The bare ceilings run on the router-cost variants too: the least a program of
+# each hook can spend per GB of TCP on this path, the floor the offloads' goal
+# (CPU per GB against the slow path's) meets in this lab.
+TCP_CEILINGS = ("ceiling", "ceiling_tc")
 
 
 def measure_tcp(topo: Topology, bins: dict[str, Path], seconds: float,
@@ -303,20 +307,20 @@ def measure_tcp(topo: Topology, bins: dict[str, Path], seconds: float,
     each = seconds / max(1, rounds)
     for _ in range(max(1, rounds)):
         for variant in ("default", "mtu_frames"):
-            for mode in TCP_MODES:
+            for mode in TCP_MODES + (TCP_CEILINGS if variant == "mtu_frames" else ()):
                 # XDP (hybrid: before the hand-over) redirects what the sender's
                 # veth leaves CHECKSUM_PARTIAL unfinished: its tx checksum stays off.
                 sender_offloads(topo.lan1, variant == "default"
                                 and mode not in ("offload_xdp", "offload_hybrid"))
                 try:
                     runs.setdefault((mode, variant), []).append(
-                        _tcp_round(topo, mode, variant, each, topo.lan1, LAN_PORT))
+                        _tcp_round(topo, mode, variant, each, topo.lan1, LAN_PORT, bins))
                 finally:
                     sender_offloads(topo.lan1, False)
         with wire.nic_sender(topo, bins["wire"]) as nic:
-            for mode in TCP_MODES:
+            for mode in TCP_MODES + TCP_CEILINGS:
                 runs.setdefault((mode, "nic_frames"), []).append(
-                    _tcp_round(topo, mode, "nic_frames", each, nic, wire.PORT))
+                    _tcp_round(topo, mode, "nic_frames", each, nic, wire.PORT, bins))
     out: dict[str, Any] = {}
     for (mode, variant), results in runs.items():
         out.update(median_round(results, f"{mode}_{variant}",
@@ -334,8 +338,29 @@ def median_round(results: list[dict[str, Any]], prefix: str, metric: str) -> dic
     return pick
 
 
+@contextlib.contextmanager
+def tcp_ceiling(topo: Topology, bins: dict[str, Path], mode: str, port: str) -> Iterator[None]:
+    """A bare ceiling (``ceiling`` XDP, ``ceiling_tc`` TC) on ``port``
+    forwards the data direction to the WAN host as it is, without NAT; the
+    WAN host routes its ACKs to the LAN back through the router, whose
+    kernel forwards them (their receive work is not the LAN port's kthread,
+    so it is not charged in any mode). Removed on exit, also on failure."""
+    name, attach, detach, _offset = next(c for c in CEILINGS.values() if c[0] == mode)
+    route = f"{labmod.LAN4}0/24 via {labmod.ROUTER_WAN4}"
+    added = topo.wan.sh(f"ip route add {route}", check=False).returncode == 0
+    try:
+        attach(topo, bins[name], port=port)
+        try:
+            yield
+        finally:
+            detach(topo.router, port)
+    finally:
+        if added:
+            topo.wan.sh(f"ip route del {route}", check=False)
+
+
 def _tcp_round(topo: Topology, mode: str, variant: str, seconds: float, client: Host,
-               port: str) -> dict[str, Any]:
+               port: str, bins: dict[str, Path]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # GRO at the router's port, as on a real NIC; it also puts the veth's
     # receive path in NAPI, whose kthread is the router's cost.
@@ -352,12 +377,14 @@ def _tcp_round(topo: Topology, mode: str, variant: str, seconds: float, client: 
     cpus = (ROUTER_CPU, SENDER_CPU) if variant == "default" else None
     try:
         with tools.egress_queue(topo.router, (WAN_PORT, port)):
-            if mode == "slow_path":
-                fwd0 = topo.nft_counter("fwd_established")[0]
-                c0 = labmod.thread_cpu_s(napi)
-                g, rtx = iperf(topo, seconds, client, cpus)
-                cpu = labmod.thread_cpu_s(napi) - c0
-                seen = topo.nft_counter("fwd_established")[0] - fwd0
+            if mode in ("slow_path", *TCP_CEILINGS):
+                with (tcp_ceiling(topo, bins, mode, port) if mode in TCP_CEILINGS
+                      else contextlib.nullcontext()):
+                    fwd0 = topo.nft_counter("fwd_established")[0]
+                    c0 = labmod.thread_cpu_s(napi)
+                    g, rtx = iperf(topo, seconds, client, cpus)
+                    cpu = labmod.thread_cpu_s(napi) - c0
+                    seen = topo.nft_counter("fwd_established")[0] - fwd0
             else:
                 hook = mode.split("_")[1]
                 with Agent(topo, hook) as agent:
@@ -702,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
                     result[f"{mode}_tcp_cpu_s_per_gb"] = t[f"{mode}_mtu_frames_cpu_s_per_gb"]
                     result[f"{mode}_tcp_nic_cpu_s_per_gb"] = t[f"{mode}_nic_frames_cpu_s_per_gb"]
                     result[f"{mode}_tcp_nic_gbps"] = t[f"{mode}_nic_frames_gbps"]
+                for mode in TCP_CEILINGS:
+                    result[f"{mode}_tcp_cpu_s_per_gb"] = t[f"{mode}_mtu_frames_cpu_s_per_gb"]
+                    result[f"{mode}_tcp_nic_cpu_s_per_gb"] = t[f"{mode}_nic_frames_cpu_s_per_gb"]
             if "setup" in only:
                 s = measure_setup(topo, bins, 1000, 400.0,
                                   [5000.0, 10000.0, 20000.0] if q
@@ -777,7 +807,7 @@ def _ratios(r: dict[str, Any]) -> None:
         cb = r.get(f"slow_path_tcp{frames}_cpu_s_per_gb")
         if not cb:
             continue
-        for m in ("offload_xdp", "offload_tc", "offload_hybrid"):
+        for m in ("offload_xdp", "offload_tc", "offload_hybrid", *TCP_CEILINGS):
             if r.get(f"{m}_tcp{frames}_cpu_s_per_gb") is not None:
                 r[f"{m}_tcp{frames}_cpu_per_gb_vs_slow_path"] = round(
                     r[f"{m}_tcp{frames}_cpu_s_per_gb"] / cb, 3)
