@@ -65,6 +65,10 @@ _Static_assert(sizeof(struct ofl_key) == 52, "ofl_key layout");
 #define OFL_V_REPLY (1U << 4) /* agent only: the key is conntrack's reply direction */
 #define OFL_V_ASSURED (1U << 5) /* agent only: conntrack had the entry assured */
 #define OFL_V_TC (1U << 6) /* hybrid hook: TC forwards it after GRO, XDP passes it */
+/* agent only: offloaded with conntrack's own (short) timeout not yet renewed:
+ * the sweep renews it at the first due instant of that timeout's period if
+ * the flow carried a packet, else hands it back to the kernel's timeout. */
+#define OFL_V_YOUNG (1U << 7)
 
 /*
  * What to do with a flow's packets. The agent computes the checksum deltas

@@ -162,6 +162,7 @@ class Verdict:
     zone: int = 0  # conntrack zone
     mark: int = 0  # conntrack mark the route was looked up with
     assured: bool = False  # conntrack had the entry assured (its timeout class)
+    young: bool = False  # conntrack's own timeout not yet renewed (OFL_V_YOUNG)
 
     def pack(self, state: int | None = None, last_seen_ns: int = 0) -> bytes:
         """The ofl_flow value: verdict, zero counters, ``state``, last seen."""
@@ -202,6 +203,8 @@ class Verdict:
             flags |= lay.const("OFL_V_REPLY")
         if self.assured:
             flags |= lay.const("OFL_V_ASSURED")
+        if self.young:
+            flags |= lay.const("OFL_V_YOUNG")
         v.flags = flags
         v.ct_zone = self.zone
         v.ct_mark = self.mark
@@ -240,7 +243,8 @@ class Verdict:
             nat_sport=socket.ntohs(v.nat_sport) if flags & lay.const("OFL_V_SPORT") else None,
             nat_dport=socket.ntohs(v.nat_dport) if flags & lay.const("OFL_V_DPORT") else None,
             reply=bool(flags & lay.const("OFL_V_REPLY")), zone=v.ct_zone, mark=v.ct_mark,
-            assured=bool(flags & lay.const("OFL_V_ASSURED")))
+            assured=bool(flags & lay.const("OFL_V_ASSURED")),
+            young=bool(flags & lay.const("OFL_V_YOUNG")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,7 @@ class Decider:
         self.first_seen: dict[bytes, int] = {}
         self.packer = VerdictPacker()
         self.rec = Records()
+        self._v_flags, self._young = self.rec.v_flags, self.rec.flag_young
         self._paths: dict[tuple[object, ...], Egress | PassReason] = {}
 
     def learn_ruleset(self) -> None:
@@ -138,7 +139,8 @@ class Decider:
         if first_seen:
             self.latencies.note((now - first_seen) / 1e6)
         self.first_seen.pop(raw, None)
-        self.ct.offloaded(raw, is_reply, entry.zone, entry.assured)  # its long timeout: next tick
+        if not value[self._v_flags] & self._young:  # a young one's: at the sweep's due instant
+            self.ct.offloaded(raw, is_reply, entry.zone, entry.assured)  # its long timeout: next tick
         self.net.used(path.l3_oif, path.nexthop, path.l2.dmac)
         self.state.decided(raw, now)
         self.counters.offloaded += 1

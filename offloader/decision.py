@@ -159,11 +159,13 @@ class Exclusions:
 def verdict_for(key: FlowKey, path: Egress, target: Tuple5, entry: CtEntry,
                 is_reply: bool) -> Verdict:
     """The verdict that forwards ``key`` along ``path``, rewritten to
-    ``target`` (its tuple after NAT)."""
+    ``target`` (its tuple after NAT). A UDP flow's is young: its conntrack
+    entry has the kernel's own timeout, which the sweep renews only if the
+    flow carries a packet (most new UDP flows, DNS, end with their reply)."""
     return Verdict(oif=path.oif, l2=path.l2, mtu=path.mtu, key=key, nat_src=target.src,
                    nat_dst=target.dst, nat_sport=target.sport, nat_dport=target.dport,
                    reply=is_reply, zone=entry.zone, assured=entry.assured,
-                   mark=entry.mark)
+                   mark=entry.mark, young=key.proto == socket.IPPROTO_UDP)
 
 
 TEMPLATES_KEPT = 4096  # verdict templates (112 bytes and a key each); all dropped when full
@@ -194,7 +196,7 @@ class VerdictPacker:
         """The value for raw key ``raw``, whose tuple is ``own``."""
         sport, dport, new_sport, new_dport = own.sport, own.dport, target.sport, target.dport
         nat_sport, nat_dport = new_sport != sport, new_dport != dport
-        tk = (path, own.src, own.dst, target.src, target.dst, is_reply, entry.zone,
+        tk = (path, own.proto, own.src, own.dst, target.src, target.dst, is_reply, entry.zone,
               entry.status, entry.mark, nat_sport, nat_dport)
         template = self._templates.get(tk)
         if template is None:

@@ -50,6 +50,7 @@ class Records:
         self.v_pppoe = ffi.offsetof("struct ofl_verdict", "pppoe_sid")
         self.v_dsa = ffi.offsetof("struct ofl_verdict", "dsa_proto")
         self.flag_tc = consts["OFL_V_TC"]
+        self.flag_young = consts["OFL_V_YOUNG"]
         self.seen_closing = consts["OFL_SEEN_FIN"] | consts["OFL_SEEN_RST"] | consts["OFL_SEEN_SYN"]
         self.seen_kernel = consts["OFL_SEEN_KERNEL"]
         self.dsa_port_none = consts["OFL_DSA_PORT_NONE"]
@@ -121,9 +122,9 @@ class Records:
                 and not any(f[self.v_vlan : self.v_vlan + 2])
                 and not any(f[self.v_pppoe : self.v_pppoe + 2]) and not f[self.v_dsa])
 
-    def with_flags(self, raw_flow: bytes, add: int) -> bytes:
+    def with_flags(self, raw_flow: bytes, add: int, drop: int = 0) -> bytes:
         i = self.v_flags
-        return raw_flow[:i] + bytes([raw_flow[i] | add]) + raw_flow[i + 1 :]
+        return raw_flow[:i] + bytes([(raw_flow[i] | add) & ~drop]) + raw_flow[i + 1 :]
 
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]
@@ -138,7 +139,7 @@ class Columns:
     ports' hash) is answered from the columns' bytes without an int object
     per entry; only the entries picked are then looked at one by one."""
 
-    __slots__ = ("n", "states", "seens", "lasts", "sports", "dports")
+    __slots__ = ("n", "states", "seens", "lasts", "sports", "dports", "_hashes")
     n: int
     states: array[int]
     seens: array[int]
@@ -157,6 +158,7 @@ class Columns:
         w16 = array("H", kb)
         self.sports = w16[rec.w_sport :: ks // 2]
         self.dports = w16[rec.w_sport + 1 :: ks // 2]
+        self._hashes: tuple[memoryview, bytes] | None = None
 
     def all_equal(self, column: array[int], value: int) -> bool:
         """Whether every item of ``column`` (states, seens) is ``value``."""
@@ -180,10 +182,12 @@ class Columns:
 
     def port_hashes(self) -> tuple[memoryview, bytes]:
         """(sport ^ dport of every key, the hashes' high bytes), the xor
-        taken over the two columns as big integers."""
-        raw = (int.from_bytes(self.sports.tobytes(), "little")
-               ^ int.from_bytes(self.dports.tobytes(), "little")).to_bytes(2 * self.n, "little")
-        return memoryview(raw).cast("H"), raw[_HIGH_BYTE::2]
+        taken over the two columns as big integers (once a batch)."""
+        if self._hashes is None:
+            raw = (int.from_bytes(self.sports.tobytes(), "little")
+                   ^ int.from_bytes(self.dports.tobytes(), "little")).to_bytes(2 * self.n, "little")
+            self._hashes = memoryview(raw).cast("H"), raw[_HIGH_BYTE::2]
+        return self._hashes
 
 
 @functools.lru_cache(maxsize=64)  # batch sizes: SERVED_BATCH and a few short of it

@@ -8,7 +8,12 @@ classifies every entry it reads from its bytes alone:
     past its protocol's timeout, or conntrack destroyed or closed it;
   - refresh: an offloaded flow that carried traffic and whose slice of the
     refresh period is due gets its conntrack timeout renewed, with the
-    timeout the kernel itself would set for its class (``RefreshClass``).
+    long timeout of its class (``RefreshClass``, ``SweepPlan.keep_s``);
+  - young (OFL_V_YOUNG, a new UDP flow's verdict): its conntrack entry still
+    has the kernel's own timeout. At a due instant of that timeout's period
+    it is renewed if it carried a packet since it was offloaded, or handed
+    back when no later instant would come in time; a flow that ends with
+    its reply (DNS) costs conntrack no message at all (``_young``).
 
 ``classify`` is pure (bytes, a clock and a plan in, actions out), so it is
 tested without BPF or root. ``Sweeper`` is handed the map and the refresh
@@ -19,6 +24,7 @@ the next tick tries again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import socket
@@ -106,11 +112,16 @@ class SweepPlan:
     marks: dict[bytes, int] = field(default_factory=dict)  # wire id -> current conntrack mark
     held: set[bytes] = field(default_factory=set)  # wire ids of connections handed back (Handback)
     offload_timeout_s: int = OFFLOAD_TIMEOUT_S
+    # How long until an entry read now is read again, at most; None: as
+    # ``interval_s``. The first pass after a start counts every flow as due
+    # (``interval_s`` an hour) but reads the next pass as soon as any.
+    reread_s: float | None = None
     _due: dict[tuple[RefreshClass, bool] | None, bytes] | None = field(default=None, init=False,
                                                                        repr=False)
     _prefilters: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict, init=False,
                                                               repr=False)
-    _blocks: bytes | None = field(default=None, init=False, repr=False)
+    _blocks: dict[bool, bytes] = field(default_factory=dict, init=False, repr=False)
+    _longer: frozenset[RefreshClass] | None = field(default=None, init=False, repr=False)
     _cuts: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
     _schedules: tuple[tuple[RefreshClass, bytes, int], ...] | None = field(
         default=None, init=False, repr=False)
@@ -152,14 +163,27 @@ class SweepPlan:
             got = self._due[(cls, short)] = self._table(self.period_s(cls, short))
         return got
 
-    def due_blocks(self) -> bytes:
+    def due_blocks(self, short: bool = False) -> bytes:
         """For each high byte of a port hash, 1 when any hash with it is
-        due now (``due_table()``, any class): a ``translate`` table that
-        picks the refresh candidates of a batch in C."""
-        if self._blocks is None:
-            table = self.due_table()
-            self._blocks = bytes(1 in table[b << 8 : (b + 1) << 8] for b in range(256))
-        return self._blocks
+        due now (``due_table()``, any class; ``short``: of the classes'
+        own periods, any of those ``longer``): a ``translate`` table that
+        picks the refresh (or young) candidates of a batch in C."""
+        got = self._blocks.get(short)
+        if got is None:
+            union = 0
+            for table in ([self.due_table(c, short=True) for c in self.longer()] if short
+                          else [self.due_table()]):
+                union |= int.from_bytes(table, "little")
+            table = union.to_bytes(1 << 16, "little")
+            got = self._blocks[short] = bytes(1 in table[b << 8 : (b + 1) << 8]
+                                              for b in range(256))
+        return got
+
+    def longer(self) -> frozenset[RefreshClass]:
+        """The classes an offloaded flow renews with a longer timeout than their own."""
+        if self._longer is None:
+            self._longer = frozenset(c for c in RefreshClass if self.keep_s(c) > self.timeouts[c])
+        return self._longer
 
     def _table(self, period_s: float) -> bytes:
         one = 1 << 16
@@ -245,6 +269,7 @@ class SweepResult:
     refresh: list[Refresh] = field(default_factory=list)
     pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
     to_tc: list[tuple[bytes, bytes]] = field(default_factory=list)  # hybrid: (key, new value)
+    settled: list[tuple[bytes, bytes]] = field(default_factory=list)  # renewed young: (key, value)
     handed: list[tuple[bytes, bytes, RefreshClass]] = field(default_factory=list)  # to put back
     found: list[tuple[bytes, bool]] = field(default_factory=list)  # held wire, still offloaded
     entries: int = 0
@@ -279,16 +304,18 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
         _destroyed(kb, plan, rec, protos, sports, dports, gone)
     if plan.marks:
         _remarked(kb, vb, plan, rec, protos, sports, dports, gone)
-    if plan.held:
-        _held(kb, plan, rec, protos, sports, dports, states, gone, out)
+    _young(kb, vb, plan, rec, cols, protos, flags_col, gone, out)
     fs = rec.flow_size
+    if plan.held:
+        _held(kb, vb, plan, rec, protos, sports, dports, states, gone, out)
     for i, reason in gone.items():
         out.remove.append(kb[i * ks : (i + 1) * ks])
         out.reasons[reason] += 1
         if reason in _PUT_BACK and states[i] == rec.state_offload:
             cls = class_of(protos[i], flags_col[i], rec)
-            if plan.keep_s(cls) > plan.timeouts[cls]:
-                out.handed.append((kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs], cls))
+            raw_flow = vb[i * fs : (i + 1) * fs]
+            if plan.keep_s(cls) > plan.timeouts[cls] and not untouched(raw_flow, rec):
+                out.handed.append((kb[i * ks : (i + 1) * ks], raw_flow, cls))
     offload = rec.state_offload
     if len(out.pass_keys) < PASS_KEYS_KEPT and not cols.all_equal(states, offload):
         room = PASS_KEYS_KEPT - len(out.pass_keys)
@@ -324,6 +351,76 @@ def _idle(plan: SweepPlan, rec: Records, cols: Columns, protos: bytes, flags_col
 _PUT_BACK = frozenset({Teardown.IDLE, Teardown.CT_MARK})
 
 
+YOUNG_SPARE_S = 1.0  # a young flow's renewal comes at least this long before its entry's end
+
+
+def _young(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Columns, protos: bytes,
+           flags_col: bytes, gone: dict[int, Teardown], out: SweepResult) -> None:
+    """Young flows (OFL_V_YOUNG): offloaded while their conntrack entry has
+    the kernel's own timeout T of their class, from the packet that let the
+    agent offload them (their last-seen stamp while they carry nothing).
+    At each due instant of T's own period P (``period_s(short=True)``):
+
+      - a flow that carried a packet since it was offloaded is renewed with
+        the long timeout, and the flag is cleared (``settled``);
+      - one that carried nothing is handed back (removed; its entry keeps
+        what the kernel left it) once the next instant, P and a read's
+        lateness (``interval_s``) away, could come later than T allows;
+        else it waits for that instant (``reread_s``: when it is read next).
+
+    A packet after the offload is therefore renewed within T, or meets the
+    kernel's own path. The candidates (young, and a due hash in their
+    high byte's block) are picked for the whole batch in C; ``_refreshes``
+    leaves young flows alone."""
+    young = rec.flag_young
+    marks = flags_col.translate(_bit_table(young))
+    if marks.find(1) < 0:
+        return
+    hashes, high = cols.port_hashes()
+    due_blocks = high.translate(plan.due_blocks(short=True))
+    both = int.from_bytes(marks, "little") & int.from_bytes(due_blocks, "little")
+    if not both:
+        return
+    ks, fs = rec.key_size, rec.flow_size
+    states, lasts = cols.states, cols.lasts
+    offload, reply, longer = rec.state_offload, rec.flag_reply, plan.longer()
+    reread = plan.interval_s if plan.reread_s is None else plan.reread_s
+    for i in _positions(both.to_bytes(cols.n, "little")):
+        if states[i] != offload or i in gone:
+            continue
+        cls = class_of(protos[i], flags_col[i], rec)
+        if cls not in longer:
+            continue  # it keeps its own timeout: renewed on the long schedule, as any flow
+        _cls, due, _since = plan.schedule(cls, short=True)
+        if not due[hashes[i]]:
+            continue
+        raw_key, raw_flow = kb[i * ks : (i + 1) * ks], vb[i * fs : (i + 1) * fs]
+        if _packets(raw_flow, rec):
+            out.refresh.append(tuple.__new__(Refresh, (raw_key, bool(flags_col[i] & reply),
+                                                      rec.zone(raw_flow), cls)))
+            out.settled.append((raw_key, rec.with_flags(raw_flow, 0, young)))
+        elif ((plan.now_ns - lasts[i]) / NS + plan.period_s(cls, short=True) + reread
+              >= plan.timeouts[cls] - YOUNG_SPARE_S):
+            gone[i] = Teardown.IDLE
+
+
+def _packets(raw_flow: bytes, rec: Records) -> int:
+    return int.from_bytes(raw_flow[rec.f_packets : rec.f_packets + 8], "little")
+
+
+def untouched(raw_flow: bytes, rec: Records) -> bool:
+    """A young flow that carried nothing since its offload: its conntrack
+    entry has exactly what the kernel left it, nothing to put back, and a
+    connection held for a hand-back finds it kernel-side."""
+    return bool(raw_flow[rec.v_flags] & rec.flag_young) and not _packets(raw_flow, rec)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_table(bit: int) -> bytes:
+    """A ``translate`` table: 1 for the bytes with ``bit`` set, else 0."""
+    return bytes(1 if b & bit else 0 for b in range(256))
+
+
 def class_of(proto: int, flags: int, rec: Records) -> RefreshClass:
     """The timeout class of a flow from its protocol and verdict flags."""
     if proto == socket.IPPROTO_TCP:
@@ -331,13 +428,15 @@ def class_of(proto: int, flags: int, rec: Records) -> RefreshClass:
     return RefreshClass.UDP if flags & rec.flag_assured else RefreshClass.UDP_NEW
 
 
-def _held(kb: bytes, plan: SweepPlan, rec: Records, protos: bytes, sports: Sequence[int],
-          dports: Sequence[int], states: Sequence[int], gone: dict[int, Teardown],
-          out: SweepResult) -> None:
+def _held(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
+          sports: Sequence[int], dports: Sequence[int], states: Sequence[int],
+          gone: dict[int, Teardown], out: SweepResult) -> None:
     """Directions of connections handed back (``plan.held``) still in the
     map: offloaded (the connection lives on) or passed (the kernel sees
-    them). Those going now are handed back themselves."""
-    ks, held = rec.key_size, plan.held
+    them; so does a young one that carried nothing since its offload, whose
+    entry has the kernel's timeout from its last packet). Those going now
+    are handed back themselves."""
+    ks, fs, held = rec.key_size, rec.flow_size, plan.held
     prefilter = plan.prefilter("held")
     if prefilter.isdisjoint(zip(protos, sports, dports, strict=True)):
         return
@@ -346,7 +445,8 @@ def _held(kb: bytes, plan: SweepPlan, rec: Records, protos: bytes, sports: Seque
         if t in prefilter and i not in gone:
             wire = rec.wire(kb[i * ks : (i + 1) * ks])
             if wire in held:
-                out.found.append((wire, states[i] == offload))
+                out.found.append((wire, states[i] == offload
+                                  and not untouched(vb[i * fs : (i + 1) * fs], rec)))
 
 
 def _bulk_to_tc(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, protos: bytes,
@@ -420,7 +520,8 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Column
     The candidates are the entries whose hash's high byte has a due hash
     (``SweepPlan.due_blocks``: one ``translate`` of the high bytes) and, when
     any entry has a seen flag, those with OFL_SEEN_KERNEL; each candidate
-    is then tested exactly."""
+    is then tested exactly. Young flows (``young``) have their own rule.
+    """
     ks, fs = rec.key_size, rec.flow_size
     hashes, high = cols.port_hashes()
     picked = high.translate(plan.due_blocks())
@@ -432,6 +533,7 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Column
     flags_col = vb[rec.v_flags :: fs]
     zones = rec.flow_column(vb, rec.v_zone, "H")
     offload, assured, reply = rec.state_offload, rec.flag_assured, rec.flag_reply
+    young, longer = rec.flag_young, plan.longer()
     tcp = socket.IPPROTO_TCP
     # (class, due table, since when traffic counts), per class
     tcp_s, udp_s, new_s = plan.schedules()
@@ -440,6 +542,8 @@ def _refreshes(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Column
         if states[i] != offload or not last or i in gone:
             continue
         flags = flags_col[i]
+        if flags & young and class_of(protos[i], flags, rec) in longer:
+            continue  # _young's
         if seens[i] & kernel:
             cls, due, since = plan.schedule(RefreshClass.TCP if protos[i] == tcp else
                                             RefreshClass.UDP if flags & assured else
@@ -520,6 +624,7 @@ class Sweeper:
         self.failures = 0
         self.refreshed = 0
         self.to_tc = 0  # flows handed to TC (hybrid)
+        self.settled = 0  # young flows renewed, their flag cleared
         self._walk: Iterator[tuple[bytes, bytes, int]] | None = None
         self._ticks = 1  # ticks the current pass is spread over
         self._tick = 0  # ticks of it run
@@ -533,6 +638,7 @@ class Sweeper:
         self.between: Callable[[], None] = lambda: None  # serves the loop (serve_with)
         self._timeouts: dict[RefreshClass, int] = {}  # the last plan's
         self._queued: list[Refresh] = []  # the walk's refreshes, sent REFRESH_SEND at a time
+        self._settling: list[tuple[bytes, bytes]] = []  # young among them: values without the flag
 
     def run(self, plan: SweepPlan) -> SweepResult:
         """One tick: the next share of the current pass. Each batch's actions
@@ -558,7 +664,9 @@ class Sweeper:
         # What this tick reads was last read in the previous pass, after it began.
         since_read = (FIRST_WINDOW_S if self._previous_started is None
                       else (plan.now_ns - self._previous_started) / NS)
-        tick_plan = replace(plan, interval_s=since_read, dead=self._dead[0] | self._dead[1],
+        reread = (since_read if self._previous_started is not None
+                  else plan.interval_s * self.max_ticks)  # the sweep's interval, a whole spread pass
+        tick_plan = replace(plan, interval_s=since_read, reread_s=reread, dead=self._dead[0] | self._dead[1],
                             marks={**self._marks[1], **self._marks[0]},
                             held=self.handback.wires() if len(self.handback) else set())
         total = SweepResult()
@@ -589,6 +697,7 @@ class Sweeper:
         except (OffloadError, OSError) as exc:
             self.failures += 1
             self._queued = []  # their due instants come again: the failed pass keeps its start
+            self._settling = []
             log.warning("sweep failed (will retry): %s", exc)
             done = failed = True
         if done:
@@ -721,10 +830,14 @@ class Sweeper:
     def _extended(self, entries: Iterable[tuple[bytes, bytes]], plan: SweepPlan
                   ) -> Iterator[tuple[bytes, bytes, RefreshClass]]:
         """The offloaded ones among ``entries`` whose class gets a longer
-        timeout while offloaded, with their class."""
+        timeout while offloaded, with their class; not the young ones that
+        carried nothing since their offload, whose entry has what the kernel
+        left it."""
         rec = self.rec
         for raw_key, raw_flow in entries:
             if int.from_bytes(raw_flow[rec.f_state : rec.f_state + 4], "little") != rec.state_offload:
+                continue
+            if untouched(raw_flow, rec):
                 continue
             cls = class_of(raw_key[rec.k_proto], raw_flow[rec.v_flags], rec)
             if plan.keep_s(cls) > plan.timeouts[cls]:
@@ -749,6 +862,7 @@ class Sweeper:
             self.on_remove(part.remove)
             self.handback.hold(part.handed)
         self._queued.extend(part.refresh)
+        self._settling.extend(part.settled)
         if self._queued and (not queue or len(self._queued) >= REFRESH_SEND):
             self._send_queued(plan)
         for raw_key, raw_flow in part.to_tc:
@@ -767,6 +881,13 @@ class Sweeper:
         item = self.rec.ct_item
         items = [item(k, reply, zone, keep[cls]) for k, reply, zone, cls in refresh]
         self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in refresh])
+        # Young flows renewed by this send lose their flag only now: had the
+        # send failed, they would still be young, and due again in time.
+        settled, self._settling = self._settling, []
+        for raw_key, raw_flow in settled:
+            with contextlib.suppress(MapError):  # gone meanwhile
+                self.flows.update(raw_key, raw_flow, BPF_EXIST)
+                self.settled += 1
 
     def _take_gone(self, reasons: Counter[Teardown]) -> None:
         gone = self.ct.take_gone()
