@@ -25,6 +25,13 @@ QUICK = {"machine": "m", "kernel": "k", "date": "d", "loadavg_start": "0.50 0.60
          "drop_floor_xdp_vs_kernel_drop": 0.48}
 
 
+def written(r: dict, tmp_path, monkeypatch) -> str:
+    """The page ``report.write`` makes of ``r``, written under ``tmp_path``, without plots."""
+    monkeypatch.setattr(report, "DOC", tmp_path / "benchmarks.md")
+    monkeypatch.setattr(report, "_plots", lambda r: [])
+    return report.write(r).read_text()
+
+
 def test_each_goal_is_judged_from_the_runs_own_figures():
     got = {goal: (text, ok) for goal, text, ok in report.goals(QUICK)}
     assert got["TC offload at least 0.95x the bare TC ceiling"] == ("1.04x", True)
@@ -64,11 +71,7 @@ def test_a_goal_without_its_figure_is_not_measured_rather_than_failed():
 
 
 def test_the_page_carries_the_goals_table_and_the_load(tmp_path, monkeypatch):
-    doc = tmp_path / "benchmarks.md"
-    monkeypatch.setattr(report, "DOC", doc)
-    monkeypatch.setattr(report, "_plots", lambda r: [])
-    report.write(QUICK)
-    text = doc.read_text()
+    text = written(QUICK, tmp_path, monkeypatch)
     assert "| agent at 100,000 flows: under 5% of a core | 11.13% | **no** |" in text
     assert "| agent at 100,000 flows: under 40 MB RSS | 39.6 MB | yes |" in text
     assert "0.50 0.60 0.70 / 1.00 0.90 0.80" in text
@@ -126,11 +129,7 @@ def test_the_tcp_goal_shows_the_floor_the_bare_ceilings_set(tmp_path, monkeypatc
         "0.88x (offload_tc); the bare ceilings' floor: ceiling 1.23x, ceiling_tc 0.97x", False)
     assert got[goal + "frames as from a NIC"] == (
         "0.47x (offload_xdp); the bare ceilings' floor: ceiling 0.38x, ceiling_tc 1.12x", True)
-    doc = tmp_path / "benchmarks.md"
-    monkeypatch.setattr(report, "DOC", doc)
-    monkeypatch.setattr(report, "_plots", lambda r: [])
-    report.write(r)
-    text = doc.read_text()
+    text = written(r, tmp_path, monkeypatch)
     assert "| ceiling_tc | mtu_frames | 3.00 | 1.00x | 0.858 | 0.97x |" in text
     assert "| ceiling | nic_frames | 3.00 | 1.00x | 0.431 | 0.38x |" in text
     assert "cannot be met by that hook in this lab" in text
@@ -156,9 +155,7 @@ def test_the_page_lists_every_trial_and_the_rates_verdict(tmp_path, monkeypatch)
               for i, p in enumerate((16.2, 3.1, 4.0))]
     setup = {"flows": 1000, "rate_per_s": 400.0, "offloaded": 1000, "latency_ms": {"p99": 1.0},
              "rate_trials": trials, "sustained_rate_per_s": 1000.0}
-    monkeypatch.setattr(report, "DOC", tmp_path / "benchmarks.md")
-    monkeypatch.setattr(report, "_plots", lambda r: [])
-    page = report.write({**QUICK, "setup": setup}).read_text()
+    page = written({**QUICK, "setup": setup}, tmp_path, monkeypatch)
     rows = [line for line in page.splitlines() if line.startswith("| 1000 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["1", "2", "3"]
     assert all(r.split("|")[11].strip() == "True" for r in rows)
@@ -172,9 +169,7 @@ def test_the_agent_rows_show_what_was_flushed_and_the_event_sockets_trouble(tmp_
            "event_overflows": 2, "reconciles": 1, "loadavg": "0.4"}
     tcp = {"slow_path_default_gbps": 10.0, "offload_tc_default_gbps": 12.0,
            "offload_tc_default_retransmits": 317, "slow_path_default_retransmits": 1_204}
-    monkeypatch.setattr(report, "DOC", tmp_path / "benchmarks.md")
-    monkeypatch.setattr(report, "_plots", lambda r: [])
-    page = report.write({**QUICK, "agent": [row], "tcp": tcp}).read_text()
+    page = written({**QUICK, "agent": [row], "tcp": tcp}, tmp_path, monkeypatch)
     (line,) = [x for x in page.splitlines() if x.startswith("| 10,000 |")]
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[9:13] == ["50,123", "0", "2", "1"]
