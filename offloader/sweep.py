@@ -314,7 +314,7 @@ def classify(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records,
         if reason in _PUT_BACK and states[i] == rec.state_offload:
             cls = class_of(protos[i], flags_col[i], rec)
             raw_flow = vb[i * fs : (i + 1) * fs]
-            if plan.keep_s(cls) > plan.timeouts[cls] and not untouched(raw_flow, rec):
+            if cls in plan.longer() and not untouched(raw_flow, rec):
                 out.handed.append((kb[i * ks : (i + 1) * ks], raw_flow, cls))
     offload = rec.state_offload
     if len(out.pass_keys) < PASS_KEYS_KEPT and not cols.all_equal(states, offload):
@@ -365,8 +365,8 @@ def _young(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Columns, p
         the long timeout, and the flag is cleared (``settled``);
       - one that carried nothing is handed back (removed; its entry keeps
         what the kernel left it) once the next instant, P and a read's
-        lateness (``interval_s``) away, could come later than T allows;
-        else it waits for that instant (``reread_s``: when it is read next).
+        lateness (``reread_s``: when it is read next) away, could come later
+        than T allows; else it waits for that instant.
 
     A packet after the offload is therefore renewed within T, or meets the
     kernel's own path. The candidates (young, and a due hash in their
@@ -719,7 +719,7 @@ class Sweeper:
         rec = self.rec
         if len(self.handback):
             self.handback.offloaded_again(rec.wire(k) for k, _reply, _zone, _assured in fresh)
-        longer = {cls for cls in RefreshClass if plan.keep_s(cls) > plan.timeouts[cls]}
+        longer = plan.longer()
         assured_flag = rec.flag_assured
         # FRESH_CHUNK at a time, the loop's other sources served in between:
         # at 1,000 new flows a second, a tick's renewals held the loop 23 ms
@@ -840,7 +840,7 @@ class Sweeper:
             if untouched(raw_flow, rec):
                 continue
             cls = class_of(raw_key[rec.k_proto], raw_flow[rec.v_flags], rec)
-            if plan.keep_s(cls) > plan.timeouts[cls]:
+            if cls in plan.longer():
                 yield raw_key, raw_flow, cls
 
     def _end_pass(self, failed: bool) -> None:
