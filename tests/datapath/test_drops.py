@@ -72,14 +72,21 @@ def test_an_expired_drop_is_forgotten(drig: Rig, hook: str) -> None:
 
 
 @HOOKS
-def test_flows_and_pending_tuples_are_looked_up_first(drig: Rig, hook: str) -> None:
+def test_a_drop_comes_before_pending_tuples_and_after_flows(drig: Rig, hook: str) -> None:
     key = _key()
     drig.run(hook, _frame())  # pending now
-    drig.dp.drops.update(key.pack(), _drop_value())  # a drop written beside it
-    assert drig.run(hook, _frame()).retval == PASSED[hook]
+    # A drop written beside the pending entry, as between add_drop's two
+    # writes: the drop map is looked up first, so the frame is dropped and
+    # the pending entry does not count it.
+    drig.dp.drops.update(key.pack(), _drop_value())
+    assert drig.run(hook, _frame()).retval == DROPPED[hook]
+    pending = drig.dp.pending_entry(key)
+    assert pending is not None and pending[1] == 1
+    assert next(iter(drig.dp.drop_entries())).packets == 1
+    # An offloaded flow is looked up before either: never dropped.
     drig.offload(key, model.make_verdict(key, ENCAPS["none"], "none"))
     assert drig.run(hook, _frame()).retval != DROPPED[hook]
-    assert next(iter(drig.dp.drop_entries())).packets == 0
+    assert next(iter(drig.dp.drop_entries())).packets == 1
 
 
 @HOOKS
