@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,15 @@ class Egress:
     mtu: int
     l3_oif: int
     nexthop: IPAddress
+    # Hashed once: every new flow of a path keys the verdict templates on it.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.oif, self.l2, self.mtu, self.l3_oif,
+                                                self.nexthop)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

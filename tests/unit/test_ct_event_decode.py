@@ -68,6 +68,20 @@ def test_the_address_objects_kept_are_bounded() -> None:
     assert addr(A("2001:db8::1").packed) == A("2001:db8::1")
 
 
+
+def test_an_event_address_is_the_ipaddress_one_in_every_use() -> None:
+    """The kept address objects hash once (conntrack._Address4/6); as keys,
+    in comparisons and in what a user reads they are ipaddress's own."""
+    addr = Addresses()
+    for text in ("198.18.0.1", "2001:db8::1"):
+        plain, kept = A(text), addr(A(text).packed)
+        assert kept == plain and plain == kept and hash(kept) == hash(plain)
+        assert {plain: 1}[kept] == 1 and {kept: 2}[plain] == 2
+        assert repr(kept) == repr(plain) and str(kept) == text
+        assert kept.packed == plain.packed and kept in ipaddress.ip_network(plain)
+    a, b = addr(A("198.18.0.1").packed), addr(A("198.18.0.2").packed)
+    assert a < b and hash(a) != hash(b)
+
 # -- the one-walk event decode against the generic one -------------------------------------------
 
 def generic_events(data: bytes) -> list[CtEvent]:
