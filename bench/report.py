@@ -185,12 +185,14 @@ def goals(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 
 def _rate_rows(L: list[str], trials: list[dict[str, Any]]) -> None:
-    L.append("| new flows per second | trial | flows | offloaded | passed | lost | p50 ms | "
-             "p99 ms | max ms | agent us per flow | rate kept up | load average |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    L.append("| new flows per second | trial | sent per second | flows | offloaded | passed | lost | "
+             "p50 ms | p99 ms | max ms | agent us per flow | rate kept up | load average |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for x in trials:
         la = x["latency_ms"]
-        L.append(f"| {x['rate']:g} | {x.get('trial', 1)} | {x['flows']} | {x['offloaded']} | "
+        sent = x.get("sent_per_s")
+        L.append(f"| {x['rate']:g} | {x.get('trial', 1)} | {'' if sent is None else f'{sent:,}'} | "
+                 f"{x['flows']} | {x['offloaded']} | "
                  f"{x.get('passed', 0)} | {x.get('lost', '')} | {_f(la.get('p50'), 3)} | "
                  f"{_f(la.get('p99'), 3)} | {_f(la.get('max'), 3)} | "
                  f"{x.get('agent_us_per_flow', '')} | {x.get('rate_kept_up', x['kept_up'])} | "

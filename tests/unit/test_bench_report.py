@@ -152,11 +152,16 @@ def test_a_new_flow_rate_is_judged_on_its_median_trial():
     # a lost flow in any trial fails the rate, whatever the latencies
     assert not run.rate_kept_up([trial(1.0), trial(1.0, lost=3), trial(1.0)])
     assert not run.rate_kept_up([])
+    # a sender that fell behind did not try the rate
+    at_rate = [dict(trial(1.0), rate=20000.0, sent_per_s=s) for s in (20000, 19983, 18000)]
+    assert not run.rate_kept_up(at_rate)
+    assert run.rate_kept_up(at_rate[:2])
 
 
 def test_the_page_lists_every_trial_and_the_rates_verdict(tmp_path, monkeypatch):
     trials = [dict(trial(p), rate=1000.0, flows=2000, offloaded=2000, passed=0, kept_up=p < 5,
-                   trial=i + 1, rate_kept_up=True, agent_us_per_flow=250.0, loadavg="0.5")
+                   trial=i + 1, rate_kept_up=True, agent_us_per_flow=250.0, loadavg="0.5",
+                   sent_per_s=1000)
               for i, p in enumerate((16.2, 3.1, 4.0))]
     own = [dict(t, rate=5000.0, flows=10000, offloaded=10000, rate_kept_up=False) for t in trials]
     setup = {"flows": 1000, "rate_per_s": 400.0, "offloaded": 1000, "latency_ms": {"p99": 1.0},
@@ -165,11 +170,12 @@ def test_the_page_lists_every_trial_and_the_rates_verdict(tmp_path, monkeypatch)
     page = written({**QUICK, "setup": setup}, tmp_path, monkeypatch)
     rows = [line for line in page.splitlines() if line.startswith("| 1000 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["1", "2", "3"]
-    assert all(r.split("|")[11].strip() == "True" for r in rows)
+    assert [r.split("|")[3].strip() for r in rows] == ["1,000"] * 3
+    assert all(r.split("|")[12].strip() == "True" for r in rows)
     assert "Highest sustained new-flow rate (none lost, p99 < 5 ms): 1000 per second." in page
     # the own-core series in a table of its own, after the first one
     own_rows = [line for line in page.splitlines() if line.startswith("| 5000 |")]
-    assert [r.split("|")[11].strip() for r in own_rows] == ["False"] * 3
+    assert [r.split("|")[12].strip() for r in own_rows] == ["False"] * 3
     assert page.index(rows[-1]) < page.index("agent alone on the other core") < page.index(own_rows[0])
     assert "Highest sustained new-flow rate, agent on a core of its own: 2000 per second." in page
 
