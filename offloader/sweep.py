@@ -269,7 +269,7 @@ class SweepResult:
     refresh: list[Refresh] = field(default_factory=list)
     pass_keys: list[bytes] = field(default_factory=list)  # room for offloadable flows
     to_tc: list[tuple[bytes, bytes]] = field(default_factory=list)  # hybrid: (key, new value)
-    settled: list[tuple[bytes, bytes]] = field(default_factory=list)  # renewed young: (key, value)
+    settled: list[bytes] = field(default_factory=list)  # renewed young flows' keys
     handed: list[tuple[bytes, bytes, RefreshClass]] = field(default_factory=list)  # to put back
     found: list[tuple[bytes, bool]] = field(default_factory=list)  # held wire, still offloaded
     entries: int = 0
@@ -398,7 +398,7 @@ def _young(kb: bytes, vb: bytes, plan: SweepPlan, rec: Records, cols: Columns, p
         if _packets(raw_flow, rec):
             out.refresh.append(tuple.__new__(Refresh, (raw_key, bool(flags_col[i] & reply),
                                                       rec.zone(raw_flow), cls)))
-            out.settled.append((raw_key, rec.with_flags(raw_flow, 0, young)))
+            out.settled.append(raw_key)
         elif ((plan.now_ns - lasts[i]) / NS + plan.period_s(cls, short=True) + reread
               >= plan.timeouts[cls] - YOUNG_SPARE_S):
             gone[i] = Teardown.IDLE
@@ -569,6 +569,7 @@ class FlowMap(Protocol):
     def batches(self) -> Iterator[tuple[bytes, bytes, int]]: ...
     def delete_batch(self, keys: list[bytes]) -> int: ...
     def update(self, key: bytes, value: bytes, flags: int = ...) -> None: ...
+    def lookup(self, key: bytes) -> bytes | None: ...
 
 
 class Keepalive(Protocol):
@@ -638,7 +639,7 @@ class Sweeper:
         self.between: Callable[[], None] = lambda: None  # serves the loop (serve_with)
         self._timeouts: dict[RefreshClass, int] = {}  # the last plan's
         self._queued: list[Refresh] = []  # the walk's refreshes, sent REFRESH_SEND at a time
-        self._settling: list[tuple[bytes, bytes]] = []  # young among them: values without the flag
+        self._settling: list[bytes] = []  # young among them: keys whose flag is cleared after
 
     def run(self, plan: SweepPlan) -> SweepResult:
         """One tick: the next share of the current pass. Each batch's actions
@@ -882,11 +883,22 @@ class Sweeper:
         items = [item(k, reply, zone, keep[cls]) for k, reply, zone, cls in refresh]
         self.refreshed += self.ct.refresh_keys(items, [r.raw_key for r in refresh])
         # Young flows renewed by this send lose their flag only now: had the
-        # send failed, they would still be young, and due again in time.
+        # send failed, they would still be young, and due again in time. The
+        # entry is read again just before it is written: the batch it was
+        # found in is older by the whole gathering of REFRESH_SEND renewals
+        # and the loop's work in between, and written back it would set the
+        # flow's counters and seen flags back to that read (a lane test lost
+        # 55 packets of a 250-a-second flow's count that way).
         settled, self._settling = self._settling, []
-        for raw_key, raw_flow in settled:
+        rec, young = self.rec, self.rec.flag_young
+        for raw_key in settled:
+            fresh = self.flows.lookup(raw_key)
+            if (fresh is None or not fresh[rec.v_flags] & young
+                    or int.from_bytes(fresh[rec.f_state : rec.f_state + 4], "little")
+                    != rec.state_offload):
+                continue  # gone, settled or handed back meanwhile
             with contextlib.suppress(MapError):  # gone meanwhile
-                self.flows.update(raw_key, raw_flow, BPF_EXIST)
+                self.flows.update(raw_key, rec.with_flags(fresh, 0, young), BPF_EXIST)
                 self.settled += 1
 
     def _take_gone(self, reasons: Counter[Teardown]) -> None:

@@ -68,8 +68,7 @@ def outcome(sport: int, start: int | None, phase_ns: int, interval_s: float = 1.
         if r.refresh:
             (ref,) = r.refresh
             assert ref.cls is RefreshClass.UDP_NEW and sent > 0
-            ((settled_key, value),) = r.settled
-            assert settled_key == k.pack() and not value[REC.v_flags] & REC.flag_young
+            assert r.settled == [k.pack()]
             return "renewed", tick
         if r.remove:
             assert r.reasons == {Teardown.IDLE: 1} and sent == 0
@@ -150,6 +149,9 @@ class Map:
             raise AssertionError("BPF_EXIST: only entries that are there")
         self.entries[key] = value
 
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.entries.get(key)
+
 
 class FailingConntrack(FakeConntrack):
     def refresh_keys(self, items, tags):  # type: ignore[no-untyped-def]
@@ -167,6 +169,23 @@ def test_the_sweeper_renews_a_busy_young_flow_with_the_long_timeout_and_clears_i
     assert not fm.entries[busy.pack()][REC.v_flags] & REC.flag_young and sw.settled == 1
     assert quiet.pack() not in fm.entries and result.reasons == {Teardown.IDLE: 1}
     assert ct.back == []  # the quiet one's entry is the kernel's: nothing put back
+
+
+def test_clearing_the_flag_keeps_what_the_datapath_counted_since_the_read() -> None:
+    busy = ukey(24)
+    fm = Map({busy.pack(): young(busy, last=NOW - NS // 2, packets=5)})
+
+    class Counting(FakeConntrack):
+        def refresh_keys(self, items, tags):  # type: ignore[no-untyped-def]
+            # the flow's packets while the renewal is on its way
+            fm.entries[busy.pack()] = young(busy, last=NOW, packets=60)
+            return super().refresh_keys(items, tags)
+
+    sw = Sweeper(fm, Counting(), REC)
+    sw.run(at(NOW))
+    value = fm.entries[busy.pack()]
+    assert not value[REC.v_flags] & REC.flag_young and sw.settled == 1
+    assert value == REC.with_flags(young(busy, last=NOW, packets=60), 0, REC.flag_young)
 
 
 def test_a_failed_renewal_leaves_the_flow_young() -> None:
