@@ -109,6 +109,9 @@ class Records:
             return raw_key[a:b] + raw_key[c:d]
         return b"".join(raw_key[a:b] for a, b in spans)
 
+    def offloaded(self, raw_flow: bytes) -> bool:
+        return int.from_bytes(raw_flow[self.f_state : self.f_state + 4], "little") == self.state_offload
+
     def zone(self, raw_flow: bytes) -> int:
         return int.from_bytes(raw_flow[self.v_zone : self.v_zone + 2], "little")
 

@@ -836,7 +836,7 @@ class Sweeper:
         left it."""
         rec = self.rec
         for raw_key, raw_flow in entries:
-            if int.from_bytes(raw_flow[rec.f_state : rec.f_state + 4], "little") != rec.state_offload:
+            if not rec.offloaded(raw_flow):
                 continue
             if untouched(raw_flow, rec):
                 continue
@@ -893,9 +893,7 @@ class Sweeper:
         rec, young = self.rec, self.rec.flag_young
         for raw_key in settled:
             fresh = self.flows.lookup(raw_key)
-            if (fresh is None or not fresh[rec.v_flags] & young
-                    or int.from_bytes(fresh[rec.f_state : rec.f_state + 4], "little")
-                    != rec.state_offload):
+            if fresh is None or not fresh[rec.v_flags] & young or not rec.offloaded(fresh):
                 continue  # gone, settled or handed back meanwhile
             with contextlib.suppress(MapError):  # gone meanwhile
                 self.flows.update(raw_key, rec.with_flags(fresh, 0, young), BPF_EXIST)
