@@ -9,7 +9,6 @@ synchronous API runs an asyncio loop per call (about 1 ms a query).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -19,15 +18,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_CREATE
-from pyroute2.netlink.nfnetlink import (
-    NFNL_SUBSYS_CTNETLINK,
-    NFNLGRP_CONNTRACK_DESTROY,
-    NFNLGRP_CONNTRACK_NEW,
-    NFNLGRP_CONNTRACK_UPDATE,
-)
+from pyroute2.netlink import NETLINK_NETFILTER
 from pyroute2.netlink.nfnetlink.nfctsocket import (
-    IPCTNL_MSG_CT_DELETE,
     IPS_ASSURED,
     IPS_DST_NAT,
     IPS_SRC_NAT,
@@ -42,8 +34,6 @@ from .errors import OffloadError
 log = logging.getLogger(__name__)
 
 # Constants from their owner: pyroute2's netlink modules (uapi values).
-CT_GROUPS = (1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
-             | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
 OFFLOADED_KEPT = 65536  # new flows queued for their long timeout between two sweep ticks
 IPS_HW_OFFLOAD = 1 << 15  # ip_conntrack_status (uapi nf_conntrack_common.h); pyroute2 lacks it
 
@@ -107,13 +97,13 @@ class CtEvent(NamedTuple):
     reply_id: bytes = b""
 
 
-_WIRE_ID = struct.Struct("!BHH16s16s")  # addresses NUL-padded to 16 bytes
+WIRE_ID = struct.Struct("!BHH16s16s")  # addresses NUL-padded to 16 bytes
 
 
 def wire_id(proto: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
     """Compact identity of a wire tuple, the same from a flow key, a
     conntrack tuple or a raw ctnetlink tuple."""
-    return _WIRE_ID.pack(proto, sport, dport, src, dst)
+    return WIRE_ID.pack(proto, sport, dport, src, dst)
 
 
 def raw_wire_id(t: ctnetlink.Raw5) -> bytes:
@@ -391,78 +381,6 @@ class Conntrack:
             self._delete = None
 
 
-class CtEvents:
-    """Non-blocking subscription to conntrack NEW/UPDATE/DESTROY events."""
-
-    def __init__(self, rcvbuf: int = 4 << 20) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        # FORCE (root) past net.core.rmem_max, which is 208 KiB on a stock
-        # kernel: a burst of new connections overflows that in milliseconds.
-        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-                break
-            except OSError:
-                continue
-        self.sock.bind((0, CT_GROUPS))
-        self.sock.setblocking(False)
-        self.overflows = 0
-        self._filter: ctypes.Array[ctypes.c_char] | None = None
-        self._addresses = Addresses()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def ignore_sender(self, portid: int) -> None:
-        """Drop, in the kernel, the events caused by the agent's own updates
-        (refreshes, the liberal flag): the kernel puts the updating socket's
-        port id in the event's header, where packets' events carry 0. At
-        100,000 offloaded flows the refreshes alone are thousands a second,
-        each an UPDATE event that says nothing new, read and decoded for
-        nothing, and taking room in the buffer that NEW events need."""
-        prog = _drop_port_filter(portid)
-        self._filter = ctypes.create_string_buffer(prog)  # kept: the kernel copies it, to be safe
-        fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(self._filter))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-
-    def read(self, budget: int = 256) -> list[CtEvent]:
-        """Events queued now (at most ``budget`` datagrams). An overflow
-        (ENOBUFS) is counted; the agent's sweep repairs what was missed."""
-        out: list[CtEvent] = []
-        for _ in range(budget):
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.overflows += 1
-                    continue
-                raise
-            out += events_of(data, self._addresses)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33  # asm-generic/socket.h
-_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06  # classic BPF (linux/filter.h)
-
-
-def _drop_port_filter(portid: int) -> bytes:
-    """A classic BPF socket filter that drops datagrams whose first netlink
-    header's nlmsg_pid is ``portid`` and keeps the rest whole. Events come
-    one message to a datagram. A word load converts from network order;
-    the header is in host order, so the constant is swapped to match."""
-    want = struct.unpack("!I", struct.pack("=I", portid))[0]
-    insns = [(_BPF_LD_W_ABS, 0, 0, 12),  # A = nlmsg_pid
-             (_BPF_JEQ_K, 0, 1, want),  # ours: next, else skip one
-             (_BPF_RET_K, 0, 0, 0),  # drop
-             (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]  # keep
-    return b"".join(struct.pack("=HBBI", *i) for i in insns)
-
-
 def _raw5(t: Tuple5) -> ctnetlink.Raw5:
     return (t.proto, t.src.packed, t.dst.packed, t.sport, t.dport)
 
@@ -502,34 +420,15 @@ class _Address6(ipaddress.IPv6Address):
         return f"IPv6Address({str(self)!r})"
 
 
-def _new_address(raw: bytes) -> IPAddress:
+def hashed_address(raw: bytes) -> IPAddress:
+    """The address of packed ``raw``, as an object that hashes once."""
     return _Address4(raw) if len(raw) == 4 else _Address6(raw)
-
-
-class Addresses:
-    """Packed address -> its (immutable) ipaddress object, kept for the
-    events: a router's events name the same hosts over and over, and
-    building the four address objects of an event cost about as much as
-    decoding the whole message. Bounded: emptied when full."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self.known: dict[bytes, IPAddress] = {}
-
-    def __call__(self, raw: bytes) -> IPAddress:
-        known = self.known
-        got = known.get(raw)
-        if got is None:
-            if len(known) >= self.size:
-                known.clear()
-            got = known[raw] = _new_address(raw)
-        return got
 
 
 def _t5(raw: ctnetlink.Raw5 | None) -> Tuple5 | None:
     if raw is None or raw[0] not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         return None
-    return Tuple5(raw[0], _new_address(raw[1]), _new_address(raw[2]), raw[3], raw[4])
+    return Tuple5(raw[0], hashed_address(raw[1]), hashed_address(raw[2]), raw[3], raw[4])
 
 
 def event_entry(msg: ctnetlink.Decoded) -> CtEntry | None:
@@ -543,78 +442,6 @@ def _entry_from(msg: ctnetlink.Decoded) -> CtEntry | None:
         return None
     return CtEntry(orig, reply, msg.status, msg.tcp_state, msg.zone, msg.helper, msg.timeout,
                    msg.mark)
-
-
-_BE32 = struct.Struct("!I")
-_BE16 = struct.Struct("!H")
-_L4 = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
-
-
-def events_of(data: bytes, addresses: Addresses | None = None) -> list[CtEvent]:
-    """The events in one datagram from the event socket, each message's
-    attributes walked once into its CtEvent: the generic decode
-    (ctnetlink.decode, then event_entry and two raw_wire_id) gives the same
-    events (tests/unit/test_ct_event_decode.py) at a higher cost, and the
-    agent decodes two or three events per new flow."""
-    out: list[CtEvent] = []
-    addresses = addresses or Addresses()
-    pos, size = 0, len(data)
-    while pos + 16 <= size:
-        length, kind, flags, _seq, _pid = ctnetlink.NLMSGHDR.unpack_from(data, pos)
-        if length < 16 or pos + length > size:
-            break
-        if kind >> 8 == NFNL_SUBSYS_CTNETLINK:
-            event = _event(data, pos + 20, pos + length, kind & 0xFF, flags, addresses)
-            if event is not None:
-                out.append(event)
-        pos += (length + 3) & ~3
-    return out
-
-
-_SCALARS = {ctnetlink.CTA_STATUS: (0, _BE32), ctnetlink.CTA_TIMEOUT: (1, _BE32),
-            ctnetlink.CTA_ZONE: (2, _BE16), ctnetlink.CTA_MARK: (3, _BE32)}
-_new_tuple = tuple.__new__  # a named tuple without its Python-level __new__: half the cost
-
-
-def _event(data: bytes, pos: int, end: int, msg_type: int, flags: int,
-           addresses: Addresses) -> CtEvent | None:
-    orig = reply = None
-    scalars = [0, 0, 0, 0]  # status, timeout, zone, mark
-    tcp_state, helper = -1, False
-    while pos + 4 <= end:
-        length, kind = ctnetlink.NLA.unpack_from(data, pos)
-        if length < 4 or pos + length > end:
-            break
-        kind &= ctnetlink.NLA_TYPE_MASK
-        scalar = _SCALARS.get(kind)
-        if scalar is not None:
-            if length >= 4 + scalar[1].size:
-                scalars[scalar[0]] = scalar[1].unpack_from(data, pos + 4)[0]
-        elif kind == ctnetlink.CTA_TUPLE_ORIG:
-            orig = ctnetlink.tuple_at(data, (pos + 4, pos + length))
-        elif kind == ctnetlink.CTA_TUPLE_REPLY:
-            reply = ctnetlink.tuple_at(data, (pos + 4, pos + length))
-        elif kind == ctnetlink.CTA_PROTOINFO:
-            tcp_state = ctnetlink.tcp_state(data, (pos + 4, pos + length))
-        elif kind == ctnetlink.CTA_HELP:
-            helper = True
-        pos += (length + 3) & ~3
-    if orig is None or reply is None:
-        return None
-    ids = (_WIRE_ID.pack(orig[0], orig[3], orig[4], orig[1], orig[2]),
-           _WIRE_ID.pack(reply[0], reply[3], reply[4], reply[1], reply[2]))
-    if msg_type == IPCTNL_MSG_CT_DELETE:
-        return CtEvent("destroy", None, *ids)
-    if orig[0] not in _L4 or reply[0] not in _L4:
-        return None
-    known = addresses.known.get
-    entry = _new_tuple(CtEntry, (
-        _new_tuple(Tuple5, (orig[0], known(orig[1]) or addresses(orig[1]),
-                            known(orig[2]) or addresses(orig[2]), orig[3], orig[4])),
-        _new_tuple(Tuple5, (reply[0], known(reply[1]) or addresses(reply[1]),
-                            known(reply[2]) or addresses(reply[2]), reply[3], reply[4])),
-        scalars[0], tcp_state, scalars[2], helper, scalars[1], scalars[3]))
-    return CtEvent("new" if flags & NLM_F_CREATE else "update", entry, *ids)
 
 
 def nat_target(entry: CtEntry, reply: bool) -> Tuple5:

@@ -240,6 +240,7 @@ def _fixed_tuple(v6: bool) -> tuple[struct.Struct, tuple[bytes, ...]]:
     return struct.Struct(f"=8s{n}s4s{n}s8sB3x4s4x4s"), heads
 
 
+Field = tuple[int, str]  # (offset, struct code): where a decode reads one header or value
 _FIXED = {20 + 28: _fixed_tuple(False), 44 + 28: _fixed_tuple(True)}  # by the tuple's length
 _PORTS = struct.Struct("!H6xH")  # source port, its padding and the next header, destination port
 
@@ -254,6 +255,25 @@ def tuple_at(data: bytes, span: tuple[int, int]) -> Raw5 | None:
             sport, dport = _PORTS.unpack_from(data, span[0] + 28 + 2 * len(src))
             return (proto, src, dst, sport, dport)
     return _walked_tuple(data, span)
+
+
+def tuple_fields(data: bytes, span: tuple[int, int]) -> tuple[list[Field], list[Field]] | None:
+    """Where tuple_at reads the tuple nest ``data[span[0]:span[1]]`` when it
+    has the usual layout: its attribute headers, and its protocol, source,
+    destination, source port and destination port, each (offset, struct
+    code, network order). None for another layout (tuple_at walks those)."""
+    fixed = _FIXED.get(span[1] - span[0])
+    if fixed is None:
+        return None
+    layout, heads = fixed
+    h1, src, h2, dst, h3, _proto, h4, h5 = layout.unpack_from(data, span[0])
+    if (h1, h2, h3, h4, h5) != heads:
+        return None
+    s, n = span[0], len(src)
+    return ([(s, "8s"), (s + 8 + n, "4s"), (s + 12 + 2 * n, "8s"), (s + 24 + 2 * n, "4s"),
+             (s + 32 + 2 * n, "4s")],
+            [(s + 20 + 2 * n, "B"), (s + 8, f"{n}s"), (s + 12 + n, f"{n}s"), (s + 28 + 2 * n, "H"),
+             (s + 36 + 2 * n, "H")])
 
 
 def _walked_tuple(data: bytes, span: tuple[int, int]) -> Raw5 | None:
@@ -373,6 +393,36 @@ def tcp_state(data: bytes, protoinfo: tuple[int, int]) -> int:
         if state and state[1] > state[0]:
             return data[state[0]]
     return -1
+
+
+def walked_heads(data: bytes, start: int, end: int) -> tuple[list[Field], dict[int, tuple[int, int]]]:
+    """_attrs, with where each attribute header it read was, the one it
+    stopped at included: a message whose headers are the same bytes is
+    walked the same way."""
+    heads: list[Field] = []
+    out: dict[int, tuple[int, int]] = {}
+    pos = start
+    while pos + 4 <= end:
+        heads.append((pos, "4s"))
+        length, kind = NLA.unpack_from(data, pos)
+        if length < 4 or pos + length > end:
+            break
+        out[kind & NLA_TYPE_MASK] = (pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    return heads, out
+
+
+def tcp_state_fields(data: bytes, protoinfo: tuple[int, int]) -> tuple[list[Field], Field | None]:
+    """Where tcp_state reads: the headers of the nests it walks, and the
+    state's byte (None: tcp_state is -1)."""
+    heads, info = walked_heads(data, *protoinfo)
+    if CTA_PROTOINFO_TCP in info:
+        more, tcp = walked_heads(data, *info[CTA_PROTOINFO_TCP])
+        heads += more
+        state = tcp.get(CTA_PROTOINFO_TCP_STATE)
+        if state and state[1] > state[0]:
+            return heads, (state[0], "B")
+    return heads, None
 
 
 def address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

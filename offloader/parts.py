@@ -19,8 +19,9 @@ from pyroute2.iproute import IPRoute
 
 from .bpfobj import is_bpffs
 from .config import Settings
-from .conntrack import Conntrack, CtEvents
+from .conntrack import Conntrack
 from .control import ControlServer
+from .ctevents import CtEvents
 from .datapath import BPFFS, Datapath, find_object, in_root_netns, netns_pin_dir
 from .errors import OffloadError
 from .netwatch import NetWatcher

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.root
 
 PROBE = r"""
 import ipaddress, json, socket, sys, time
-from offloader.conntrack import Conntrack, CtEvents, Tuple5
+from offloader.conntrack import Conntrack, Tuple5
+from offloader.ctevents import CtEvents
 ev = CtEvents()
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("198.18.0.1", 40001))
 s.sendto(b"x", ("198.18.0.2", 5353))

@@ -124,7 +124,8 @@ def test_a_flow_handed_back_gets_the_kernels_timeout_and_the_kernel_takes_over(
 
 PROBE = r"""
 import ipaddress, json, socket, time
-from offloader.conntrack import Conntrack, CtEvents, Tuple5
+from offloader.conntrack import Conntrack, Tuple5
+from offloader.ctevents import CtEvents
 # Listening first, as the agent does: with nf_conntrack_events=2 an entry
 # created while nobody listens carries no event extension, and no events.
 ct = Conntrack()

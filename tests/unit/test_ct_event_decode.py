@@ -1,5 +1,5 @@
 """A conntrack event read from the socket: the entry and both wire ids,
-with the address objects shared between events (offloader/conntrack.py
+with the address objects shared between events (offloader/ctevents.py
 CtEvents.read, events_of, Addresses). The socket is a fake that hands out
 datagrams the kernel could have sent; the decode runs for real."""
 
@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offloader import ctnetlink as c
-from offloader.conntrack import Addresses, CtEvent, CtEvents, event_entry, events_of, raw_wire_id
+from offloader.conntrack import CtEntry, CtEvent, event_entry, raw_wire_id
+from offloader.ctevents import Addresses, CtEvents, Layouts, events_of
 from offloader.flowstate import tuple_id
 
 A = ipaddress.ip_address
@@ -45,7 +48,8 @@ class Sock:
 
 def events(datagrams: list[bytes]) -> CtEvents:
     ev = CtEvents.__new__(CtEvents)  # no netlink socket: the fake's datagrams instead
-    ev.sock, ev.overflows, ev._addresses = Sock(datagrams), 0, Addresses()  # type: ignore[assignment]
+    ev.sock, ev.overflows = Sock(datagrams), 0  # type: ignore[assignment]
+    ev._addresses, ev._layouts = Addresses(), Layouts()
     return ev
 
 
@@ -70,7 +74,7 @@ def test_the_address_objects_kept_are_bounded() -> None:
 
 
 def test_an_event_address_is_the_ipaddress_one_in_every_use() -> None:
-    """The kept address objects hash once (conntrack._Address4/6); as keys,
+    """The kept address objects hash once (conntrack.hashed_address); as keys,
     in comparisons and in what a user reads they are ipaddress's own."""
     addr = Addresses()
     for text in ("198.18.0.1", "2001:db8::1"):
@@ -143,8 +147,8 @@ def ct_messages(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         state = c._attr(c.CTA_PROTOINFO_TCP_STATE, bytes((draw(st.integers(0, 9)),)))
         flags = c._attr(c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, b"\x01\x01")
-        attrs.append(c._attr(c.CTA_PROTOINFO, c._attr(c.CTA_PROTOINFO_TCP, flags + state, True),
-                             True))
+        tcp = b"".join(draw(st.permutations([flags, state])))  # one length, the state anywhere
+        attrs.append(c._attr(c.CTA_PROTOINFO, c._attr(c.CTA_PROTOINFO_TCP, tcp, True), True))
     if draw(st.booleans()):
         attrs.append(c._attr(c.CTA_HELP, c._attr(1, b"ftp\0"), True))
     attrs = draw(st.permutations(attrs))
@@ -155,16 +159,64 @@ def ct_messages(draw: st.DrawFn) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), (1 << 8) | msg_type, flags, 0, 0) + payload
 
 
-@settings(max_examples=400, deadline=None)
+SEEN = Layouts(size=8)  # shared by the examples: layouts learnt from others, and emptied when full
+
+
+@settings(max_examples=600, deadline=None)
 @given(st.lists(ct_messages(), min_size=1, max_size=3))
-def test_the_one_walk_decode_is_the_generic_decode(messages: list[bytes]) -> None:
+def test_the_event_decode_is_the_generic_decode(messages: list[bytes]) -> None:
     """IPv4 and IPv6; TCP, UDP, SCTP and ICMP; zone, mark, TCP state and a
     helper or not; the usual tuple layout and another; attributes in any
-    order; one message or several in a datagram."""
+    order; one message or several in a datagram. Walked the first time and
+    read by a learnt layout the second (the layouts are shared between
+    examples, so a message also meets others' layouts of its length)."""
     data = b"".join(messages)
-    got = events_of(data)
-    assert got == generic_events(data)
-    assert len(got) <= len(messages)
+    want = generic_events(data)
+    first = events_of(data, layouts=SEEN)
+    assert first == want and len(first) <= len(messages)
+    assert events_of(data, layouts=SEEN) == want
+
+
+def with_attr(msg: bytes, attr: bytes) -> bytes:
+    return struct.pack("=I", len(msg) + len(attr)) + msg[4:] + attr
+
+
+def tcp_info(state: int, state_first: bool) -> bytes:
+    parts = [c._attr(c.CTA_PROTOINFO_TCP_STATE, bytes((state,))),
+             c._attr(c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, b"\x01\x01")]
+    tcp = b"".join(parts if state_first else parts[::-1])
+    return c._attr(c.CTA_PROTOINFO, c._attr(c.CTA_PROTOINFO_TCP, tcp, True), True)
+
+
+MARK_7 = c._attr(c.CTA_MARK, struct.pack("!I", 7))
+ZONE_3 = c._attr(c.CTA_ZONE, struct.pack("!H", 3))
+
+
+@pytest.mark.parametrize(("one", "other", "values"), [
+    (MARK_7, ZONE_3, lambda e: (e.mark, e.zone)),  # both 8-byte attributes
+    (tcp_info(3, True), tcp_info(5, False), lambda e: e.tcp_state),  # the state elsewhere in its nest
+], ids=["mark-or-zone", "tcp-state-first-or-last"])
+def test_a_message_is_read_by_a_learnt_layout_only_if_it_has_it(
+        one: bytes, other: bytes, values: Callable[[CtEntry], object]) -> None:
+    """Two messages of one length and type in two layouts: each is read
+    with its own values, the second time by its own layout."""
+    layouts = Layouts()
+    base = ct_message(10000, 0x400)
+    want = [values(e.entry) for e in (generic_events(with_attr(base, a))[0] for a in (one, other))]
+    assert want[0] != want[1]
+    for _ in range(2):
+        got = [events_of(with_attr(base, a), layouts=layouts)[0].entry for a in (one, other)]
+        assert [values(e) for e in got if e is not None] == want
+    assert [len(v) for v in layouts.known.values()] == [2]
+
+
+def test_the_layouts_kept_are_bounded() -> None:
+    layouts = Layouts(size=2)
+    for extra in range(5):
+        msg = ct_message(10000, 0x400) + c._attr(12, bytes(4 * extra))
+        events_of(struct.pack("=I", len(msg)) + msg[4:], layouts=layouts)
+        assert len(layouts.known) <= 2
+    assert all(len(v) <= Layouts.PER_KIND for v in layouts.known.values())
 
 
 def test_the_one_walk_decode_reads_what_the_kernel_writes() -> None:
@@ -180,11 +232,15 @@ def test_the_one_walk_decode_reads_what_the_kernel_writes() -> None:
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300), st.integers(0, 200), st.binary(min_size=1, max_size=6))
 def test_damaged_events_never_raise(garbage: bytes, cut: int, patch: bytes) -> None:
+    """Also against the layout of the undamaged message, learnt first."""
     list(events_of(garbage))
+    layouts = Layouts()
     msg = bytearray(ct_message(10000, 0x400))
+    events_of(bytes(msg), layouts=layouts)
     at = cut % len(msg)
     msg[at : at + len(patch)] = patch
-    events_of(bytes(msg[: max(16, len(msg) - cut // 2)]))
+    damaged = bytes(msg[: max(16, len(msg) - cut // 2)])
+    assert events_of(damaged, layouts=layouts) == generic_events(damaged)
 
 
 def test_an_empty_attribute_at_the_end_of_a_datagram_is_ignored() -> None:
