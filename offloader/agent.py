@@ -23,7 +23,6 @@ and closes whatever it opened.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -55,6 +54,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
+# At most one wake-up for new tuples and events per millisecond (EventLoop):
+# a new flow waits at most this long, a lone one not at all.
+WAKE_COALESCE_S = 0.001
 RECHECK_BUDGET = 128  # direct conntrack queries (tens of us each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
 WARM_FIRST_S, WARM_EVERY_S = 0.05, 0.5  # the resolver's caches refilled (Decider.warm)
@@ -81,7 +83,7 @@ class Agent:
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
         self._ring_batch: list[bytes] = []  # raw ring records
         self._last_summary = time.monotonic()
-        self.loop = EventLoop()
+        self.loop = EventLoop(coalesce_s=WAKE_COALESCE_S)
         self.reconcile = Reconciliation(self.dp.flows, self.rec, self.loop.watch, self.loop.unwatch,
                                         self._on_conntrack_gone, waits=self.state.waits,
                                         found=self.on_ct_events)  # NEW events the overflow lost
@@ -206,18 +208,20 @@ class Agent:
                 if recent is not None:
                     # Conntrack's event for this connection was read before
                     # the ring record arrived: decide with it now.
-                    guarded(functools.partial(self.decider.decide_with, key, recent))
+                    guarded(self.decider.decide_with, key, recent)
             elif seen is Seen.RECHECK and asks > 0:
                 # Seen again and still undecided: conntrack events did not
                 # settle it (agent restarted, event lost): ask directly. At
                 # most RECHECK_BUDGET such queries per wake-up; the others
                 # are announced again, or found stuck by the sweep.
                 asks -= 1
-                guarded(functools.partial(self.decide, key))
+                guarded(self.decide, key)
+        self.dp.settle_pending()
 
     def _on_ct_readable(self) -> None:
         events = self.parts.ct_events
         self.on_ct_events(events.read())
+        self.dp.settle_pending()
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows
             self.reconcile.wanted()
@@ -242,7 +246,7 @@ class Agent:
                 self.state.closing(orig, reply)
                 continue
             for key, is_reply in self.state.updated(entry, orig, reply, new=ev.kind == "new"):
-                guarded(functools.partial(self.decide, key, (entry, is_reply)))
+                guarded(self.decide, key, (entry, is_reply))
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self) -> None:
@@ -266,7 +270,8 @@ class Agent:
         self.loop.serve_ready()
         now = time.monotonic_ns()
         for key in self.state.sync_pending(self.dp.pending_keys(), now):
-            guarded(functools.partial(self.decide, key))
+            guarded(self.decide, key)
+        self.dp.settle_pending()
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = time.monotonic()
             log.info("%s, conntrack refreshes %d", self.counters.summary(), self.sweeper.refreshed)
@@ -300,7 +305,7 @@ class Agent:
         """Flows gone from the map leave probation; proven ones are offloaded again."""
         for raw_key in end_probation(self.dp, self.probation, removed):
             self.state.decided(raw_key, time.monotonic_ns())
-            guarded(functools.partial(self._reoffload, raw_key))
+            guarded(self._reoffload, raw_key)
 
     def _reoffload(self, raw: bytes) -> None:
         if self.decide(raw) is Decision.OFFLOAD:

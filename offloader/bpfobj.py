@@ -270,8 +270,13 @@ class Map:
                 yield kb[i * ks : (i + 1) * ks], vb[i * vs : (i + 1) * vs]
 
     def delete_batch(self, keys: list[bytes]) -> int:
-        """Delete many keys at once; returns how many the kernel deleted."""
-        return self._delete_packed(b"".join(keys), len(keys)) if keys else 0
+        """Delete many keys at once; returns how many the kernel deleted.
+        Two keys or fewer go one by one: a batch's buffers cost more than
+        the syscall they save (8.6 us for a batch of one, 3.2 for a delete,
+        0.5 a key in a batch of 100, measured here)."""
+        if len(keys) <= 2:
+            return sum(self.delete(k) for k in keys)
+        return self._delete_packed(b"".join(keys), len(keys))
 
     def _delete_packed(self, packed: bytes, n: int) -> int:
         """Delete the ``n`` keys laid end to end in ``packed``."""

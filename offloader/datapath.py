@@ -373,6 +373,8 @@ class Datapath:
         self.tc_egress: Program = self.obj.program("ofl_tc_egress")
         self.flows: Map = self.obj.map("ofl_flows")
         self.pending: Map = self.obj.map("ofl_pending")
+        # Decided tuples, deleted from the pending map in one batch (settle_pending).
+        self._decided: list[bytes] = []
         self.events: Map = self.obj.map("ofl_events")
         self.tx_ports: Map = self.obj.map("ofl_tx_ports")
         self.ifaces: Map = self.obj.map("ofl_ifaces")
@@ -481,6 +483,9 @@ class Datapath:
         lay.ffi.memmove(d.dmac, dmac[:6].ljust(6, b"\0"), 6)
         raw = key.pack()
         self.drops.update(raw, lay.to_bytes(d))
+        # At once, not with the decided ones: a frame the drop does not
+        # match (another MAC) makes a new pending entry, which a later
+        # batch delete would take away.
         self.pending.delete(raw)
 
     def drop_entries(self) -> Iterator[DropEntry]:
@@ -491,6 +496,7 @@ class Datapath:
 
     def pending_entry(self, key: FlowKey) -> tuple[int, int] | None:
         """(first_seen_ns, packets) of a pending tuple, None if not pending."""
+        self.settle_pending()
         raw = self.pending.lookup(key.pack())
         if raw is None:
             return None
@@ -535,20 +541,33 @@ class Datapath:
             current = self.flows.lookup(raw)
             if current is not None and self.layout.from_bytes(
                     "struct ofl_flow", current).state == self.layout.const("OFL_STATE_OFFLOAD"):
-                self.pending.delete(raw)
+                self._decided.append(raw)
                 return False
             self.flows.update(raw, value)
-        self.pending.delete(raw)
+        self._decided.append(raw)
         return True
 
     def pending_first_seen(self, key: FlowKey) -> int:
         """When the datapath first saw ``key`` (CLOCK_MONOTONIC ns), 0 if not pending."""
+        self.settle_pending()
         raw = self.pending.lookup(key.pack())
         return int.from_bytes(raw[:8], "little") if raw else 0
 
     def mark_pass(self, key: FlowKey) -> None:
-        self.flows.update(key.pack(), pass_value())
-        self.pending.delete(key.pack())
+        raw = key.pack()
+        self.flows.update(raw, pass_value())
+        self._decided.append(raw)
+
+    def settle_pending(self) -> int:
+        """Delete the tuples decided since the last call (offloaded or
+        passed) from the pending map, in one batch: a delete each was a
+        syscall per new flow. Until then the datapath finds their flow or
+        drop entry first and never reads the pending one; every read of the
+        pending map here settles first. How many went."""
+        if not self._decided:
+            return 0
+        keys, self._decided = self._decided, []
+        return self.pending.delete_batch(keys)
 
     def remove(self, keys: list[FlowKey]) -> int:
         return self.flows.delete_batch([k.pack() for k in keys])
@@ -559,6 +578,7 @@ class Datapath:
 
     def pending_keys(self) -> Iterator[bytes]:
         """The raw keys of every pending tuple, read in batches."""
+        self.settle_pending()
         ks = self.pending.key_size
         for kb, _vb, n in self.pending.batches():
             for i in range(n):
@@ -566,6 +586,7 @@ class Datapath:
 
     def pending_entries(self) -> Iterator[tuple[FlowKey, int, int, int]]:
         """(key, first_seen_ns, packets, bytes) of every pending tuple."""
+        self.settle_pending()
         lay = self.layout
         for raw_key, raw_val in self.pending.items():
             p = lay.from_bytes("struct ofl_pending", raw_val)

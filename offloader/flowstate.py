@@ -191,8 +191,11 @@ class FlowState:
             self._marks[orig] = self._marks[reply] = entry.mark
         self._recent.set(orig, entry)
         self._recent.set(reply, entry)
-        return [(key, is_reply) for tid, is_reply in ((orig, False), (reply, True))
-                for key in list(self._waiting.get(tid, {}))]
+        waiting = self._waiting
+        keys, reply_keys = waiting.get(orig), waiting.get(reply)
+        if not keys and not reply_keys:  # the event came first: its ring record decides
+            return []
+        return [(k, False) for k in keys or ()] + [(k, True) for k in reply_keys or ()]
 
     def closing(self, orig: bytes, reply: bytes) -> None:
         """The connection is closing: its flows go at the next sweep, and

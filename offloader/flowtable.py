@@ -87,6 +87,7 @@ class FlowTable:
     def clear(self) -> int:
         """Remove every flow and pending tuple; how many flows went."""
         n = self.dp.flows.clear()
+        self.dp.settle_pending()
         self.dp.pending.clear()
         self.why.clear()
         return n

@@ -9,6 +9,13 @@ steps, see ``ServedBetween``) runs their handlers when they are readable,
 so a new flow does not wait for the whole sweep. Signals only note themselves
 (through the wake-up fd); their handlers run after the round, outside
 signal context. A handler's error is logged, never fatal.
+
+Wake-ups are coalesced: the loop wakes for ready sources at most once per
+``coalesce_s``. A source that becomes ready sooner after the last wake-up
+is served when that time is up, together with whatever else came
+meanwhile; one that becomes ready later is served at once. Each wake-up
+costs the agent a sleep and a wake in the kernel, which under a steady
+trickle of new flows was most of its time (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from .errors import OffloadError
 log = logging.getLogger(__name__)
 
 
-def guarded(call: Callable[[], object]) -> None:
-    """One flow's or one source's error never stops the agent."""
+def guarded(call: Callable[..., object], *args: object) -> None:
+    """``call(*args)``: one flow's or one source's error never stops the
+    agent. The arguments are passed, not bound in a partial first: this
+    runs for every new flow."""
     try:
-        call()
+        call(*args)
     except (OffloadError, OSError) as exc:
         log.warning("%s", exc)
 
@@ -57,7 +66,9 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self) -> None:
+    def __init__(self, coalesce_s: float = 0.0) -> None:
+        self.coalesce_s = coalesce_s
+        self._woke = -math.inf  # when the last wake-up for ready sources was
         self._sel = selectors.DefaultSelector()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._timers: list[Timer] = []
@@ -136,6 +147,8 @@ class EventLoop:
         self._serving = ()
         timeout = max(0.0, min((t.due for t in self._timers), default=1.0) - time.monotonic())
         ready = {key.fd for key, _ in self._sel.select(timeout)}
+        if ready and self.coalesce_s:
+            self._coalesce()
         for fd, handler in list(self._handlers.items()):
             if fd in ready:
                 guarded(handler)
@@ -146,6 +159,18 @@ class EventLoop:
         signals, self._signals = self._signals, []
         for signum in signals:
             guarded(self._signal_handlers[signum])
+
+    def _coalesce(self) -> None:
+        """Sources are ready: wait out what is left of ``coalesce_s`` since
+        the last wake-up (at most that long, and nothing after a quiet
+        spell), so that what comes meanwhile is served in the same round.
+        A busy agent's rounds last longer than that and never wait."""
+        now = time.monotonic()
+        rest = self._woke + self.coalesce_s - now
+        if rest > 0:
+            time.sleep(rest)
+            now = time.monotonic()
+        self._woke = now
 
     def _noted(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)

@@ -158,6 +158,7 @@ def _busiest(dp: Datapath, limit: int) -> tuple[
         best = _top(best, kb, vb, n, (ks, fs, f_bytes), limit)
     pend: list[tuple[int, bytes, bytes]] = []
     waiting = 0
+    dp.settle_pending()
     for kb, vb, n in dp.pending.batches():
         waiting += n
         pend = _top(pend, kb, vb, n, (ks, ps, p_bytes), limit)

@@ -103,6 +103,7 @@ class Rig:
         dp = self.dp
         self.take_events()  # a full ring would turn "new" into "new + event_drop"
         dp.flows.clear()
+        dp.settle_pending()
         dp.pending.clear()
         dp.configure(enabled=True, heartbeat_timeout=3600.0)
         dp.set_iface(LO, dsa_proto)
@@ -114,11 +115,13 @@ class Rig:
 
     def offload(self, key: FlowKey, verdict: Verdict) -> None:
         self.dp.offload(key, verdict)
+        self.dp.settle_pending()  # as the agent at the end of each handler
         self.world.flows[key] = Flow(verdict)
         self.world.pending.discard(key)
 
     def mark_pass(self, key: FlowKey) -> None:
         self.dp.mark_pass(key)
+        self.dp.settle_pending()
         self.world.flows.pop(key, None)
         self.world.flows[key] = Flow(verdict=None, state=model.STATE_PASS)  # type: ignore[arg-type]
         self.world.pending.discard(key)

@@ -54,6 +54,27 @@ def test_new_tuple_goes_pending_and_is_announced(rig: Rig, hook: str) -> None:
 
 
 @HOOKS
+def test_decided_tuples_leave_the_pending_map_in_one_batch(rig: Rig, hook: str) -> None:
+    """Offloaded and passed tuples stay in the pending map until the
+    agent's batch delete (Datapath.settle_pending); meanwhile their packets
+    meet the flow map first, and every reader of pending tuples settles."""
+    tuples = [(4, "udp"), (4, "tcp"), (6, "udp")]
+    for family, l4 in tuples:
+        assert_passed(rig, hook, model.build_frame(ENCAPS["none"], model.l3_packet(family, l4)),
+                      "new")
+    keys = [model.flow_key(ENCAPS["none"], f, l4) for f, l4 in tuples]
+    rig.dp.offload(keys[0], model.make_verdict(keys[0], ENCAPS["none"], "none"))
+    rig.dp.mark_pass(keys[1])
+    assert len(rig.dp.pending.all_keys()) == 3  # not yet deleted
+    before = rig.dp.stats()
+    rig.run(hook, model.build_frame(ENCAPS["none"], model.l3_packet(4, "tcp")))
+    moved = {k: v - before[k] for k, v in rig.dp.stats().items() if v != before[k]}
+    assert moved == {"rx": 1, "pass_verdict": 1}
+    assert [k for k, *_ in rig.dp.pending_entries()] == [keys[2]]
+    assert rig.dp.settle_pending() == 0  # nothing left to delete
+
+
+@HOOKS
 def test_flow_decided_pass(rig: Rig, hook: str) -> None:
     rig.mark_pass(model.flow_key(ENCAPS["none"], 4, "udp"))
     assert_passed(rig, hook, model.build_frame(ENCAPS["none"], model.l3_packet(4, "udp")),

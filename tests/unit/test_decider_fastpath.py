@@ -47,6 +47,7 @@ class FakeDatapath:
         self.pending_lookups = 0
         self.tx_known: set[int] = set()
         self.keys: list[bytes] = []
+        self._decided: list[bytes] = []
 
     def pending_first_seen(self, key: FlowKey) -> int:
         self.pending_lookups += 1

@@ -120,3 +120,40 @@ def test_a_long_timer_serves_its_ready_sources_between_its_steps(
     assert "other" in calls and calls.count("ring") == 1
     assert flows.delete_batch([b"k"]) == 1  # the rest is the map's own
     assert timer.due <= time.monotonic()
+
+
+@pytest.mark.parametrize(("coalesce_s", "want"), [(5.0, [b"a", b"bc"]), (0.0, [b"a", b"b"])],
+                         ids=["coalesced", "not-coalesced"])
+def test_a_wake_up_soon_after_the_last_waits_and_serves_what_came_meanwhile(
+        monkeypatch: pytest.MonkeyPatch, coalesce_s: float, want: list[bytes]) -> None:
+    """The first byte is served at once (no wake-up before it). The second
+    comes right after: the loop waits out the rest of coalesce_s (time.sleep
+    is faked: the third byte arrives during it) and serves both in one call.
+    Without coalescing it never sleeps and serves what is there."""
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    loop, reads, slept = EventLoop(coalesce_s=coalesce_s), [], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        w.send(b"c")  # arrives while the loop waits
+
+    monkeypatch.setattr("offloader.loop.time.sleep", sleep)
+
+    def handler() -> None:
+        reads.append(r.recv(64))
+        if len(reads) == 1:
+            assert slept == []  # the first wake-up did not wait
+            w.send(b"b")
+        else:
+            loop.stop()
+
+    try:
+        loop.watch(r.fileno(), handler)
+        w.send(b"a")
+        loop.run()
+    finally:
+        r.close()
+        w.close()
+    assert reads == want
+    assert len(slept) == (1 if coalesce_s else 0) and all(0 < t <= coalesce_s for t in slept)

@@ -91,6 +91,9 @@ class FakeDatapath:
     def drop_entries(self) -> Iterator[Any]:
         return iter(())
 
+    def settle_pending(self) -> int:
+        return 0  # nothing decided is left in this fake's pending map
+
     def stats(self) -> dict[str, int]:
         return {"event_drop": 0}
 
