@@ -54,9 +54,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRACTION = 4  # heartbeats per heartbeat timeout
 RING_BUDGET = 512  # new-tuple records handled per wake-up
-# At most one wake-up for new tuples and events per millisecond (EventLoop):
-# a new flow waits at most this long, a lone one not at all.
-WAKE_COALESCE_S = 0.001
 RECHECK_BUDGET = 128  # direct conntrack queries (tens of us each) per ring wake-up
 SUMMARY_EVERY_S = 60.0
 WARM_FIRST_S, WARM_EVERY_S = 0.05, 0.5  # the resolver's caches refilled (Decider.warm)
@@ -83,7 +80,7 @@ class Agent:
         self.pid = os.getpid()  # the agent's, also when a forked child builds the status
         self._ring_batch: list[bytes] = []  # raw ring records
         self._last_summary = time.monotonic()
-        self.loop = EventLoop(coalesce_s=WAKE_COALESCE_S)
+        self.loop = EventLoop()
         self.reconcile = Reconciliation(self.dp.flows, self.rec, self.loop.watch, self.loop.unwatch,
                                         self._on_conntrack_gone, waits=self.state.waits,
                                         found=self.on_ct_events)  # NEW events the overflow lost

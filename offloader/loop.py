@@ -9,13 +9,6 @@ steps, see ``ServedBetween``) runs their handlers when they are readable,
 so a new flow does not wait for the whole sweep. Signals only note themselves
 (through the wake-up fd); their handlers run after the round, outside
 signal context. A handler's error is logged, never fatal.
-
-Wake-ups are coalesced: the loop wakes for ready sources at most once per
-``coalesce_s``. A source that becomes ready sooner after the last wake-up
-is served when that time is up, together with whatever else came
-meanwhile; one that becomes ready later is served at once. Each wake-up
-costs the agent a sleep and a wake in the kernel, which under a steady
-trickle of new flows was most of its time (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -66,9 +59,7 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self, coalesce_s: float = 0.0) -> None:
-        self.coalesce_s = coalesce_s
-        self._woke = -math.inf  # when the last wake-up for ready sources was
+    def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._timers: list[Timer] = []
@@ -147,8 +138,6 @@ class EventLoop:
         self._serving = ()
         timeout = max(0.0, min((t.due for t in self._timers), default=1.0) - time.monotonic())
         ready = {key.fd for key, _ in self._sel.select(timeout)}
-        if ready and self.coalesce_s:
-            self._coalesce()
         for fd, handler in list(self._handlers.items()):
             if fd in ready:
                 guarded(handler)
@@ -159,18 +148,6 @@ class EventLoop:
         signals, self._signals = self._signals, []
         for signum in signals:
             guarded(self._signal_handlers[signum])
-
-    def _coalesce(self) -> None:
-        """Sources are ready: wait out what is left of ``coalesce_s`` since
-        the last wake-up (at most that long, and nothing after a quiet
-        spell), so that what comes meanwhile is served in the same round.
-        A busy agent's rounds last longer than that and never wait."""
-        now = time.monotonic()
-        rest = self._woke + self.coalesce_s - now
-        if rest > 0:
-            time.sleep(rest)
-            now = time.monotonic()
-        self._woke = now
 
     def _noted(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
