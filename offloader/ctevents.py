@@ -228,14 +228,19 @@ class Layouts:
     """The layouts of the messages seen, by length and type, a few each.
     A router's events come in a handful of layouts (per family, protocol
     and kind, each kernel's own attribute order), so nearly every message
-    is read in one struct unpack, not walked attribute by attribute.
-    Bounded: emptied when full."""
+    is read in one struct unpack, not walked attribute by attribute. A
+    message is walked once: its layout, when it has one, is learnt and
+    read; a length and type that had none (ICMP tuples, a zone inside a
+    tuple) is walked by _event alone, and learning is tried again only
+    every RETRY-th such message. Bounded: emptied when full."""
 
     PER_KIND = 4
+    RETRY = 64
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
         self.known: dict[tuple[int, int], list[_Layout]] = {}
+        self.walked: dict[tuple[int, int], int] = {}  # unlearnt messages of a kind, in a row
 
     def read(self, data: bytes, pos: int, length: int, msg_type: int, flags: int,
              addresses: Addresses) -> CtEvent | None:
@@ -247,23 +252,33 @@ class Layouts:
                 got = lay.fields.unpack_from(data, pos)
                 if lay.heads(got) == lay.expect:
                     return _made(lay.values(got + _ABSENT), msg_type, flags, lay.helper, addresses)
-        event = _event(data, pos + 20, pos + length, msg_type, flags, addresses)
-        learnt = _learnt(data, pos, pos + length)
-        if learnt is not None:
-            if known is None:
-                if len(self.known) >= self.size:
-                    self.known.clear()
-                known = self.known[kind] = []
-            if len(known) >= self.PER_KIND:
-                del known[0]
-            known.append(learnt)
-        return event
+        walked = self.walked.get(kind, 0)
+        if walked % self.RETRY == 0:
+            new = _learnt(data, pos, pos + length)
+            if new is not None:
+                self._keep(kind, known, new)
+                got = new.fields.unpack_from(data, pos)
+                return _made(new.values(got + _ABSENT), msg_type, flags, new.helper, addresses)
+        if walked == 0 and len(self.walked) >= self.size:
+            self.walked.clear()
+        self.walked[kind] = walked + 1
+        return _event(data, pos + 20, pos + length, msg_type, flags, addresses)
+
+    def _keep(self, kind: tuple[int, int], known: list[_Layout] | None, lay: _Layout) -> None:
+        self.walked.pop(kind, None)
+        if known is None:
+            if len(self.known) >= self.size:
+                self.known.clear()
+            known = self.known[kind] = []
+        if len(known) >= self.PER_KIND:
+            del known[0]
+        known.append(lay)
 
 
 def _learnt(data: bytes, start: int, end: int) -> _Layout | None:
     """The layout of the message ``data[start:end]``, found by the walk
     _event makes; None when a tuple is missing or not in the usual layout
-    (tuple_at walks those too: read by _event every time)."""
+    (tuple_at walks those: read by _event), found at the first such tuple."""
     heads: list[ctnetlink.Field] = []
     values: list[ctnetlink.Field | None] = [None] * _VALUES
     helper, tuples = False, [False, False]
@@ -282,10 +297,11 @@ def _learnt(data: bytes, start: int, end: int) -> _Layout | None:
         elif kind in (ctnetlink.CTA_TUPLE_ORIG, ctnetlink.CTA_TUPLE_REPLY):
             reply = kind == ctnetlink.CTA_TUPLE_REPLY
             found = ctnetlink.tuple_fields(data, span)
-            tuples[reply] = found is not None
-            if found is not None:
-                heads += found[0]
-                values[5 * reply : 5 * reply + 5] = found[1]
+            if found is None:
+                return None
+            tuples[reply] = True
+            heads += found[0]
+            values[5 * reply : 5 * reply + 5] = found[1]
         elif kind == ctnetlink.CTA_PROTOINFO:
             more, values[14] = ctnetlink.tcp_state_fields(data, span)
             heads += more

@@ -210,6 +210,34 @@ def test_a_message_is_read_by_a_learnt_layout_only_if_it_has_it(
     assert [len(v) for v in layouts.known.values()] == [2]
 
 
+def test_a_message_without_a_layout_is_walked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ICMP event has no layout to learn (its tuples are not the usual
+    ones): it is walked, and learning is tried on the first and every
+    RETRY-th message of its length and type only. A message with a layout
+    is read by the layout it teaches, not walked as well."""
+    from offloader import ctevents
+
+    tried, walks = [], []
+    learnt, event = ctevents._learnt, ctevents._event
+    monkeypatch.setattr(ctevents, "_learnt", lambda *a: tried.append(1) or learnt(*a))
+    monkeypatch.setattr(ctevents, "_event", lambda *a: walks.append(1) or event(*a))
+    src, dst = A("198.18.1.2").packed, A("198.19.1.2").packed
+    payload = (struct.pack("=BBH", 2, 0, 0) + icmp_tuple(c.CTA_TUPLE_ORIG, src, dst, 9)
+               + icmp_tuple(c.CTA_TUPLE_REPLY, dst, src, 9)
+               + c._attr(c.CTA_STATUS, struct.pack("!I", 0x8)))
+    icmp = struct.pack("=IHHII", 16 + len(payload), 1 << 8, 0x400, 0, 0) + payload
+    layouts = Layouts()
+    for _ in range(100):
+        assert events_of(icmp, layouts=layouts) == generic_events(icmp) == []  # not L4: no event
+    assert (len(tried), len(walks)) == (2, 100)  # the 1st and the 65th
+    assert layouts.known == {}
+    tried.clear(), walks.clear()
+    udp = new_event(10000)
+    for _ in range(3):
+        assert events_of(udp, layouts=layouts) == generic_events(udp)
+    assert (len(tried), len(walks)) == (1, 0)
+
+
 def test_the_layouts_kept_are_bounded() -> None:
     layouts = Layouts(size=2)
     for extra in range(5):
