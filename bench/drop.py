@@ -223,8 +223,8 @@ def report_lines(d: dict[str, Any], frames: dict[str, Any] | None = None) -> lis
                   f"\nEarly drop costs {_ratio(frames, 'early_drop')} of the kernel's drop with "
                   f"hook xdp, {_ratio(frames, 'early_drop_tc')} with hook tc (the skb is built "
                   f"before TC runs); a bare XDP_DROP costs {_ratio(frames, 'floor_xdp')}: the "
-                  "rest of early drop's cost is the datapath's parse and its three map lookups "
-                  "(flow miss, pending miss, drop hit).\n",
+                  "rest of early drop's cost is the datapath's parse and its two map lookups "
+                  "(flow miss, drop hit).\n",
                   "### Frames as skbs (a raw socket on the sender)\n"]
     lines += _table(d)
     lines.append(f"\nShare of the flood packets the kernel saw with early drop on (learning "
