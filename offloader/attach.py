@@ -98,7 +98,11 @@ class Attacher:
             bpfobj.tc_attach(link.index, self.dp.tc_egress, egress=True)
         except AttachError as exc:
             log.warning("%s: no TC egress probe (%s)", link.name, exc)
-        if hook == "tc":
+        if hook == "tc" or (hook == "auto" and link.kind == "veth"):
+            # auto on a veth: its native XDP copies every skb its peer sends
+            # into an XDP buffer, and attaching it turns TSO off on the peer
+            # (a container's TCP then leaves in MTU-sized segments); TC did
+            # better there on every bench figure (docs/design.md).
             bpfobj.tc_attach(link.index, self.dp.tc)
             return Attached(link, "tc")
         restore = self._show_vlan_tags_to_xdp(link)

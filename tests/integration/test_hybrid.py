@@ -73,3 +73,31 @@ def test_udp_stays_in_xdp(lab: Topology) -> None:
     assert result.get("intact"), result
     assert set(via) == {None}, via  # offloaded, and forwarded by XDP only
     assert max(via[None]) > 0
+
+
+def _tso(host: Any) -> str:
+    out = host.sh("ethtool -k eth0").stdout
+    return next(line.split(":")[1].split()[0] for line in out.splitlines()
+                if line.startswith("tcp-segmentation-offload:"))
+
+
+def test_auto_puts_tc_on_a_veth_and_its_peer_keeps_tso(bpf_object: Any) -> None:
+    """``hook auto`` on veth ports: TC, not hybrid. A veth's native XDP
+    turns TSO off on its peer (here the LAN host's eth0) and copies every
+    skb into an XDP buffer; with TC the host keeps sending 64 KB segments,
+    and the transfer is offloaded and intact."""
+    need_root()
+    with lab_network() as topo:
+        assert _tso(topo.lan1) == "on"
+        topo.start_agent(hook="auto")
+        try:
+            st = topo.status()
+            assert st is not None
+            assert {i["name"]: i["hook"] for i in st["interfaces"]} == {
+                "lan1p": "tc", "lan2p": "tc", "wan0": "tc"}
+            assert _tso(topo.lan1) == "on"
+            result, via = _watch(topo, "tcp", 41510, size=24_000_000, rate_pps=8_000_000)
+            assert result.get("intact"), result
+            assert via and max(max(v) for v in via.values()) > 0, via  # offloaded, forwarded
+        finally:
+            topo.stop_agent()
