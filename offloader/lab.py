@@ -592,7 +592,8 @@ def _lab(topo: Topology, seconds: float, hooks: list[str]) -> int:
               "on veth the sender, not the router, limits a TCP stream)")
     if "xdp" in hooks:
         print("on veth XDP pays a copy per frame that a real NIC does not (the driver turns each "
-              "skb the sender built into an xdp_buff), so here tc costs less than xdp")
+              "skb the sender built into an xdp_buff), so here tc costs less than xdp, and "
+              "hook auto gives a veth tc")
     print(f"every transfer intact: {all(intact)}; flows offloaded: {n}")
     return 0 if intact and all(intact) and n else 1
 
