@@ -91,7 +91,7 @@ class Agent:
         self.probation, self.early_drop = self.decider.probation, self.decider.early_drop
         self.reresolver = Reresolver(self.dp, self.rec, self.resolver, self.table, self.probation,
                                      self.decider.path_of, self.net.used,
-                                     self.counters.torn_down)
+                                     self.counters.torn_down, self.decider.tc_only)
         self.reresolver.handed_back = self.sweeper.hand_back
         self._reresolve_timer: Timer | None = None
         self._sweep_timer = self.loop.every(lambda: self.settings.sweep_interval, self.sweep,

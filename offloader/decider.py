@@ -70,7 +70,7 @@ class Decider:
         self.first_seen: dict[bytes, int] = {}
         self.packer = VerdictPacker()
         self.rec = Records()
-        self._v_flags, self._young = self.rec.v_flags, self.rec.flag_young
+        self._v_flags, self._young, self._tc = self.rec.v_flags, self.rec.flag_young, self.rec.flag_tc
         self._paths: dict[tuple[object, ...], Egress | PassReason] = {}
 
     def learn_ruleset(self) -> None:
@@ -133,6 +133,8 @@ class Decider:
         now = time.monotonic_ns()
         # Stamped now, so a flow that never carries a packet still idles out.
         value = self.packer.pack(raw, own, path, target, entry, is_reply, now)
+        if self.tc_only(path.oif):
+            value = self.rec.with_flags(value, self._tc)
         if not self.table.offload_packed(raw, path.oif, value):
             self.state.defer(raw, now + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
@@ -192,6 +194,19 @@ class Decider:
                 log.debug("warming the walk up from ifindex %d: %s", index, exc)
         self.resolver.address_owner(_ANY4)
         self.resolver.routes_by_port()  # reads the policy rules
+
+    def tc_only(self, oif: int) -> bool:
+        """Whether a flow leaving by lowest device ``oif`` must be forwarded
+        by TC, never by XDP: under ``hook auto``, when ``oif`` is a veth. A
+        frame XDP redirects into a veth is dropped unless the veth's peer has
+        an XDP program or GRO on, and a container's end has neither by
+        default. The verdict's OFL_V_TC flag then makes XDP pass the flow's
+        packets; TC, where the input device has it (hybrid), forwards them
+        as skbs, else the kernel does."""
+        if self.settings.hook != "auto":
+            return False
+        link = self.resolver.cached_link(oif)
+        return link is not None and link.kind == "veth"
 
     def forget_paths(self) -> None:
         """The network, the configuration or the ruleset changed: paths are

@@ -379,8 +379,10 @@ class Rerouter:
 
     def __init__(self, dp: Datapath, rec: Records,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
-                 used: Callable[[int, Any, bytes], None]) -> None:
+                 used: Callable[[int, Any, bytes], None],
+                 tc_only: Callable[[int], bool] = lambda _oif: False) -> None:
         self.dp, self.rec, self.path_of, self.used = dp, rec, path_of, used
+        self.tc_only = tc_only  # Decider.tc_only: a lowest device XDP must not redirect into
         lay = layout()
         self.verdict_size = lay.ffi.sizeof("struct ofl_verdict")
         self.flag_tc = lay.const("OFL_V_TC")
@@ -411,14 +413,16 @@ class Rerouter:
         state and the datapath's seen flags kept (read just before the
         write: what the datapath adds in between is lost, a few packets'
         counts at most), and the hybrid hook's TC flag while TC can still
-        forward the flow."""
+        forward the flow, or where the new lowest device must not be XDP's
+        (``tc_only``)."""
         fresh = self.dp.flows.lookup(k)
         if fresh is None or not self.off.offloaded(fresh):
             return  # gone or handed back meanwhile
         new = verdict.pack()
         i, n = self.rec.v_flags, self.verdict_size
         flags = new[i]
-        if fresh[i] & self.flag_tc and self.rec.tc_can_forward(k, new):
+        if (fresh[i] & self.flag_tc and self.rec.tc_can_forward(k, new)) \
+                or self.tc_only(verdict.oif):
             flags |= self.flag_tc
         value = new[:i] + bytes([flags]) + new[i + 1 : n] + fresh[n:]
         self.dp.add_tx_port(verdict.oif)
@@ -443,9 +447,10 @@ class Reresolver:
     def __init__(self, dp: Datapath, rec: Records, resolver: Resolver, table: FlowTable,
                  probation: Probation,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
-                 used: Callable[[int, Any, bytes], None], torn_down: dict[Teardown, int]) -> None:
+                 used: Callable[[int, Any, bytes], None], torn_down: dict[Teardown, int],
+                 tc_only: Callable[[int], bool] = lambda _oif: False) -> None:
         self.dp, self.resolver, self.table, self.probation = dp, resolver, table, probation
-        self.rerouter = Rerouter(dp, rec, path_of, used)
+        self.rerouter = Rerouter(dp, rec, path_of, used, tc_only)
         self.walk = Pass(lambda: dp.flows.batches(SLICE_ENTRIES), self._judge, self._lookups,
                          self._done)
         self.torn_down = torn_down

@@ -11,6 +11,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED
 
 from offloader import nftwatch, policy
@@ -74,6 +75,7 @@ class FakeResolver:
         self.walked: list[int] = []
         self.owners_read = 0
         self.rules_read = 0
+        self.kinds: dict[int, str] = {}  # IFLA_INFO_KIND by ifindex ("" a plain device)
         self.ruleset = policy.Ruleset(reader=lambda: policy.UNKNOWN, generation=lambda: 0)
 
     def routes_by_port(self) -> bool:
@@ -97,6 +99,9 @@ class FakeResolver:
         self.owners_read += 1
         return None
 
+    def cached_link(self, index: int) -> Any:
+        return SimpleNamespace(kind=self.kinds.get(index, ""))
+
 
 def decider() -> tuple[Decider, FakeDatapath]:
     dp = FakeDatapath()
@@ -113,8 +118,8 @@ def decider() -> tuple[Decider, FakeDatapath]:
     return Decider(settings_udp(), parts, state, table, counters, lambda i: "xdp"), dp
 
 
-def settings_udp() -> Any:  # only the field the UDP gate reads
-    return SimpleNamespace(offload_udp="yes")
+def settings_udp(hook: str = "xdp") -> Any:  # only the fields the UDP gate and tc_only read
+    return SimpleNamespace(offload_udp="yes", hook=hook)
 
 
 def udp(sport: int) -> tuple[bytes, CtEntry]:
@@ -219,3 +224,29 @@ def test_warm_walks_up_from_each_attached_device_and_reads_the_addresses() -> No
     resolver: FakeResolver = d.resolver  # type: ignore[assignment]
     d.warm([3, 99, 4])  # 99 is gone: logged, the others still warmed
     assert resolver.walked == [3, 99, 4] and resolver.owners_read == resolver.rules_read == 1
+
+
+@pytest.mark.parametrize(("hook", "kind", "by_tc"), [
+    ("auto", "veth", True),  # a container's port: XDP must not redirect into it
+    ("auto", "", False),  # a NIC: XDP forwards
+    ("hybrid", "veth", False),  # asked for: XDP into the veth (its peer must have GRO on)
+    ("xdp", "veth", False),
+])
+def test_under_auto_a_flow_leaving_by_a_veth_is_forwarded_by_tc(hook: str, kind: str,
+                                                                by_tc: bool) -> None:
+    """A frame XDP redirects into a veth is dropped unless the peer has
+    GRO on or an XDP program (a fresh veth has neither): under hook auto
+    the verdict of a flow whose lowest egress is a veth carries OFL_V_TC,
+    so XDP passes its packets and TC (or the kernel) forwards them. The
+    resolver is a fake: the real case (a NIC with native XDP in hybrid, a
+    container's veth) cannot be built here, since veth is the only device
+    with native XDP and auto gives it TC."""
+    d, dp = decider()
+    d.settings = settings_udp(hook)
+    resolver: FakeResolver = d.resolver  # type: ignore[assignment]
+    resolver.kinds[4] = kind  # the egress FakeResolver.resolve returns
+    raw, entry = udp(10700)
+    assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
+    flags = dp.flows.updates[-1][1][d.rec.v_flags]
+    assert bool(flags & d.rec.flag_tc) is by_tc
+    assert flags & d.rec.flag_young  # the other flags kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,15 +15,18 @@ import pytest
 from offloader.datapath import FlowKey, L2Header, Verdict
 from offloader.layout import layout
 from offloader.netwatch import Changes, NetWatcher
+from offloader.records import Records
 from offloader.reresolve import (
     Lookup,
     Offsets,
     Pass,
+    Rerouter,
     Scope,
     Selector,
     route_selector,
     rule_selector,
 )
+from offloader.routing import Egress
 
 V4 = socket.AF_INET
 
@@ -399,3 +403,37 @@ def test_lost_events_resolve_everything_again_with_nothing_cached() -> None:
     out = w.read()
     assert out.reresolve.everything
     assert res.forgot == [{"links": True, "routes": True, "neigh": True}]
+
+
+# -- a rewritten verdict's TC flag -----------------------------------------------------------
+class FlowMap:
+    def __init__(self, k: bytes, v: bytes) -> None:
+        self.entries = {k: v}
+
+    def lookup(self, k: bytes) -> bytes | None:
+        return self.entries.get(k)
+
+    def update(self, k: bytes, v: bytes, flags: int = 0) -> None:
+        self.entries[k] = v
+
+
+@pytest.mark.parametrize("veth", [False, True])
+def test_a_flow_rerouted_onto_a_veth_is_left_to_tc(veth: bool) -> None:
+    """Re-resolved onto a lowest device XDP must not redirect into (under
+    hook auto a veth: Decider.tc_only), the rewritten verdict carries
+    OFL_V_TC, as a new flow's would; onto another device it does not."""
+    key = FlowKey(ifindex=7, family=V4, proto=17, src=ipaddress.ip_address("198.18.1.2"),
+                  dst=ipaddress.ip_address("198.19.99.1"), sport=5000, dport=53)
+    old = Verdict(oif=9, l2=L2Header(dmac=bytes(range(6)), smac=bytes(range(6, 12))),
+                  mtu=1500, key=key)
+    k = key.pack()
+    flows = FlowMap(k, old.pack())
+    dp: Any = SimpleNamespace(flows=flows, add_tx_port=lambda i: None)
+    new = Egress(oif=11, l2=L2Header(dmac=bytes(range(20, 26)), smac=bytes(range(6, 12))),
+                 mtu=1500, l3_oif=11, nexthop=ipaddress.ip_address("198.18.1.2"))
+    rec = Records()
+    r = Rerouter(dp, rec, lambda *_: new, lambda *_: None, lambda oif: veth and oif == 11)
+    assert r.judge(k, flows.entries[k]) is False  # rewritten
+    written = flows.entries[k]
+    assert Verdict.unpack(key, written).oif == 11
+    assert bool(written[rec.v_flags] & rec.flag_tc) is veth
