@@ -134,6 +134,8 @@ class Agent:
         # event that makes it offloadable is read (handlers run in order).
         loop.watch(self.ring.fd, self._on_ring)
         loop.watch(self.parts.ct_events.fileno(), self._on_ct_readable)
+        loop.watch(self.parts.ct_events.destroy_fileno(),
+                   lambda: self._on_ct_readable(destroys=True))
         loop.watch(self.net.fileno(), lambda: self.apply(self.net.read()))
         loop.watch(self.parts.nft.fileno(), self._on_ruleset)
         loop.watch(self.parts.control.fileno(), self.parts.control.serve_one)
@@ -215,9 +217,11 @@ class Agent:
                 guarded(self.decide, key)
         self.dp.settle_pending()
 
-    def _on_ct_readable(self) -> None:
+    def _on_ct_readable(self, destroys: bool = False) -> None:
+        """NEW and UPDATE events; with ``destroys``, DESTROY events after
+        the NEW and UPDATE events still queued (CtEvents.read_destroys)."""
         events = self.parts.ct_events
-        self.on_ct_events(events.read())
+        self.on_ct_events(events.read_destroys() if destroys else events.read())
         self.dp.settle_pending()
         if events.overflows != self._overflows_seen:
             self._overflows_seen = events.overflows

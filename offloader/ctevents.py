@@ -29,32 +29,38 @@ from . import ctnetlink
 from .conntrack import WIRE_ID, CtEntry, CtEvent, IPAddress, Tuple5, hashed_address
 
 # Constants from their owner: pyroute2's netlink modules (uapi values).
-CT_GROUPS = (1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
-             | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+CT_GROUPS = 1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1)
+CT_DESTROY_GROUP = 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
 
 
 class CtEvents:
-    """Non-blocking subscription to conntrack NEW/UPDATE/DESTROY events."""
+    """Non-blocking subscriptions to conntrack's events: NEW and UPDATE on
+    one socket, DESTROY on another. Conntrack's garbage collector reaps
+    expired connections in bursts of thousands, and each sends a DESTROY;
+    on one socket a new connection's NEW event queued behind such a burst
+    waited until every DESTROY ahead of it was read (at 10,000 new flows a
+    second, the p99 setup went from about 1 ms to 3-17 ms while an earlier
+    burst of flows expired, docs/performance.md). The agent reads the
+    DESTROY socket only once the other is empty (``read_destroys``)."""
 
     def __init__(self, rcvbuf: int = 4 << 20) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        # FORCE (root) past net.core.rmem_max, which is 208 KiB on a stock
-        # kernel: a burst of new connections overflows that in milliseconds.
-        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-                break
-            except OSError:
-                continue
-        self.sock.bind((0, CT_GROUPS))
-        self.sock.setblocking(False)
+        self.sock = _subscribed(CT_GROUPS, rcvbuf)
+        try:
+            self.destroy_sock = _subscribed(CT_DESTROY_GROUP, rcvbuf)
+        except OSError:
+            self.sock.close()
+            raise
         self.overflows = 0
+        self.drained = True  # the last read found the NEW and UPDATE socket empty
         self._filter: ctypes.Array[ctypes.c_char] | None = None
         self._addresses = Addresses()
         self._layouts = Layouts()
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def destroy_fileno(self) -> int:
+        return self.destroy_sock.fileno()
 
     def ignore_sender(self, portid: int) -> None:
         """Drop, in the kernel, the events caused by the agent's own updates
@@ -66,27 +72,67 @@ class CtEvents:
         prog = _drop_port_filter(portid)
         self._filter = ctypes.create_string_buffer(prog)  # kept: the kernel copies it, to be safe
         fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(self._filter))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        for sock in (self.sock, self.destroy_sock):
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
     def read(self, budget: int = 256) -> list[CtEvent]:
-        """Events queued now (at most ``budget`` datagrams). An overflow
-        (ENOBUFS) is counted; the agent's sweep repairs what was missed."""
+        """NEW and UPDATE events queued now (at most ``budget`` datagrams).
+        An overflow (ENOBUFS) is counted; the agent's sweep repairs what was
+        missed."""
+        out, self.drained = self._read(self.sock, budget)
+        return out
+
+    def read_destroys(self, budget: int = 256) -> list[CtEvent]:
+        """DESTROY events queued now, after the NEW and UPDATE events still
+        queued (read first, returned first; none when more than ``budget``
+        datagrams of them were). A connection's NEW is queued on the other
+        socket before its DESTROY is queued on this one, so reading this
+        one only once the other was found empty hands no NEW over after its
+        connection's DESTROY."""
+        out = self.read(budget)
+        if self.drained:
+            out += self._read(self.destroy_sock, budget)[0]
+        return out
+
+    def _read(self, sock: socket.socket, budget: int) -> tuple[list[CtEvent], bool]:
+        """The events of at most ``budget`` datagrams, and whether ``sock`` is empty."""
         out: list[CtEvent] = []
         for _ in range(budget):
             try:
-                data = self.sock.recv(1 << 16)
+                data = sock.recv(1 << 16)
             except BlockingIOError:
-                break
+                return out, True
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.overflows += 1
                     continue
                 raise
             out += events_of(data, self._addresses, self._layouts)
-        return out
+        return out, False
 
     def close(self) -> None:
         self.sock.close()
+        self.destroy_sock.close()
+
+
+def _subscribed(groups: int, rcvbuf: int) -> socket.socket:
+    """A non-blocking NETLINK_NETFILTER socket bound to ``groups``."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        # FORCE (root) past net.core.rmem_max, which is 208 KiB on a stock
+        # kernel: a burst of new connections overflows that in milliseconds.
+        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                break
+            except OSError:
+                continue
+        sock.bind((0, groups))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33  # asm-generic/socket.h

@@ -75,3 +75,37 @@ def test_events_get_refresh_against_the_kernel(bpf_object: object) -> None:
         # entry its own UDP timeout (30 s by default), whatever time has passed.
         own = int(ns.run("sysctl -n net.netfilter.nf_conntrack_udp_timeout").stdout)
         assert own < timeout <= 1500, (own, listing)
+
+
+SPLIT = r"""
+import json, socket, subprocess, time
+from offloader.ctevents import CtEvents
+ev = CtEvents()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("198.18.0.1", 40011))
+s.sendto(b"x", ("198.18.0.2", 5353))
+seen = {"read": [], "read_destroys": []}
+def poll(read, kind, tries):
+    for _ in range(tries):  # bounded (20 ms apart)
+        got = [(e.kind, e.entry.orig.sport if e.entry else None) for e in getattr(ev, read)()]
+        seen[read] += got
+        if any(k == kind for k, _ in got):
+            return
+        time.sleep(0.02)
+poll("read", "new", 100)
+subprocess.run(["conntrack", "-D", "-p", "udp", "--sport", "40011"], capture_output=True)
+poll("read", "destroy", 25)  # never comes on this socket: 0.5 s
+poll("read_destroys", "destroy", 100)
+print(json.dumps(seen))
+"""
+
+
+def test_destroy_events_come_on_a_socket_of_their_own(bpf_object: object) -> None:
+    """The kernel's NEW event comes to ``read``, the DESTROY that
+    `conntrack -D` causes only to ``read_destroys`` (its own socket)."""
+    need_root()
+    with namespaces("ctsplit") as (ns,):
+        tracked_sender(ns)
+        got = json.loads(ns.run([sys.executable, "-c", SPLIT]).stdout)
+        assert ["new", 40011] in got["read"], got
+        assert all(kind != "destroy" for kind, _ in got["read"]), got
+        assert [k for k, _ in got["read_destroys"]] == ["destroy"], got

@@ -143,7 +143,7 @@ ct.put_back([(*raw, False, 0, 0)])
 after = ct.get(t)
 destroyed = []
 for _ in range(100):  # bounded poll (about 2 s) for the deletion's DESTROY event
-    destroyed += [e.orig_id for e in ev.read() if e.kind == "destroy"]
+    destroyed += [e.orig_id for e in ev.read_destroys() if e.kind == "destroy"]
     if destroyed:
         break
     time.sleep(0.02)

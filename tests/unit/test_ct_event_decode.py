@@ -46,11 +46,32 @@ class Sock:
         return self.datagrams.pop(0)
 
 
-def events(datagrams: list[bytes]) -> CtEvents:
+def events(datagrams: list[bytes], destroys: list[bytes] | None = None) -> CtEvents:
     ev = CtEvents.__new__(CtEvents)  # no netlink socket: the fake's datagrams instead
     ev.sock, ev.overflows = Sock(datagrams), 0  # type: ignore[assignment]
+    ev.destroy_sock = Sock(destroys or [])  # type: ignore[assignment]
+    ev.drained = True
     ev._addresses, ev._layouts = Addresses(), Layouts()
     return ev
+
+
+def destroy_event(sport: int) -> bytes:
+    msg = ct_message(sport, 0)
+    return msg[:4] + struct.pack("=H", (1 << 8) | 2) + msg[6:]  # IPCTNL_MSG_CT_DELETE
+
+
+def test_destroys_are_read_after_every_new_event_queued() -> None:
+    """DESTROY events come on a socket of their own (a burst of expiring
+    connections must not queue ahead of a NEW event); they are handed over
+    only once the NEW and UPDATE socket is empty, after what it still held,
+    so no connection's NEW comes after its DESTROY."""
+    ev = events([new_event(20000 + i) for i in range(300)], [destroy_event(20000)])
+    first = ev.read_destroys(budget=256)  # 256 of the NEW events, the socket not yet empty
+    assert [e.kind for e in first] == ["new"] * 256 and not ev.drained
+    second = ev.read_destroys(budget=256)  # the other 44, then the DESTROY
+    assert [e.kind for e in second] == ["new"] * 44 + ["destroy"]
+    assert second[-1].orig_id == first[0].orig_id  # the connection of port 20000
+    assert ev.read_destroys() == [] and ev.read() == []
 
 
 def test_an_event_carries_its_entry_and_both_wire_ids() -> None:
