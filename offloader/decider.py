@@ -132,9 +132,8 @@ class Decider:
         first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(FlowKey.unpack(raw))
         now = time.monotonic_ns()
         # Stamped now, so a flow that never carries a packet still idles out.
-        value = self.packer.pack(raw, own, path, target, entry, is_reply, now)
-        if self.tc_only(path.oif):
-            value = self.rec.with_flags(value, self._tc)
+        value = self.packer.pack(raw, own, path, target, entry, is_reply, now,
+                                 self._tc if self.tc_only(path.oif) else 0)
         if not self.table.offload_packed(raw, path.oif, value):
             self.state.defer(raw, now + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT

@@ -189,11 +189,13 @@ class VerdictPacker:
         self._dport = off("struct ofl_flow", "v", "nat_dport")
         self._l4_port = off("struct ofl_flow", "v", "csum_l4_port")
         self._last = off("struct ofl_flow", "last_seen_ns")
+        self._flags = off("struct ofl_flow", "v", "flags")
         self._templates: dict[tuple[object, ...], bytes] = {}
 
     def pack(self, raw: bytes, own: Tuple5, path: Egress, target: Tuple5, entry: CtEntry,
-             is_reply: bool, last_seen_ns: int) -> bytes:
-        """The value for raw key ``raw``, whose tuple is ``own``."""
+             is_reply: bool, last_seen_ns: int, flags: int = 0) -> bytes:
+        """The value for raw key ``raw``, whose tuple is ``own``, with the
+        verdict's ``flags`` added (OFL_V_TC for a flow TC must forward)."""
         sport, dport, new_sport, new_dport = own.sport, own.dport, target.sport, target.dport
         nat_sport, nat_dport = new_sport != sport, new_dport != dport
         tk = (path, own.proto, own.src, own.dst, target.src, target.dst, is_reply, entry.zone,
@@ -216,4 +218,6 @@ class VerdictPacker:
             port_delta = 0
         struct.pack_into("!H", out, self._l4_port, port_delta)
         struct.pack_into("=Q", out, self._last, last_seen_ns)
+        if flags:
+            out[self._flags] |= flags
         return bytes(out)

@@ -379,8 +379,7 @@ class Rerouter:
 
     def __init__(self, dp: Datapath, rec: Records,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
-                 used: Callable[[int, Any, bytes], None],
-                 tc_only: Callable[[int], bool] = lambda _oif: False) -> None:
+                 used: Callable[[int, Any, bytes], None], tc_only: Callable[[int], bool]) -> None:
         self.dp, self.rec, self.path_of, self.used = dp, rec, path_of, used
         self.tc_only = tc_only  # Decider.tc_only: a lowest device XDP must not redirect into
         lay = layout()
@@ -448,7 +447,7 @@ class Reresolver:
                  probation: Probation,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
                  used: Callable[[int, Any, bytes], None], torn_down: dict[Teardown, int],
-                 tc_only: Callable[[int], bool] = lambda _oif: False) -> None:
+                 tc_only: Callable[[int], bool]) -> None:
         self.dp, self.resolver, self.table, self.probation = dp, resolver, table, probation
         self.rerouter = Rerouter(dp, rec, path_of, used, tc_only)
         self.walk = Pass(lambda: dp.flows.batches(SLICE_ENTRIES), self._judge, self._lookups,

@@ -14,6 +14,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_CONFIRMED
 from offloader.conntrack import CtEntry, Tuple5
 from offloader.datapath import FlowKey, L2Header
 from offloader.decision import VerdictPacker, verdict_for
+from offloader.layout import layout
 from offloader.routing import Egress
 
 A = ipaddress.ip_address
@@ -68,3 +69,26 @@ def test_a_template_is_kept_per_path() -> None:
             packer.pack(key.pack(), entry.orig, path(oif_vlans), Tuple5(17, src, dst, sport, 53), entry,
                         False, 0)
     assert len(packer._templates) == 2
+
+
+def test_flags_are_added_to_one_flow_and_not_to_the_template() -> None:
+    """A flow TC must forward (hook auto, a veth egress) gets OFL_V_TC in its
+    own value; the template it shares with other flows of its path stays
+    without it, so the next flow of that path gets none."""
+    lay = layout()
+    tc, at = lay.const("OFL_V_TC"), lay.ffi.offsetof("struct ofl_flow", "v", "flags")
+    packer = VerdictPacker()
+    src, dst = A("198.18.0.2"), A("198.19.0.9")
+    values = {}
+    for sport, flags in ((1000, tc), (1001, 0)):
+        key = FlowKey(ifindex=3, family=socket.AF_INET, proto=17, src=src, dst=dst,
+                      sport=sport, dport=53)
+        entry = CtEntry(Tuple5(17, src, dst, sport, 53), Tuple5(17, dst, src, 53, sport),
+                        IPS_CONFIRMED, -1, 0, False, 30)
+        want = verdict_for(key, path(), entry.orig, entry, False).pack(last_seen_ns=7)
+        got = packer.pack(key.pack(), entry.orig, path(), entry.orig, entry, False, 7, flags)
+        values[sport] = (got, want)
+    got, want = values[1000]
+    assert got[at] == want[at] | tc and got[:at] + got[at + 1 :] == want[:at] + want[at + 1 :]
+    got, want = values[1001]
+    assert got == want and not got[at] & tc
