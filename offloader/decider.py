@@ -72,6 +72,7 @@ class Decider:
         self.rec = Records()
         self._v_flags, self._young, self._tc = self.rec.v_flags, self.rec.flag_young, self.rec.flag_tc
         self._paths: dict[tuple[object, ...], Egress | PassReason] = {}
+        self._warned: set[int] = set()  # devices whose shaper XDP bypasses, said once
 
     def learn_ruleset(self) -> None:
         """Read the ruleset as it is now, once: what early drop may learn,
@@ -132,8 +133,8 @@ class Decider:
         first_seen = self.first_seen.get(raw) or self.dp.pending_first_seen(FlowKey.unpack(raw))
         now = time.monotonic_ns()
         # Stamped now, so a flow that never carries a packet still idles out.
-        value = self.packer.pack(raw, own, path, target, entry, is_reply, now,
-                                 self._tc if self.tc_only(path.oif) else 0)
+        tc = self._tc if self.tc_only(self.rec.ifindex(raw), path.oif) else 0
+        value = self.packer.pack(raw, own, path, target, entry, is_reply, now, tc)
         if not self.table.offload_packed(raw, path.oif, value):
             self.state.defer(raw, now + MAP_FULL_BACKOFF_NS)
             return Decision.WAIT
@@ -193,19 +194,33 @@ class Decider:
                 log.debug("warming the walk up from ifindex %d: %s", index, exc)
         self.resolver.address_owner(_ANY4)
         self.resolver.routes_by_port()  # reads the policy rules
+        self.resolver.queueing()  # the qdiscs: which flows a shaper needs in TC
 
-    def tc_only(self, oif: int) -> bool:
-        """Whether a flow leaving by lowest device ``oif`` must be forwarded
-        by TC, never by XDP: under ``hook auto``, when ``oif`` is a veth. A
-        frame XDP redirects into a veth is dropped unless the veth's peer has
-        an XDP program or GRO on, and a container's end has neither by
-        default. The verdict's OFL_V_TC flag then makes XDP pass the flow's
-        packets; TC, where the input device has it (hybrid), forwards them
-        as skbs, else the kernel does."""
-        if self.settings.hook != "auto":
+    def tc_only(self, iif: int, oif: int) -> bool:
+        """Whether a flow entering by ``iif`` and leaving by device ``oif``
+        (the verdict's) must be forwarded by TC, never by XDP. The verdict's
+        OFL_V_TC flag then makes XDP pass the flow's packets; TC, where the
+        input device has it (hybrid), forwards them as skbs, else the kernel
+        does.
+
+        - Under ``hook auto``, when ``oif`` is a veth: a frame XDP redirects
+          into a veth is dropped unless the veth's peer has an XDP program or
+          GRO on, and a container's end has neither by default.
+        - When ``iif``'s hook is hybrid and ``oif`` has a shaper (SQM's cake,
+          htb, ...: routing.PLAIN_QDISCS): an XDP redirect never reaches a
+          qdisc, a TC redirect goes through the device's transmit path.
+        - When ``iif``'s hook is hybrid and ``iif`` has an ``ingress`` qdisc
+          (SQM's redirect of downloads to its ifb): XDP would forward the
+          packets before that redirect sees them; passed to TC's hook, they
+          meet the redirect first (docs/openwrt.md, SQM)."""
+        if self.settings.hook == "auto":
+            link = self.resolver.cached_link(oif)
+            if link is not None and link.kind == "veth":
+                return True
+        if self.hook_of(iif) != "hybrid":
             return False
-        link = self.resolver.cached_link(oif)
-        return link is not None and link.kind == "veth"
+        queueing = self.resolver.queueing()
+        return oif in queueing.shapers or iif in queueing.ingress
 
     def forget_paths(self) -> None:
         """The network, the configuration or the ruleset changed: paths are
@@ -219,21 +234,67 @@ class Decider:
         neighbour or FDB entry missing). New decisions and the re-resolve
         pass after a network change (offloader/reresolve.py) both ask this."""
         # TC may redirect into upper devices; XDP goes to the lowest.
-        full = self.hook_of(key.ifindex) != "tc"
-        try:
-            path = self.resolver.resolve(key, target.dst, full=full, mark=mark)
-        except NotYet as exc:
-            log.debug("%s: %s, retrying", describe(key), exc)
-            return None
-        except ResolveError as exc:
-            log.debug("%s: %s", describe(key), exc)
-            return unresolved(exc)
+        hook = self.hook_of(key.ifindex)
+        path = self._resolved(key, target, mark, full=hook != "tc")
+        if isinstance(path, Egress) and hook != "tc":
+            path = self._past_shapers(key, target, mark, path, hook)
+        if not isinstance(path, Egress):
+            return path
         if self.exclusions.excludes(key.src, target.dst, (key.ifindex, path.l3_oif)):
             return PassReason.EXCLUDED
         if source_nat_elsewhere(key, target, self.resolver.address_owner(target.src),
                                 path.l3_oif):
             return PassReason.NAT_DEVICE
         return path
+
+    def _resolved(self, key: FlowKey, target: Tuple5, mark: int, *,
+                  full: bool) -> Egress | PassReason | None:
+        try:
+            return self.resolver.resolve(key, target.dst, full=full, mark=mark)
+        except NotYet as exc:
+            log.debug("%s: %s, retrying", describe(key), exc)
+            return None
+        except ResolveError as exc:
+            log.debug("%s: %s", describe(key), exc)
+            return unresolved(exc)
+
+    def _past_shapers(self, key: FlowKey, target: Tuple5, mark: int, path: Egress,
+                      hook: str | None) -> Egress | PassReason | None:
+        """A flow whose way out down to the lowest device has a shaper.
+        Hybrid: a shaper on the lowest device sees the flow through TC
+        (``tc_only``); one above it (``pppoe-wan``, ``wan.7``, a DSA user
+        port), when TC's path reaches that device, sees it as with ``hook
+        tc``: the flow is forwarded by TC into that device's transmit path.
+        Where TC's path does not reach it (a shaper on a bridge: TC
+        redirects into the port the FDB names) the kernel keeps the flow.
+        XDP alone cannot keep a shaper: said once per device."""
+        shaped = self.resolver.shaped_on_the_way(path)
+        if hook in ("xdp", "xdpgeneric"):
+            bypassed = [shaped] if shaped else []
+            if key.ifindex in self.resolver.queueing().ingress:
+                bypassed.append((key.ifindex, "an ingress qdisc"))
+            for index, kind in bypassed:
+                self._warn_bypassed(index, kind, hook)
+            return path
+        if hook != "hybrid":
+            return path
+        if shaped is None or shaped[0] == path.oif:
+            return path
+        upper = self._resolved(key, target, mark, full=False)
+        if isinstance(upper, Egress) and upper.oif == shaped[0]:
+            return upper
+        return PassReason.SHAPED if isinstance(upper, Egress) else upper
+
+    def _warn_bypassed(self, index: int, kind: str, hook: str) -> None:
+        if index in self._warned:
+            return
+        if len(self._warned) >= PATHS_KEPT:
+            self._warned.clear()
+        self._warned.add(index)
+        link = self.resolver.cached_link(index)
+        log.warning("%s on %s: hook %s forwards offloaded flows past it; hook 'hybrid' or 'tc' "
+                    "keeps it (docs/openwrt.md, SQM and QoS)", kind, link.name if link else index,
+                    hook)
 
     def _pass(self, raw: bytes, key: FlowKey, why: PassReason) -> Decision:
         if not self.table.mark_pass(key, why):

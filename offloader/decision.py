@@ -58,6 +58,7 @@ class PassReason(enum.StrEnum):
     POLICY_MARK = "policy-mark"  # an fwmark rule, and the mark is set per packet
     POLICY_TOS = "policy-tos"  # a rule on DSCP/TOS that changes the route
     NAT_DEVICE = "nat-device"  # source NAT to another device's address (see source_nat_elsewhere)
+    SHAPED = "shaped"  # hybrid: a shaper on the way out that TC cannot reach (Decider._past_shapers)
 
 
 class Teardown(enum.StrEnum):

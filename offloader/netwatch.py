@@ -1,7 +1,7 @@
 """RTNETLINK events, turned into the flows they invalidate.
 
 The watcher reads what the kernel says changed (links, addresses, routes,
-rules, neighbours, bridge FDB entries), drops the resolver's cached facts
+rules, neighbours, bridge FDB entries, qdiscs), drops the resolver's cached facts
 that the change touches, and answers with ``Changes``: which flows the loop
 must resolve again (a route's prefix, a rule's selector, everything: see
 offloader/reresolve.py) and which it must hand back (all of them after a
@@ -21,11 +21,13 @@ from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
     RTM_DELNEIGH,
+    RTM_DELQDISC,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
+    RTM_NEWQDISC,
     RTM_NEWROUTE,
     RTM_NEWRULE,
 )
@@ -108,6 +110,8 @@ class NetWatcher:
             out.flush_all |= self._on_link(msg, kind == RTM_DELLINK, out)
         elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
             self._on_neigh(msg, kind == RTM_DELNEIGH, out)
+        elif kind in (RTM_NEWQDISC, RTM_DELQDISC):
+            self._on_qdisc(msg, out)
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["flags"] & RTM_F_CLONED:
             return  # a route cache entry (IPv6 creates them on lookups)
         elif irrelevant(msg) or (kind in (RTM_NEWADDR, RTM_DELADDR)
@@ -129,6 +133,17 @@ class NetWatcher:
                 out.reresolve.add(None)  # the walk up from it may change (devstack.Macvlan)
             for sel in address_selectors(msg):
                 out.reresolve.add(sel)
+
+    def _on_qdisc(self, msg: Any, out: Changes) -> None:
+        """A qdisc added, changed or removed (SQM started or stopped): which
+        flows must go through TC to meet a shaper (Decider.tc_only) may have
+        changed, so every offloaded flow is resolved again. A clsact (the
+        agent's own attach, or another tool's filters) queues nothing."""
+        if msg.get_attr("TCA_KIND") == "clsact":
+            return
+        self.resolver.forget_queueing()
+        out.reresolve.add(None)
+        out.paths_moved = True
 
     def _under_macvlan(self, index: int) -> bool:
         """Whether a macvlan sits on ``index``: frames arriving on a device

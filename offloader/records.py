@@ -129,6 +129,11 @@ class Records:
         i = self.v_flags
         return raw_flow[:i] + bytes([(raw_flow[i] | add) & ~drop]) + raw_flow[i + 1 :]
 
+    def ifindex(self, raw_key: bytes) -> int:
+        """The ingress device of a raw ofl_key."""
+        i = self.k_ifindex
+        return int.from_bytes(raw_key[i : i + 4], sys.byteorder)
+
     def dmac(self, raw_flow: bytes) -> bytes:
         return raw_flow[self.v_dmac : self.v_dmac + 6]
 

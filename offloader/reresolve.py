@@ -379,9 +379,10 @@ class Rerouter:
 
     def __init__(self, dp: Datapath, rec: Records,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
-                 used: Callable[[int, Any, bytes], None], tc_only: Callable[[int], bool]) -> None:
+                 used: Callable[[int, Any, bytes], None],
+                 tc_only: Callable[[int, int], bool]) -> None:
         self.dp, self.rec, self.path_of, self.used = dp, rec, path_of, used
-        self.tc_only = tc_only  # Decider.tc_only: a lowest device XDP must not redirect into
+        self.tc_only = tc_only  # Decider.tc_only: a way in or out XDP must not take
         lay = layout()
         self.verdict_size = lay.ffi.sizeof("struct ofl_verdict")
         self.flag_tc = lay.const("OFL_V_TC")
@@ -402,8 +403,9 @@ class Rerouter:
             self.dp.flows.delete(k)
             return None
         self.used(path.l3_oif, path.nexthop, path.l2.dmac)
-        if (path.oif, path.l2, path.mtu) == (old.oif, old.l2, old.mtu):
-            return True
+        if (path.oif, path.l2, path.mtu) == (old.oif, old.l2, old.mtu) and (
+                v[self.rec.v_flags] & self.flag_tc or not self.tc_only(key.ifindex, path.oif)):
+            return True  # the same way out, and TC's already if it must be (a shaper came)
         self._rewrite(k, replace(old, oif=path.oif, l2=path.l2, mtu=path.mtu))
         return False
 
@@ -421,7 +423,7 @@ class Rerouter:
         i, n = self.rec.v_flags, self.verdict_size
         flags = new[i]
         if (fresh[i] & self.flag_tc and self.rec.tc_can_forward(k, new)) \
-                or self.tc_only(verdict.oif):
+                or self.tc_only(self.rec.ifindex(k), verdict.oif):
             flags |= self.flag_tc
         value = new[:i] + bytes([flags]) + new[i + 1 : n] + fresh[n:]
         self.dp.add_tx_port(verdict.oif)
@@ -432,10 +434,10 @@ class Rerouter:
                 raise
 
 
-# Pass entries whose reason a route can change: removed on a route, rule or
-# address change, so that their next packet is decided afresh.
+# Pass entries whose reason a route can change: removed on a route, rule,
+# address or qdisc change, so that their next packet is decided afresh.
 ROUTE_PASSES = frozenset({PassReason.NO_PATH, PassReason.POLICY_MARK, PassReason.POLICY_TOS,
-                          PassReason.NAT_DEVICE, PassReason.EXCLUDED})
+                          PassReason.NAT_DEVICE, PassReason.EXCLUDED, PassReason.SHAPED})
 
 
 class Reresolver:
@@ -447,7 +449,7 @@ class Reresolver:
                  probation: Probation,
                  path_of: Callable[[FlowKey, Tuple5, int], Egress | PassReason | None],
                  used: Callable[[int, Any, bytes], None], torn_down: dict[Teardown, int],
-                 tc_only: Callable[[int], bool]) -> None:
+                 tc_only: Callable[[int, int], bool]) -> None:
         self.dp, self.resolver, self.table, self.probation = dp, resolver, table, probation
         self.rerouter = Rerouter(dp, rec, path_of, used, tc_only)
         self.walk = Pass(lambda: dp.flows.batches(SLICE_ENTRIES), self._judge, self._lookups,

@@ -41,6 +41,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
+    RTMGRP_TC,
     rtypes,
 )
 from pyroute2.netlink.rtnl.ifinfmsg import BRIDGE_VLAN_INFO_UNTAGGED, IFF_UP
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AF_BRIDGE", "NUD_VALID", "RTM_DELLINK", "RTM_DELNEIGH", "RTM_DELROUTE", "RTM_F_CLONED",
     "RTM_NEWLINK", "RTM_NEWNEIGH", "RTM_NEWROUTE", "AttachPoint", "Egress", "Ingress", "Link",
-    "NotYet", "Resolver", "RouteLookup", "attach_points", "rt_event_socket",
+    "NotYet", "Queueing", "Resolver", "RouteLookup", "attach_points", "rt_event_socket",
 ]
 
 AF_BRIDGE = socket.AF_BRIDGE  # FDB entries in RTM_NEWNEIGH/RTM_DELNEIGH
@@ -73,7 +74,15 @@ RTN_LOCAL = rtypes["RTN_LOCAL"]
 SYSFS_NET = Path("/sys/class/net")
 NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
 RT_GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
-             | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE)
+             | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE | RTMGRP_TC)
+# Qdiscs a device has when nobody set up queueing on it: the kernel's and
+# OpenWrt's defaults (fq_codel is OpenWrt's default_qdisc), and clsact, which
+# holds filters (the agent's own) and queues nothing. Any other egress qdisc,
+# at the root or under mq, is somebody's shaper or scheduler (SQM's cake,
+# htb, hfsc, tbf, ...), which only packets through the device's qdisc layer see.
+PLAIN_QDISCS = frozenset({"noqueue", "mq", "pfifo_fast", "fq_codel", "fq", "pfifo", "bfifo",
+                          "pfifo_head_drop", "clsact"})
+QUEUEING_WALK = 8  # devices looked at from the routed one down (VLAN, DSA user port)
 RTM_F_CLONED = 0x200  # a route cache entry (uapi rtnetlink.h; pyroute2 has no name for it)
 PPPOE_HLEN = 8  # PPPoE session header and PPP protocol (RFC 2516)
 VLAN_HLEN = 4
@@ -96,6 +105,17 @@ class PerPacketRoute(ResolveError):
     def __init__(self, message: str, *, by_tos: bool) -> None:
         super().__init__(message)
         self.by_tos = by_tos
+
+
+@dataclass(frozen=True, slots=True)
+class Queueing:
+    """Who queues where: ``shapers`` maps a device to the kind of its egress
+    qdisc that is not a default one (PLAIN_QDISCS); ``ingress`` holds the
+    devices with an ``ingress`` qdisc, which is somebody else's (the agent
+    uses clsact): SQM's redirect of downloads to its ifb lives there."""
+
+    shapers: dict[int, str]
+    ingress: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +199,7 @@ class Resolver:
         # (ifindex, DSA port, VLAN ids, PPPoE session) -> the L3 ingress device
         self._ingress: dict[tuple[int, int, int, int, int], Ingress] = {}
         self._rules: RuleFacts | None = None
+        self._queueing: Queueing | None = None
         self.ruleset = ruleset or policy.Ruleset()
 
     # -- caches ----------------------------------------------------------------
@@ -246,6 +267,45 @@ class Resolver:
 
     def cached_link(self, index: int) -> Link | None:
         return self._links.get(index)
+
+    # -- qdiscs ------------------------------------------------------------------------
+    def queueing(self) -> Queueing:
+        """The devices with somebody's egress qdisc or ``ingress`` qdisc, read
+        with one dump and kept until ``forget_queueing`` (a qdisc event)."""
+        if self._queueing is None:
+            shapers: dict[int, str] = {}
+            ingress: set[int] = set()
+            for msg in self.ipr.get_qdiscs():
+                kind = str(msg.get_attr("TCA_KIND") or "")
+                if kind == "ingress":
+                    ingress.add(msg["index"])
+                elif kind not in PLAIN_QDISCS:
+                    shapers.setdefault(msg["index"], kind)
+            self._queueing = Queueing(shapers, frozenset(ingress))
+        return self._queueing
+
+    def forget_queueing(self) -> None:
+        self._queueing = None
+
+    def shaped_on_the_way(self, path: Egress) -> tuple[int, str] | None:
+        """The first device with a shaper (its ifindex and qdisc kind) on
+        ``path``'s way out: the routed device, the devices below it that
+        IFLA_LINK names (VLAN, DSA user port), and the lowest device."""
+        shapers = self.queueing().shapers
+        if not shapers:
+            return None
+        index, seen = path.l3_oif, 0
+        while index and seen < QUEUEING_WALK:
+            if index in shapers:
+                return index, shapers[index]
+            if index == path.oif:
+                return None
+            try:
+                index = self.link(index).link
+            except ResolveError:
+                break
+            seen += 1
+        return (path.oif, shapers[path.oif]) if path.oif in shapers else None
 
     # -- sysfs facts (DSA) -----------------------------------------------------------
     def dsa_tagging(self, conduit: Link) -> int:

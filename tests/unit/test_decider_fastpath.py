@@ -23,7 +23,7 @@ from offloader.errors import ResolveError
 from offloader.flowstate import FlowState
 from offloader.flowtable import FlowTable
 from offloader.records import Records
-from offloader.routing import Egress, NotYet
+from offloader.routing import Egress, NotYet, Queueing
 from offloader.status import Counters
 
 LAN, WAN = ipaddress.IPv4Address("198.18.1.2"), ipaddress.IPv4Address("198.19.1.2")
@@ -48,6 +48,7 @@ class FakeDatapath:
         self.pending_lookups = 0
         self.tx_known: set[int] = set()
         self.keys: list[bytes] = []
+        self.passed: list[FlowKey] = []
         self._decided: list[bytes] = []
 
     def pending_first_seen(self, key: FlowKey) -> int:
@@ -59,6 +60,9 @@ class FakeDatapath:
         self.keys.append(raw)
         return Datapath.offload_packed(self, raw, oif, value,  # type: ignore[arg-type]
                                        replace=replace)
+
+    def mark_pass(self, key: FlowKey) -> None:
+        self.passed.append(key)
 
     def add_tx_port(self, ifindex: int) -> None:
         Datapath.add_tx_port(self, ifindex)  # type: ignore[arg-type]
@@ -76,6 +80,10 @@ class FakeResolver:
         self.owners_read = 0
         self.rules_read = 0
         self.kinds: dict[int, str] = {}  # IFLA_INFO_KIND by ifindex ("" a plain device)
+        self.queue = Queueing({}, frozenset())  # qdiscs: no shaper, no ingress qdisc
+        self.shaped: tuple[int, str] | None = None  # shaped_on_the_way's answer
+        self.upper_oif = 8  # the egress a TC path (full=False) ends at
+        self.fulls: list[bool] = []
         self.ruleset = policy.Ruleset(reader=lambda: policy.UNKNOWN, generation=lambda: 0)
 
     def routes_by_port(self) -> bool:
@@ -90,20 +98,27 @@ class FakeResolver:
 
     def resolve(self, key: FlowKey, dst: Any, *, full: bool, mark: int) -> Egress:
         self.resolved += 1
+        self.fulls.append(full)
         if self.not_yet:
             raise NotYet("no neighbour entry yet")
-        return Egress(oif=4, l2=L2Header(b"\x02" * 6, b"\x04" * 6), mtu=1500, l3_oif=4,
-                      nexthop=WAN)
+        return Egress(oif=4 if full else self.upper_oif, l2=L2Header(b"\x02" * 6, b"\x04" * 6),
+                      mtu=1500, l3_oif=8, nexthop=WAN)
+
+    def queueing(self) -> Queueing:
+        return self.queue
+
+    def shaped_on_the_way(self, path: Egress) -> tuple[int, str] | None:
+        return self.shaped
 
     def address_owner(self, addr: Any) -> int | None:
         self.owners_read += 1
         return None
 
     def cached_link(self, index: int) -> Any:
-        return SimpleNamespace(kind=self.kinds.get(index, ""))
+        return SimpleNamespace(kind=self.kinds.get(index, ""), name=f"if{index}")
 
 
-def decider() -> tuple[Decider, FakeDatapath]:
+def decider(hook_of: Any = lambda i: "xdp") -> tuple[Decider, FakeDatapath]:
     dp = FakeDatapath()
     queued: list[tuple[bytes, bool, int, bool]] = []  # flows offloaded, for their long timeout
     parts: Any = SimpleNamespace(dp=dp, resolver=FakeResolver(),
@@ -115,7 +130,7 @@ def decider() -> tuple[Decider, FakeDatapath]:
     state = FlowState(max_waiting=1024, ident=rec.wire)
     counters = Counters()
     table = FlowTable(dp, counters, rec)  # type: ignore[arg-type]
-    return Decider(settings_udp(), parts, state, table, counters, lambda i: "xdp"), dp
+    return Decider(settings_udp(), parts, state, table, counters, hook_of), dp
 
 
 def settings_udp(hook: str = "xdp") -> Any:  # only the fields the UDP gate and tc_only read
@@ -244,7 +259,7 @@ def test_under_auto_a_flow_leaving_by_a_veth_is_forwarded_by_tc(hook: str, kind:
     d, dp = decider()
     d.settings = settings_udp(hook)
     resolver: FakeResolver = d.resolver  # type: ignore[assignment]
-    resolver.kinds[4] = kind  # the egress FakeResolver.resolve returns
+    resolver.kinds[4] = kind  # the lowest egress FakeResolver.resolve returns
     raw, entry = udp(10700)
     assert d.decide(raw, (entry, False)) is Decision.OFFLOAD
     flags = dp.flows.updates[-1][1][d.rec.v_flags]

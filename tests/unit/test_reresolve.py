@@ -432,8 +432,36 @@ def test_a_flow_rerouted_onto_a_veth_is_left_to_tc(veth: bool) -> None:
     new = Egress(oif=11, l2=L2Header(dmac=bytes(range(20, 26)), smac=bytes(range(6, 12))),
                  mtu=1500, l3_oif=11, nexthop=ipaddress.ip_address("198.18.1.2"))
     rec = Records()
-    r = Rerouter(dp, rec, lambda *_: new, lambda *_: None, lambda oif: veth and oif == 11)
+    r = Rerouter(dp, rec, lambda *_: new, lambda *_: None, lambda iif, oif: veth and oif == 11)
     assert r.judge(k, flows.entries[k]) is False  # rewritten
     written = flows.entries[k]
     assert Verdict.unpack(key, written).oif == 11
     assert bool(written[rec.v_flags] & rec.flag_tc) is veth
+
+
+@pytest.mark.parametrize("shaped", [False, True])
+def test_a_shaper_that_came_moves_an_offloaded_flow_to_tc(shaped: bool) -> None:
+    """The same way out, but a qdisc event says the lowest device now has a
+    shaper (SQM started: Decider.tc_only): the entry is rewritten with
+    OFL_V_TC so that TC, through the device's qdisc, forwards it; once TC's,
+    it is left alone. Without a shaper the entry is not touched."""
+    key = FlowKey(ifindex=7, family=V4, proto=17, src=ipaddress.ip_address("198.18.1.2"),
+                  dst=ipaddress.ip_address("198.19.99.1"), sport=5001, dport=53)
+    l2 = L2Header(dmac=bytes(range(6)), smac=bytes(range(6, 12)))
+    old = Verdict(oif=9, l2=l2, mtu=1500, key=key)
+    k = key.pack()
+    flows = FlowMap(k, old.pack())
+    dp: Any = SimpleNamespace(flows=flows, add_tx_port=lambda i: None)
+    same = Egress(oif=9, l2=l2, mtu=1500, l3_oif=9, nexthop=ipaddress.ip_address("198.18.1.2"))
+    rec = Records()
+    asked: list[tuple[int, int]] = []
+
+    def tc_only(iif: int, oif: int) -> bool:
+        asked.append((iif, oif))
+        return shaped
+
+    r = Rerouter(dp, rec, lambda *_: same, lambda *_: None, tc_only)
+    assert r.judge(k, flows.entries[k]) is (not shaped)
+    assert asked[0] == (7, 9)
+    assert bool(flows.entries[k][rec.v_flags] & rec.flag_tc) is shaped
+    assert r.judge(k, flows.entries[k]) is True  # TC's already, or never needed
