@@ -366,7 +366,7 @@ class Agent:
         agent.update(self.reresolver.report())
         agent.update(ruleset_changes=self.parts.nft.changes, on_probation=len(self.probation),
                      conntrack_refreshes=self.sweeper.refreshed, young_renewed=self.sweeper.settled,
-                     handed_to_tc=self.sweeper.to_tc,
+                     handed_to_tc=self.sweeper.to_tc, qdisc_changes=self.net.queueing_changes,
                      conntrack_update_failures=self.ct.update_failures,
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,

@@ -75,6 +75,8 @@ class NetWatcher:
         self.addresses: dict[Any, int] = resolver.local_addresses()
         # (device, neighbour) -> its MAC while valid, as the last event said
         self.neighbours: dict[tuple[int, Any], bytes] = {}
+        self.queueing_changes = 0  # qdisc events that changed what decisions use
+        self._qdiscs_read = False  # in this read of the socket
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -88,6 +90,7 @@ class NetWatcher:
 
     def read(self) -> Changes:
         out = Changes()
+        self._qdiscs_read = False
         for _ in range(READ_BUDGET):
             try:
                 data = self.sock.recv(1 << 16)
@@ -95,6 +98,7 @@ class NetWatcher:
                 break
             except OSError:  # ENOBUFS: changes were missed, nothing cached is sure
                 self.resolver.forget(links=True, routes=True, neigh=True)
+                self.resolver.forget_queueing()
                 self.neighbours.clear()
                 out.reresolve.add(None)
                 out.paths_moved = True
@@ -137,11 +141,23 @@ class NetWatcher:
     def _on_qdisc(self, msg: Any, out: Changes) -> None:
         """A qdisc added, changed or removed (SQM started or stopped): which
         flows must go through TC to meet a shaper (Decider.tc_only) may have
-        changed, so every offloaded flow is resolved again. A clsact (the
-        agent's own attach, or another tool's filters) queues nothing."""
-        if msg.get_attr("TCA_KIND") == "clsact":
+        changed. The qdiscs are read again, once per read of the socket (the
+        events it holds all came before the read), and only when what the
+        decisions use changed (a shaper's kind on a device, an ingress qdisc)
+        is every offloaded flow resolved again: cake-autorate changes cake's
+        rate several times a second. A clsact (the agent's own attach, or
+        another tool's filters) queues nothing."""
+        if msg.get("TCA_KIND") == "clsact" or self._qdiscs_read:
             return
+        self._qdiscs_read = True
+        before = self.resolver.cached_queueing()
         self.resolver.forget_queueing()
+        try:
+            if before is not None and self.resolver.queueing() == before:
+                return
+        except (NetlinkError, OSError):  # read again when a decision asks
+            self.resolver.forget_queueing()
+        self.queueing_changes += 1
         out.reresolve.add(None)
         out.paths_moved = True
 

@@ -276,7 +276,7 @@ class Resolver:
             shapers: dict[int, str] = {}
             ingress: set[int] = set()
             for msg in self.ipr.get_qdiscs():
-                kind = str(msg.get_attr("TCA_KIND") or "")
+                kind = str(msg.get("TCA_KIND") or "")
                 if kind == "ingress":
                     ingress.add(msg["index"])
                 elif kind not in PLAIN_QDISCS:
@@ -286,6 +286,9 @@ class Resolver:
 
     def forget_queueing(self) -> None:
         self._queueing = None
+
+    def cached_queueing(self) -> Queueing | None:
+        return self._queueing
 
     def shaped_on_the_way(self, path: Egress) -> tuple[int, str] | None:
         """The first device with a shaper (its ifindex and qdisc kind) on

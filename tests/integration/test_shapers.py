@@ -191,3 +191,28 @@ def test_sqm_download_shaping_through_an_ifb_sees_offloaded_downloads(bpf_object
             assert st is not None and st["datapath"]["pass_hybrid"] >= 900  # XDP left them
         finally:
             topo.stop_agent()
+
+
+def test_a_shaper_whose_rate_changes_starts_no_pass(lab: Topology) -> None:
+    """cake-autorate changes cake's rate several times a second (`tc qdisc
+    change`): each is a qdisc event, and none changes what decisions use. The
+    agent counts the events that did (`qdisc_changes`); events are read in
+    order, so once the later real change is counted the earlier ones were
+    read and not counted."""
+    add_qdisc(lab, f"dev wan0 root {TBF}")
+    try:
+        st = lab.status()
+        assert st is not None
+        before = st["agent"]["qdisc_changes"]
+        for rate in ("900mbit", "800mbit", "700mbit"):
+            lab.router.sh(f"tc qdisc change dev wan0 root tbf rate {rate} burst 1mb latency 100ms")
+        lab.router.sh(f"tc qdisc add dev lan2p root {TBF}")  # a real change, after them
+        deadline, now = time.monotonic() + 10, before
+        while now == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+            st = lab.status()
+            assert st is not None
+            now = st["agent"]["qdisc_changes"]
+        assert now == before + 1, (before, now)
+    finally:
+        lab.router.sh("tc qdisc del dev wan0 root; tc qdisc del dev lan2p root", check=False)

@@ -53,12 +53,18 @@ class FakeIPRoute:
         self.rules = rules if rules is not None else [Msg(FRA_TABLE=254)]
         self.route_queries: list[dict[str, Any]] = []
         self.neigh_queries: list[tuple[int, str]] = []
+        self.qdiscs: list[Msg] = []  # RTM_GETQDISC's answer
+        self.qdisc_dumps = 0
 
     def link(self, cmd: str, index: int) -> list[Msg]:
         return [self.links[index]]
 
     def get_links(self) -> list[Msg]:
         return list(self.links.values())
+
+    def get_qdiscs(self) -> list[Msg]:
+        self.qdisc_dumps += 1
+        return list(self.qdiscs)
 
     def route(self, cmd: str, **kw: Any) -> list[Msg]:
         self.route_queries.append(kw)
