@@ -213,10 +213,13 @@ class Decider:
           (SQM's redirect of downloads to its ifb): XDP would forward the
           packets before that redirect sees them; passed to TC's hook, they
           meet the redirect first (docs/openwrt.md, SQM)."""
-        if self.settings.hook == "auto":
+        hook = self.settings.hook
+        if hook == "auto":
             link = self.resolver.cached_link(oif)
             if link is not None and link.kind == "veth":
                 return True
+        elif hook != "hybrid":  # xdp, tc: no device has both hooks (asked per new flow)
+            return False
         if self.hook_of(iif) != "hybrid":
             return False
         queueing = self.resolver.queueing()

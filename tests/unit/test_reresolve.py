@@ -318,6 +318,9 @@ class Resolver:
     def forget_routes_to(self, inside: Any) -> None:
         self.forgot.append({"routes_to": inside})
 
+    def forget_queueing(self) -> None:
+        self.forgot.append({"qdiscs": True})
+
 
 class Sock:
     def __init__(self, error: OSError | None = None) -> None:
@@ -402,7 +405,7 @@ def test_lost_events_resolve_everything_again_with_nothing_cached() -> None:
     w, res = watcher(Sock(OSError(105, "No buffer space available")))
     out = w.read()
     assert out.reresolve.everything
-    assert res.forgot == [{"links": True, "routes": True, "neigh": True}]
+    assert res.forgot == [{"links": True, "routes": True, "neigh": True}, {"qdiscs": True}]
 
 
 # -- a rewritten verdict's TC flag -----------------------------------------------------------
