@@ -371,7 +371,23 @@ class Agent:
                      conntrack_event_overflows=self.parts.ct_events.overflows)
         facts = AgentFacts(self.pid, self.started, self.attacher.report(), agent,
                            self.decider.latencies.percentiles(), why=self.table.why)
-        return build_status(self.dp, facts, self.attacher.name_of, limit)
+        out = build_status(self.dp, facts, self.attacher.name_of, limit)
+        out["shapers"] = self._shapers()
+        return out
+
+    def _shapers(self) -> list[dict[str, str]]:
+        """The qdiscs of somebody's the agent saw (as last read: no netlink
+        query here, a forked child answers), for ``status``: an offloaded
+        flow that meets one is forwarded by TC or left to the kernel under
+        hook hybrid and auto, and goes past it under xdp."""
+        q = self.resolver.cached_queueing()
+        if q is None:
+            return []
+        def name(index: int) -> str:
+            return q.names.get(index) or self.attacher.name_of(index)
+
+        return ([{"device": name(i), "qdisc": kind} for i, kind in sorted(q.shapers.items())]
+                + [{"device": name(i), "qdisc": "ingress"} for i in sorted(q.ingress)])
 
 
 def run_agent(settings: Settings, *, load_settings: Callable[[], Settings] | None = None,

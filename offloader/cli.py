@@ -233,6 +233,10 @@ def render_status(cur: dict[str, Any], prev: dict[str, Any] | None, interval: fl
     lines.append(f"ebpf-offloader running, pid {cur['pid']}, up {_duration(cur['uptime_s'])}")
     ifaces = ", ".join(f"{i['name']} ({i['hook']})" for i in cur["interfaces"]) or "none"
     lines.append(f"interfaces: {ifaces}")
+    if cur.get("shapers"):
+        seen = ", ".join(f"{q['qdisc']} on {q['device']}" for q in cur["shapers"])
+        lines.append(f"shapers: {seen} (flows through them go by tc or the kernel, "
+                     "except with hook xdp)")
     lines.append(f"flows: {c['offloaded']} offloaded, {c['passed']} passed to the kernel, "
                  f"{c['pending']} pending")
     offloaded = [f for f in cur["flows"] if f["state"] == "offloaded"]

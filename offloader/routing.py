@@ -116,6 +116,7 @@ class Queueing:
 
     shapers: dict[int, str]
     ingress: frozenset[int]
+    names: dict[int, str] = field(default_factory=dict, compare=False)  # for status
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +282,13 @@ class Resolver:
                     ingress.add(msg["index"])
                 elif kind not in PLAIN_QDISCS:
                     shapers.setdefault(msg["index"], kind)
-            self._queueing = Queueing(shapers, frozenset(ingress))
+            names = {}
+            for index in {*shapers, *ingress}:
+                try:
+                    names[index] = self.link(index).name
+                except ResolveError:  # gone meanwhile: its event comes
+                    pass
+            self._queueing = Queueing(shapers, frozenset(ingress), names)
         return self._queueing
 
     def forget_queueing(self) -> None:

@@ -85,6 +85,8 @@ def watch(topo: Topology, sport: int, src: str = LAN1_4, **kw: Any) -> tuple[
 def test_a_shaper_on_the_lowest_egress_sees_every_offloaded_packet(lab: Topology) -> None:
     add_qdisc(lab, f"dev wan0 root {TBF}")
     try:
+        st = lab.status()
+        assert st is not None and st["shapers"] == [{"device": "wan0", "qdisc": "tbf"}], st
         before = qdisc_packets(lab, "wan0")
         result, rows = watch(lab, 41600, size=1_500_000, rate_pps=4000)
         assert result.get("intact"), result
@@ -189,6 +191,8 @@ def test_sqm_download_shaping_through_an_ifb_sees_offloaded_downloads(bpf_object
             assert qdisc_packets(topo, "ifb0") - before >= 1000  # every datagram
             st = topo.status()
             assert st is not None and st["datapath"]["pass_hybrid"] >= 900  # XDP left them
+            assert {(q["device"], q["qdisc"]) for q in st["shapers"]} == {
+                ("ifb0", "tbf"), ("wan0", "ingress")}, st["shapers"]
         finally:
             topo.stop_agent()
 

@@ -86,3 +86,11 @@ def test_human_status_report() -> None:
     row = next(line for line in text.splitlines() if "198.18.1.2:40000" in line)
     assert "198.19.2.2:443" in row and "eth0>wan" in row and "2000" in row
     assert "1.0 MB/s" in row and "src=198.19.2.1" in row
+    assert "shapers" not in text  # none seen: no line
+
+
+def test_human_status_names_the_shapers_the_agent_saw() -> None:
+    cur = {**STATUS, "shapers": [{"device": "wan", "qdisc": "cake"},
+                                 {"device": "wan", "qdisc": "ingress"}]}
+    line = next(x for x in render_status(cur, None, 1.0).splitlines() if x.startswith("shapers"))
+    assert line.startswith("shapers: cake on wan, ingress on wan (flows through them go by tc")
