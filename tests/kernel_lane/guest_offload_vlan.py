@@ -2,6 +2,7 @@
 (`rw0.7`, XDP and TC) and a VLAN-filtering bridge (`brw.7`, XDP and TC), and SQM (cake,
 ifb, as sqm-scripts sets it up) shapes offloaded traffic with the TC hook. One half of
 the agent-offload cases; guest_offload_qinq_pppoe.py, booted beside it, has the other.
+Also SQM's upload shaping (cake on rw0.7) with the hybrid hook.
 What each case runs and checks: offload_cases.py (run_flows, check_flows, _case).
 """
 
@@ -299,6 +300,41 @@ def test_vlan_offload(vlan, vlan_tc_hand_on, hook):
         if given is not None:  # SQM's ingress qdisc, kept for the agent's filter
             _tc(vlan.router_ns, "qdisc", "del", "dev", vlan.router_wan_if, "ingress",
                 check=False)
+
+
+def test_sqm_hybrid_sends_an_offloaded_upload_through_cake(vlan):
+    """After test_vlan_offload (its agents stopped: one agent on the topology at a
+    time). hook hybrid (what auto picks on a NIC with native XDP: XDP and TC on the
+    lowest devices rl0 and rw0) with sqm-scripts' upload shaping, cake on the
+    VLAN device rw0.7 above rw0: the agent sees the shaper on the way out and
+    resolves the upload as hook tc does, into rw0.7, and TC forwards it through
+    rw0.7's transmit path, cake included (an XDP redirect into rw0 would go
+    past it). The upload is offloaded, via TC into rw0.7, held to cake's rate,
+    and cake counted all of it (docs/design.md, "Shapers under the hybrid
+    hook")."""
+    topo, ns, wan = vlan, vlan.router_ns, vlan.router_wan_if
+    sh(["modprobe", "sch_cake"])
+    prepare_hosts(topo, "hybrid")
+    _tc(ns, "qdisc", "add", "dev", wan, "root", "cake", "bandwidth", f"{SQM_UP_KBIT}kbit",
+        "besteffort")
+    try:
+        with running_agent(topo, "hybrid", "vlan-hybrid-sqm") as agent:
+            agent.wait_ready()
+            before = _qdisc_bytes(ns, wan)
+            got = shaped_transfer(topo, agent, "up", 5820, SQM_UP_KBIT)
+            counted = _qdisc_bytes(ns, wan) - before
+            print(f"SQM hybrid upload: configured {SQM_UP_KBIT} kbit/s, measured "
+                  f"{got['l2_kbit']} kbit/s, offloaded flow carried {got['carried']} of "
+                  f"{got['segments']} segments, cake counted {counted} bytes")
+            row = got["row"]
+            assert row and (row.get("via"), row.get("out_dev")) == ("tc", wan), (row, agent.tail())
+            assert got["carried"] >= 0.9 * got["segments"], (got, agent.tail())
+            assert counted >= got["bytes"], (counted, got)  # cake saw all of it
+            assert abs(got["l2_kbit"] / SQM_UP_KBIT - 1) <= SQM_TOLERANCE, got
+            shapers = (status(ns) or {}).get("shapers")
+            assert {"device": wan, "qdisc": "cake"} in shapers, shapers
+    finally:
+        _tc(ns, "qdisc", "del", "dev", wan, "root", check=False)
 
 
 @pytest.fixture(scope="module")
