@@ -383,6 +383,7 @@ class Agent:
         q = self.resolver.cached_queueing()
         if q is None:
             return []
+
         def name(index: int) -> str:
             return q.names.get(index) or self.attacher.name_of(index)
 

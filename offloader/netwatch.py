@@ -155,8 +155,8 @@ class NetWatcher:
         try:
             if before is not None and self.resolver.queueing() == before:
                 return
-        except (NetlinkError, OSError):  # read again when a decision asks
-            self.resolver.forget_queueing()
+        except (NetlinkError, OSError):  # nothing kept: read again when a decision asks
+            pass
         self.queueing_changes += 1
         out.reresolve.add(None)
         out.paths_moved = True

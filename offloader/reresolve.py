@@ -423,7 +423,7 @@ class Rerouter:
         i, n = self.rec.v_flags, self.verdict_size
         flags = new[i]
         if (fresh[i] & self.flag_tc and self.rec.tc_can_forward(k, new)) \
-                or self.tc_only(self.rec.ifindex(k), verdict.oif):
+                or self.tc_only(verdict.key.ifindex, verdict.oif):
             flags |= self.flag_tc
         value = new[:i] + bytes([flags]) + new[i + 1 : n] + fresh[n:]
         self.dp.add_tx_port(verdict.oif)
